@@ -1,0 +1,23 @@
+"""Deformable DETR: complete, checkpoint-compatible, on CPU and CUDA."""
+
+from .checkpoints import CheckpointError, load_pretrained, save_checkpoint
+from .config import PRESETS, ModelConfig, get_config
+from .model import DeformableDETR, MSDeformAttn, build_model, postprocess
+from .ops import ms_deform_attn, ms_deform_attn_reference
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "DeformableDETR",
+    "MSDeformAttn",
+    "ModelConfig",
+    "build_model",
+    "get_config",
+    "load_pretrained",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "postprocess",
+    "save_checkpoint",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,232 @@
+"""Reading and writing checkpoints: ours, the reference implementation's and Hugging Face's.
+
+Every format is read into one :class:`Checkpoint` (a config plus a state dict in the reference
+names, which are also ours), so loading a model is the same step whatever the file was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import ModelConfig
+from .model import DeformableDETR, build_model
+
+FORMAT = "deformable-detr"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint, or that does not fit the model it describes."""
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, Tensor]
+    source_format: str  # "deformable-detr", "reference" or "huggingface"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # training state, if any
+
+
+def save_checkpoint(path: str | os.PathLike, model: DeformableDETR, **extra: Any) -> None:
+    """Write ``model`` with its config, atomically (a temporary file renamed into place).
+
+    ``.safetensors`` holds the weights only; any other suffix is a ``torch.save`` dict that also
+    holds ``extra`` (optimizer state, epoch, ...), which must be weights-only loadable.
+    """
+    path = Path(path)
+    config = json.dumps(model.config.to_dict())
+    if path.suffix == ".safetensors":
+        if extra:
+            raise ValueError(f"{path}: a .safetensors checkpoint holds weights only; use .pt for {sorted(extra)}")
+        write = lambda temporary: save_file(_unshared(model.state_dict()), temporary, {"format": FORMAT, "config": config})
+    else:
+        payload = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **extra}
+        write = lambda temporary: torch.save(payload, temporary)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses aliased tensors (heads shared across decoder layers): store copies.
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in state_dict.items():
+        pointer = tensor.data_ptr()
+        result[name] = tensor.clone() if pointer in seen else tensor.contiguous()
+        seen.add(pointer)
+    return result
+
+
+def load_pretrained(path: str | os.PathLike, *, device: torch.device | str | None = None) -> DeformableDETR:
+    """Build a model from any checkpoint :func:`read_checkpoint` reads, in eval mode.
+
+    Raises:
+        CheckpointError: a one-line message naming the file and what is wrong with it.
+    """
+    checkpoint = read_checkpoint(path)
+    # The checkpoint carries the backbone weights: never fetch ImageNet weights on top.
+    model = build_model(dataclasses.replace(checkpoint.config, backbone_weights=None))
+    try:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit the model it describes: {_first_problem(error)}") from None
+    return model.to(device).eval()
+
+
+def _first_problem(error: RuntimeError) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint of any supported format.
+
+    - ours: ``.safetensors`` with our metadata, or a ``torch.save`` dict with ``format``/``config``/``model``;
+    - the reference implementation's released files: ``{"model", "args": argparse.Namespace, ...}``;
+    - Hugging Face transformers: a folder (or a file inside it) with ``config.json`` and
+      ``model.safetensors`` or ``pytorch_model.bin``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    try:
+        huggingface_folder = _huggingface_folder(path)
+        if huggingface_folder is not None:
+            return _read_huggingface(huggingface_folder, path)
+        if path.is_dir():
+            raise CheckpointError(f"{path}: folder holds no config.json with {' or '.join(HF_WEIGHT_FILES)}")
+        if path.suffix == ".safetensors":
+            return _read_ours_safetensors(path)
+        return _read_pickled(path)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def _huggingface_folder(path: Path) -> Path | None:
+    folder = path if path.is_dir() else path.parent
+    if (folder / "config.json").is_file() and (path.is_dir() or path.name in (*HF_WEIGHT_FILES, "config.json")):
+        return folder
+    return None
+
+
+def _read_huggingface(folder: Path, path: Path) -> Checkpoint:
+    from .huggingface import config_from_huggingface, state_dict_from_huggingface
+
+    weights = path if path.name in HF_WEIGHT_FILES else next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: config.json found but no {' or '.join(HF_WEIGHT_FILES)} beside it")
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{folder / 'config.json'}: not readable JSON ({error})") from None
+    config = config_from_huggingface(hf_config)
+    state_dict = _load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
+    return Checkpoint(config, state_dict_from_huggingface(state_dict, config), "huggingface")
+
+
+def _read_ours_safetensors(path: Path) -> Checkpoint:
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(
+            f"{path}: safetensors file without a deformable-detr config (a Hugging Face file needs its config.json beside it)"
+        )
+    config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    return Checkpoint(config, _load_safetensors(path), FORMAT)
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    # Released reference checkpoints pickle their training flags as an argparse.Namespace. It is the
+    # only class allowed on top of weights-only loading: a plain attribute bag, safe to rebuild.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).splitlines()[0]
+        raise CheckpointError(f"{path}: refused to unpickle it: it holds more than tensors and plain values ({first_line})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({str(error).splitlines()[0]})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(payload).__name__}")
+    return payload
+
+
+def _read_pickled(path: Path) -> Checkpoint:
+    payload = _torch_load(path)
+    if payload.get("format") == FORMAT:
+        extra = {k: v for k, v in payload.items() if k not in ("format", "config", "model")}
+        return Checkpoint(ModelConfig.from_dict(payload["config"]), payload["model"], FORMAT, extra)
+    state_dict = payload.get("model", payload)
+    if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:
+        raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")
+    args = payload.get("args")
+    return Checkpoint(config_from_reference(state_dict, vars(args) if args is not None else {}), state_dict, "reference")
+
+
+# Reference training flags that map one to one onto ModelConfig fields.
+_REFERENCE_ARGS = {
+    "backbone": "backbone",
+    "dilation": "dilation",
+    "nheads": "num_heads",
+    "dropout": "dropout",
+    "enc_n_points": "encoder_points",
+    "dec_n_points": "decoder_points",
+}
+
+
+def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, Any]) -> ModelConfig:
+    """The config of a reference checkpoint: shapes from its weights, the rest from its ``args``."""
+
+    def count(prefix: str) -> int:
+        return len({name[len(prefix) :].split(".")[0] for name in state_dict if name.startswith(prefix)})
+
+    values = {field: args[flag] for flag, field in _REFERENCE_ARGS.items() if flag in args}
+    position_embedding = args.get("position_embedding", "sine")
+    # The reference accepts "v2"/"v3" as aliases of "sine"/"learned".
+    values["position_embedding"] = {"v2": "sine", "v3": "learned"}.get(position_embedding, position_embedding)
+    num_levels, d_model = state_dict["transformer.level_embed"].shape
+    two_stage = "transformer.enc_output.weight" in state_dict
+    values.update(
+        num_feature_levels=num_levels,
+        d_model=d_model,
+        encoder_layers=count("transformer.encoder.layers."),
+        decoder_layers=count("transformer.decoder.layers."),
+        dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in state_dict,
+        two_stage=two_stage,
+        num_classes=state_dict["class_embed.0.weight"].shape[0],
+        num_queries=args.get("num_queries", 300) if two_stage else state_dict["query_embed.weight"].shape[0],
+    )
+    return ModelConfig(**values)

@@ -1,0 +1,89 @@
+"""Model configuration: one plain dataclass and the published presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter that shapes a Deformable DETR model.
+
+    The defaults are the published ResNet-50 multi-scale model. A config is stored inside every
+    checkpoint (``to_dict``), so a checkpoint alone rebuilds its model.
+    """
+
+    # Backbone: any torchvision ResNet ("resnet18" .. "resnet101", "resnext50_32x4d", ...).
+    backbone: str = "resnet50"
+    # None (random init), a torchvision weights name ("IMAGENET1K_V1", "DEFAULT") or a local file.
+    backbone_weights: str | None = None
+    dilation: bool = False  # DC5: the last stage uses dilation 2 instead of stride 2
+    train_backbone: bool = True  # layer2..layer4 trainable; stem and layer1 always frozen
+    position_embedding: str = "sine"  # "sine" or "learned"
+    num_feature_levels: int = 4
+    d_model: int = 256
+    num_heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    encoder_points: int = 4
+    decoder_points: int = 4
+    num_queries: int = 300
+    with_box_refine: bool = False
+    two_stage: bool = False
+    num_classes: int = 91
+
+    def __post_init__(self) -> None:
+        if self.position_embedding not in ("sine", "learned"):
+            raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if self.d_model % 32:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of 32 (GroupNorm(32) in the input projections)")
+        if self.num_feature_levels < 1 or self.num_classes < 1 or self.num_queries < 1:
+            raise ValueError("num_feature_levels, num_classes and num_queries must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "r50": ModelConfig(),
+    "r50_single_scale": ModelConfig(num_feature_levels=1),
+    "r50_single_scale_dc5": ModelConfig(num_feature_levels=1, dilation=True),
+    "r50_box_refine": ModelConfig(with_box_refine=True),
+    # Released as "++ two-stage": iterative box refinement plus two-stage.
+    "r50_two_stage": ModelConfig(with_box_refine=True, two_stage=True),
+    # Small enough to train on a laptop CPU; used by the tests and the demo.
+    "tiny": ModelConfig(
+        backbone="resnet18",
+        d_model=128,
+        encoder_layers=3,
+        decoder_layers=3,
+        dim_feedforward=512,
+        num_queries=50,
+        with_box_refine=True,
+    ),
+}
+
+
+def get_config(preset_or_config: str | ModelConfig, **overrides: Any) -> ModelConfig:
+    """A copy of a preset (by name) or of a config, with ``overrides`` applied."""
+    if isinstance(preset_or_config, ModelConfig):
+        base = preset_or_config
+    elif preset_or_config in PRESETS:
+        base = PRESETS[preset_or_config]
+    else:
+        raise ValueError(f"unknown preset {preset_or_config!r}; choose from {', '.join(PRESETS)}")
+    return dataclasses.replace(base, **overrides)

@@ -1,0 +1,101 @@
+"""The multi-scale deformable attention module (MSDeformAttn)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to ``num_points`` learned locations around its reference point on every level.
+
+    Args:
+        d_model: channels of queries and values.
+        num_levels: feature levels L.
+        num_heads: attention heads M (d_model / M channels each).
+        num_points: sampling points P per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.d_model = d_model
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(d_model, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Head m starts looking along direction 2*pi*m/M, scaled to the unit square's border
+        # ((1,0), (1,1), (0,1), ...); point i sits i+1 pixels out.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([thetas.cos(), thetas.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True).values
+        grid = directions.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid *= torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: (N, Lq, C).
+            reference_points: (N, Lq, L, 2) normalised (x, y), or (N, Lq, L, 4) boxes (cx, cy, w, h)
+                whose size scales the offsets.
+            value: (N, S, C), all levels flattened.
+            spatial_shapes: (L, 2) integer (H, W) per level.
+            level_start_index: (L,).
+            padding_mask: (N, S) bool, True where ``value`` is padding.
+
+        Returns:
+            (N, Lq, C).
+        """
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(batch, value.shape[1], heads, self.d_model // heads)
+
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = F.softmax(weights, -1).view(batch, num_queries, heads, levels, points)
+
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalise by (W, H).
+            normaliser = spatial_shapes.flip(-1).to(offsets.dtype)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            # Offsets are relative to the box: P points span half its width and height.
+            centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+            locations = centre + offsets / points * size * 0.5
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
+
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        return self.output_proj(output)

@@ -1,0 +1,103 @@
+"""ResNet backbone with frozen batch norm, returning feature maps with their padding masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from .position import build_position_embedding
+
+
+def load_resnet(name: str, *, weights: str | None = None, dilation: bool = False) -> nn.Module:
+    """A torchvision ResNet with frozen batch norm.
+
+    ``weights`` is None (random init), a torchvision weights name of that model ("DEFAULT",
+    "IMAGENET1K_V1", ...), resolved through torchvision's weights API, or the path of a local file
+    holding a torchvision ResNet state dict (.pth/.pt or .safetensors).
+    """
+    if not name.startswith(("resnet", "resnext", "wide_resnet")):
+        raise ValueError(f"unsupported backbone {name!r}: expected a torchvision ResNet such as 'resnet50'")
+    local_file = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".safetensors"} or Path(weights).exists())
+    resnet = torchvision.models.get_model(
+        name,
+        weights=None if local_file else weights,
+        norm_layer=FrozenBatchNorm2d,
+        replace_stride_with_dilation=[False, False, dilation],
+    )
+    if local_file:
+        resnet.load_state_dict(_read_state_dict(Path(weights)))
+    return resnet
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _out_channels(stage: nn.Module) -> int:
+    # The last convolution of a stage sets its width, for basic and bottleneck blocks alike.
+    return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+class Backbone(nn.Module):
+    """The ResNet trunk (``body``) returning layer2..4 (multi-scale, strides 8/16/32) or layer4 only.
+
+    ``num_channels`` lists the channels of each returned map, read off the network.
+    """
+
+    def __init__(self, resnet: nn.Module, *, train_backbone: bool, return_interm_layers: bool) -> None:
+        super().__init__()
+        for name, parameter in resnet.named_parameters():
+            # The stem and layer1 stay frozen, as in the reference recipe.
+            if not train_backbone or not name.startswith(("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
+        layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
+        self.num_channels = [_out_channels(getattr(resnet, layer)) for layer in layers]
+        self.body = IntermediateLayerGetter(resnet, return_layers={layer: str(i) for i, layer in enumerate(layers)})
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(feature map, padding mask resized to it with nearest interpolation) per returned layer."""
+        outputs = []
+        for feature in self.body(images).values():
+            mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].to(torch.bool)
+            outputs.append((feature, mask))
+        return outputs
+
+
+class Joiner(nn.Sequential):
+    """Backbone (index 0) and position embedding (index 1), the reference's state-dict layout."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module) -> None:
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
+        features = self[0](images, padding_mask)
+        positions = [self[1](mask).to(feature.dtype) for feature, mask in features]
+        return features, positions
+
+
+def build_backbone(
+    name: str,
+    *,
+    d_model: int,
+    weights: str | None = None,
+    dilation: bool = False,
+    train_backbone: bool = True,
+    multi_scale: bool = True,
+    position_embedding: str = "sine",
+) -> Joiner:
+    resnet = load_resnet(name, weights=weights, dilation=dilation)
+    backbone = Backbone(resnet, train_backbone=train_backbone, return_interm_layers=multi_scale)
+    return Joiner(backbone, build_position_embedding(position_embedding, d_model))

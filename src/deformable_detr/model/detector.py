@@ -1,0 +1,183 @@
+"""The Deformable DETR detector: backbone, input projections, transformer and prediction heads."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig, get_config
+from .backbone import Joiner, build_backbone
+from .transformer import DeformableTransformer, inverse_sigmoid
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x) if index == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Pad (3, H, W) images at the bottom and right to one batch; mask True on the padding."""
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    first = images[0]
+    batch = first.new_zeros((len(images), first.shape[0], height, width))
+    padding_mask = torch.ones((len(images), height, width), dtype=torch.bool, device=first.device)
+    for index, image in enumerate(images):
+        batch[index, :, : image.shape[-2], : image.shape[-1]].copy_(image)
+        padding_mask[index, : image.shape[-2], : image.shape[-1]] = False
+    return batch, padding_mask
+
+
+def _input_projection(in_channels: int, d_model: int, *, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, d_model, kernel_size, stride=stride, padding=kernel_size // 2)
+    nn.init.xavier_uniform_(conv.weight, gain=1)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.GroupNorm(32, d_model))
+
+
+class DeformableDETR(nn.Module):
+    """Deformable DETR (Zhu et al., ICLR 2021); the state dict uses the reference checkpoint names.
+
+    Build it with :func:`build_model`. ``forward`` takes images normalised with the ImageNet mean
+    and standard deviation.
+    """
+
+    def __init__(self, config: ModelConfig, backbone: Joiner, transformer: DeformableTransformer) -> None:
+        super().__init__()
+        self.config = config
+        d_model = config.d_model
+        num_predictions = config.decoder_layers + (1 if config.two_stage else 0)
+
+        # Registration order below is the reference state-dict order: transformer, heads, queries,
+        # input projections, backbone.
+        self.transformer = transformer
+
+        class_head = nn.Linear(d_model, config.num_classes)
+        prior_probability = 0.01
+        nn.init.constant_(class_head.bias, -math.log((1 - prior_probability) / prior_probability))
+        box_head = MLP(d_model, d_model, 4, 3)
+        nn.init.zeros_(box_head.layers[-1].weight)
+        nn.init.zeros_(box_head.layers[-1].bias)
+        # The initial box size is sigmoid(-2) ~ 0.12 of the image, unless two-stage proposals set it.
+        nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)
+        if config.with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_predictions))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_predictions))
+            for head in self.bbox_embed[1:]:
+                nn.init.zeros_(head.layers[-1].bias)
+            transformer.decoder.bbox_embed = self.bbox_embed
+        else:
+            # One head shared by every decoder layer, listed once per layer as in the reference.
+            self.class_embed = nn.ModuleList([class_head] * num_predictions)
+            self.bbox_embed = nn.ModuleList([box_head] * num_predictions)
+        if config.two_stage:
+            transformer.decoder.class_embed = self.class_embed
+            for head in self.bbox_embed:
+                nn.init.zeros_(head.layers[-1].bias)
+        else:
+            self.query_embed = nn.Embedding(config.num_queries, d_model * 2)
+
+        channels = backbone.num_channels
+        projections = [_input_projection(c, d_model) for c in channels]
+        for level in range(len(channels), config.num_feature_levels):
+            # Extra levels: stride-2 3x3 convolutions, the first on the last backbone map.
+            in_channels = channels[-1] if level == len(channels) else d_model
+            projections.append(_input_projection(in_channels, d_model, kernel_size=3, stride=2))
+        self.input_proj = nn.ModuleList(projections)
+        self.backbone = backbone
+
+    def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None) -> dict[str, Any]:
+        """
+        Args:
+            images: (N, 3, H, W), or a list of (3, H, W) images of any sizes (padded here).
+            padding_mask: (N, H, W) bool, True on padding; None means no padding.
+
+        Returns:
+            ``pred_logits`` (N, Q, C), ``pred_boxes`` (N, Q, 4) normalised (cx, cy, w, h),
+            ``aux_outputs``: the same for every earlier decoder layer, and in two-stage mode
+            ``enc_outputs``: the encoder's class logits and proposal boxes for every position.
+        """
+        if not isinstance(images, Tensor):
+            if padding_mask is not None:
+                raise ValueError("padding_mask must be None when images is a list; the list is padded here")
+            images, padding_mask = pad_images(images)
+        if padding_mask is None:
+            padding_mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=images.device)
+
+        features, positions = self.backbone(images, padding_mask)
+        sources = [projection(feature) for projection, (feature, _) in zip(self.input_proj, features)]
+        masks = [mask for _, mask in features]
+        for level in range(len(features), self.config.num_feature_levels):
+            source = self.input_proj[level](features[-1][0] if level == len(features) else sources[-1])
+            mask = F.interpolate(padding_mask[None].float(), size=source.shape[-2:])[0].to(torch.bool)
+            sources.append(source)
+            masks.append(mask)
+            positions.append(self.backbone[1](mask).to(source.dtype))
+
+        query_embed = None if self.config.two_stage else self.query_embed.weight
+        hs, initial_reference, references, encoder_logits, encoder_coords = self.transformer(
+            sources, masks, positions, query_embed
+        )
+
+        predictions = []
+        for layer, output in enumerate(hs):
+            reference = inverse_sigmoid(initial_reference if layer == 0 else references[layer - 1])
+            box = self.bbox_embed[layer](output)
+            if reference.shape[-1] == 4:
+                box = box + reference
+            else:
+                box = torch.cat([box[..., :2] + reference, box[..., 2:]], -1)
+            predictions.append({"pred_logits": self.class_embed[layer](output), "pred_boxes": box.sigmoid()})
+
+        outputs: dict[str, Any] = {**predictions[-1], "aux_outputs": predictions[:-1]}
+        if self.config.two_stage:
+            outputs["enc_outputs"] = {"pred_logits": encoder_logits, "pred_boxes": encoder_coords.sigmoid()}
+        return outputs
+
+
+def build_model(config: str | ModelConfig = "r50", *, num_classes: int | None = None, **overrides: Any) -> DeformableDETR:
+    """Build a Deformable DETR from a preset name (see ``PRESETS``) or a :class:`ModelConfig`.
+
+    ``num_classes`` and any other ``ModelConfig`` field given as a keyword override the preset.
+    With no ``num_classes`` the config's own (91 for the presets, as COCO) is kept.
+    """
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    config = get_config(config, **overrides)
+    backbone = build_backbone(
+        config.backbone,
+        d_model=config.d_model,
+        weights=config.backbone_weights,
+        dilation=config.dilation,
+        train_backbone=config.train_backbone,
+        multi_scale=config.num_feature_levels > 1,
+        position_embedding=config.position_embedding,
+    )
+    transformer = DeformableTransformer(
+        d_model=config.d_model,
+        num_heads=config.num_heads,
+        encoder_layers=config.encoder_layers,
+        decoder_layers=config.decoder_layers,
+        dim_feedforward=config.dim_feedforward,
+        dropout=config.dropout,
+        num_feature_levels=config.num_feature_levels,
+        encoder_points=config.encoder_points,
+        decoder_points=config.decoder_points,
+        two_stage=config.two_stage,
+        two_stage_num_proposals=config.num_queries,
+    )
+    return DeformableDETR(config, backbone, transformer)

@@ -1,0 +1,35 @@
+"""Turn raw model outputs into scored, labelled boxes in image pixels."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert
+
+
+@torch.no_grad()
+def postprocess(
+    outputs: dict[str, Any], image_sizes: Tensor | Sequence[tuple[int, int]], top_k: int = 100
+) -> list[dict[str, Tensor]]:
+    """The ``top_k`` highest (query, class) scores of each image.
+
+    Args:
+        outputs: the model's output dict (``pred_logits``, ``pred_boxes``).
+        image_sizes: (N, 2) original (height, width) of each image.
+        top_k: detections kept per image (at most queries x classes).
+
+    Returns:
+        Per image ``scores`` (K,), ``labels`` (K,) and ``boxes`` (K, 4) absolute (x1, y1, x2, y2).
+    """
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    batch, _, num_classes = logits.shape
+    sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device).reshape(batch, 2)
+    scores, flat_indices = logits.sigmoid().flatten(1).topk(min(top_k, logits.shape[1] * num_classes), dim=1)
+    queries = torch.div(flat_indices, num_classes, rounding_mode="floor")
+    labels = flat_indices % num_classes
+    boxes = torch.gather(box_convert(boxes, "cxcywh", "xyxy"), 1, queries[..., None].expand(-1, -1, 4))
+    height, width = sizes.unbind(1)
+    boxes = boxes * torch.stack([width, height, width, height], 1)[:, None]
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]

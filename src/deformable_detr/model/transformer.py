@@ -1,0 +1,321 @@
+"""The deformable transformer: encoder over all feature levels, decoder over object queries."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import MSDeformAttn
+from .position import box_sine_embedding
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _clones(module: nn.Module, count: int) -> nn.ModuleList:
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
+
+
+def _with_position(tensor: Tensor, position: Tensor | None) -> Tensor:
+    return tensor if position is None else tensor + position
+
+
+class DeformableTransformerEncoderLayer(nn.Module):
+    """Post-norm: deformable self-attention over all levels, then a ReLU feed-forward block."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, num_levels: int, num_heads: int, num_points: int) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        src: Tensor,
+        position: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Tensor,
+    ) -> Tensor:
+        attended = self.self_attn(
+            _with_position(src, position), reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
+        src = self.norm1(src + self.dropout1(attended))
+        return self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+
+
+class DeformableTransformerDecoderLayer(nn.Module):
+    """Post-norm: query self-attention, deformable cross-attention into the memory, feed-forward."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, num_levels: int, num_heads: int, num_points: int) -> None:
+        super().__init__()
+        # Registration order fixes the state-dict order of the reference checkpoints.
+        self.cross_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_position: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        memory_padding_mask: Tensor,
+    ) -> Tensor:
+        query = key = _with_position(tgt, query_position)
+        attended = self.self_attn(query, key, tgt, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        attended = self.cross_attn(
+            _with_position(tgt, query_position), reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+        )
+        tgt = self.norm1(tgt + self.dropout1(attended))
+        return self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
+
+
+class DeformableTransformerEncoder(nn.Module):
+    def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int) -> None:
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+
+    @staticmethod
+    def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+        """Pixel centres of every level, normalised to the valid area, seen from every level: (N, S, L, 2)."""
+        per_level = []
+        for level, (height, width) in enumerate(spatial_shapes):
+            y, x = torch.meshgrid(
+                torch.arange(height, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                torch.arange(width, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                indexing="ij",
+            )
+            y = y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
+            x = x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
+            per_level.append(torch.stack((x, y), -1))
+        return torch.cat(per_level, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(
+        self,
+        src: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        position: Tensor,
+        padding_mask: Tensor,
+    ) -> Tensor:
+        reference_points = self.reference_points(spatial_shapes.tolist(), valid_ratios)
+        output = src
+        for layer in self.layers:
+            output = layer(output, position, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return output
+
+
+class DeformableTransformerDecoder(nn.Module):
+    """Returns every layer's output and reference points.
+
+    With iterative box refinement, ``bbox_embed`` (set by the detector, shared with its heads)
+    refines the reference boxes after every layer; two-stage also sets ``class_embed``.
+    """
+
+    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> None:
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+        self.num_layers = num_layers
+        self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
+
+    def forward(
+        self,
+        tgt: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        query_position: Tensor,
+        memory_padding_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        output = tgt
+        outputs, references = [], []
+        for index, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                reference_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            else:
+                reference_input = reference_points[:, :, None] * valid_ratios[:, None]
+            output = layer(
+                output, query_position, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask
+            )
+            if self.bbox_embed is not None:
+                delta = self.bbox_embed[index](output)
+                if reference_points.shape[-1] == 4:
+                    refined = delta + inverse_sigmoid(reference_points)
+                else:
+                    # A 2-d reference point becomes a box: the head predicts its size outright.
+                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                reference_points = refined.sigmoid().detach()
+            outputs.append(output)
+            references.append(reference_points)
+        return torch.stack(outputs), torch.stack(references)
+
+
+def _valid_ratios(padding_mask: Tensor) -> Tensor:
+    """(N, H, W) mask -> (N, 2) unpadded fraction (width, height), counted on the first row/column."""
+    _, height, width = padding_mask.shape
+    valid_height = (~padding_mask[:, :, 0]).sum(1)
+    valid_width = (~padding_mask[:, 0, :]).sum(1)
+    return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
+
+
+class DeformableTransformer(nn.Module):
+    """Flattens the levels, encodes them, picks queries (learned or two-stage) and decodes them."""
+
+    def __init__(
+        self,
+        *,
+        d_model: int = 256,
+        num_heads: int = 8,
+        encoder_layers: int = 6,
+        decoder_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        encoder_points: int = 4,
+        decoder_points: int = 4,
+        two_stage: bool = False,
+        two_stage_num_proposals: int = 300,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.two_stage = two_stage
+        self.two_stage_num_proposals = two_stage_num_proposals
+        encoder_layer = DeformableTransformerEncoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, num_heads, encoder_points
+        )
+        self.encoder = DeformableTransformerEncoder(encoder_layer, encoder_layers)
+        decoder_layer = DeformableTransformerDecoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, num_heads, decoder_points
+        )
+        self.decoder = DeformableTransformerDecoder(decoder_layer, decoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
+        if not self.two_stage:
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def encoder_proposals(
+        self, memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """One box proposal per memory position (inverse-sigmoid cxcywh, +inf where invalid) and the
+        projected memory (zero where invalid)."""
+        batch = memory.shape[0]
+        proposals = []
+        start = 0
+        for level, (height, width) in enumerate(spatial_shapes):
+            level_mask = padding_mask[:, start : start + height * width].view(batch, height, width)
+            valid_height = (~level_mask[:, :, 0]).sum(1)
+            valid_width = (~level_mask[:, 0, :]).sum(1)
+            y, x = torch.meshgrid(
+                torch.arange(height, dtype=torch.float32, device=memory.device),
+                torch.arange(width, dtype=torch.float32, device=memory.device),
+                indexing="ij",
+            )
+            scale = torch.stack([valid_width, valid_height], -1).view(batch, 1, 1, 2)
+            centres = (torch.stack([x, y], -1)[None] + 0.5) / scale
+            sizes = torch.full_like(centres, 0.05 * 2.0**level)
+            proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
+            start += height * width
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals))
+        invalid = padding_mask[..., None] | ~valid
+        proposals = proposals.masked_fill(invalid, float("inf")).to(memory.dtype)
+        memory = memory.masked_fill(invalid, 0.0)
+        return self.enc_output_norm(self.enc_output(memory)), proposals
+
+    def forward(
+        self,
+        sources: list[Tensor],
+        masks: list[Tensor],
+        positions: list[Tensor],
+        query_embed: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """
+        Args:
+            sources, positions: per level (N, C, H, W); masks: per level (N, H, W), True = padding.
+            query_embed: (Q, 2C) learned queries (position, content); None in two-stage mode.
+
+        Returns:
+            hs (layers, N, Q, C), initial reference (N, Q, 2 or 4), per-layer references
+            (layers, N, Q, 2 or 4), and in two-stage mode the encoder class logits (N, S, classes)
+            and unactivated box coordinates (N, S, 4).
+        """
+        shapes = [tuple(source.shape[-2:]) for source in sources]
+        src = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
+        mask = torch.cat([m.flatten(1) for m in masks], 1)
+        position = torch.cat(
+            [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)],
+            1,
+        )
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1).to(src.dtype)
+
+        memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, position, mask)
+
+        batch, _, channels = memory.shape
+        encoder_logits = encoder_coords = None
+        if self.two_stage:
+            output_memory, proposals = self.encoder_proposals(memory, mask, shapes)
+            encoder_logits = self.decoder.class_embed[self.decoder.num_layers](output_memory)
+            encoder_coords = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + proposals
+            top = torch.topk(encoder_logits[..., 0], self.two_stage_num_proposals, dim=1).indices
+            top_coords = torch.gather(encoder_coords, 1, top[..., None].expand(-1, -1, 4)).detach()
+            reference_points = top_coords.sigmoid()
+            query_embedding = self.pos_trans_norm(
+                self.pos_trans(box_sine_embedding(reference_points, channels // 2))
+            )
+            query_position, tgt = torch.split(query_embedding, channels, dim=2)
+        else:
+            query_position, tgt = torch.split(query_embed, channels, dim=1)
+            query_position = query_position[None].expand(batch, -1, -1)
+            tgt = tgt[None].expand(batch, -1, -1)
+            reference_points = self.reference_points(query_position).sigmoid()
+
+        hs, references = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_position, mask
+        )
+        return hs, reference_points, references, encoder_logits, encoder_coords

@@ -1,0 +1,372 @@
+"""Conversion from Hugging Face ``DeformableDetrForObjectDetection`` checkpoints to our model.
+
+Pure functions, no I/O: :func:`config_from_huggingface` reads a parsed ``config.json`` and
+:func:`state_dict_from_huggingface` renames a state dict to the reference checkpoint names.
+
+Both transformers name layouts are accepted: the one written to files (``save_pretrained`` of
+v4 and v5 alike, and the released hub checkpoints) and the v5 in-memory ``model.state_dict()``
+names, which differ (``backbone.conv_encoder`` -> ``backbone``, ``self_attn.out_proj`` ->
+``self_attn.o_proj``, ``fc1`` -> ``mlp.fc1``; transformers' ``conversion_mapping.py``).
+The backbone may be timm's ResNet (the released checkpoints) or transformers' own ResNet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+__all__ = ["config_from_huggingface", "state_dict_from_huggingface"]
+
+
+# --------------------------------------------------------------------------- config
+
+# timm ResNets whose module names and architecture equal torchvision's (same name in both).
+_TIMM_RESNETS = {
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "wide_resnet50_2", "wide_resnet101_2",
+}  # fmt: skip
+
+# transformers ResNetConfig (layer_type, depths, hidden_sizes) -> torchvision name.
+_HF_RESNETS = {
+    ("basic", (2, 2, 2, 2), (64, 128, 256, 512)): "resnet18",
+    ("basic", (3, 4, 6, 3), (64, 128, 256, 512)): "resnet34",
+    ("bottleneck", (3, 4, 6, 3), (256, 512, 1024, 2048)): "resnet50",
+    ("bottleneck", (3, 4, 23, 3), (256, 512, 1024, 2048)): "resnet101",
+    ("bottleneck", (3, 8, 36, 3), (256, 512, 1024, 2048)): "resnet152",
+}
+
+
+def config_from_huggingface(hf_config: Mapping[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` of a Hugging Face Deformable DETR ``config.json`` (parsed).
+
+    Raises ``ValueError`` for anything our model cannot reproduce. Training-only settings
+    (losses, matcher costs, layer drop, HF's separate attention/activation dropouts) are ignored;
+    ``dropout`` is taken from HF's ``dropout``.
+    """
+    get = hf_config.get
+    if get("model_type", "deformable_detr") != "deformable_detr":
+        raise ValueError(f"not a Deformable DETR config: model_type is {get('model_type')!r}")
+    _require_equal(hf_config, "encoder_attention_heads", "decoder_attention_heads", 8)
+    _require_equal(hf_config, "encoder_ffn_dim", "decoder_ffn_dim", 1024)
+    if get("activation_function", "relu") != "relu":
+        raise ValueError(f"unsupported activation_function {get('activation_function')!r}: only 'relu'")
+    if get("num_channels", 3) != 3:
+        raise ValueError(f"unsupported num_channels {get('num_channels')}: only 3 (RGB)")
+    position = get("position_embedding_type", "sine")
+    if position not in ("sine", "learned"):
+        raise ValueError(f"unsupported position_embedding_type {position!r}: 'sine' or 'learned'")
+
+    levels = get("num_feature_levels", 4)
+    backbone, dilation = _backbone_from_huggingface(hf_config, multi_scale=levels > 1)
+    two_stage = bool(get("two_stage", False))
+    # Two-stage takes its queries from the top-k encoder proposals, so their count is the
+    # number of queries; num_queries is then unused by transformers.
+    num_queries = get("two_stage_num_proposals", 300) if two_stage else get("num_queries", 300)
+    return ModelConfig(
+        backbone=backbone,
+        backbone_weights=None,  # the weights come with the state dict
+        dilation=dilation,
+        position_embedding=position,
+        num_feature_levels=levels,
+        d_model=get("d_model", 256),
+        num_heads=get("encoder_attention_heads", 8),
+        encoder_layers=get("encoder_layers", 6),
+        decoder_layers=get("decoder_layers", 6),
+        dim_feedforward=get("encoder_ffn_dim", 1024),
+        dropout=get("dropout", 0.1),
+        encoder_points=get("encoder_n_points", 4),
+        decoder_points=get("decoder_n_points", 4),
+        num_queries=num_queries,
+        with_box_refine=bool(get("with_box_refine", False)),
+        two_stage=two_stage,
+        num_classes=_num_classes(hf_config),
+    )
+
+
+def _require_equal(hf_config: Mapping[str, Any], encoder_key: str, decoder_key: str, default: int) -> None:
+    # Our model, like the reference, has one value for encoder and decoder.
+    encoder, decoder = hf_config.get(encoder_key, default), hf_config.get(decoder_key, default)
+    if encoder != decoder:
+        raise ValueError(f"unsupported: {encoder_key} ({encoder}) differs from {decoder_key} ({decoder})")
+
+
+def _num_classes(hf_config: Mapping[str, Any]) -> int:
+    if "num_labels" in hf_config:
+        return int(hf_config["num_labels"])
+    if hf_config.get("id2label"):
+        return len(hf_config["id2label"])
+    raise ValueError("config has neither num_labels nor id2label: the number of classes is unknown")
+
+
+def _backbone_from_huggingface(hf_config: Mapping[str, Any], *, multi_scale: bool) -> tuple[str, bool]:
+    """(torchvision ResNet name, dilation) of the config's backbone."""
+    backbone_config = hf_config.get("backbone_config")
+    dilation = bool(hf_config.get("dilation", False))
+    # transformers v4 wrote use_timm_backbone + backbone (+ backbone_kwargs) and no backbone_config;
+    # v5 writes backbone_config with model_type "timm_backbone" or "resnet".
+    if backbone_config is None:
+        if not hf_config.get("use_timm_backbone", True):
+            if hf_config.get("backbone"):
+                raise ValueError(
+                    f"unsupported backbone {hf_config['backbone']!r} loaded by name through AutoBackbone; "
+                    "expected a timm ResNet or a ResNet backbone_config"
+                )
+            # transformers' default: its own ResNet-50 returning stage4 only.
+            backbone_config = {"model_type": "resnet", "out_features": ["stage4"]}
+        else:
+            backbone_config = {
+                "model_type": "timm_backbone",
+                "backbone": hf_config.get("backbone") or "resnet50",
+                **(hf_config.get("backbone_kwargs") or {}),
+            }
+    model_type = backbone_config.get("model_type")
+    if model_type == "timm_backbone":
+        return _timm_backbone(backbone_config, multi_scale=multi_scale, dilation=dilation)
+    if model_type == "resnet":
+        if dilation:
+            raise ValueError("unsupported: dilation with transformers' own ResNet (transformers ignores it too)")
+        return _hf_resnet_backbone(backbone_config, multi_scale=multi_scale), False
+    raise ValueError(f"unsupported backbone model_type {model_type!r}: expected a ResNet")
+
+
+def _timm_backbone(backbone_config: Mapping[str, Any], *, multi_scale: bool, dilation: bool) -> tuple[str, bool]:
+    raw_name = str(backbone_config.get("backbone") or "resnet50")
+    # "timm/resnet50.a1_in1k" -> "resnet50"; tv_ models are timm copies of torchvision ResNets.
+    name = raw_name.removeprefix("timm/").split(".")[0].removeprefix("tv_")
+    if name not in _TIMM_RESNETS:
+        raise ValueError(f"unsupported timm backbone {raw_name!r}: expected one of {', '.join(sorted(_TIMM_RESNETS))}")
+    if backbone_config.get("num_channels", backbone_config.get("in_chans", 3)) != 3:
+        raise ValueError("unsupported: backbone input channels other than 3")
+    out_indices = list(backbone_config.get("out_indices") or ([2, 3, 4] if multi_scale else [4]))
+    if out_indices != ([2, 3, 4] if multi_scale else [4]):
+        raise ValueError(f"unsupported backbone out_indices {out_indices}: the model uses layer2..4, or layer4 alone")
+    output_stride = backbone_config.get("output_stride")
+    if output_stride not in (None, 32, 16):
+        raise ValueError(f"unsupported backbone output_stride {output_stride}: 32, or 16 (DC5)")
+    return name, dilation or output_stride == 16
+
+
+def _hf_resnet_backbone(backbone_config: Mapping[str, Any], *, multi_scale: bool) -> str:
+    layer_type = backbone_config.get("layer_type", "bottleneck")
+    depths = tuple(backbone_config.get("depths") or (3, 4, 6, 3))
+    hidden_sizes = tuple(backbone_config.get("hidden_sizes") or (256, 512, 1024, 2048))
+    name = _HF_RESNETS.get((layer_type, depths, hidden_sizes))
+    if name is None:
+        raise ValueError(
+            f"unsupported transformers ResNet (layer_type {layer_type!r}, depths {list(depths)}, "
+            f"hidden_sizes {list(hidden_sizes)}): no torchvision equivalent"
+        )
+    unsupported = {
+        "embedding_size": 64,
+        "hidden_act": "relu",
+        "num_channels": 3,
+        "downsample_in_first_stage": False,
+        "downsample_in_bottleneck": False,  # True puts the stride on the 1x1 conv (ResNet v1)
+    }
+    for key, value in unsupported.items():
+        if backbone_config.get(key, value) != value:
+            raise ValueError(f"unsupported transformers ResNet: {key} is {backbone_config[key]!r}, expected {value!r}")
+    stage_names = backbone_config.get("stage_names") or ["stem", "stage1", "stage2", "stage3", "stage4"]
+    out_features = backbone_config.get("out_features")
+    if out_features is None and backbone_config.get("out_indices") is not None:
+        out_features = [stage_names[i] for i in backbone_config["out_indices"]]
+    expected = ["stage2", "stage3", "stage4"] if multi_scale else ["stage4"]
+    if list(out_features or ["stage4"]) != expected:
+        raise ValueError(f"unsupported backbone out_features {out_features}: expected {expected}")
+    return name
+
+
+# --------------------------------------------------------------------------- state dict
+
+_Target = str | Callable[[re.Match[str]], str]
+
+# transformers' ResNet (backbone_config model_type "resnet"): stages 0..3 are torchvision's
+# layer1..4 and ``layer.i`` of a block is conv{i+1}/bn{i+1}.
+_HF_RESNET = r"model\.backbone\.(?:conv_encoder\.)?model\."
+_BODY = "backbone.0.body."
+
+
+def _stage_block(match: re.Match[str]) -> str:
+    return f"{_BODY}layer{int(match['stage']) + 1}.{match['block']}"
+
+
+_BLOCK = rf"{_HF_RESNET}encoder\.stages\.(?P<stage>\d+)\.layers\.(?P<block>\d+)\."
+_ENCODER = r"model\.encoder\.layers\.(\d+)\."
+_DECODER = r"model\.decoder\.layers\.(\d+)\."
+_MLP = r"(?:mlp\.)?"  # v5 in-memory names put the feed-forward under ``mlp``
+
+# (HF key regex, reference name). First full match wins; \1 etc. are regex groups.
+_RENAMES: list[tuple[str, _Target]] = [
+    # Backbone: timm's ResNet has torchvision's module names.
+    (r"model\.backbone\.(?:conv_encoder\.)?model\.((?:conv1|bn1|layer\d+)\..+)", rf"{_BODY}\1"),
+    (rf"{_HF_RESNET}embedder\.embedder\.convolution\.weight", f"{_BODY}conv1.weight"),
+    (rf"{_HF_RESNET}embedder\.embedder\.normalization\.(\w+)", rf"{_BODY}bn1.\1"),
+    (rf"{_BLOCK}shortcut\.convolution\.weight", lambda m: f"{_stage_block(m)}.downsample.0.weight"),
+    (rf"{_BLOCK}shortcut\.normalization\.(?P<p>\w+)", lambda m: f"{_stage_block(m)}.downsample.1.{m['p']}"),
+    (rf"{_BLOCK}layer\.(?P<i>\d)\.convolution\.weight", lambda m: f"{_stage_block(m)}.conv{int(m['i']) + 1}.weight"),
+    (rf"{_BLOCK}layer\.(?P<i>\d)\.normalization\.(?P<p>\w+)", lambda m: f"{_stage_block(m)}.bn{int(m['i']) + 1}.{m['p']}"),
+    # Learned position embedding (v4 under model.backbone, v5 under model); index 1 of the Joiner.
+    (r"model\.(?:backbone\.)?position_embedding\.row_embeddings\.weight", "backbone.1.row_embed.weight"),
+    (r"model\.(?:backbone\.)?position_embedding\.column_embeddings\.weight", "backbone.1.col_embed.weight"),
+    (r"model\.input_proj\.(.+)", r"input_proj.\1"),
+    (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
+    (r"model\.(level_embed|reference_points\..+|enc_output\..+|enc_output_norm\..+|pos_trans\..+|pos_trans_norm\..+)", r"transformer.\1"),
+    # Encoder layers.
+    (rf"{_ENCODER}self_attn\.(.+)", r"transformer.encoder.layers.\1.self_attn.\2"),
+    (rf"{_ENCODER}self_attn_layer_norm\.(.+)", r"transformer.encoder.layers.\1.norm1.\2"),
+    (rf"{_ENCODER}{_MLP}fc1\.(.+)", r"transformer.encoder.layers.\1.linear1.\2"),
+    (rf"{_ENCODER}{_MLP}fc2\.(.+)", r"transformer.encoder.layers.\1.linear2.\2"),
+    (rf"{_ENCODER}final_layer_norm\.(.+)", r"transformer.encoder.layers.\1.norm2.\2"),
+    # Decoder layers. q/k/v projections are fused into in_proj_* by _fuse_qkv.
+    (rf"{_DECODER}self_attn\.(?:out_proj|o_proj)\.(.+)", r"transformer.decoder.layers.\1.self_attn.out_proj.\2"),
+    (rf"{_DECODER}self_attn\.([qkv])_proj\.(weight|bias)", r"transformer.decoder.layers.\1.self_attn.in_proj_\3:\2"),
+    (rf"{_DECODER}self_attn_layer_norm\.(.+)", r"transformer.decoder.layers.\1.norm2.\2"),
+    (rf"{_DECODER}encoder_attn\.(.+)", r"transformer.decoder.layers.\1.cross_attn.\2"),
+    (rf"{_DECODER}encoder_attn_layer_norm\.(.+)", r"transformer.decoder.layers.\1.norm1.\2"),
+    (rf"{_DECODER}{_MLP}fc1\.(.+)", r"transformer.decoder.layers.\1.linear1.\2"),
+    (rf"{_DECODER}{_MLP}fc2\.(.+)", r"transformer.decoder.layers.\1.linear2.\2"),
+    (rf"{_DECODER}final_layer_norm\.(.+)", r"transformer.decoder.layers.\1.norm3.\2"),
+    # Prediction heads; the decoder's copies exist with box refinement / two-stage.
+    (r"model\.decoder\.((?:class|bbox)_embed\..+)", r"transformer.decoder.\1"),
+    (r"((?:class|bbox)_embed\..+)", r"\1"),
+]
+_COMPILED = [(re.compile(pattern), target) for pattern, target in _RENAMES]
+_QKV = "qkv"  # nn.MultiheadAttention's in_proj order
+
+
+def _rename(key: str) -> str | None:
+    for pattern, target in _COMPILED:
+        match = pattern.fullmatch(key)
+        if match:
+            return target(match) if callable(target) else match.expand(target)
+    return None
+
+
+def state_dict_from_huggingface(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """The Hugging Face state dict under the reference names, ready for ``load_state_dict(strict=True)``.
+
+    ``config`` is the converted config (:func:`config_from_huggingface`). Every entry of our
+    model is filled: names our model stores as one tensor (the shared heads without box
+    refinement, ``transformer.decoder.*_embed``) from whichever is present. Raises ``ValueError``
+    naming the keys when something is missing, left over, of the wrong shape, or inconsistent.
+    """
+    renamed: dict[str, Tensor] = {}
+    source_of: dict[str, str] = {}  # our name -> HF key, for error messages
+    qkv: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    unexpected: list[str] = []
+    for key, tensor in state_dict.items():
+        if key.endswith("num_batches_tracked"):  # FrozenBatchNorm2d has none
+            continue
+        name = _rename(key)
+        if name is None:
+            unexpected.append(key)
+        elif ":" in name:
+            name, part = name.split(":")
+            qkv.setdefault(name, {})[part] = (key, tensor)
+        else:
+            if name in renamed and not torch.equal(renamed[name], tensor):
+                raise ValueError(f"{source_of[name]} and {key} both map to {name} with different values")
+            renamed[name], source_of[name] = tensor, key
+    missing = _fuse_qkv(qkv, renamed, source_of)
+
+    expected = _reference_layout(config)
+    unexpected += [source_of[name] for name in renamed if name not in expected]
+    result: dict[str, Tensor] = {}
+    for group in _alias_groups(expected):
+        present = [name for name in group if name in renamed]
+        fallback = _tied_to_first(group[0], config)
+        if not present and fallback in result:
+            renamed[group[0]], source_of[group[0]] = result[fallback], source_of[fallback]
+            present = [group[0]]
+        if not present:
+            missing.extend(group)
+            continue
+        value = renamed[present[0]]
+        for other in present[1:]:
+            if not torch.equal(renamed[other], value):
+                raise ValueError(
+                    f"{source_of[present[0]]} and {source_of[other]} differ, but our model stores "
+                    f"{present[0]} and {other} as one tensor (config: with_box_refine={config.with_box_refine}, "
+                    f"two_stage={config.two_stage})"
+                )
+        result.update(dict.fromkeys(group, value))
+
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected)}")
+        raise ValueError(f"Hugging Face state dict does not match the model ({_summary(config)}): " + "; ".join(parts))
+    wrong_shapes = [
+        f"{source_of.get(name, name)} {tuple(tensor.shape)} (expected {tuple(expected[name].shape)} for {name})"
+        for name, tensor in result.items()
+        if tensor.shape != expected[name].shape
+    ]
+    if wrong_shapes:
+        raise ValueError(f"Hugging Face state dict has wrong shapes ({_summary(config)}): {'; '.join(wrong_shapes)}")
+    return {name: result[name] for name in expected}
+
+
+def _summary(config: ModelConfig) -> str:
+    return (
+        f"{config.backbone}, {config.num_feature_levels} levels, d_model {config.d_model}, "
+        f"{config.num_classes} classes, with_box_refine={config.with_box_refine}, two_stage={config.two_stage}"
+    )
+
+
+def _fuse_qkv(
+    parts: dict[str, dict[str, tuple[str, Tensor]]], renamed: dict[str, Tensor], source_of: dict[str, str]
+) -> list[str]:
+    """Concatenate the separate q/k/v projections into in_proj_*; returns the HF keys missing."""
+    missing = []
+    for name, by_part in parts.items():
+        absent = [p for p in _QKV if p not in by_part]
+        if absent:
+            any_key = next(iter(by_part.values()))[0]
+            missing += [re.sub(r"[qkv]_proj", f"{p}_proj", any_key) for p in absent]
+            continue
+        renamed[name] = torch.cat([by_part[p][1] for p in _QKV])
+        source_of[name] = by_part["q"][0].replace("q_proj", "{q,k,v}_proj")
+    return missing
+
+
+def _reference_layout(config: ModelConfig) -> dict[str, Tensor]:
+    """Our model's state dict entries (shape-only tensors, shared ones identical objects)."""
+    from .model import build_model  # deferred: keeps this module free of import cycles with checkpoints
+
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(config, backbone_weights=None))
+    return model.state_dict(keep_vars=True)
+
+
+def _alias_groups(expected: Mapping[str, Tensor]) -> list[list[str]]:
+    """Names grouped by the tensor they hold, in state-dict order."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def _tied_to_first(name: str, config: ModelConfig) -> str | None:
+    """The head-0 entry transformers ties ``name`` to when the checkpoint leaves it out.
+
+    transformers ties class_embed.k / bbox_embed.k to index 0 unless the decoder owns copies
+    (class heads with two-stage, box heads with box refinement), and ``save_pretrained`` drops
+    tied entries. So a box-refine model saved by transformers holds class_embed.0 only, and its
+    class heads are one head (the reference has independent ones; see tests/test_huggingface.py).
+    """
+    match = re.fullmatch(r"(class_embed|bbox_embed)\.([1-9]\d*)\.(.+)", name)
+    if match is None:
+        return None
+    head = match[1]
+    owned_by_decoder = config.two_stage if head == "class_embed" else config.with_box_refine
+    return None if owned_by_decoder else f"{head}.0.{match[3]}"

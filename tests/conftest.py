@@ -1,0 +1,18 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+R50_PRESETS = ["r50", "r50_single_scale", "r50_single_scale_dc5", "r50_box_refine", "r50_two_stage"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+
+
+def reference_state_dict_entries(preset: str) -> list[str]:
+    """`name (shape)` lines read off the reference implementation for a published configuration."""
+    return (DATA / "reference_state_dicts" / f"{preset}.txt").read_text().split("\n")[:-1]

@@ -1,0 +1,246 @@
+"""The model: init per SPEC, shapes, reference state-dict layout, backbone options, post-processing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from conftest import R50_PRESETS, reference_state_dict_entries
+
+from deformable_detr import PRESETS, build_model, postprocess
+from deformable_detr.model import MSDeformAttn, pad_images
+
+
+def _entry(name: str, tensor: torch.Tensor) -> str:
+    dims = ", ".join(str(d) for d in tensor.shape)
+    return f"{name} ({dims}{',' if tensor.dim() == 1 else ''})"
+
+
+# Trainable / all parameters of the reference implementation's models (91 classes).
+REFERENCE_PARAMETER_COUNTS = {
+    "r50": (39_847_265, 40_069_665),
+    "r50_single_scale": (33_844_193, 34_066_593),
+    "r50_single_scale_dc5": (33_844_193, 34_066_593),
+    "r50_box_refine": (40_627_260, 40_849_660),
+    "r50_two_stage": (40_959_129, 41_181_529),
+}
+
+
+@pytest.mark.parametrize("preset", R50_PRESETS)
+def test_state_dict_matches_reference_names_shapes_and_counts(preset):
+    model = build_model(preset)
+    assert [_entry(k, v) for k, v in model.state_dict().items()] == reference_state_dict_entries(preset)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert (trainable, total) == REFERENCE_PARAMETER_COUNTS[preset]
+
+
+def test_deformable_attention_init():
+    attention = MSDeformAttn(d_model=256, num_levels=4, num_heads=8, num_points=4)
+    assert torch.count_nonzero(attention.sampling_offsets.weight) == 0
+    bias = attention.sampling_offsets.bias.view(8, 4, 4, 2)
+    directions = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]
+    for head, direction in enumerate(directions):
+        for point in range(4):
+            expected = torch.tensor(direction, dtype=torch.float32) * (point + 1)
+            for level in range(4):
+                torch.testing.assert_close(bias[head, level, point], expected, atol=1e-6, rtol=1e-6)
+    for tensor in (attention.attention_weights.weight, attention.attention_weights.bias,
+                   attention.value_proj.bias, attention.output_proj.bias):
+        assert torch.count_nonzero(tensor) == 0
+    # Xavier-uniform bound for a square 256 x 256 matrix.
+    bound = math.sqrt(6 / 512)
+    assert attention.value_proj.weight.abs().max() <= bound and attention.value_proj.weight.std() > bound / 3
+
+
+@pytest.mark.parametrize(
+    "preset, expected_size_bias",
+    # bias[2:] of each box head's last layer: -2 for the shared head, only the first refined head,
+    # and 0 everywhere in two-stage mode.
+    [("r50", [-2.0] * 6), ("r50_box_refine", [-2.0] + [0.0] * 5), ("r50_two_stage", [0.0] * 7)],
+)
+def test_head_init(preset, expected_size_bias):
+    model = build_model(preset)
+    prior = -math.log((1 - 0.01) / 0.01)
+    assert len(model.class_embed) == len(model.bbox_embed) == len(expected_size_bias)
+    for class_head, box_head, size_bias in zip(model.class_embed, model.bbox_embed, expected_size_bias):
+        torch.testing.assert_close(class_head.bias, torch.full((91,), prior))
+        last = box_head.layers[-1]
+        assert torch.count_nonzero(last.weight) == 0
+        torch.testing.assert_close(last.bias, torch.tensor([0.0, 0.0, size_bias, size_bias]))
+    shared = preset == "r50"
+    assert (model.bbox_embed[0] is model.bbox_embed[-1]) == shared
+    assert (model.class_embed[0] is model.class_embed[-1]) == shared
+    transformer = model.transformer
+    assert transformer.level_embed.std() > 0.5  # normal(0, 1)
+    if not transformer.two_stage:
+        assert torch.count_nonzero(transformer.reference_points.bias) == 0
+    for layer in transformer.encoder.layers:
+        torch.testing.assert_close(layer.self_attn.sampling_offsets.bias, model.transformer.decoder.layers[0].cross_attn.sampling_offsets.bias)
+
+
+@pytest.mark.parametrize("preset", [*R50_PRESETS, "tiny"])
+def test_output_shapes(preset):
+    model = build_model(preset, num_classes=7).eval()
+    config = model.config
+    with torch.no_grad():
+        outputs = model(torch.randn(2, 3, 128, 160))
+    queries = config.num_queries
+    assert outputs["pred_logits"].shape == (2, queries, 7)
+    assert outputs["pred_boxes"].shape == (2, queries, 4)
+    assert ((outputs["pred_boxes"] >= 0) & (outputs["pred_boxes"] <= 1)).all()
+    assert len(outputs["aux_outputs"]) == config.decoder_layers - 1
+    for aux in outputs["aux_outputs"]:
+        assert aux["pred_logits"].shape == (2, queries, 7) and aux["pred_boxes"].shape == (2, queries, 4)
+    if config.two_stage:
+        positions = 16 * 20 + 8 * 10 + 4 * 5 + 2 * 3
+        assert outputs["enc_outputs"]["pred_logits"].shape == (2, positions, 7)
+        assert outputs["enc_outputs"]["pred_boxes"].shape == (2, positions, 4)
+    else:
+        assert "enc_outputs" not in outputs
+
+
+def test_list_of_images_is_padded_with_a_mask():
+    model = build_model("tiny").eval()
+    images = [torch.randn(3, 96, 130), torch.randn(3, 120, 80)]
+    batch, mask = pad_images(images)
+    assert batch.shape == (2, 3, 120, 130)
+    assert mask[0, :96, :130].logical_not().all() and mask[0, 96:].all()
+    assert mask[1, :, 80:].all() and not mask[1, :120, :80].any()
+    torch.testing.assert_close(batch[1, :, :120, :80], images[1])
+    with torch.no_grad():
+        from_list = model(images)
+        from_batch = model(batch, mask)
+    torch.testing.assert_close(from_list["pred_logits"], from_batch["pred_logits"])
+    torch.testing.assert_close(from_list["pred_boxes"], from_batch["pred_boxes"])
+
+
+def perturbed(model):
+    """The model with every parameter nudged: at init, zero-initialised layers hide whole paths
+    (e.g. positions do not reach the sampling offsets yet)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+def test_padding_mask_changes_the_result():
+    model = perturbed(build_model("tiny")).eval()
+    images = torch.randn(1, 3, 128, 128)
+    mask = torch.zeros(1, 128, 128, dtype=torch.bool)
+    mask[:, :, 96:] = True
+    with torch.no_grad():
+        assert not torch.allclose(model(images)["pred_boxes"], model(images, mask)["pred_boxes"])
+
+
+def test_tiny_forward_backward_reaches_every_trainable_parameter():
+    model = perturbed(build_model("tiny")).train()
+    outputs = model([torch.randn(3, 128, 96), torch.randn(3, 96, 128)])
+    loss = outputs["pred_logits"].sigmoid().mean() + outputs["pred_boxes"].mean()
+    loss = loss + sum(aux["pred_logits"].sigmoid().mean() + aux["pred_boxes"].mean() for aux in outputs["aux_outputs"])
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+
+
+def test_backbone_frozen_stages():
+    model = build_model("tiny")
+    trainable = {n.split(".")[2] for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    frozen = build_model("tiny", train_backbone=False)
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+
+
+@pytest.mark.parametrize("name, channels", [("resnet18", [128, 256, 512]), ("resnet34", [128, 256, 512]), ("resnet101", [512, 1024, 2048])])
+def test_backbone_channels_come_from_the_network(name, channels):
+    model = build_model("tiny", backbone=name)
+    assert model.backbone.num_channels == channels
+    assert [p[0].in_channels for p in model.input_proj] == [*channels, channels[-1]]
+
+
+def test_dc5_halves_the_last_stride():
+    image = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        plain = build_model("r50_single_scale").backbone(image, torch.zeros(1, 128, 128, dtype=torch.bool))[0]
+        dilated = build_model("r50_single_scale_dc5").backbone(image, torch.zeros(1, 128, 128, dtype=torch.bool))[0]
+    assert plain[0][0].shape[-2:] == (4, 4) and dilated[0][0].shape[-2:] == (8, 8)
+
+
+def test_learned_position_embedding():
+    model = build_model("tiny", position_embedding="learned").eval()
+    assert model.state_dict()["backbone.1.row_embed.weight"].shape == (50, 64)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64))["pred_boxes"].isfinite().all()
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    resnet = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet.state_dict(), path)
+    model = build_model("tiny", backbone_weights=str(path))
+    torch.testing.assert_close(model.backbone[0].body.conv1.weight, resnet.conv1.weight)
+    torch.testing.assert_close(model.backbone[0].body.layer1[0].bn1.running_var, resnet.layer1[0].bn1.running_var)
+
+
+def test_backbone_weights_through_torchvision_weights_api(monkeypatch):
+    expected = torchvision.models.resnet18().state_dict()
+    requested = []
+
+    def fake_download(weights, *args, **kwargs):  # stands in for the network fetch only
+        requested.append(weights)
+        return expected
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", fake_download)
+    model = build_model("tiny", backbone_weights="IMAGENET1K_V1")
+    assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+    torch.testing.assert_close(model.backbone[0].body.conv1.weight, expected["conv1.weight"])
+
+
+def test_missing_backbone_weights_file_is_reported():
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_model("tiny", backbone_weights="missing.pth")
+
+
+def test_postprocess_top_k_labels_and_absolute_boxes():
+    logits = torch.full((2, 3, 4), -10.0)
+    logits[0, 1, 2] = 3.0  # best: query 1, class 2
+    logits[0, 2, 0] = 1.0
+    logits[1, 0, 3] = 2.0
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(2, 3, 1)
+    boxes[0, 1] = torch.tensor([0.25, 0.5, 0.5, 1.0])
+    results = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(100, 200), (50, 60)], top_k=2)
+    first, second = results
+    assert first["labels"].tolist() == [2, 0]
+    torch.testing.assert_close(first["scores"], torch.tensor([3.0, 1.0]).sigmoid())
+    torch.testing.assert_close(first["boxes"][0], torch.tensor([0.0, 0.0, 100.0, 100.0]))
+    torch.testing.assert_close(second["boxes"][0], torch.tensor([24.0, 15.0, 36.0, 35.0]))
+    assert second["labels"][0] == 3
+    assert len(postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(1, 1)] * 2)[0]["scores"]) == 12
+
+
+def test_presets_are_the_published_configurations():
+    assert PRESETS["r50_two_stage"].with_box_refine and PRESETS["r50_two_stage"].two_stage
+    assert PRESETS["r50_single_scale_dc5"].dilation and PRESETS["r50_single_scale_dc5"].num_feature_levels == 1
+    tiny = build_model("tiny")
+    assert sum(p.numel() for p in tiny.parameters()) < 20_000_000
+
+
+def test_unknown_preset_and_bad_config_are_rejected():
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("r51")
+    with pytest.raises(ValueError, match="divisible"):
+        build_model("tiny", num_heads=7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["r50_two_stage", "r50_single_scale_dc5"])
+def test_cuda_forward_matches_cpu(preset):
+    model = build_model(preset).eval()
+    images = [torch.randn(3, 128, 160), torch.randn(3, 112, 144)]
+    with torch.no_grad():
+        expected = model(images)
+        actual = model.cuda()([image.cuda() for image in images])
+    torch.testing.assert_close(actual["pred_logits"].cpu(), expected["pred_logits"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(actual["pred_boxes"].cpu(), expected["pred_boxes"], rtol=1e-3, atol=1e-3)

@@ -1,0 +1,111 @@
+"""The reference op against an independent, loop-based bilinear sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deformable_detr.ops import ms_deform_attn, ms_deform_attn_reference
+
+
+def loop_sampler(value, spatial_shapes, level_start_index, locations, weights):
+    """Multi-scale deformable attention written one sample at a time, straight from the definition."""
+    batch, _, heads, channels = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    output = torch.zeros(batch, queries, heads, channels, dtype=value.dtype)
+    for n in range(batch):
+        for q in range(queries):
+            for m in range(heads):
+                for level in range(levels):
+                    height, width = (int(v) for v in spatial_shapes[level])
+                    start = int(level_start_index[level])
+                    for p in range(points):
+                        # Pixel (i, j) has its centre at ((j + 0.5) / W, (i + 0.5) / H).
+                        x = float(locations[n, q, m, level, p, 0]) * width - 0.5
+                        y = float(locations[n, q, m, level, p, 1]) * height - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        sample = torch.zeros(channels, dtype=value.dtype)
+                        for yc in (y0, y0 + 1):
+                            for xc in (x0, x0 + 1):
+                                if 0 <= yc < height and 0 <= xc < width:
+                                    corner_weight = (1 - abs(x - xc)) * (1 - abs(y - yc))
+                                    sample += corner_weight * value[n, start + yc * width + xc, m]
+                        output[n, q, m] += weights[n, q, m, level, p] * sample
+    return output.flatten(2)
+
+
+def random_case(shapes, *, batch=2, queries=5, heads=2, channels=3, points=2, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+    areas = spatial_shapes.prod(1)
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    levels = len(shapes)
+    value = torch.randn(batch, int(areas.sum()), heads, channels, generator=generator, dtype=dtype)
+    # Locations spread beyond [0, 1] so that samples fall partly or wholly outside the map.
+    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=generator, dtype=dtype) * 1.6 - 0.3
+    weights = torch.rand(batch, queries, heads, levels, points, generator=generator, dtype=dtype)
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+CASES = {
+    "multi-level": dict(shapes=[(6, 7), (3, 4), (2, 2)]),
+    "one level": dict(shapes=[(5, 9)]),
+    "one point": dict(shapes=[(4, 4), (2, 3)], points=1),
+    "odd channels": dict(shapes=[(3, 5), (2, 2)], channels=5),
+    "one channel": dict(shapes=[(3, 3)], channels=1, heads=3),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_reference_equals_loop_sampler(case):
+    inputs = random_case(**case)
+    torch.testing.assert_close(ms_deform_attn_reference(*inputs), loop_sampler(*inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_on_borders_and_pixel_centres():
+    value, spatial_shapes, level_start_index, locations, weights = random_case([(4, 5), (2, 3)], points=4)
+    # Exactly on the map's border, exactly on pixel centres, and half a pixel beyond the border.
+    special = torch.tensor([0.0, 1.0, 0.5 / 4, 1.5 / 4, 3.5 / 4, -0.5 / 4, 1 + 0.5 / 4, 0.25], dtype=torch.float64)
+    picks = torch.randint(len(special), locations.shape, generator=torch.Generator().manual_seed(1))
+    locations = special[picks]
+    inputs = (value, spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(ms_deform_attn_reference(*inputs), loop_sampler(*inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_samples_wholly_outside_read_zero():
+    value, spatial_shapes, level_start_index, locations, weights = random_case([(3, 3)])
+    far_outside = torch.full_like(locations, 1.5)
+    output = ms_deform_attn_reference(value, spatial_shapes, level_start_index, far_outside, weights)
+    assert torch.count_nonzero(output) == 0
+
+
+def test_gradcheck_value_locations_and_weights():
+    value, spatial_shapes, level_start_index, locations, weights = random_case(
+        [(4, 3), (2, 2)], batch=1, queries=3, channels=2
+    )
+    # Locations away from the map's edge so that every sample sees a neighbourhood.
+    locations = 0.1 + 0.8 * locations.clamp(0, 1)
+    inputs = [t.requires_grad_() for t in (value, locations, weights)]
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, spatial_shapes, level_start_index, loc, w), inputs
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_dtypes_follow_float64(dtype):
+    inputs = random_case([(6, 5), (3, 3)], channels=8)
+    expected = ms_deform_attn(*inputs)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    output = ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype))
+    assert output.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    torch.testing.assert_close(output.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    inputs = random_case([(6, 7), (3, 4)], channels=4)
+    gpu_inputs = [t.cuda() for t in inputs]
+    torch.testing.assert_close(ms_deform_attn(*gpu_inputs).cpu(), ms_deform_attn(*inputs), rtol=1e-10, atol=1e-10)

@@ -174,8 +174,13 @@ def _torch_load(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).splitlines()[0]
-        raise CheckpointError(f"{path}: refused to unpickle it: it holds more than tensors and plain values ({first_line})") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        refused_global = next((line for line in lines if "GLOBAL" in line), None)
+        if refused_global is not None:
+            raise CheckpointError(
+                f"{path}: refused to unpickle it: it holds more than tensors and plain values ({refused_global})"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({lines[-2]})") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({str(error).splitlines()[0]})") from None
     if not isinstance(payload, dict):

@@ -1,0 +1,186 @@
+"""Checkpoints: ours round-trip, released reference files load safely, bad files fail in one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import R50_PRESETS
+
+from deformable_detr import CheckpointError, PRESETS, build_model, load_pretrained, save_checkpoint
+from deformable_detr.checkpoints import read_checkpoint
+from deformable_detr.cli import main
+
+
+def reference_args(preset: str) -> argparse.Namespace:
+    """The training flags a released checkpoint carries (a subset of the reference's argparse)."""
+    config = PRESETS[preset]
+    return argparse.Namespace(
+        lr=2e-4, lr_backbone=2e-5, batch_size=2, epochs=50, lr_drop=40, clip_max_norm=0.1,
+        backbone="resnet50", dilation=config.dilation, position_embedding="sine",
+        num_feature_levels=config.num_feature_levels, enc_layers=6, dec_layers=6, dim_feedforward=1024,
+        hidden_dim=256, dropout=0.1, nheads=8, num_queries=300, dec_n_points=4, enc_n_points=4,
+        with_box_refine=config.with_box_refine, two_stage=config.two_stage, masks=False,
+        aux_loss=True, set_cost_class=2, dataset_file="coco", coco_path="./data/coco", output_dir="exps/r50",
+        device="cuda", seed=42, resume="", start_epoch=0, eval=False, num_workers=2, lr_linear_proj_names=["reference_points", "sampling_offsets"],
+    )
+
+
+def save_reference_checkpoint(path, model, preset):
+    torch.save(
+        {"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+         "lr_scheduler": {"step_size": 40, "gamma": 0.1, "last_epoch": 50}, "epoch": 49, "args": reference_args(preset)},
+        path,
+    )
+
+
+def same_outputs(a, b):
+    images = [torch.randn(3, 128, 160), torch.randn(3, 112, 128)]
+    with torch.no_grad():
+        first, second = a.eval()(images), b.eval()(images)
+    torch.testing.assert_close(first["pred_logits"], second["pred_logits"])
+    torch.testing.assert_close(first["pred_boxes"], second["pred_boxes"])
+
+
+@pytest.mark.parametrize("preset", R50_PRESETS)
+def test_released_reference_checkpoint_picks_its_configuration(tmp_path, preset):
+    model = build_model(preset)
+    path = tmp_path / "checkpoint.pth"
+    save_reference_checkpoint(path, model, preset)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.source_format == "reference"
+    assert checkpoint.config == PRESETS[preset]
+    if preset in ("r50_two_stage", "r50_single_scale_dc5"):
+        same_outputs(model, load_pretrained(path))
+
+
+def test_reference_checkpoint_without_args_is_read_from_its_weights(tmp_path):
+    model = build_model("r50_box_refine", num_classes=21)
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pth")
+    config = read_checkpoint(tmp_path / "bare.pth").config
+    assert config == PRESETS["r50_box_refine"].__class__(**{**PRESETS["r50_box_refine"].to_dict(), "num_classes": 21})
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("overrides", [{}, {"with_box_refine": False}, {"two_stage": True}], ids=["refine", "shared-heads", "two-stage"])
+def test_our_checkpoint_round_trip(tmp_path, suffix, overrides):
+    model = build_model("tiny", num_classes=5, **overrides)
+    path = tmp_path / f"model{suffix}"
+    save_checkpoint(path, model)
+    loaded = load_pretrained(path)
+    assert loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+    assert not loaded.training
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_training_state_travels_in_pt_checkpoints(tmp_path):
+    model = build_model("tiny")
+    save_checkpoint(tmp_path / "last.pt", model, epoch=3, optimizer={"lr": 1e-4})
+    checkpoint = read_checkpoint(tmp_path / "last.pt")
+    assert checkpoint.extra == {"epoch": 3, "optimizer": {"lr": 1e-4}}
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, build_model("tiny"))
+    before = path.read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, build_model("tiny"))
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
+
+
+class Payload:
+    """Stands for an arbitrary object a malicious checkpoint would smuggle in."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_arbitrary_objects_are_never_unpickled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "args": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="evil.pth: refused to unpickle"):
+        load_pretrained(tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, build_model("tiny"))
+    path.write_bytes(path.read_bytes()[: 10_000])
+    with pytest.raises(CheckpointError, match="model.pt: not a readable PyTorch checkpoint"):
+        load_pretrained(path)
+
+
+def test_truncated_safetensors(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, build_model("tiny"))
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_pretrained(path)
+
+
+def test_weights_that_do_not_fit_their_config(tmp_path):
+    model = build_model("tiny", num_classes=5)
+    payload = {"format": "deformable-detr", "config": {**model.config.to_dict(), "num_classes": 9}, "model": model.state_dict()}
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="mismatch.pt: weights do not fit .*class_embed"):
+        load_pretrained(tmp_path / "mismatch.pt")
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"not a checkpoint at all", "not a readable PyTorch checkpoint"),
+        (None, "not a Deformable DETR checkpoint"),
+        ([1, 2, 3], "expected a dict of weights, found list"),
+    ],
+    ids=["garbage", "other-model", "not-a-dict"],
+)
+def test_files_that_are_not_checkpoints(tmp_path, content, problem):
+    path = tmp_path / "file.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content if content is not None else {"model": {"fc.weight": torch.zeros(2)}}, path)
+    with pytest.raises(CheckpointError, match=f"file.pth: {problem}") as error:
+        load_pretrained(path)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing.pt: no such file"):
+        load_pretrained(tmp_path / "nothing.pt")
+    with pytest.raises(CheckpointError, match="holds no config.json"):
+        load_pretrained(tmp_path)
+
+
+def test_cli_inspect_reports_good_and_bad_files(tmp_path, capsys):
+    save_checkpoint(tmp_path / "tiny.safetensors", build_model("tiny"))
+    assert main(["inspect", str(tmp_path / "tiny.safetensors")]) == 0
+    assert "deformable-detr checkpoint, loads with strict=True" in capsys.readouterr().out
+    (tmp_path / "broken.pt").write_bytes(b"\x00" * 100)
+    assert main(["inspect", str(tmp_path / "broken.pt")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "broken.pt" in error
+
+
+def test_console_script_exits_non_zero_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "deformable_detr.cli", "inspect", str(tmp_path / "absent.pth")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"deformable-detr: error: {tmp_path / 'absent.pth'}: no such file or folder"]

@@ -16,7 +16,11 @@ def _presets(_: argparse.Namespace) -> None:
     for name in PRESETS:
         model = build_model(name)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{name:22s} {trainable:>12,d} trainable parameters  {get_config(name)}")
+        config = get_config(name)
+        print(
+            f"{name:22s} {config.backbone:10s} d_model {config.d_model:4d}  levels {config.num_feature_levels}"
+            f"  refine {config.with_box_refine!s:5s}  two-stage {config.two_stage!s:5s}  {trainable:>12,d} trainable parameters"
+        )
 
 
 def _inspect(args: argparse.Namespace) -> None:

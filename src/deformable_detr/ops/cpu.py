@@ -1,0 +1,149 @@
+"""The fused CPU kernel: compiled on first use with torch's extension tooling, cached on disk, and
+registered as the custom operator ``deformable_detr::ms_deform_attn_cpu`` (autograd and fake tensor
+support included, so it works under ``torch.compile`` and ``gradcheck``)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
+_extension: ModuleType | None = None
+_failure: str | None = None
+
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _build_name() -> str:
+    """A name unique to this source, compiler flags, torch version and processor.
+
+    The kernel is compiled with -march=native, so a cached build must not be reused on another
+    processor (a shared home folder, a copied cache); nor after an edit or a torch upgrade.
+    """
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        processor = "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        processor = platform.processor() + platform.machine()
+    key = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), torch.__version__, processor])
+    return f"ms_deform_attn_cpu_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def _cache_folder() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("DEFORMABLE_DETR_CACHE", Path(root) / "deformable_detr"))
+
+
+def _import_built(name: str, folder: Path) -> ModuleType | None:
+    library = folder / f"{name}.so"
+    if not library.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(name: str, folder: Path) -> ModuleType:
+    if shutil.which("ninja") is None:
+        import ninja  # the pip package ships the binary; a venv's bin folder may not be on PATH
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    from torch.utils.cpp_extension import load
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder))
+
+
+def load_extension() -> ModuleType | None:
+    """The compiled kernel: imported from the cache, or built there on first use (about 30 s).
+
+    Returns None, with one warning, where it cannot be built (no compiler, say).
+    """
+    global _extension, _failure
+    if _extension is not None or _failure is not None:
+        return _extension
+    name = _build_name()
+    folder = _cache_folder() / name
+    try:
+        # Importing the cached library directly skips torch's build checks (about a second).
+        _extension = _import_built(name, folder) or _build(name, folder)
+    except Exception as error:  # any build failure means: use the reference implementation
+        message = str(error).strip()
+        _failure = f"{type(error).__name__}: {message.splitlines()[-1] if message else ''}"
+        warnings.warn(
+            f"deformable_detr: the fused CPU kernel could not be built ({_failure}); "
+            "using the reference implementation instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _extension
+
+
+def build_failure() -> str | None:
+    """Why the kernel could not be built, or None."""
+    return _failure
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu", mutates_args=(), device_types="cpu")
+def ms_deform_attn_cpu(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The fused CPU forward; same signature and result as ``ms_deform_attn_reference``."""
+    return load_extension().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@ms_deform_attn_cpu.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    batch, _, heads, channels = value.shape
+    return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu_backward", mutates_args=(), device_types="cpu")
+def ms_deform_attn_cpu_backward(
+    grad_output: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients with respect to value, sampling_locations and attention_weights."""
+    grads = load_extension().backward(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return tuple(grads)
+
+
+@ms_deform_attn_cpu_backward.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output: Tensor):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = ms_deform_attn_cpu_backward(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+ms_deform_attn_cpu.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,389 @@
+"""Hugging Face transformers checkpoints: name conversion, and the same outputs as transformers.
+
+The transformers models are built offline with random weights (no hub access). transformers
+follows SPEC.md in every inference computation these tests reach; where it deviates, the deviation
+is named where the test works around it:
+
+- With box refinement (no two-stage), a freshly built ``DeformableDetrForObjectDetection`` ties
+  ``class_embed.1..5`` to ``class_embed.0`` (``_tied_weights_keys``), and ``save_pretrained`` then
+  writes ``class_embed.0`` only; SPEC (the reference) has an independent class head per decoder
+  layer. ``untie_class_heads`` gives each layer its own head, as in the reference, so the tests
+  check that independent heads convert; the converter fills the heads a file leaves out from
+  ``class_embed.0``, which is what transformers does when it loads such a file.
+- transformers' initialisation differs from SPEC (class bias 0 instead of -log(99), box heads'
+  last layer normal(0, 0.02) instead of 0 with bias[2:] = -2, transformer weights
+  normal(0, 0.02) instead of xavier, query embeddings normal(0, 0.02) instead of normal(0, 1)).
+  It only matters when training from scratch; ``randomise`` replaces every weight anyway, so that
+  zero-initialised sampling offsets, attention weights and box heads do not hide mistakes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+from deformable_detr import ModelConfig, build_model, get_config, load_pretrained  # noqa: E402
+from deformable_detr.huggingface import config_from_huggingface, state_dict_from_huggingface  # noqa: E402
+
+# Small transformer (d_model 128, 2 + 3 layers, 30 queries) on a random timm ResNet-50, so a
+# forward pass takes well under a second; everything else is the published structure.
+SMALL = dict(
+    use_timm_backbone=True,
+    use_pretrained_backbone=False,
+    backbone="resnet50",
+    num_labels=7,
+    d_model=128,
+    encoder_layers=2,
+    decoder_layers=3,
+    encoder_ffn_dim=256,
+    decoder_ffn_dim=256,
+    num_queries=30,
+    two_stage_num_proposals=30,
+)
+VARIANTS = {
+    "base": {},
+    "box_refine": {"with_box_refine": True},
+    "two_stage": {"with_box_refine": True, "two_stage": True},
+    "single_scale_dc5": {"num_feature_levels": 1, "dilation": True},
+    "learned_position": {"position_embedding_type": "learned"},
+}
+# Two images of different, odd sizes: the second is padded at the bottom and right.
+IMAGE_SIZES = [(123, 157), (97, 110)]
+
+
+def randomise(model: nn.Module, seed: int = 0) -> None:
+    """Replace every weight by a random one of a sensible scale (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and ".backbone.model." not in f".{name}.":
+                module.weight.normal_(0, 1 / math.sqrt(module.weight[0].numel()), generator=generator)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.1, generator=generator)
+            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                module.weight.normal_(1, 0.1, generator=generator)
+                module.bias.normal_(0, 0.1, generator=generator)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0, 1, generator=generator)
+            elif type(module).__name__.endswith("FrozenBatchNorm2d"):
+                # Gains below 1 keep the random ResNet's activations of a moderate size.
+                module.weight.uniform_(0.2, 0.6, generator=generator)
+                module.bias.normal_(0, 0.1, generator=generator)
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+        for name, parameter in model.named_parameters():
+            if name.endswith("sampling_offsets.bias"):  # keep the direction pattern, jittered
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+def untie_class_heads(model: nn.Module) -> None:
+    """One class head per decoder layer, as in the reference (transformers ties them; see above)."""
+    for head in model.class_embed[1:]:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        head.bias = nn.Parameter(head.bias.detach().clone())
+
+
+def build_transformers_model(**overrides) -> nn.Module:
+    config = transformers.DeformableDetrConfig(**{**SMALL, **overrides})
+    model = transformers.DeformableDetrForObjectDetection(config)
+    if config.with_box_refine and not config.two_stage:
+        untie_class_heads(model)
+    randomise(model)
+    return model.eval()
+
+
+def make_batch() -> tuple[Tensor, Tensor]:
+    """pixel_values (N, 3, H, W) zero-padded and pixel_mask (N, H, W), 1 on the image (transformers' form)."""
+    generator = torch.Generator().manual_seed(1)
+    height, width = (max(size) for size in zip(*IMAGE_SIZES))
+    pixel_values = torch.zeros(len(IMAGE_SIZES), 3, height, width)
+    pixel_mask = torch.zeros(len(IMAGE_SIZES), height, width, dtype=torch.long)
+    for index, (h, w) in enumerate(IMAGE_SIZES):
+        pixel_values[index, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        pixel_mask[index, :h, :w] = 1
+    return pixel_values, pixel_mask
+
+
+class Case:
+    """A transformers model and its outputs on the batch, shared by the tests of one variant."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.model = build_transformers_model(**VARIANTS[variant])
+        self.pixel_values, self.pixel_mask = make_batch()
+        with torch.no_grad():
+            self.outputs = self.model(pixel_values=self.pixel_values, pixel_mask=self.pixel_mask)
+        self.config = config_from_huggingface(self.model.config.to_dict())
+
+    def assert_same_outputs(self, ours: nn.Module) -> None:
+        assert not ours.training
+        with torch.no_grad():
+            outputs = ours(self.pixel_values, self.pixel_mask == 0)  # ours: True on padding
+        close = dict(rtol=0, atol=1e-4)
+        torch.testing.assert_close(outputs["pred_logits"], self.outputs.logits, **close)
+        torch.testing.assert_close(outputs["pred_boxes"], self.outputs.pred_boxes, **close)
+        if self.config.two_stage:
+            # transformers returns the proposals' logits (+inf where invalid), ours their sigmoid.
+            encoder = outputs["enc_outputs"]
+            torch.testing.assert_close(encoder["pred_logits"], self.outputs.enc_outputs_class, **close)
+            torch.testing.assert_close(encoder["pred_boxes"], self.outputs.enc_outputs_coord_logits.sigmoid(), **close)
+
+
+@pytest.fixture(scope="module")
+def cases() -> Callable[[str], Case]:
+    """Case by variant, each built once for this module."""
+    built: dict[str, Case] = {}
+
+    def get(variant: str) -> Case:
+        if variant not in built:
+            built[variant] = Case(variant)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(params=list(VARIANTS))
+def case(request, cases) -> Case:
+    return cases(request.param)
+
+
+def to_v4_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers v5 in-memory names -> v4 names (those of the released hub files), keeping every
+    entry, shared ones too, as v4's ``torch.save`` did."""
+    renames = [
+        (r"^model\.backbone\.model\.", "model.backbone.conv_encoder.model."),
+        (r"^model\.position_embedding\.", "model.backbone.position_embedding."),
+        (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."),
+        (r"\.mlp\.(fc[12])\.", r".\1."),
+    ]
+    result = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        result[key] = tensor
+    return result
+
+
+def to_v4_config(hf_config: dict) -> dict:
+    """A v5 config.json with a timm backbone in the v4 form (use_timm_backbone + backbone)."""
+    config = dict(hf_config)
+    backbone = config.pop("backbone_config")
+    assert backbone["model_type"] == "timm_backbone"
+    config.update(use_timm_backbone=True, backbone=backbone["backbone"], backbone_config=None, use_pretrained_backbone=False)
+    return config
+
+
+def assert_identical(first: dict[str, Tensor], second: dict[str, Tensor]) -> None:
+    assert list(first) == list(second)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def test_save_pretrained_loads_with_the_same_outputs(case, tmp_path):
+    case.model.save_pretrained(tmp_path)  # config.json + model.safetensors, transformers' file names
+    ours = load_pretrained(tmp_path)
+    assert ours.config == case.config
+    case.assert_same_outputs(ours)
+
+
+def test_in_memory_state_dict_converts_with_the_same_outputs(case):
+    # transformers v5 names in memory differ from those it writes to files (conversion_mapping.py).
+    ours = build_model(case.config)
+    ours.load_state_dict(state_dict_from_huggingface(case.model.state_dict(), case.config), strict=True)
+    case.assert_same_outputs(ours.eval())
+
+
+def test_v4_names_and_pytorch_model_bin(case, tmp_path):
+    in_memory = case.model.state_dict()
+    converted = state_dict_from_huggingface(in_memory, case.config)
+    assert_identical(state_dict_from_huggingface(to_v4_names(in_memory), case.config), converted)
+
+    # A v4-style folder: config.json without backbone_config, and pytorch_model.bin.
+    torch.save(to_v4_names(in_memory), tmp_path / "pytorch_model.bin")
+    v4_config = to_v4_config(case.model.config.to_dict())
+    (tmp_path / "config.json").write_text(json.dumps(v4_config))
+    assert config_from_huggingface(v4_config) == case.config
+    ours = load_pretrained(tmp_path)
+    assert_identical(ours.state_dict(), converted)
+    case.assert_same_outputs(ours)
+
+
+def test_list_of_images_is_padded_like_transformers(cases):
+    case = cases("base")
+    ours = build_model(case.config)
+    ours.load_state_dict(state_dict_from_huggingface(case.model.state_dict(), case.config))
+    images = [case.pixel_values[i, :, :h, :w] for i, (h, w) in enumerate(IMAGE_SIZES)]
+    with torch.no_grad():
+        outputs = ours.eval()(images)
+    torch.testing.assert_close(outputs["pred_logits"], case.outputs.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(outputs["pred_boxes"], case.outputs.pred_boxes, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
+def test_transformers_resnet_backbone(tmp_path, depth):
+    """transformers' own ResNet (embedder / encoder.stages names) instead of timm's."""
+    sizes = {"resnet18": dict(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]), "resnet50": {}}
+    backbone_config = transformers.ResNetConfig(**sizes[depth], out_features=["stage2", "stage3", "stage4"])
+    small = {k: v for k, v in SMALL.items() if k not in ("use_timm_backbone", "use_pretrained_backbone", "backbone")}
+    config = transformers.DeformableDetrConfig(**small, backbone_config=backbone_config, with_box_refine=True)
+    model = transformers.DeformableDetrForObjectDetection(config)
+    untie_class_heads(model)
+    randomise(model)
+    model.eval().save_pretrained(tmp_path)
+    case = Case.__new__(Case)
+    case.model, (case.pixel_values, case.pixel_mask) = model, make_batch()
+    case.config = config_from_huggingface(model.config.to_dict())
+    assert case.config.backbone == depth
+    with torch.no_grad():
+        case.outputs = model(pixel_values=case.pixel_values, pixel_mask=case.pixel_mask)
+    case.assert_same_outputs(load_pretrained(tmp_path))
+
+
+# --------------------------------------------------------------------------- names and configs
+
+
+@pytest.mark.parametrize("preset", ["r50", "r50_single_scale_dc5", "r50_box_refine", "r50_two_stage"])
+def test_published_configurations_give_the_reference_names(preset):
+    from conftest import reference_state_dict_entries
+
+    ours = get_config(preset)
+    hf_config = transformers.DeformableDetrConfig(
+        use_timm_backbone=True,
+        use_pretrained_backbone=False,
+        backbone="resnet50",
+        num_labels=91,
+        num_feature_levels=ours.num_feature_levels,
+        dilation=ours.dilation,
+        with_box_refine=ours.with_box_refine,
+        two_stage=ours.two_stage,
+    )
+    with torch.device("meta"):  # names and shapes only
+        model = transformers.DeformableDetrForObjectDetection(hf_config)
+    config = config_from_huggingface(hf_config.to_dict())
+    assert config == ours
+    # Shapes only: meta tensors cannot be compared, so hand over one entry per shared tensor.
+    state_dict = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
+    converted = state_dict_from_huggingface(_first_of_tied(state_dict, model), config)
+    entries = [f"{name} {tuple(tensor.shape)}" for name, tensor in converted.items()]
+    assert entries == reference_state_dict_entries(preset)
+
+
+def _first_of_tied(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Drop the entries transformers ties to another (the ones save_pretrained leaves out)."""
+    tied = set(model.all_tied_weights_keys)
+    return {name: tensor for name, tensor in state_dict.items() if name not in tied}
+
+
+@pytest.mark.parametrize(
+    ("hf_config", "preset"),
+    [
+        # The released hub configs (SenseTime/deformable-detr*) are in the v4 form.
+        ({"use_timm_backbone": True, "backbone": "resnet50"}, "r50"),
+        ({"backbone": "resnet50", "num_feature_levels": 1, "dilation": True}, "r50_single_scale_dc5"),
+        ({"with_box_refine": True}, "r50_box_refine"),
+        ({"with_box_refine": True, "two_stage": True, "num_queries": 100, "two_stage_num_proposals": 300}, "r50_two_stage"),
+        ({"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet50", "out_indices": [4], "output_stride": 16}, "num_feature_levels": 1}, "r50_single_scale_dc5"),
+    ],
+)
+def test_config_from_huggingface(hf_config, preset):
+    labels = {"id2label": {str(i): f"class {i}" for i in range(91)}}
+    assert config_from_huggingface({"model_type": "deformable_detr", **labels, **hf_config}) == get_config(preset)
+
+
+def test_config_num_labels_and_sizes():
+    config = config_from_huggingface(
+        {"num_labels": 3, "d_model": 128, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 512,
+         "decoder_ffn_dim": 512, "encoder_layers": 2, "decoder_layers": 5, "encoder_n_points": 2, "decoder_n_points": 3,
+         "backbone": "timm/resnet18.a1_in1k", "position_embedding_type": "learned", "dropout": 0.0}
+    )
+    assert config == ModelConfig(
+        backbone="resnet18", num_classes=3, d_model=128, num_heads=4, dim_feedforward=512, encoder_layers=2, decoder_layers=5,
+        encoder_points=2, decoder_points=3, position_embedding="learned", dropout=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("hf_config", "message"),
+    [
+        ({"encoder_attention_heads": 8, "decoder_attention_heads": 4}, "decoder_attention_heads"),
+        ({"encoder_ffn_dim": 1024, "decoder_ffn_dim": 2048}, "decoder_ffn_dim"),
+        ({"activation_function": "gelu"}, "activation_function"),
+        ({"position_embedding_type": "rotary"}, "position_embedding_type"),
+        ({"model_type": "detr"}, "model_type"),
+        ({"backbone": "resnet50d"}, "resnet50d"),
+        ({"backbone": "efficientnet_b0"}, "efficientnet_b0"),
+        ({"backbone_config": {"model_type": "swin"}}, "swin"),
+        ({"use_timm_backbone": False, "backbone": "microsoft/resnet-50"}, "microsoft/resnet-50"),
+        ({"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet50", "out_indices": [1, 2, 3]}}, "out_indices"),
+        ({"backbone_config": {"model_type": "resnet", "out_features": ["stage4"]}}, "out_features"),
+        ({"backbone_config": {"model_type": "resnet", "downsample_in_bottleneck": True, "out_features": ["stage2", "stage3", "stage4"]}}, "downsample_in_bottleneck"),
+        ({"backbone_config": {"model_type": "resnet", "depths": [2, 2], "out_features": ["stage2", "stage3", "stage4"]}}, "depths"),
+        ({"use_timm_backbone": False, "dilation": True, "num_feature_levels": 1}, "dilation"),
+        ({"id2label": None}, "num_labels"),
+    ],
+)
+def test_unsupported_configs_are_refused(hf_config, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_huggingface({"id2label": {"0": "a", "1": "b"}, **hf_config})
+
+
+# --------------------------------------------------------------------------- bad state dicts
+
+
+@pytest.fixture
+def small_base(cases) -> tuple[dict[str, Tensor], ModelConfig]:
+    case = cases("base")
+    return case.model.state_dict(), case.config
+
+
+def test_missing_key_is_named(small_base):
+    state_dict, config = small_base
+    for removed, named in [
+        ("model.encoder.layers.1.mlp.fc1.weight", "transformer.encoder.layers.1.linear1.weight"),
+        ("model.decoder.layers.2.self_attn.k_proj.bias", "model.decoder.layers.2.self_attn.k_proj.bias"),
+        ("model.backbone.model.layer3.2.bn2.running_var", "backbone.0.body.layer3.2.bn2.running_var"),
+    ]:
+        broken = {k: v for k, v in state_dict.items() if k != removed}
+        with pytest.raises(ValueError, match=rf"missing .*{re.escape(named)}"):
+            state_dict_from_huggingface(broken, config)
+
+
+def test_unexpected_key_is_named(small_base):
+    state_dict, config = small_base
+    for extra in ["model.encoder.layers.0.extra.weight", "model.encoder.layers.7.mlp.fc1.weight", "bbox_embed.0.layers.3.bias"]:
+        with pytest.raises(ValueError, match=rf"unexpected .*{re.escape(extra)}"):
+            state_dict_from_huggingface({**state_dict, extra: torch.zeros(1)}, config)
+
+
+def test_wrong_shape_and_wrong_config_are_refused(small_base):
+    state_dict, config = small_base
+    with pytest.raises(ValueError, match=r"class_embed\.0\.weight \(7, 128\) \(expected \(9, 128\)"):
+        state_dict_from_huggingface(state_dict, get_config(config, num_classes=9))
+    with pytest.raises(ValueError, match=r"unexpected .*model\.reference_points\.weight"):
+        state_dict_from_huggingface(state_dict, get_config(config, with_box_refine=True, two_stage=True))
+
+
+def test_different_shared_heads_are_refused(small_base):
+    # Without box refinement our model has one head for all layers, as the reference does.
+    state_dict, config = small_base
+    state_dict = {**state_dict, "class_embed.2.bias": state_dict["class_embed.2.bias"] + 1}
+    with pytest.raises(ValueError, match=r"class_embed\.0\.bias and class_embed\.2\.bias differ"):
+        state_dict_from_huggingface(state_dict, config)
+
+
+def test_num_batches_tracked_is_dropped(small_base):
+    state_dict, config = small_base
+    extra = {"model.backbone.model.layer2.0.downsample.1.num_batches_tracked": torch.tensor(5)}
+    assert_identical(state_dict_from_huggingface({**state_dict, **extra}, config), state_dict_from_huggingface(state_dict, config))

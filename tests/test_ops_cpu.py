@@ -1,0 +1,129 @@
+"""The fused CPU kernel against the reference: values, all three gradients, dtypes, registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_ops import random_case
+
+from deformable_detr import build_model
+from deformable_detr.ops import cpu, ms_deform_attn, ms_deform_attn_reference, use_implementation
+
+pytestmark = pytest.mark.skipif(cpu.load_extension() is None, reason=f"fused kernel not built: {cpu.build_failure()}")
+
+
+def with_borders(case):
+    """Replace a third of the locations with exact borders, pixel centres and out-of-map points."""
+    value, spatial_shapes, level_start_index, locations, weights = case
+    special = torch.tensor([0.0, 1.0, 0.5, -0.25, 1.25, 2.0, -1.0], dtype=locations.dtype)
+    generator = torch.Generator().manual_seed(3)
+    chosen = torch.rand(locations.shape, generator=generator) < 0.33
+    picks = special[torch.randint(len(special), locations.shape, generator=generator)]
+    return value, spatial_shapes, level_start_index, torch.where(chosen, picks, locations), weights
+
+
+CASES = {
+    "D=1": dict(shapes=[(6, 7), (3, 4)], channels=1),
+    "D=30": dict(shapes=[(6, 7), (3, 4), (2, 2)], channels=30, heads=3),
+    "D=32": dict(shapes=[(8, 9), (4, 5), (2, 3), (1, 2)], channels=32, heads=2, points=4, queries=7),
+    "D=71": dict(shapes=[(5, 5)], channels=71, heads=1),
+    "L=1 P=1": dict(shapes=[(9, 4)], points=1, channels=8),
+    "batch 3": dict(shapes=[(4, 6), (2, 3)], batch=3, channels=4),
+    "no queries": dict(shapes=[(4, 6), (2, 3)], queries=0, channels=4),
+}
+
+
+def forward_and_gradients(function, case):
+    value, spatial_shapes, level_start_index, locations, weights = (t.clone() for t in case)
+    differentiable = [t.requires_grad_() for t in (value, locations, weights)]
+    output = function(value, spatial_shapes, level_start_index, locations, weights)
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(output.dtype)
+    output.backward(upstream)
+    return [output.detach()] + [t.grad for t in differentiable]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_fused_equals_reference_forward_and_gradients(case, dtype, tolerance):
+    inputs = [t.to(dtype) if t.is_floating_point() else t for t in with_borders(random_case(**case))]
+    fused = forward_and_gradients(cpu.ms_deform_attn_cpu, inputs)
+    reference = forward_and_gradients(ms_deform_attn_reference, inputs)
+    for name, actual, expected in zip(["output", "grad value", "grad locations", "grad weights"], fused, reference):
+        torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_non_contiguous_inputs():
+    value, spatial_shapes, level_start_index, locations, weights = random_case([(5, 6), (3, 3)], channels=6)
+    # Same values, laid out with other strides.
+    value_t = value.transpose(0, 1).contiguous().transpose(0, 1)
+    locations_t = locations.permute(5, 0, 1, 2, 3, 4).contiguous().permute(1, 2, 3, 4, 5, 0)
+    weights_t = weights.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (value_t.is_contiguous() or locations_t.is_contiguous() or weights_t.is_contiguous())
+    expected = ms_deform_attn_reference(value, spatial_shapes, level_start_index, locations, weights)
+    actual = cpu.ms_deform_attn_cpu(value_t, spatial_shapes, level_start_index, locations_t, weights_t)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_gradcheck():
+    value, spatial_shapes, level_start_index, locations, weights = random_case([(4, 3), (2, 2)], batch=2, queries=3, channels=3)
+    inputs = [t.requires_grad_() for t in (value, locations, weights)]
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: cpu.ms_deform_attn_cpu(v, spatial_shapes, level_start_index, loc, w), inputs
+    )
+
+
+def test_bfloat16_follows_float64():
+    low = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in random_case([(6, 5), (3, 3)], channels=16)]
+    # The reference in float64 on the same (rounded) inputs: what remains is the kernel's rounding.
+    expected = forward_and_gradients(ms_deform_attn_reference, [t.double() if t.is_floating_point() else t for t in low])
+    actual = forward_and_gradients(cpu.ms_deform_attn_cpu, low)
+    for got, want in zip(actual, expected):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_custom_op_registration():
+    # Schema, fake (meta) implementation, autograd registration and dispatch, as torch checks them.
+    value, spatial_shapes, level_start_index, locations, weights = random_case([(4, 5), (2, 2)], channels=4)
+    args = (value.requires_grad_(), spatial_shapes, level_start_index, locations.requires_grad_(), weights.requires_grad_())
+    torch.library.opcheck(cpu.ms_deform_attn_cpu, args)
+
+
+def test_traces_under_torch_compile():
+    case = random_case([(4, 5), (2, 2)], channels=4, dtype=torch.float32)
+    compiled = torch.compile(cpu.ms_deform_attn_cpu, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(
+        forward_and_gradients(compiled, case), forward_and_gradients(cpu.ms_deform_attn_cpu, case)
+    )
+
+
+def test_dispatch_follows_the_requested_implementation(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "ms_deform_attn_cpu", lambda *args: calls.append("cpu") or ms_deform_attn_reference(*args))
+    case = random_case([(3, 3)])
+    with use_implementation("reference"):
+        ms_deform_attn(*case)
+    assert calls == []
+    for name in ("cpu", "auto"):
+        with use_implementation(name):
+            ms_deform_attn(*case)
+    assert calls == ["cpu", "cpu"]
+    with pytest.raises(ValueError, match="unknown ms_deform_attn implementation"):
+        with use_implementation("cuda-kernel"):
+            pass
+
+
+@pytest.mark.parametrize("preset", ["tiny", "r50_two_stage"])
+def test_model_outputs_do_not_depend_on_the_op_path(preset):
+    model = build_model(preset).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # leave init, where zero weights hide the sampling
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    images = [torch.randn(3, 128, 160), torch.randn(3, 112, 128)]
+    with torch.no_grad():
+        with use_implementation("reference"):
+            expected = model(images)
+        with use_implementation("cpu"):
+            actual = model(images)
+    torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], rtol=1e-5, atol=1e-5)

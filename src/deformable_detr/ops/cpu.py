@@ -21,7 +21,7 @@ _extension: ModuleType | None = None
 _failure: str | None = None
 
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 
 
 def _build_name() -> str:

@@ -4,215 +4,298 @@
 // align_corners=False): a location (x, y) in [0, 1] samples pixel coordinates
 // (x * W - 0.5, y * H - 0.5), and each of the four bilinear corners that falls outside the map
 // contributes zero. Arithmetic runs in float for float/bfloat16/half inputs and in double for double.
+//
+// Layouts (all contiguous): value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2),
+// attention_weights (N, Lq, M, L, P), output (N, Lq, M * D). A "row" is the D channels of one head
+// at one position; the rows of one position's heads are adjacent, M * D apart.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
 
-// The four bilinear corners of one sample: flat pixel offsets (-1 when outside) and weights.
-template <typename acc_t>
-struct Corners {
-  int64_t index[4];
-  acc_t weight[4];
-  // Derivatives of the four weights with respect to the pixel coordinates w and h.
-  acc_t dweight_dw[4];
-  acc_t dweight_dh[4];
+// Per sampling point (level, point) of a query: the level's size and first position in S.
+struct SampleLevels {
+  std::vector<float> width, height;
+  std::vector<int32_t> start;
+
+  SampleLevels(const int64_t* shapes, const int64_t* starts, int64_t levels, int64_t points) {
+    for (int64_t level = 0; level < levels; ++level) {
+      for (int64_t point = 0; point < points; ++point) {
+        height.push_back(static_cast<float>(shapes[2 * level]));
+        width.push_back(static_cast<float>(shapes[2 * level + 1]));
+        start.push_back(static_cast<int32_t>(starts[level]));
+      }
+    }
+  }
 };
 
+// Clamps a pixel coordinate to [-2, size + 1] (NaN to -2) so that it converts to an integer
+// safely; every corner of a clamped point is outside the map, as it was before clamping. Plain
+// comparisons, unlike std::fmin/fmax, vectorise.
 template <typename acc_t>
-inline Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_t height, int64_t width) {
-  const acc_t w = x * width - acc_t(0.5);
-  const acc_t h = y * height - acc_t(0.5);
-  const acc_t w_floor = std::floor(w);
-  const acc_t h_floor = std::floor(h);
-  const int64_t w0 = static_cast<int64_t>(w_floor);
-  const int64_t h0 = static_cast<int64_t>(h_floor);
-  const acc_t lw = w - w_floor, lh = h - h_floor;
-  const acc_t hw = 1 - lw, hh = 1 - lh;
-  Corners<acc_t> c;
-  const int64_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
-  const int64_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
-  const acc_t weights[4] = {hh * hw, hh * lw, lh * hw, lh * lw};
-  const acc_t d_dw[4] = {-hh, hh, -lh, lh};
-  const acc_t d_dh[4] = {-hw, -lw, hw, lw};
-  for (int k = 0; k < 4; ++k) {
-    const bool inside = hs[k] >= 0 && hs[k] < height && ws[k] >= 0 && ws[k] < width;
-    c.index[k] = inside ? hs[k] * width + ws[k] : -1;
-    c.weight[k] = weights[k];
-    c.dweight_dw[k] = d_dw[k];
-    c.dweight_dh[k] = d_dh[k];
-  }
-  return c;
+inline acc_t clamp_outside(acc_t coordinate, acc_t size) {
+  coordinate = coordinate >= acc_t(-2) ? coordinate : acc_t(-2);
+  return coordinate <= size + 1 ? coordinate : size + 1;
 }
 
-void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                  const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_cpu: tensors must be on the CPU");
-  TORCH_CHECK(value.dim() == 4, "value must be (N, S, M, D)");
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "sampling_locations must be (N, Lq, M, L, P, 2)");
-  TORCH_CHECK(attention_weights.dim() == 5, "attention_weights must be (N, Lq, M, L, P)");
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, "spatial_shapes must be (L, 2)");
-  TORCH_CHECK(spatial_shapes.size(0) == sampling_locations.size(3) && level_start_index.size(0) == spatial_shapes.size(0),
-              "spatial_shapes, level_start_index and sampling_locations disagree on the number of levels");
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "value, sampling_locations and attention_weights must share one dtype");
+// The four bilinear corners (top-left, top-right, bottom-left, bottom-right) of every sampling
+// point of one (batch, query, head) row, laid out corner-major so that the loop computing them
+// vectorises across points. position is the corner's index in S, or -1 outside the map: such
+// corners are skipped, not weighted by 0, so a non-finite value elsewhere cannot leak in.
+template <typename acc_t>
+struct Corners {
+  std::vector<int32_t> position;  // [4][samples]
+  std::vector<acc_t> weight;      // bilinear weights, [4][samples]
+  std::vector<acc_t> frac_w, frac_h;  // fractional pixel coordinates, [samples], for gradients
+  int64_t samples;
+
+  explicit Corners(int64_t samples)
+      : position(4 * samples), weight(4 * samples), frac_w(samples), frac_h(samples), samples(samples) {}
+
+  template <typename scalar_t>
+  void compute(const scalar_t* __restrict__ locations, const SampleLevels& levels) {
+    const float* __restrict__ widths = levels.width.data();
+    const float* __restrict__ heights = levels.height.data();
+    const int32_t* __restrict__ starts = levels.start.data();
+    int32_t* __restrict__ pos = position.data();
+    acc_t* __restrict__ wgt = weight.data();
+    acc_t* __restrict__ fw = frac_w.data();
+    acc_t* __restrict__ fh = frac_h.data();
+    const int64_t n = samples;
+#pragma omp simd
+    for (int64_t s = 0; s < n; ++s) {
+      const acc_t width = widths[s], height = heights[s];
+      const acc_t w = clamp_outside(static_cast<acc_t>(locations[2 * s]) * width - acc_t(0.5), width);
+      const acc_t h = clamp_outside(static_cast<acc_t>(locations[2 * s + 1]) * height - acc_t(0.5), height);
+      const acc_t w_floor = std::floor(w), h_floor = std::floor(h);
+      const int32_t w0 = static_cast<int32_t>(w_floor), h0 = static_cast<int32_t>(h_floor);
+      const int32_t map_width = static_cast<int32_t>(width), map_height = static_cast<int32_t>(height);
+      const acc_t lw = w - w_floor, lh = h - h_floor;
+      const bool left = w0 >= 0, right = w0 + 1 < map_width, top = h0 >= 0, bottom = h0 + 1 < map_height;
+      const bool x0_in = left && w0 < map_width, x1_in = w0 + 1 >= 0 && right;
+      const bool y0_in = top && h0 < map_height, y1_in = h0 + 1 >= 0 && bottom;
+      const int32_t top_left = starts[s] + h0 * map_width + w0;
+      pos[s] = y0_in && x0_in ? top_left : -1;
+      pos[n + s] = y0_in && x1_in ? top_left + 1 : -1;
+      pos[2 * n + s] = y1_in && x0_in ? top_left + map_width : -1;
+      pos[3 * n + s] = y1_in && x1_in ? top_left + map_width + 1 : -1;
+      wgt[s] = (1 - lh) * (1 - lw);
+      wgt[n + s] = (1 - lh) * lw;
+      wgt[2 * n + s] = lh * (1 - lw);
+      wgt[3 * n + s] = lh * lw;
+      fw[s] = lw;
+      fh[s] = lh;
+    }
+  }
+};
+
+// The loops take the channel count D as a template argument where it is a common value (16: the
+// tiny preset, 32: the published models), so the compiler unrolls them and keeps the accumulators
+// in vector registers; kChannels = 0 handles any other D at run time.
+template <typename scalar_t, int64_t kChannels>
+struct Kernels {
+  using acc_t = at::opmath_type<scalar_t>;
+
+  static void forward(const scalar_t* value, const SampleLevels& sample_levels, const scalar_t* locations,
+                      const scalar_t* weights, scalar_t* output, int64_t batch, int64_t num_values, int64_t heads,
+                      int64_t runtime_channels, int64_t queries, int64_t samples) {
+    const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
+    const int64_t row_stride = heads * channels;
+    // One task per (batch, query, head) row owns its output: no synchronisation needed. The heads
+    // of a query, adjacent in memory, run one after another.
+    at::parallel_for(0, batch * queries * heads, 64, [&](int64_t begin, int64_t end) {
+      Corners<acc_t> corners(samples);
+      std::vector<acc_t> runtime_accumulator(kChannels > 0 ? 0 : channels);
+      acc_t fixed_accumulator[kChannels > 0 ? kChannels : 1];
+      acc_t* __restrict__ accumulator = kChannels > 0 ? fixed_accumulator : runtime_accumulator.data();
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / (queries * heads), head = row % heads;
+        const scalar_t* head_values = value + (n * num_values * heads + head) * channels;
+        const scalar_t* row_weights = weights + row * samples;
+        corners.compute(locations + row * samples * 2, sample_levels);
+        for (int64_t c = 0; c < channels; ++c) accumulator[c] = 0;
+        for (int64_t s = 0; s < samples; ++s) {
+          const acc_t attention = static_cast<acc_t>(row_weights[s]);
+          for (int k = 0; k < 4; ++k) {
+            const int32_t position = corners.position[k * samples + s];
+            if (position < 0) continue;
+            const scalar_t* __restrict__ value_row = head_values + position * row_stride;
+            const acc_t factor = attention * corners.weight[k * samples + s];
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) accumulator[c] += factor * static_cast<acc_t>(value_row[c]);
+          }
+        }
+        scalar_t* out = output + row * channels;
+        for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(accumulator[c]);
+      }
+    });
+  }
+
+  static void backward(const scalar_t* grad_output, const scalar_t* value, const SampleLevels& sample_levels,
+                       const scalar_t* locations, const scalar_t* weights, acc_t* grad_value, scalar_t* grad_locations,
+                       scalar_t* grad_weights, int64_t batch, int64_t num_values, int64_t heads, int64_t runtime_channels,
+                       int64_t queries, int64_t samples) {
+    const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
+    const int64_t row_stride = heads * channels;
+    // One task per (batch, head): it alone writes that slice of grad_value, so the scattered
+    // accumulation is race-free without atomics; per-sample gradients belong to their row.
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      Corners<acc_t> corners(samples);
+      std::vector<acc_t> grad_sample(samples), grad_w(samples), grad_h(samples);
+      std::vector<acc_t> runtime_grad(kChannels > 0 ? 0 : channels);
+      acc_t fixed_grad[kChannels > 0 ? kChannels : 1];
+      acc_t* __restrict__ grad_row = kChannels > 0 ? fixed_grad : runtime_grad.data();
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / heads, head = task % heads;
+        const int64_t head_offset = (n * num_values * heads + head) * channels;
+        for (int64_t query = 0; query < queries; ++query) {
+          const int64_t row = (n * queries + query) * heads + head;  // (n, query, head)
+          const scalar_t* grad_out = grad_output + row * channels;
+          for (int64_t c = 0; c < channels; ++c) grad_row[c] = static_cast<acc_t>(grad_out[c]);
+          const scalar_t* row_weights = weights + row * samples;
+          corners.compute(locations + row * samples * 2, sample_levels);
+          std::fill(grad_sample.begin(), grad_sample.end(), acc_t(0));
+          std::fill(grad_w.begin(), grad_w.end(), acc_t(0));
+          std::fill(grad_h.begin(), grad_h.end(), acc_t(0));
+          for (int k = 0; k < 4; ++k) {
+            // d(weight of corner k)/d(lw) and /d(lh), as signs times the other fraction.
+            const bool right = k & 1, bottom = k & 2;
+            for (int64_t s = 0; s < samples; ++s) {
+              const int32_t position = corners.position[k * samples + s];
+              if (position < 0) continue;
+              const int64_t offset = head_offset + position * row_stride;
+              const scalar_t* __restrict__ value_row = value + offset;
+              acc_t* __restrict__ grad_value_row = grad_value + offset;
+              const acc_t factor = static_cast<acc_t>(row_weights[s]) * corners.weight[k * samples + s];
+              acc_t grad_dot_value = 0;
+#pragma omp simd reduction(+ : grad_dot_value)
+              for (int64_t c = 0; c < channels; ++c) {
+                grad_dot_value += grad_row[c] * static_cast<acc_t>(value_row[c]);
+                grad_value_row[c] += factor * grad_row[c];
+              }
+              const acc_t lw = corners.frac_w[s], lh = corners.frac_h[s];
+              grad_sample[s] += corners.weight[k * samples + s] * grad_dot_value;
+              grad_w[s] += (right ? 1 : -1) * (bottom ? lh : 1 - lh) * grad_dot_value;
+              grad_h[s] += (bottom ? 1 : -1) * (right ? lw : 1 - lw) * grad_dot_value;
+            }
+          }
+          scalar_t* row_grad_locations = grad_locations + row * samples * 2;
+          scalar_t* row_grad_weights = grad_weights + row * samples;
+          for (int64_t s = 0; s < samples; ++s) {
+            const acc_t attention = static_cast<acc_t>(row_weights[s]);
+            row_grad_weights[s] = static_cast<scalar_t>(grad_sample[s]);
+            // The pixel coordinates are x * W - 0.5 and y * H - 0.5.
+            row_grad_locations[2 * s] = static_cast<scalar_t>(attention * grad_w[s] * sample_levels.width[s]);
+            row_grad_locations[2 * s + 1] = static_cast<scalar_t>(attention * grad_h[s] * sample_levels.height[s]);
+          }
+        }
+      }
+    });
+  }
+};
+
+// Calls body(std::integral_constant<int64_t, D>) with D fixed where it is a common value, else 0.
+template <typename Body>
+void dispatch_channels(int64_t channels, const Body& body) {
+  switch (channels) {
+    case 16:
+      body(std::integral_constant<int64_t, 16>{});
+      break;
+    case 32:
+      body(std::integral_constant<int64_t, 32>{});
+      break;
+    default:
+      body(std::integral_constant<int64_t, 0>{});
+  }
 }
+
+struct Inputs {
+  at::Tensor value, spatial_shapes, level_start_index, sampling_locations, attention_weights;
+  int64_t batch, num_values, heads, channels, queries, levels, points;
+
+  Inputs(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in, const at::Tensor& level_start_index_in,
+         const at::Tensor& sampling_locations_in, const at::Tensor& attention_weights_in) {
+    TORCH_CHECK(value_in.device().is_cpu(), "ms_deform_attn_cpu: tensors must be on the CPU");
+    TORCH_CHECK(value_in.dim() == 4, "value must be (N, S, M, D)");
+    TORCH_CHECK(sampling_locations_in.dim() == 6 && sampling_locations_in.size(5) == 2,
+                "sampling_locations must be (N, Lq, M, L, P, 2)");
+    TORCH_CHECK(attention_weights_in.dim() == 5, "attention_weights must be (N, Lq, M, L, P)");
+    TORCH_CHECK(spatial_shapes_in.dim() == 2 && spatial_shapes_in.size(1) == 2, "spatial_shapes must be (L, 2)");
+    TORCH_CHECK(spatial_shapes_in.size(0) == sampling_locations_in.size(3) &&
+                    level_start_index_in.size(0) == spatial_shapes_in.size(0),
+                "spatial_shapes, level_start_index and sampling_locations disagree on the number of levels");
+    TORCH_CHECK(sampling_locations_in.scalar_type() == value_in.scalar_type() &&
+                    attention_weights_in.scalar_type() == value_in.scalar_type(),
+                "value, sampling_locations and attention_weights must share one dtype");
+    TORCH_CHECK(value_in.size(1) < (int64_t(1) << 31), "ms_deform_attn_cpu: at most 2^31 - 1 positions");
+    value = value_in.contiguous();
+    spatial_shapes = spatial_shapes_in.to(at::kLong).contiguous();
+    level_start_index = level_start_index_in.to(at::kLong).contiguous();
+    sampling_locations = sampling_locations_in.contiguous();
+    attention_weights = attention_weights_in.contiguous();
+    batch = value.size(0), num_values = value.size(1), heads = value.size(2), channels = value.size(3);
+    queries = sampling_locations.size(1), levels = sampling_locations.size(3), points = sampling_locations.size(4);
+  }
+
+  SampleLevels sample_levels() const {
+    return SampleLevels(spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(), levels, points);
+  }
+};
 
 }  // namespace
 
-at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
-                                      const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
-                                      const at::Tensor& attention_weights_in) {
-  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
-  const auto value = value_in.contiguous();
-  const auto spatial_shapes = spatial_shapes_in.to(at::kLong).contiguous();
-  const auto level_start_index = level_start_index_in.to(at::kLong).contiguous();
-  const auto sampling_locations = sampling_locations_in.contiguous();
-  const auto attention_weights = attention_weights_in.contiguous();
-
-  const int64_t batch = value.size(0), num_values = value.size(1), heads = value.size(2), channels = value.size(3);
-  const int64_t queries = sampling_locations.size(1), levels = sampling_locations.size(3),
-                points = sampling_locations.size(4);
-  auto output = at::empty({batch, queries, heads * channels}, value.options());
+at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights) {
+  const Inputs in(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  auto output = at::empty({in.batch, in.queries, in.heads * in.channels}, in.value.options());
   if (output.numel() == 0) return output;
-
-  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* starts = level_start_index.data_ptr<int64_t>();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_cpu_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* value_ptr = value.data_ptr<scalar_t>();
-    const scalar_t* location_ptr = sampling_locations.data_ptr<scalar_t>();
-    const scalar_t* weight_ptr = attention_weights.data_ptr<scalar_t>();
-    scalar_t* output_ptr = output.data_ptr<scalar_t>();
-    // One task per (batch, query, head): it owns one output row, so no synchronisation is needed.
-    at::parallel_for(0, batch * queries * heads, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> accumulator(channels);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t head = task % heads;
-        const int64_t n = task / (queries * heads);
-        std::fill(accumulator.begin(), accumulator.end(), acc_t(0));
-        const scalar_t* locations = location_ptr + task * levels * points * 2;
-        const scalar_t* weights = weight_ptr + task * levels * points;
-        for (int64_t level = 0; level < levels; ++level) {
-          const int64_t height = shapes[2 * level], width = shapes[2 * level + 1];
-          // Rows of this level for this batch element and head; pixel i is at row i.
-          const scalar_t* level_values = value_ptr + ((n * num_values + starts[level]) * heads + head) * channels;
-          const int64_t row_stride = heads * channels;
-          for (int64_t point = 0; point < points; ++point) {
-            const int64_t sample = level * points + point;
-            const acc_t attention = static_cast<acc_t>(weights[sample]);
-            const auto corners = bilinear_corners<acc_t>(static_cast<acc_t>(locations[2 * sample]),
-                                                         static_cast<acc_t>(locations[2 * sample + 1]), height, width);
-            for (int k = 0; k < 4; ++k) {
-              if (corners.index[k] < 0) continue;
-              const acc_t factor = attention * corners.weight[k];
-              const scalar_t* row = level_values + corners.index[k] * row_stride;
-              for (int64_t c = 0; c < channels; ++c) accumulator[c] += factor * static_cast<acc_t>(row[c]);
-            }
-          }
-        }
-        scalar_t* out = output_ptr + task * channels;  // output (N, Lq, M * D) row of this task
-        for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(accumulator[c]);
-      }
+  if (in.levels * in.points == 0) return output.zero_();
+  const auto sample_levels = in.sample_levels();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.value.scalar_type(), "ms_deform_attn_cpu_forward", [&] {
+    dispatch_channels(in.channels, [&](auto fixed) {
+      Kernels<scalar_t, decltype(fixed)::value>::forward(
+          in.value.data_ptr<scalar_t>(), sample_levels, in.sampling_locations.data_ptr<scalar_t>(),
+          in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), in.batch, in.num_values, in.heads,
+          in.channels, in.queries, in.levels * in.points);
     });
   });
   return output;
 }
 
-std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_output_in, const at::Tensor& value_in,
-                                                    const at::Tensor& spatial_shapes_in,
-                                                    const at::Tensor& level_start_index_in,
-                                                    const at::Tensor& sampling_locations_in,
-                                                    const at::Tensor& attention_weights_in) {
-  check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
+std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_output_in, const at::Tensor& value,
+                                                    const at::Tensor& spatial_shapes,
+                                                    const at::Tensor& level_start_index,
+                                                    const at::Tensor& sampling_locations,
+                                                    const at::Tensor& attention_weights) {
+  const Inputs in(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const auto grad_output = grad_output_in.contiguous();
-  const auto value = value_in.contiguous();
-  const auto spatial_shapes = spatial_shapes_in.to(at::kLong).contiguous();
-  const auto level_start_index = level_start_index_in.to(at::kLong).contiguous();
-  const auto sampling_locations = sampling_locations_in.contiguous();
-  const auto attention_weights = attention_weights_in.contiguous();
-
-  const int64_t batch = value.size(0), num_values = value.size(1), heads = value.size(2), channels = value.size(3);
-  const int64_t queries = sampling_locations.size(1), levels = sampling_locations.size(3),
-                points = sampling_locations.size(4);
-  const bool reduced_precision = value.scalar_type() == at::kBFloat16 || value.scalar_type() == at::kHalf;
+  const auto dtype = in.value.scalar_type();
   // Low-precision gradients of value accumulate in float, then round once.
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(reduced_precision ? at::kFloat : value.scalar_type()));
-  auto grad_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
-  auto grad_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
-  if (grad_output.numel() > 0) {
-    const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-    const int64_t* starts = level_start_index.data_ptr<int64_t>();
-
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_cpu_backward", [&] {
+  const bool reduced_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
+  auto grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(reduced_precision ? at::kFloat : dtype));
+  auto grad_locations = at::zeros(in.sampling_locations.sizes(), in.sampling_locations.options());
+  auto grad_weights = at::zeros(in.attention_weights.sizes(), in.attention_weights.options());
+  if (grad_output.numel() > 0 && in.levels * in.points > 0) {
+    const auto sample_levels = in.sample_levels();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ms_deform_attn_cpu_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* value_ptr = value.data_ptr<scalar_t>();
-      const scalar_t* grad_out_ptr = grad_output.data_ptr<scalar_t>();
-      const scalar_t* location_ptr = sampling_locations.data_ptr<scalar_t>();
-      const scalar_t* weight_ptr = attention_weights.data_ptr<scalar_t>();
-      acc_t* grad_value_ptr = grad_value.data_ptr<acc_t>();
-      scalar_t* grad_location_ptr = grad_locations.data_ptr<scalar_t>();
-      scalar_t* grad_weight_ptr = grad_weights.data_ptr<scalar_t>();
-      const int64_t row_stride = heads * channels;
-      // One task per (batch, head): it alone writes that slice of grad_value, so accumulation is
-      // race-free without atomics; the per-sample gradients are written by their own task too.
-      at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> grad_row(channels);
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t n = task / heads, head = task % heads;
-          for (int64_t query = 0; query < queries; ++query) {
-            const int64_t row = (n * queries + query) * heads + head;  // (n, query, head)
-            const scalar_t* grad_out = grad_out_ptr + row * channels;
-            for (int64_t c = 0; c < channels; ++c) grad_row[c] = static_cast<acc_t>(grad_out[c]);
-            const scalar_t* locations = location_ptr + row * levels * points * 2;
-            const scalar_t* weights = weight_ptr + row * levels * points;
-            scalar_t* grad_locations_row = grad_location_ptr + row * levels * points * 2;
-            scalar_t* grad_weights_row = grad_weight_ptr + row * levels * points;
-            for (int64_t level = 0; level < levels; ++level) {
-              const int64_t height = shapes[2 * level], width = shapes[2 * level + 1];
-              const int64_t offset = ((n * num_values + starts[level]) * heads + head) * channels;
-              const scalar_t* level_values = value_ptr + offset;
-              acc_t* level_grad_values = grad_value_ptr + offset;
-              for (int64_t point = 0; point < points; ++point) {
-                const int64_t sample = level * points + point;
-                const acc_t attention = static_cast<acc_t>(weights[sample]);
-                const auto corners = bilinear_corners<acc_t>(static_cast<acc_t>(locations[2 * sample]),
-                                                             static_cast<acc_t>(locations[2 * sample + 1]), height, width);
-                acc_t grad_sample = 0, grad_w = 0, grad_h = 0;
-                for (int k = 0; k < 4; ++k) {
-                  if (corners.index[k] < 0) continue;
-                  const scalar_t* value_row = level_values + corners.index[k] * row_stride;
-                  acc_t* grad_value_row = level_grad_values + corners.index[k] * row_stride;
-                  const acc_t factor = attention * corners.weight[k];
-                  acc_t dot = 0;  // grad_out . value at this corner
-                  for (int64_t c = 0; c < channels; ++c) {
-                    dot += grad_row[c] * static_cast<acc_t>(value_row[c]);
-                    grad_value_row[c] += factor * grad_row[c];
-                  }
-                  grad_sample += corners.weight[k] * dot;
-                  grad_w += corners.dweight_dw[k] * dot;
-                  grad_h += corners.dweight_dh[k] * dot;
-                }
-                grad_weights_row[sample] = static_cast<scalar_t>(grad_sample);
-                // d(pixel w)/dx = W and d(pixel h)/dy = H.
-                grad_locations_row[2 * sample] = static_cast<scalar_t>(attention * grad_w * width);
-                grad_locations_row[2 * sample + 1] = static_cast<scalar_t>(attention * grad_h * height);
-              }
-            }
-          }
-        }
+      dispatch_channels(in.channels, [&](auto fixed) {
+        Kernels<scalar_t, decltype(fixed)::value>::backward(
+            grad_output.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(), sample_levels,
+            in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
+            grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>(),
+            in.batch, in.num_values, in.heads, in.channels, in.queries, in.levels * in.points);
       });
     });
   }
-  return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};
+  return {grad_value.to(dtype), grad_locations, grad_weights};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

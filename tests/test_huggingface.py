@@ -51,7 +51,8 @@ SMALL = dict(
 )
 VARIANTS = {
     "base": {},
-    "box_refine": {"with_box_refine": True},
+    "box_refine": {"with_box_refine": True},  # class heads untied, as in the reference
+    "box_refine_tied_class_heads": {"with_box_refine": True},  # as transformers builds it
     "two_stage": {"with_box_refine": True, "two_stage": True},
     "single_scale_dc5": {"num_feature_levels": 1, "dilation": True},
     "learned_position": {"position_embedding_type": "learned"},
@@ -92,10 +93,12 @@ def untie_class_heads(model: nn.Module) -> None:
         head.bias = nn.Parameter(head.bias.detach().clone())
 
 
-def build_transformers_model(**overrides) -> nn.Module:
-    config = transformers.DeformableDetrConfig(**{**SMALL, **overrides})
+def build_transformers_model(variant: str) -> nn.Module:
+    config = transformers.DeformableDetrConfig(**SMALL, **VARIANTS[variant])
     model = transformers.DeformableDetrForObjectDetection(config)
     if config.with_box_refine and not config.two_stage:
+        assert model.class_embed[1].weight is model.class_embed[0].weight  # the deviation named above
+    if variant == "box_refine":
         untie_class_heads(model)
     randomise(model)
     return model.eval()
@@ -114,11 +117,10 @@ def make_batch() -> tuple[Tensor, Tensor]:
 
 
 class Case:
-    """A transformers model and its outputs on the batch, shared by the tests of one variant."""
+    """A transformers model (in eval mode) and its outputs on the batch."""
 
-    def __init__(self, variant: str) -> None:
-        self.variant = variant
-        self.model = build_transformers_model(**VARIANTS[variant])
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.pixel_values, self.pixel_mask = make_batch()
         with torch.no_grad():
             self.outputs = self.model(pixel_values=self.pixel_values, pixel_mask=self.pixel_mask)
@@ -145,7 +147,7 @@ def cases() -> Callable[[str], Case]:
 
     def get(variant: str) -> Case:
         if variant not in built:
-            built[variant] = Case(variant)
+            built[variant] = Case(build_transformers_model(variant))
         return built[variant]
 
     return get
@@ -178,7 +180,9 @@ def to_v4_config(hf_config: dict) -> dict:
     config = dict(hf_config)
     backbone = config.pop("backbone_config")
     assert backbone["model_type"] == "timm_backbone"
-    config.update(use_timm_backbone=True, backbone=backbone["backbone"], backbone_config=None, use_pretrained_backbone=False)
+    config.update(
+        use_timm_backbone=True, backbone=backbone["backbone"], backbone_config=None, use_pretrained_backbone=False
+    )
     return config
 
 
@@ -234,20 +238,19 @@ def test_list_of_images_is_padded_like_transformers(cases):
 @pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
 def test_transformers_resnet_backbone(tmp_path, depth):
     """transformers' own ResNet (embedder / encoder.stages names) instead of timm's."""
-    sizes = {"resnet18": dict(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]), "resnet50": {}}
+    sizes = {
+        "resnet18": dict(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]),
+        "resnet50": {},  # transformers' default ResNetConfig
+    }
     backbone_config = transformers.ResNetConfig(**sizes[depth], out_features=["stage2", "stage3", "stage4"])
     small = {k: v for k, v in SMALL.items() if k not in ("use_timm_backbone", "use_pretrained_backbone", "backbone")}
     config = transformers.DeformableDetrConfig(**small, backbone_config=backbone_config, with_box_refine=True)
     model = transformers.DeformableDetrForObjectDetection(config)
     untie_class_heads(model)
     randomise(model)
-    model.eval().save_pretrained(tmp_path)
-    case = Case.__new__(Case)
-    case.model, (case.pixel_values, case.pixel_mask) = model, make_batch()
-    case.config = config_from_huggingface(model.config.to_dict())
+    case = Case(model.eval())
     assert case.config.backbone == depth
-    with torch.no_grad():
-        case.outputs = model(pixel_values=case.pixel_values, pixel_mask=case.pixel_mask)
+    model.save_pretrained(tmp_path)
     case.assert_same_outputs(load_pretrained(tmp_path))
 
 
@@ -286,6 +289,10 @@ def _first_of_tied(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str,
     return {name: tensor for name, tensor in state_dict.items() if name not in tied}
 
 
+TIMM_DC5 = {"model_type": "timm_backbone", "backbone": "resnet50", "out_indices": [4], "output_stride": 16}
+HF_RESNET = {"model_type": "resnet", "out_features": ["stage2", "stage3", "stage4"]}
+
+
 @pytest.mark.parametrize(
     ("hf_config", "preset"),
     [
@@ -293,8 +300,10 @@ def _first_of_tied(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str,
         ({"use_timm_backbone": True, "backbone": "resnet50"}, "r50"),
         ({"backbone": "resnet50", "num_feature_levels": 1, "dilation": True}, "r50_single_scale_dc5"),
         ({"with_box_refine": True}, "r50_box_refine"),
-        ({"with_box_refine": True, "two_stage": True, "num_queries": 100, "two_stage_num_proposals": 300}, "r50_two_stage"),
-        ({"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet50", "out_indices": [4], "output_stride": 16}, "num_feature_levels": 1}, "r50_single_scale_dc5"),
+        # Two-stage: the number of proposals is the number of queries.
+        ({"with_box_refine": True, "two_stage": True, "num_queries": 9, "two_stage_num_proposals": 300}, "r50_two_stage"),
+        # v5 form.
+        ({"backbone_config": TIMM_DC5, "num_feature_levels": 1}, "r50_single_scale_dc5"),
     ],
 )
 def test_config_from_huggingface(hf_config, preset):
@@ -303,14 +312,33 @@ def test_config_from_huggingface(hf_config, preset):
 
 
 def test_config_num_labels_and_sizes():
-    config = config_from_huggingface(
-        {"num_labels": 3, "d_model": 128, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 512,
-         "decoder_ffn_dim": 512, "encoder_layers": 2, "decoder_layers": 5, "encoder_n_points": 2, "decoder_n_points": 3,
-         "backbone": "timm/resnet18.a1_in1k", "position_embedding_type": "learned", "dropout": 0.0}
-    )
-    assert config == ModelConfig(
-        backbone="resnet18", num_classes=3, d_model=128, num_heads=4, dim_feedforward=512, encoder_layers=2, decoder_layers=5,
-        encoder_points=2, decoder_points=3, position_embedding="learned", dropout=0.0,
+    hf_config = {
+        "num_labels": 3,
+        "d_model": 128,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 512,
+        "decoder_ffn_dim": 512,
+        "encoder_layers": 2,
+        "decoder_layers": 5,
+        "encoder_n_points": 2,
+        "decoder_n_points": 3,
+        "backbone": "timm/resnet18.a1_in1k",
+        "position_embedding_type": "learned",
+        "dropout": 0.0,
+    }
+    assert config_from_huggingface(hf_config) == ModelConfig(
+        backbone="resnet18",
+        num_classes=3,
+        d_model=128,
+        num_heads=4,
+        dim_feedforward=512,
+        encoder_layers=2,
+        decoder_layers=5,
+        encoder_points=2,
+        decoder_points=3,
+        position_embedding="learned",
+        dropout=0.0,
     )
 
 
@@ -326,10 +354,10 @@ def test_config_num_labels_and_sizes():
         ({"backbone": "efficientnet_b0"}, "efficientnet_b0"),
         ({"backbone_config": {"model_type": "swin"}}, "swin"),
         ({"use_timm_backbone": False, "backbone": "microsoft/resnet-50"}, "microsoft/resnet-50"),
-        ({"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet50", "out_indices": [1, 2, 3]}}, "out_indices"),
+        ({"backbone_config": {**TIMM_DC5, "out_indices": [1, 2, 3]}}, "out_indices"),
         ({"backbone_config": {"model_type": "resnet", "out_features": ["stage4"]}}, "out_features"),
-        ({"backbone_config": {"model_type": "resnet", "downsample_in_bottleneck": True, "out_features": ["stage2", "stage3", "stage4"]}}, "downsample_in_bottleneck"),
-        ({"backbone_config": {"model_type": "resnet", "depths": [2, 2], "out_features": ["stage2", "stage3", "stage4"]}}, "depths"),
+        ({"backbone_config": {**HF_RESNET, "downsample_in_bottleneck": True}}, "downsample_in_bottleneck"),
+        ({"backbone_config": {**HF_RESNET, "depths": [2, 2]}}, "depths"),
         ({"use_timm_backbone": False, "dilation": True, "num_feature_levels": 1}, "dilation"),
         ({"id2label": None}, "num_labels"),
     ],
@@ -386,4 +414,5 @@ def test_different_shared_heads_are_refused(small_base):
 def test_num_batches_tracked_is_dropped(small_base):
     state_dict, config = small_base
     extra = {"model.backbone.model.layer2.0.downsample.1.num_batches_tracked": torch.tensor(5)}
-    assert_identical(state_dict_from_huggingface({**state_dict, **extra}, config), state_dict_from_huggingface(state_dict, config))
+    converted = state_dict_from_huggingface({**state_dict, **extra}, config)
+    assert_identical(converted, state_dict_from_huggingface(state_dict, config))

@@ -107,11 +107,12 @@ def _num_classes(hf_config: Mapping[str, Any]) -> int:
 
 
 def _backbone_from_huggingface(hf_config: Mapping[str, Any], *, multi_scale: bool) -> tuple[str, bool]:
-    """(torchvision ResNet name, dilation) of the config's backbone."""
+    """(torchvision ResNet name, dilation) of the backbone transformers would build."""
     backbone_config = hf_config.get("backbone_config")
     dilation = bool(hf_config.get("dilation", False))
-    # transformers v4 wrote use_timm_backbone + backbone (+ backbone_kwargs) and no backbone_config;
-    # v5 writes backbone_config with model_type "timm_backbone" or "resnet".
+    # transformers v4 wrote use_timm_backbone + backbone (+ backbone_kwargs) and no backbone_config,
+    # and turned dilation into timm's output_stride 16; v5 writes that backbone_config out
+    # (model_type "timm_backbone" or "resnet") and reads dilation from it alone.
     if backbone_config is None:
         if not hf_config.get("use_timm_backbone", True):
             if hf_config.get("backbone"):
@@ -125,19 +126,20 @@ def _backbone_from_huggingface(hf_config: Mapping[str, Any], *, multi_scale: boo
             backbone_config = {
                 "model_type": "timm_backbone",
                 "backbone": hf_config.get("backbone") or "resnet50",
+                **({"output_stride": 16} if dilation else {}),
                 **(hf_config.get("backbone_kwargs") or {}),
             }
     model_type = backbone_config.get("model_type")
     if model_type == "timm_backbone":
-        return _timm_backbone(backbone_config, multi_scale=multi_scale, dilation=dilation)
+        return _timm_backbone(backbone_config, multi_scale=multi_scale)
     if model_type == "resnet":
         if dilation:
-            raise ValueError("unsupported: dilation with transformers' own ResNet (transformers ignores it too)")
+            raise ValueError("unsupported: dilation with transformers' own ResNet (transformers ignores it)")
         return _hf_resnet_backbone(backbone_config, multi_scale=multi_scale), False
     raise ValueError(f"unsupported backbone model_type {model_type!r}: expected a ResNet")
 
 
-def _timm_backbone(backbone_config: Mapping[str, Any], *, multi_scale: bool, dilation: bool) -> tuple[str, bool]:
+def _timm_backbone(backbone_config: Mapping[str, Any], *, multi_scale: bool) -> tuple[str, bool]:
     raw_name = str(backbone_config.get("backbone") or "resnet50")
     # "timm/resnet50.a1_in1k" -> "resnet50"; tv_ models are timm copies of torchvision ResNets.
     name = raw_name.removeprefix("timm/").split(".")[0].removeprefix("tv_")
@@ -151,7 +153,7 @@ def _timm_backbone(backbone_config: Mapping[str, Any], *, multi_scale: bool, dil
     output_stride = backbone_config.get("output_stride")
     if output_stride not in (None, 32, 16):
         raise ValueError(f"unsupported backbone output_stride {output_stride}: 32, or 16 (DC5)")
-    return name, dilation or output_stride == 16
+    return name, output_stride == 16
 
 
 def _hf_resnet_backbone(backbone_config: Mapping[str, Any], *, multi_scale: bool) -> str:
@@ -203,7 +205,8 @@ _ENCODER = r"model\.encoder\.layers\.(\d+)\."
 _DECODER = r"model\.decoder\.layers\.(\d+)\."
 _MLP = r"(?:mlp\.)?"  # v5 in-memory names put the feed-forward under ``mlp``
 
-# (HF key regex, reference name). First full match wins; \1 etc. are regex groups.
+# (HF key regex, reference name). First full match wins; \1 etc. are regex groups. A ":q", ":k"
+# or ":v" suffix marks a third of a fused nn.MultiheadAttention in_proj tensor (see _fuse_qkv).
 _RENAMES: list[tuple[str, _Target]] = [
     # Backbone: timm's ResNet has torchvision's module names.
     (r"model\.backbone\.(?:conv_encoder\.)?model\.((?:conv1|bn1|layer\d+)\..+)", rf"{_BODY}\1"),
@@ -212,13 +215,16 @@ _RENAMES: list[tuple[str, _Target]] = [
     (rf"{_BLOCK}shortcut\.convolution\.weight", lambda m: f"{_stage_block(m)}.downsample.0.weight"),
     (rf"{_BLOCK}shortcut\.normalization\.(?P<p>\w+)", lambda m: f"{_stage_block(m)}.downsample.1.{m['p']}"),
     (rf"{_BLOCK}layer\.(?P<i>\d)\.convolution\.weight", lambda m: f"{_stage_block(m)}.conv{int(m['i']) + 1}.weight"),
-    (rf"{_BLOCK}layer\.(?P<i>\d)\.normalization\.(?P<p>\w+)", lambda m: f"{_stage_block(m)}.bn{int(m['i']) + 1}.{m['p']}"),
+    (
+        rf"{_BLOCK}layer\.(?P<i>\d)\.normalization\.(?P<p>\w+)",
+        lambda m: f"{_stage_block(m)}.bn{int(m['i']) + 1}.{m['p']}",
+    ),
     # Learned position embedding (v4 under model.backbone, v5 under model); index 1 of the Joiner.
     (r"model\.(?:backbone\.)?position_embedding\.row_embeddings\.weight", "backbone.1.row_embed.weight"),
     (r"model\.(?:backbone\.)?position_embedding\.column_embeddings\.weight", "backbone.1.col_embed.weight"),
     (r"model\.input_proj\.(.+)", r"input_proj.\1"),
     (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
-    (r"model\.(level_embed|reference_points\..+|enc_output\..+|enc_output_norm\..+|pos_trans\..+|pos_trans_norm\..+)", r"transformer.\1"),
+    (r"model\.(level_embed|(?:reference_points|enc_output(?:_norm)?|pos_trans(?:_norm)?)\..+)", r"transformer.\1"),
     # Encoder layers.
     (rf"{_ENCODER}self_attn\.(.+)", r"transformer.encoder.layers.\1.self_attn.\2"),
     (rf"{_ENCODER}self_attn_layer_norm\.(.+)", r"transformer.encoder.layers.\1.norm1.\2"),
@@ -300,20 +306,23 @@ def state_dict_from_huggingface(state_dict: Mapping[str, Tensor], config: ModelC
         result.update(dict.fromkeys(group, value))
 
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected)}")
-        raise ValueError(f"Hugging Face state dict does not match the model ({_summary(config)}): " + "; ".join(parts))
+        parts = [f"missing {_listing(missing)}"] if missing else []
+        parts += [f"unexpected {_listing(unexpected)}"] if unexpected else []
+        raise ValueError(f"Hugging Face state dict does not fit the model ({_summary(config)}): {'; '.join(parts)}")
     wrong_shapes = [
         f"{source_of.get(name, name)} {tuple(tensor.shape)} (expected {tuple(expected[name].shape)} for {name})"
         for name, tensor in result.items()
         if tensor.shape != expected[name].shape
     ]
     if wrong_shapes:
-        raise ValueError(f"Hugging Face state dict has wrong shapes ({_summary(config)}): {'; '.join(wrong_shapes)}")
+        listing = _listing(wrong_shapes, "; ")
+        raise ValueError(f"Hugging Face state dict has wrong shapes ({_summary(config)}): {listing}")
     return {name: result[name] for name in expected}
+
+
+def _listing(items: list[str], separator: str = ", ", limit: int = 12) -> str:
+    shown = separator.join(items[:limit])
+    return shown if len(items) <= limit else f"{shown}{separator}... ({len(items)} in all)"
 
 
 def _summary(config: ModelConfig) -> str:

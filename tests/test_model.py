@@ -232,6 +232,8 @@ def test_unknown_preset_and_bad_config_are_rejected():
         build_model("r51")
     with pytest.raises(ValueError, match="divisible"):
         build_model("tiny", num_heads=7)
+    with pytest.raises(ValueError, match="two_stage requires with_box_refine"):
+        build_model("r50", two_stage=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

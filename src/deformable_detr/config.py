@@ -43,6 +43,10 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if self.d_model % 32:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of 32 (GroupNorm(32) in the input projections)")
+        if self.two_stage and not self.with_box_refine:
+            # The encoder's proposal heads are the refinement heads' extra entry; the reference
+            # implementation cannot run this combination either.
+            raise ValueError("two_stage requires with_box_refine (as in the released two-stage model)")
         if self.num_feature_levels < 1 or self.num_classes < 1 or self.num_queries < 1:
             raise ValueError("num_feature_levels, num_classes and num_queries must be positive")
 

@@ -147,7 +147,6 @@ struct Kernels {
     // accumulation is race-free without atomics; per-sample gradients belong to their row.
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       Corners<acc_t> corners(samples);
-      std::vector<acc_t> grad_sample(samples), grad_w(samples), grad_h(samples);
       std::vector<acc_t> runtime_grad(kChannels > 0 ? 0 : channels);
       acc_t fixed_grad[kChannels > 0 ? kChannels : 1];
       acc_t* __restrict__ grad_row = kChannels > 0 ? fixed_grad : runtime_grad.data();
@@ -160,39 +159,36 @@ struct Kernels {
           for (int64_t c = 0; c < channels; ++c) grad_row[c] = static_cast<acc_t>(grad_out[c]);
           const scalar_t* row_weights = weights + row * samples;
           corners.compute(locations + row * samples * 2, sample_levels);
-          std::fill(grad_sample.begin(), grad_sample.end(), acc_t(0));
-          std::fill(grad_w.begin(), grad_w.end(), acc_t(0));
-          std::fill(grad_h.begin(), grad_h.end(), acc_t(0));
-          for (int k = 0; k < 4; ++k) {
-            // d(weight of corner k)/d(lw) and /d(lh), as signs times the other fraction.
-            const bool right = k & 1, bottom = k & 2;
-            for (int64_t s = 0; s < samples; ++s) {
+          scalar_t* row_grad_locations = grad_locations + row * samples * 2;
+          scalar_t* row_grad_weights = grad_weights + row * samples;
+          for (int64_t s = 0; s < samples; ++s) {
+            const acc_t attention = static_cast<acc_t>(row_weights[s]);
+            const acc_t lw = corners.frac_w[s], lh = corners.frac_h[s];
+            acc_t grad_s = 0, grad_ws = 0, grad_hs = 0;
+            for (int k = 0; k < 4; ++k) {
               const int32_t position = corners.position[k * samples + s];
               if (position < 0) continue;
               const int64_t offset = head_offset + position * row_stride;
               const scalar_t* __restrict__ value_row = value + offset;
               acc_t* __restrict__ grad_value_row = grad_value + offset;
-              const acc_t factor = static_cast<acc_t>(row_weights[s]) * corners.weight[k * samples + s];
+              const acc_t weight = corners.weight[k * samples + s];
+              const acc_t factor = attention * weight;
               acc_t grad_dot_value = 0;
 #pragma omp simd reduction(+ : grad_dot_value)
               for (int64_t c = 0; c < channels; ++c) {
                 grad_dot_value += grad_row[c] * static_cast<acc_t>(value_row[c]);
                 grad_value_row[c] += factor * grad_row[c];
               }
-              const acc_t lw = corners.frac_w[s], lh = corners.frac_h[s];
-              grad_sample[s] += corners.weight[k * samples + s] * grad_dot_value;
-              grad_w[s] += (right ? 1 : -1) * (bottom ? lh : 1 - lh) * grad_dot_value;
-              grad_h[s] += (bottom ? 1 : -1) * (right ? lw : 1 - lw) * grad_dot_value;
+              // d(weight)/d(lw) and d(weight)/d(lh) of corner k: a sign times the other fraction.
+              const bool right = k & 1, bottom = k & 2;
+              grad_s += weight * grad_dot_value;
+              grad_ws += (right ? 1 : -1) * (bottom ? lh : 1 - lh) * grad_dot_value;
+              grad_hs += (bottom ? 1 : -1) * (right ? lw : 1 - lw) * grad_dot_value;
             }
-          }
-          scalar_t* row_grad_locations = grad_locations + row * samples * 2;
-          scalar_t* row_grad_weights = grad_weights + row * samples;
-          for (int64_t s = 0; s < samples; ++s) {
-            const acc_t attention = static_cast<acc_t>(row_weights[s]);
-            row_grad_weights[s] = static_cast<scalar_t>(grad_sample[s]);
+            row_grad_weights[s] = static_cast<scalar_t>(grad_s);
             // The pixel coordinates are x * W - 0.5 and y * H - 0.5.
-            row_grad_locations[2 * s] = static_cast<scalar_t>(attention * grad_w[s] * sample_levels.width[s]);
-            row_grad_locations[2 * s + 1] = static_cast<scalar_t>(attention * grad_h[s] * sample_levels.height[s]);
+            row_grad_locations[2 * s] = static_cast<scalar_t>(attention * grad_ws * sample_levels.width[s]);
+            row_grad_locations[2 * s + 1] = static_cast<scalar_t>(attention * grad_hs * sample_levels.height[s]);
           }
         }
       }

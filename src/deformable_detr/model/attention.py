@@ -77,23 +77,28 @@ class MSDeformAttn(nn.Module):
         """
         batch, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        # In-place updates below act on fresh outputs of linear layers, whose backward does not
+        # need them: at COCO size each spares a pass over, and an allocation of, a large tensor.
         value = self.value_proj(value)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(batch, value.shape[1], heads, self.d_model // heads)
 
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = F.softmax(weights, -1).view(batch, num_queries, heads, levels, points)
 
+        location_shape = (batch, num_queries, heads, levels, points, 2)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalise by (W, H).
-            normaliser = spatial_shapes.flip(-1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+            # Offsets are in pixels of each level: divided by (W, H), which is folded into the
+            # layer's (small) weights rather than applied to its (large) output.
+            normaliser = spatial_shapes.flip(-1).to(query.dtype)[None, :, None, :].expand(heads, -1, points, -1).reshape(-1)
+            offsets = F.linear(query, self.sampling_offsets.weight / normaliser[:, None], self.sampling_offsets.bias / normaliser)
+            locations = offsets.view(location_shape).add_(reference_points[:, :, None, :, None, :])
         elif reference_points.shape[-1] == 4:
             # Offsets are relative to the box: P points span half its width and height.
             centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
-            locations = centre + offsets / points * size * 0.5
+            offsets = self.sampling_offsets(query).view(location_shape)
+            locations = offsets.mul_(size * (0.5 / points)).add_(centre)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
 

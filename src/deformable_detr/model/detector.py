@@ -97,7 +97,8 @@ class DeformableDETR(nn.Module):
             # Extra levels: stride-2 3x3 convolutions, the first on the last backbone map.
             in_channels = channels[-1] if level == len(channels) else d_model
             projections.append(_input_projection(in_channels, d_model, kernel_size=3, stride=2))
-        self.input_proj = nn.ModuleList(projections)
+        # Channels-last like the backbone's outputs they take (see Backbone).
+        self.input_proj = nn.ModuleList(projections).to(memory_format=torch.channels_last)
         self.backbone = backbone
 
     def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None) -> dict[str, Any]:

@@ -21,6 +21,11 @@ def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
 
 
+def _feed_forward(x: Tensor, linear1: nn.Linear, dropout: nn.Dropout, linear2: nn.Linear) -> Tensor:
+    # ReLU in place: the hidden activations are the largest tensor of a layer.
+    return linear2(dropout(F.relu(linear1(x), inplace=True)))
+
+
 def _with_position(tensor: Tensor, position: Tensor | None) -> Tensor:
     return tensor if position is None else tensor + position
 
@@ -51,8 +56,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(
             _with_position(src, position), reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
-        src = self.norm1(src + self.dropout1(attended))
-        return self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+        # Residual sums accumulate in place into fresh temporaries (see MSDeformAttn.forward).
+        src = self.norm1(self.dropout1(attended).add_(src))
+        return self.norm2(self.dropout3(_feed_forward(src, self.linear1, self.dropout2, self.linear2)).add_(src))
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -89,8 +95,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         attended = self.cross_attn(
             _with_position(tgt, query_position), reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
         )
-        tgt = self.norm1(tgt + self.dropout1(attended))
-        return self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
+        tgt = self.norm1(self.dropout1(attended).add_(tgt))
+        return self.norm3(self.dropout4(_feed_forward(tgt, self.linear1, self.dropout3, self.linear2)).add_(tgt))
 
 
 class DeformableTransformerEncoder(nn.Module):

@@ -4,7 +4,11 @@ The encoder case has one query per position of an 800 x 1066 image's four levels
 decoder case has 300 queries. Timings are interleaved (reference, fused, reference, ...) and the
 median of the repeats is reported, with the peak memory each path allocates.
 
-    python benchmarks/ms_deform_attn.py [--repeats 5] [--threads N]
+Sampling locations: "local" (default) places each query's points a few pixels around its
+reference point, as the model does (encoder: the query's own position); "uniform" spreads them
+uniformly over the image, the worst case for caches.
+
+    python benchmarks/ms_deform_attn.py [--repeats 5] [--threads N] [--locations local|uniform]
 """
 
 from __future__ import annotations
@@ -21,21 +25,24 @@ SPATIAL_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 BATCH, HEADS, CHANNELS, LEVELS, POINTS = 2, 8, 32, 4, 4
 
 
-def make_inputs(queries: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+def make_inputs(queries: int, requires_grad: bool, placement: str = "local") -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     spatial_shapes = torch.tensor(SPATIAL_SHAPES)
     areas = spatial_shapes.prod(1)
     level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
     value = torch.randn(BATCH, int(areas.sum()), HEADS, CHANNELS, generator=generator)
-    # As in the model: a reference point per query (encoder: the pixel centres of every level;
-    # decoder: anywhere) plus offsets of a few pixels on each level, some falling off the map.
-    if queries == len(value[0]):
-        references = torch.cat([_pixel_centres(h, w) for h, w in SPATIAL_SHAPES])[None].expand(BATCH, -1, -1)
+    shape = (BATCH, queries, HEADS, LEVELS, POINTS, 2)
+    if placement == "uniform":
+        locations = torch.rand(shape, generator=generator)
     else:
-        references = torch.rand(BATCH, queries, 2, generator=generator)
-    sizes = spatial_shapes.flip(-1).float()  # (W, H) per level
-    offsets = torch.randn(BATCH, queries, HEADS, LEVELS, POINTS, 2, generator=generator) * 4 / sizes[:, None]
-    locations = references[:, :, None, None, None, :] + offsets
+        # As in the model: a reference point per query (encoder: the pixel centres of every level;
+        # decoder: anywhere) plus offsets of a few pixels on each level, some falling off the map.
+        if queries == value.shape[1]:
+            references = torch.cat([_pixel_centres(h, w) for h, w in SPATIAL_SHAPES])[None].expand(BATCH, -1, -1)
+        else:
+            references = torch.rand(BATCH, queries, 2, generator=generator)
+        sizes = spatial_shapes.flip(-1).float()  # (W, H) per level
+        locations = references[:, :, None, None, None, :] + torch.randn(shape, generator=generator) * 4 / sizes[:, None]
     weights = torch.rand(BATCH, queries, HEADS, LEVELS, POINTS, generator=generator).softmax(-1)
     for tensor in (value, locations, weights):
         tensor.requires_grad_(requires_grad)
@@ -61,11 +68,11 @@ def peak_memory_mb(function, inputs, backward: bool) -> float:
         run(function, inputs, backward)
     # Sum of allocations minus frees in time order; the running maximum is the peak.
     events = sorted(
-        (event for event in profile.events() if event.cpu_memory_usage != 0), key=lambda event: event.time_range.start
+        (event for event in profile.events() if event.self_cpu_memory_usage != 0), key=lambda event: event.time_range.start
     )
     current = peak = 0
     for event in events:
-        current += event.cpu_memory_usage
+        current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak / 2**20
 
@@ -74,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--locations", choices=["local", "uniform"], default="local")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if cpu.load_extension() is None:
@@ -81,11 +89,11 @@ def main() -> None:
     paths = {"reference": ms_deform_attn_reference, "fused": cpu.ms_deform_attn_cpu}
 
     print(f"torch {torch.__version__}, {args.threads} threads, float32, N={BATCH} M={HEADS} D={CHANNELS} L={LEVELS} P={POINTS}, "
-          f"median of {args.repeats}")
+          f"{args.locations} locations, median of {args.repeats}")
     print(f"{'case':28s} {'reference ms':>13s} {'fused ms':>10s} {'speed-up':>9s} {'ref peak MB':>12s} {'fused peak MB':>14s}")
     for case, queries in (("encoder (Lq=17821)", sum(h * w for h, w in SPATIAL_SHAPES)), ("decoder (Lq=300)", 300)):
         for backward in (False, True):
-            inputs = make_inputs(queries, requires_grad=backward)
+            inputs = make_inputs(queries, requires_grad=backward, placement=args.locations)
             times = {name: [] for name in paths}
             for name, function in paths.items():  # warm-up
                 run(function, inputs, backward)

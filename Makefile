@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-all bench clean
 
 # The venv is rebuilt whenever the package metadata changes.
 $(STAMP): pyproject.toml
@@ -17,6 +17,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ms_deform_attn.py
+	$(BIN)/python benchmarks/model.py
 
 demo: $(STAMP)
 	$(BIN)/deformable-detr demo

@@ -24,8 +24,10 @@ from deformable_detr.huggingface import state_dict_from_huggingface
 from deformable_detr.ops import use_implementation
 
 
-def huggingface_twin(config: ModelConfig):
-    """A transformers model of ``config`` with random weights, and ours loaded with the same weights."""
+def contenders(config: ModelConfig, with_huggingface: bool):
+    """Our model of ``config`` and, if asked, a transformers twin holding the same random weights."""
+    if not with_huggingface:
+        return build_model(config), None
     import transformers
 
     hf_config = transformers.DeformableDetrConfig(
@@ -49,7 +51,7 @@ def huggingface_twin(config: ModelConfig):
     hf_model = transformers.DeformableDetrForObjectDetection(hf_config)
     ours = build_model(config)
     ours.load_state_dict(state_dict_from_huggingface(hf_model.state_dict(), config))
-    return hf_model, ours
+    return ours, hf_model
 
 
 def median_times(functions: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -82,11 +84,7 @@ def report(title: str, times: dict[str, float], unit: str) -> None:
 def inference(repeats: int, with_huggingface: bool) -> None:
     config = get_config("r50")
     images = torch.randn(1, 3, 800, 1066)
-    if with_huggingface:
-        hf_model, ours = huggingface_twin(config)
-        hf_model.eval()
-    else:
-        ours = build_model(config)
+    ours, hf_model = contenders(config, with_huggingface)
     ours.eval()
 
     def run_ours() -> None:
@@ -101,6 +99,7 @@ def inference(repeats: int, with_huggingface: bool) -> None:
             with torch.no_grad():
                 hf_model(pixel_values=images, pixel_mask=pixel_mask)
 
+        hf_model.eval()
         functions["transformers"] = run_hf
     report("r50 inference, 1 x 3 x 800 x 1066", median_times(functions, repeats), "image")
 
@@ -108,11 +107,7 @@ def inference(repeats: int, with_huggingface: bool) -> None:
 def training(repeats: int, with_huggingface: bool) -> None:
     config = get_config("tiny")
     images = torch.randn(8, 3, 192, 192)
-    if with_huggingface:
-        hf_model, ours = huggingface_twin(config)
-        hf_model.train()
-    else:
-        ours = build_model(config)
+    ours, hf_model = contenders(config, with_huggingface)
     ours.train()
 
     def surrogate_loss(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -128,6 +123,7 @@ def training(repeats: int, with_huggingface: bool) -> None:
 
     functions = {"ours (fused op)": ours_with("auto", run_ours), "ours (reference op)": ours_with("reference", run_ours)}
     if with_huggingface:
+        hf_model.train()
         hf_optimizer = torch.optim.AdamW([p for p in hf_model.parameters() if p.requires_grad], lr=1e-4)
         pixel_mask = torch.ones(8, 192, 192, dtype=torch.long)
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import ModelConfig
+from .files import atomic_write
 from .model import DeformableDETR, build_model
 
 FORMAT = "deformable-detr"
@@ -47,23 +47,14 @@ def save_checkpoint(path: str | os.PathLike, model: DeformableDETR, **extra: Any
     holds ``extra`` (optimizer state, epoch, ...), which must be weights-only loadable.
     """
     path = Path(path)
-    config = json.dumps(model.config.to_dict())
-    if path.suffix == ".safetensors":
-        if extra:
-            raise ValueError(f"{path}: a .safetensors checkpoint holds weights only; use .pt for {sorted(extra)}")
-        write = lambda temporary: save_file(_unshared(model.state_dict()), temporary, {"format": FORMAT, "config": config})
-    else:
-        payload = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **extra}
-        write = lambda temporary: torch.save(payload, temporary)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    if path.suffix == ".safetensors" and extra:
+        raise ValueError(f"{path}: a .safetensors checkpoint holds weights only; use .pt for {sorted(extra)}")
+    with atomic_write(path) as temporary:
+        if path.suffix == ".safetensors":
+            metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+            save_file(_unshared(model.state_dict()), temporary, metadata)
+        else:
+            torch.save({"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **extra}, temporary)
 
 
 def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .files import atomic_write
+from .huggingface import config_from_huggingface, state_dict_from_huggingface
 from .model import DeformableDETR, build_model
 
 FORMAT = "deformable-detr"
@@ -123,8 +124,6 @@ def _huggingface_folder(path: Path) -> Path | None:
 
 
 def _read_huggingface(folder: Path, path: Path) -> Checkpoint:
-    from .huggingface import config_from_huggingface, state_dict_from_huggingface
-
     weights = path if path.name in HF_WEIGHT_FILES else next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: config.json found but no {' or '.join(HF_WEIGHT_FILES)} beside it")

@@ -108,3 +108,23 @@ def test_cuda_matches_cpu():
     inputs = random_case([(6, 7), (3, 4)], channels=4)
     gpu_inputs = [t.cuda() for t in inputs]
     torch.testing.assert_close(ms_deform_attn(*gpu_inputs).cpu(), ms_deform_attn(*inputs), rtol=1e-10, atol=1e-10)
+
+
+def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
+    from deformable_detr.ops import cpu, use_implementation
+
+    def no_compiler(name, folder):
+        raise RuntimeError("error: command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    monkeypatch.setattr(cpu, "_import_built", lambda name, folder: None)
+    monkeypatch.setattr(cpu, "_build", no_compiler)
+    inputs = random_case([(4, 5), (2, 2)])
+    with pytest.warns(RuntimeWarning, match="could not be built .*using the reference") as warnings:
+        output = ms_deform_attn(*inputs)
+        ms_deform_attn(*inputs)
+    assert len(warnings) == 1
+    torch.testing.assert_close(output, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
+    with use_implementation("cpu"), pytest.raises(RuntimeError, match="requested but could not be built"):
+        ms_deform_attn(*inputs)

@@ -1,0 +1,23 @@
+"""Data: COCO-format data sets, the published augmentations, batching, synthetic shapes, VOC."""
+
+from .coco import CocoDataset, DatasetError, coco_split
+from .collate import collate
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .synthetic import synthesize
+from .transforms import model_input, recipe, train_transforms, val_transforms
+from .voc import VOC_CLASSES, voc_to_coco
+
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "VOC_CLASSES",
+    "CocoDataset",
+    "DatasetError",
+    "coco_split",
+    "collate",
+    "model_input",
+    "recipe",
+    "synthesize",
+    "train_transforms",
+    "val_transforms",
+    "voc_to_coco",
+]

@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
+
+
+def _load(root, split):
+    return json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+
+
+def test_layout_and_coco_fields(tmp_path):
+    synthesize(tmp_path, train=6, val=3, image_size=96)
+    for split, count in [("train", 6), ("val", 3)]:
+        data = _load(tmp_path, split)
+        assert len(data["images"]) == count
+        assert [c["id"] for c in data["categories"]] == list(range(1, len(SYNTHETIC_CLASSES) + 1))
+        images = {image["id"]: image for image in data["images"]}
+        for image in data["images"]:
+            with Image.open(tmp_path / split / image["file_name"]) as file:
+                assert file.format == "JPEG"
+                assert file.size == (image["width"], image["height"])
+                assert max(file.size) == 96
+        for annotation in data["annotations"]:
+            x, y, w, h = annotation["bbox"]
+            image = images[annotation["image_id"]]
+            assert 0 <= x and 0 <= y and x + w <= image["width"] and y + h <= image["height"]
+            assert w > 0 and h > 0 and annotation["iscrowd"] == 0
+            assert 0 < annotation["area"] <= w * h
+
+
+def test_deterministic_given_the_seed(tmp_path):
+    first = synthesize(tmp_path / "a", train=4, val=2, image_size=64, seed=3)
+    second = synthesize(tmp_path / "b", train=4, val=2, image_size=64, seed=3)
+    other = synthesize(tmp_path / "c", train=4, val=2, image_size=64, seed=4)
+    assert _load(first, "train") == _load(second, "train")
+    assert (first / "train" / "000002.jpg").read_bytes() == (second / "train" / "000002.jpg").read_bytes()
+    assert (first / "train" / "000002.jpg").read_bytes() != (other / "train" / "000002.jpg").read_bytes()
+
+
+def test_val_does_not_depend_on_the_train_count(tmp_path):
+    small = synthesize(tmp_path / "a", train=1, val=3, image_size=64)
+    large = synthesize(tmp_path / "b", train=5, val=3, image_size=64)
+    assert _load(small, "val") == _load(large, "val")
+
+
+def test_objects_vary_in_class_size_and_shape(tmp_path):
+    synthesize(tmp_path, train=60, val=0, image_size=128)
+    annotations = _load(tmp_path, "train")["annotations"]
+    assert {a["category_id"] for a in annotations} == set(range(1, len(SYNTHETIC_CLASSES) + 1))
+    sides = np.array([a["bbox"][2:] for a in annotations])
+    assert sides.min() < 0.1 * 128 and sides.max() > 0.4 * 128  # small and large objects
+    aspect = sides[:, 0] / sides[:, 1]
+    assert aspect.min() < 0.75 and aspect.max() > 1.33
+    per_image = np.bincount([a["image_id"] for a in annotations], minlength=61)[1:]
+    assert per_image.max() > 3
+
+
+def test_objects_stand_out_from_the_background(tmp_path):
+    synthesize(tmp_path, train=10, val=0, image_size=128)
+    data = _load(tmp_path, "train")
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    for annotation in data["annotations"]:
+        if SYNTHETIC_CLASSES[annotation["category_id"] - 1] not in ("ellipse", "rectangle"):
+            continue  # their centre is always inside the shape
+        x, y, w, h = annotation["bbox"]
+        if min(w, h) < 12:
+            continue
+        pixels = np.asarray(Image.open(tmp_path / "train" / files[annotation["image_id"]]), dtype=float)
+        centre = pixels[int(y + h / 2) - 1 : int(y + h / 2) + 2, int(x + w / 2) - 1 : int(x + w / 2) + 2].mean((0, 1))
+        above = pixels[max(int(y) - 3, 0) : int(y), int(x) : int(x + w)]
+        below = pixels[int(y + h) + 1 : int(y + h) + 4, int(x) : int(x + w)]
+        ring = np.concatenate([above.reshape(-1, 3), below.reshape(-1, 3)])
+        if len(ring):
+            assert np.linalg.norm(centre - ring.mean(0)) > 40

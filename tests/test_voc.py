@@ -1,0 +1,98 @@
+import json
+
+import pytest
+from PIL import Image
+
+from deformable_detr.data import VOC_CLASSES, CocoDataset, DatasetError, voc_to_coco
+
+XML = """<annotation>
+  <filename>{name}.jpg</filename>
+  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>
+  {objects}
+</annotation>"""
+OBJECT = "<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin>" \
+         "<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"  # fmt: skip
+
+
+def _voc(root, images, split=None):
+    """A VOC folder: ``images`` maps names to lists of (class, (xmin, ymin, xmax, ymax), difficult)."""
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for name, objects in images.items():
+        Image.new("RGB", (50, 40)).save(root / "JPEGImages" / f"{name}.jpg")
+        body = "".join(OBJECT.format(name=c, box=b, difficult=int(d)) for c, b, d in objects)
+        (root / "Annotations" / f"{name}.xml").write_text(XML.format(name=name, width=50, height=40, objects=body))
+    if split:
+        (root / "ImageSets" / "Main" / f"{split[0]}.txt").write_text("\n".join(split[1]) + "\n")
+    return root
+
+
+def test_converts_boxes_classes_and_difficult(tmp_path):
+    root = _voc(tmp_path / "voc", {
+        "000001": [("dog", (1, 1, 10, 20), False), ("person", (5, 6, 30, 40), True)],
+        "000002": [],
+    })  # fmt: skip
+    data = json.loads(voc_to_coco(root, tmp_path / "voc.json").read_text())
+    assert [c["name"] for c in data["categories"]] == list(VOC_CLASSES)
+    assert [c["id"] for c in data["categories"]] == list(range(1, 21))
+    assert [i["file_name"] for i in data["images"]] == ["000001.jpg", "000002.jpg"]
+    dog, person = data["annotations"]
+    assert dog["bbox"] == [0, 0, 10, 20] and dog["category_id"] == VOC_CLASSES.index("dog") + 1
+    assert dog["iscrowd"] == 0 and person["iscrowd"] == 1
+
+    dataset = CocoDataset(root / "JPEGImages", tmp_path / "voc.json")
+    assert len(dataset) == 2 and dataset.num_classes == 21
+    _, target = dataset[0]
+    assert target["labels"].tolist() == [VOC_CLASSES.index("dog") + 1]  # the difficult person is left out
+
+
+def test_split_file_and_classes_found(tmp_path):
+    root = _voc(tmp_path, {"a": [("cat", (1, 1, 5, 5), False)], "b": [("zebra", (1, 1, 5, 5), False)],
+                           "c": [("ant", (2, 2, 9, 9), False)]}, split=("train", ["a", "b"]))  # fmt: skip
+    data = json.loads(voc_to_coco(root, tmp_path / "out.json", split="train", classes=None).read_text())
+    assert [i["file_name"] for i in data["images"]] == ["a.jpg", "b.jpg"]
+    assert {c["name"]: c["id"] for c in data["categories"]} == {"cat": 1, "zebra": 2}
+
+
+def test_size_read_from_the_image_when_missing(tmp_path):
+    root = _voc(tmp_path, {"a": [("cat", (1, 1, 5, 5), False)]})
+    path = root / "Annotations" / "a.xml"
+    path.write_text(path.read_text().replace("<width>50</width>", "<width>0</width>"))
+    data = json.loads(voc_to_coco(root, tmp_path / "out.json").read_text())
+    assert (data["images"][0]["width"], data["images"][0]["height"]) == (50, 40)
+
+
+def test_unknown_class_names_the_file(tmp_path):
+    _voc(tmp_path, {"a": [("zebra", (1, 1, 5, 5), False)]})
+    with pytest.raises(DatasetError, match=r"a\.xml: class 'zebra' is not one of aeroplane"):
+        voc_to_coco(tmp_path, tmp_path / "out.json")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<annotation><object>", "not valid XML"),
+        ("<annotation><object><name>cat</name></object></annotation>", "object 'cat' has no <bndbox>"),
+        ("<annotation><object><bndbox/></object></annotation>", "<object> has no <name>"),
+        (XML.format(name="a", width=50, height=40, objects=OBJECT.format(name="cat", box=(1, 1, "x", 5), difficult=0)),
+         "non-numeric box corner"),
+        (XML.format(name="a", width=50, height=40, objects=OBJECT.format(name="cat", box=(9, 1, 5, 5), difficult=0)),
+         "xmax < xmin"),
+    ],
+)  # fmt: skip
+def test_bad_xml_names_the_file(tmp_path, text, message):
+    root = _voc(tmp_path, {"a": []})
+    (root / "Annotations" / "a.xml").write_text(text)
+    with pytest.raises(DatasetError, match=rf"a\.xml: .*{message}"):
+        voc_to_coco(root, tmp_path / "out.json")
+
+
+def test_missing_split_file_and_annotations(tmp_path):
+    root = _voc(tmp_path, {"a": []})
+    with pytest.raises(DatasetError, match=r"val\.txt: split file not found"):
+        voc_to_coco(root, tmp_path / "out.json", split="val")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("a\nmissing\n")
+    with pytest.raises(DatasetError, match=r"missing\.xml: cannot read"):
+        voc_to_coco(root, tmp_path / "out.json", split="val")
+    with pytest.raises(DatasetError, match="no VOC annotation files"):
+        voc_to_coco(tmp_path / "empty", tmp_path / "out.json")

@@ -250,3 +250,14 @@ def test_cuda_forward_matches_cpu(preset, monkeypatch):
         actual = model.cuda()([image.cuda() for image in images])
     torch.testing.assert_close(actual["pred_logits"].cpu(), expected["pred_logits"], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(actual["pred_boxes"].cpu(), expected["pred_boxes"], rtol=1e-3, atol=1e-3)
+
+
+def test_from_scratch_backbone_has_trainable_batch_norm_in_every_stage():
+    model = build_model("tiny", backbone_norm="batch")
+    body = model.backbone[0].body
+    assert isinstance(body.bn1, torch.nn.BatchNorm2d) and not isinstance(body.bn1, torchvision.ops.FrozenBatchNorm2d)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    model.train()
+    before = body.bn1.running_mean.clone()
+    model([torch.randn(3, 64, 64), torch.randn(3, 64, 80)])
+    assert not torch.equal(body.bn1.running_mean, before)  # statistics are learned

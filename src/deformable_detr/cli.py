@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from .checkpoints import CheckpointError, read_checkpoint
+from .checkpoints import CheckpointError, load_pretrained, read_checkpoint
 from .config import PRESETS, get_config
+from .data import DatasetError
+from .model import build_model
 
 
 def _presets(_: argparse.Namespace) -> None:
-    from .model import build_model
-
     for name in PRESETS:
         model = build_model(name)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -24,8 +26,6 @@ def _presets(_: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .checkpoints import load_pretrained
-
     checkpoint = read_checkpoint(args.checkpoint)
     load_pretrained(args.checkpoint)  # proves the weights fit
     print(f"{args.checkpoint}: {checkpoint.source_format} checkpoint, loads with strict=True")
@@ -33,24 +33,110 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"  {field}: {value}")
 
 
+def _synthesize(args: argparse.Namespace) -> None:
+    from .data import synthesize
+
+    root = synthesize(args.out, train=args.train, val=args.val, image_size=args.image_size, seed=args.seed)
+    print(f"{root}: {args.train} training and {args.val} validation images with COCO annotations")
+
+
+def _train_config(args: argparse.Namespace):
+    from .train.engine import TrainConfig
+
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{key: value for key, value in vars(args).items() if key in fields})
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train.engine import train
+
+    record = train(_train_config(args))
+    _print_metrics(record)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .train.engine import evaluate_checkpoint
+
+    _print_metrics(evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                                       image_size=args.image_size, workers=args.workers))
+
+
+def _print_metrics(record: dict) -> None:
+    metrics = [key for key in ("AP", "AP50", "AP75", "APs", "APm", "APl") if key in record]
+    if metrics:
+        print("  ".join(f"{key} {record[key]:.3f}" for key in metrics))
+
+
 def _demo(_: argparse.Namespace) -> None:
-    print("deformable-detr demo: not yet (training and evaluation arrive with the training issue).")
+    from .demo import run_demo
+
+    _print_metrics(run_demo())
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="folder with <split>/ images and annotations/instances_<split>.json")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--num-classes", type=int, help="default: the largest category id + 1")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr-backbone", type=float, default=2e-5)
+    parser.add_argument("--lr-drop-epoch", type=int, default=40)
+    parser.add_argument("--accumulation-steps", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--image-size", type=int, default=800, help="largest short side of the augmentation recipe")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")
+    parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
+    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this much training time")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR object detection.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("presets", help="list the model presets").set_defaults(run=_presets)
+
     inspect = commands.add_parser("inspect", help="read a checkpoint (ours, reference or Hugging Face) and describe it")
     inspect.add_argument("checkpoint")
     inspect.set_defaults(run=_inspect)
+
+    synthesize = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format")
+    synthesize.add_argument("out")
+    synthesize.add_argument("--train", type=int, default=800)
+    synthesize.add_argument("--val", type=int, default=100)
+    synthesize.add_argument("--image-size", type=int, default=256)
+    synthesize.add_argument("--seed", type=int, default=0)
+    synthesize.set_defaults(run=_synthesize)
+
+    train = commands.add_parser("train", help="train on a COCO-format data set")
+    _add_training_arguments(train)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="COCO AP of a checkpoint on a data set")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--batch-size", type=int, default=2)
+    evaluate.add_argument("--image-size", type=int, default=800)
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.set_defaults(run=_evaluate)
+
     commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data").set_defaults(run=_demo)
+
     args = parser.parse_args(argv)
+    from .train.engine import TrainingError
+
     try:
         args.run(args)
-    except (CheckpointError, FileNotFoundError) as error:
+    except (CheckpointError, DatasetError, TrainingError, FileNotFoundError) as error:
         print(f"deformable-detr: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("deformable-detr: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -20,7 +20,11 @@ class ModelConfig:
     # None (random init), a torchvision weights name ("IMAGENET1K_V1", "DEFAULT") or a local file.
     backbone_weights: str | None = None
     dilation: bool = False  # DC5: the last stage uses dilation 2 instead of stride 2
-    train_backbone: bool = True  # layer2..layer4 trainable; stem and layer1 always frozen
+    train_backbone: bool = True  # with "frozen" norm: layer2..layer4 trainable, stem and layer1 frozen
+    # "frozen": FrozenBatchNorm2d, the rule for pretrained backbones (and the released models);
+    # "batch": trainable BatchNorm2d and every stage trained, for backbones trained from scratch,
+    # where frozen statistics would be no normalisation at all.
+    backbone_norm: str = "frozen"
     position_embedding: str = "sine"  # "sine" or "learned"
     num_feature_levels: int = 4
     d_model: int = 256
@@ -39,6 +43,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.position_embedding not in ("sine", "learned"):
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
+        if self.backbone_norm not in ("frozen", "batch"):
+            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if self.d_model % 32:

@@ -27,8 +27,8 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
 
-def load_resnet(name: str, *, weights: str | None = None, dilation: bool = False) -> nn.Module:
-    """A torchvision ResNet with frozen batch norm.
+def load_resnet(name: str, *, weights: str | None = None, dilation: bool = False, frozen_norm: bool = True) -> nn.Module:
+    """A torchvision ResNet with frozen (or, ``frozen_norm=False``, trainable) batch norm.
 
     ``weights`` is None (random init), a torchvision weights name of that model ("DEFAULT",
     "IMAGENET1K_V1", ...), resolved through torchvision's weights API, or the path of a local file
@@ -40,7 +40,7 @@ def load_resnet(name: str, *, weights: str | None = None, dilation: bool = False
     resnet = torchvision.models.get_model(
         name,
         weights=None if local_file else weights,
-        norm_layer=FrozenBatchNorm2d,
+        norm_layer=FrozenBatchNorm2d if frozen_norm else nn.BatchNorm2d,
         replace_stride_with_dilation=[False, False, dilation],
     )
     if local_file:
@@ -69,11 +69,11 @@ class Backbone(nn.Module):
     ``num_channels`` lists the channels of each returned map, read off the network.
     """
 
-    def __init__(self, resnet: nn.Module, *, train_backbone: bool, return_interm_layers: bool) -> None:
+    def __init__(self, resnet: nn.Module, *, train_backbone: bool, return_interm_layers: bool, train_all_stages: bool = False) -> None:
         super().__init__()
         for name, parameter in resnet.named_parameters():
-            # The stem and layer1 stay frozen, as in the reference recipe.
-            if not train_backbone or not name.startswith(("layer2", "layer3", "layer4")):
+            # The stem and layer1 stay frozen, as in the reference recipe, unless trained from scratch.
+            if not train_backbone or not (train_all_stages or name.startswith(("layer2", "layer3", "layer4"))):
                 parameter.requires_grad_(False)
         layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
         self.num_channels = [_out_channels(getattr(resnet, layer)) for layer in layers]
@@ -113,7 +113,8 @@ def build_backbone(
     train_backbone: bool = True,
     multi_scale: bool = True,
     position_embedding: str = "sine",
+    norm: str = "frozen",
 ) -> Joiner:
-    resnet = load_resnet(name, weights=weights, dilation=dilation)
-    backbone = Backbone(resnet, train_backbone=train_backbone, return_interm_layers=multi_scale)
+    resnet = load_resnet(name, weights=weights, dilation=dilation, frozen_norm=norm == "frozen")
+    backbone = Backbone(resnet, train_backbone=train_backbone, return_interm_layers=multi_scale, train_all_stages=norm == "batch")
     return Joiner(backbone, build_position_embedding(position_embedding, d_model))

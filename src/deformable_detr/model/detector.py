@@ -167,6 +167,7 @@ def build_model(config: str | ModelConfig = "r50", *, num_classes: int | None = 
         train_backbone=config.train_backbone,
         multi_scale=config.num_feature_levels > 1,
         position_embedding=config.position_embedding,
+        norm=config.backbone_norm,
     )
     transformer = DeformableTransformer(
         d_model=config.d_model,

@@ -1,14 +1,19 @@
-"""Training: Hungarian matching, the set-prediction loss and the optimiser recipe."""
+"""Training: Hungarian matching, the set-prediction loss, the optimiser recipe and the loop."""
 
 from .criterion import SetCriterion, average_num_boxes
+from .engine import TrainConfig, TrainingError, evaluate_checkpoint, train
 from .matcher import HungarianMatcher
 from .optim import build_lr_scheduler, build_optimizer, parameter_groups
 
 __all__ = [
     "HungarianMatcher",
     "SetCriterion",
+    "TrainConfig",
+    "TrainingError",
     "average_num_boxes",
     "build_lr_scheduler",
     "build_optimizer",
+    "evaluate_checkpoint",
     "parameter_groups",
+    "train",
 ]

@@ -1,0 +1,148 @@
+"""COCO box AP of detections through pycocotools, over one process or all of them.
+
+Only the images given to :meth:`CocoEvaluator.update` are evaluated, so a partial pass is scored on
+what it saw. Metrics keep pycocotools' convention of -1 where the ground truth has no object to
+score (``APs`` on images without small objects), so they compare line for line with published logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .files import atomic_write
+from .model import postprocess
+
+# Names of COCOeval.stats, in its order.
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class CocoEvaluator:
+    """Collects detections image by image and scores them against the ground truth ``coco``."""
+
+    def __init__(self, coco: COCO) -> None:
+        self.coco = coco
+        # image id -> (K, 6) float64 rows [x, y, w, h, score, category id]: compact to gather, and an
+        # image seen with no detections still counts (its objects are all missed).
+        self._detections: dict[int, Tensor] = {}
+
+    def update(self, results: Sequence[dict[str, Tensor]], image_ids: Iterable[int] | Tensor) -> None:
+        """Add :func:`~deformable_detr.postprocess` results (boxes in the original image size,
+        labels being category ids) for the images ``image_ids``."""
+        image_ids = [int(i) for i in image_ids]
+        if len(image_ids) != len(results):
+            raise ValueError(f"{len(results)} results for {len(image_ids)} image ids")
+        for image_id, result in zip(image_ids, results):
+            if image_id not in self.coco.imgs:
+                raise ValueError(f"image id {image_id} is not in the ground truth")
+            boxes = result["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4).clone()
+            boxes[:, 2:] -= boxes[:, :2]  # (x1, y1, x2, y2) -> (x, y, w, h)
+            scores = result["scores"].detach().to("cpu", torch.float64).reshape(-1, 1)
+            labels = result["labels"].detach().to("cpu", torch.float64).reshape(-1, 1)
+            self._detections[image_id] = torch.cat([boxes, scores, labels], 1)
+
+    def _gather(self) -> dict[int, Tensor]:
+        """Every process's detections; collective when distributed."""
+        if not _distributed():
+            return dict(self._detections)
+        parts: list[dict[int, Tensor] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self._detections)
+        merged: dict[int, Tensor] = {}
+        for part in parts:
+            # An image on two processes (a sampler padding to equal shares) has the same detections on
+            # both, so keeping either one counts it once.
+            merged.update(part)
+        return merged
+
+    def results(self) -> list[dict[str, Any]]:
+        """All detections in the COCO results format; collective when distributed."""
+        return _coco_results(self._gather())
+
+    def summarize(self) -> dict[str, float]:
+        """COCO box metrics (:data:`METRICS`) over the images seen by every process; collective when
+        distributed, and every process returns the same numbers."""
+        detections = self._gather()
+        if not detections:
+            raise ValueError("no images to evaluate: update() was never called")
+        evaluation = COCOeval(self.coco, _results_index(self.coco, _coco_results(detections)), "bbox")
+        evaluation.params.imgIds = sorted(detections)
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        return dict(zip(METRICS, (float(value) for value in evaluation.stats)))
+
+
+def _coco_results(detections: dict[int, Tensor]) -> list[dict[str, Any]]:
+    return [
+        {"image_id": image_id, "category_id": int(row[5]), "bbox": row[:4], "score": row[4]}
+        for image_id in sorted(detections)
+        for row in detections[image_id].tolist()
+    ]
+
+
+def _results_index(coco: COCO, results: list[dict[str, Any]]) -> COCO:
+    """The index ``coco.loadRes(results)`` builds for boxes, without its prints and its failure on an
+    empty list (a model that detects nothing scores 0, not an error)."""
+    index = COCO()
+    annotations = [
+        dict(result, id=number, area=result["bbox"][2] * result["bbox"][3], iscrowd=0)
+        for number, result in enumerate(results, start=1)
+    ]
+    index.dataset = {"images": coco.dataset["images"], "categories": coco.dataset["categories"], "annotations": annotations}
+    with contextlib.redirect_stdout(io.StringIO()):
+        index.createIndex()
+    return index
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data_loader: Iterable[tuple[Tensor, Tensor, list[dict[str, Any]]]],
+    *,
+    device: torch.device | str,
+    coco: COCO,
+    top_k: int = 100,
+    progress: bool = True,
+) -> dict[str, float]:
+    """COCO box metrics of ``model`` over ``data_loader`` (batches as
+    :func:`~deformable_detr.data.collate` makes them), against the ground truth ``coco``.
+
+    When distributed, each process runs its share of the loader and all return the same metrics.
+    The model is left in the mode it was in.
+    """
+    evaluator = CocoEvaluator(coco)
+    was_training = model.training
+    model.eval()
+    try:
+        show = progress and (not _distributed() or dist.get_rank() == 0)
+        for images, padding_mask, targets in tqdm(data_loader, desc="evaluate", disable=not show):
+            outputs = model(images.to(device), padding_mask.to(device))
+            # Boxes are relative to the image, so scaling by its original size undoes any resizing.
+            original_sizes = torch.stack([target["orig_size"] for target in targets])
+            detections = postprocess(outputs, original_sizes, top_k=top_k)
+            evaluator.update(detections, [target["image_id"] for target in targets])
+    finally:
+        model.train(was_training)
+    return evaluator.summarize()
+
+
+def write_results_json(path: str | os.PathLike, results: list[dict[str, Any]]) -> None:
+    """Write ``results`` (e.g. :meth:`CocoEvaluator.results`) as a COCO results file, whole or not
+    at all."""
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(results))

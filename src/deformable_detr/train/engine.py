@@ -1,0 +1,326 @@
+"""The training loop: epochs of optimisation, evaluation, checkpoints, logs and resumption."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+from ..checkpoints import load_pretrained, read_checkpoint, save_checkpoint
+from ..config import get_config
+from ..data import coco_split, collate, recipe
+from ..evaluation import evaluate
+from ..files import atomic_write
+from ..model import DeformableDETR, build_model
+from .criterion import SetCriterion
+from .optim import build_lr_scheduler, build_optimizer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit); the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in its checkpoints so that ``resume`` continues it."""
+
+    data: str  # COCO layout: <data>/<split>/ images and <data>/annotations/instances_<split>.json
+    output_dir: str
+    preset: str = "tiny"
+    num_classes: int | None = None  # default: the training annotations' largest category id + 1
+    epochs: int = 50
+    batch_size: int = 2
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    weight_decay: float = 1e-4
+    lr_drop_epoch: int = 40
+    clip_max_norm: float = 0.1
+    accumulation_steps: int = 1
+    bf16: bool = False
+    image_size: int = 800  # the augmentation recipe, scaled so that its largest short side is this
+    workers: int = 2
+    seed: int = 42
+    train_split: str = "train"
+    val_split: str = "val"
+    finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads re-initialised if needed
+    backbone_weights: str | None = None
+    max_minutes: float | None = None  # stop after the epoch during which this much training time has passed
+    resume: bool = False  # continue the run whose checkpoint.pt is in output_dir
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_kind, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # As a tensor and plain values: weights-only loading accepts those, not numpy arrays.
+        "numpy": (numpy_kind, torch.from_numpy(numpy_keys.astype(np.int64)), numpy_position, numpy_has_gauss, numpy_gauss),
+    }
+
+
+def _restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _finetune(model: DeformableDETR, path: str) -> str:
+    """Load every weight of ``path`` that fits; class heads of another class count start anew.
+
+    Returns a one-line report of what was re-initialised."""
+    checkpoint = read_checkpoint(path)
+    own = model.state_dict()
+    reinitialised = sorted(
+        name for name, tensor in checkpoint.state_dict.items() if name in own and own[name].shape != tensor.shape
+    )
+    kept = {name: tensor for name, tensor in checkpoint.state_dict.items() if name not in reinitialised}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected or set(missing) != set(reinitialised):
+        raise TrainingError(
+            f"{path}: does not fit the {model.config.backbone} model being trained "
+            f"(missing {sorted(set(missing) - set(reinitialised))[:5]}, unexpected {unexpected[:5]})"
+        )
+    if not reinitialised:
+        return f"fine-tuning from {path}: every weight loaded"
+    old = checkpoint.config.num_classes
+    return f"fine-tuning from {path}: class heads re-initialised for {model.config.num_classes} classes (checkpoint had {old}): {', '.join(reinitialised)}"
+
+
+class _Logger:
+    """A JSON-lines log and TensorBoard scalars, on the main process only."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.enabled = _is_main_process()
+        self.path = output_dir / "log.jsonl"
+        self.writer = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
+    for images, padding_mask, targets in loader:
+        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        yield images.to(device), padding_mask.to(device), targets
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: SetCriterion,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epoch: int,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean weighted loss, its parts and images/s."""
+    model.train()
+    totals: dict[str, float] = {}
+    steps = images_seen = 0
+    start = time.perf_counter()
+    progress = tqdm(_batches(loader, device), total=len(loader), desc=f"epoch {epoch}",
+                    disable=not _is_main_process(), dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (images, padding_mask, targets) in enumerate(progress):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            outputs = model(images, padding_mask)
+        losses = criterion({key: _to_float(value) for key, value in outputs.items()}, targets)
+        loss = criterion.total_loss(losses)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopping; the last good "
+                f"checkpoint is kept in {config.output_dir}"
+            )
+        (loss / config.accumulation_steps).backward()
+        if (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader):
+            if config.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        images_seen += len(images)
+        for key, value in {"loss": loss, **losses}.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach())
+        rate = images_seen / (time.perf_counter() - start)
+        progress.set_postfix(loss=f"{totals['loss'] / steps:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
+                             images_s=f"{rate:.1f}")
+    return {**{f"train_{key}": value / max(steps, 1) for key, value in totals.items()},
+            "images_per_s": images_seen / (time.perf_counter() - start)}
+
+
+def _to_float(value: Any) -> Any:
+    # Losses in float32 whatever the autocast dtype of the outputs.
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, dict):
+        return {key: _to_float(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_float(item) for item in value]
+    return value
+
+
+def _loader(dataset, *, batch_size: int, train: bool, workers: int, seed: int, epoch: int) -> DataLoader:
+    if dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
+        sampler.set_epoch(epoch)
+    elif train:
+        # Seeded per epoch, so that a resumed run draws the same batches as an uninterrupted one.
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed + epoch))
+    else:
+        sampler = SequentialSampler(dataset)
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)  # worker seeds
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      generator=generator, persistent_workers=False)
+
+
+def _setup_distributed() -> torch.device:
+    """Join the torchrun process group if there is one; the device this process trains on."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) as ``config`` says; returns the last epoch's log record.
+
+    ``output_dir`` receives ``checkpoint.pt`` (every epoch, atomically; what ``resume`` reads),
+    ``best.pt`` (best validation AP), ``log.jsonl`` and ``tensorboard/``.
+    """
+    device = _setup_distributed()
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = output_dir / "checkpoint.pt", output_dir / "best.pt"
+    _seed_everything(config.seed + (dist.get_rank() if dist.is_initialized() else 0))
+
+    train_transforms, val_transforms = recipe(config.image_size)
+    train_set = coco_split(config.data, config.train_split, train_transforms)
+    val_annotations = Path(config.data) / "annotations" / f"instances_{config.val_split}.json"
+    val_set = coco_split(config.data, config.val_split, val_transforms) if val_annotations.is_file() else None
+    if val_set is not None and len(val_set) == 0:
+        val_set = None
+    num_classes = config.num_classes or train_set.num_classes
+
+    # From scratch, frozen batch norm would hold random statistics, i.e. no normalisation at all.
+    from_scratch = {} if config.backbone_weights or config.finetune_from else {"backbone_norm": "batch"}
+    model_config = get_config(config.preset, num_classes=num_classes, backbone_weights=config.backbone_weights,
+                              **{**from_scratch, **config.model_overrides})
+    model = build_model(model_config).to(device)
+    criterion = SetCriterion()
+    optimizer = build_optimizer(model, lr=config.lr, lr_backbone=config.lr_backbone, weight_decay=config.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch)
+
+    start_epoch, best_ap, record = 0, -1.0, {}
+    if last_path.is_file() and not config.resume:
+        raise TrainingError(f"{last_path} exists: pass resume=True (--resume) to continue that run, or use another output directory")
+    if config.resume:
+        if not last_path.is_file():
+            raise TrainingError(f"{last_path}: no checkpoint to resume from")
+        checkpoint = read_checkpoint(last_path)
+        model.load_state_dict(checkpoint.state_dict)
+        optimizer.load_state_dict(checkpoint.extra["optimizer"])
+        scheduler.load_state_dict(checkpoint.extra["scheduler"])
+        _restore_rng_state(checkpoint.extra["rng"])
+        start_epoch, best_ap = checkpoint.extra["epoch"] + 1, checkpoint.extra["best_ap"]
+        _print(f"resuming from {last_path} at epoch {start_epoch}")
+    elif config.finetune_from:
+        _print(_finetune(model, config.finetune_from))
+
+    trained = DistributedDataParallel(model) if dist.is_initialized() else model
+    logger = _Logger(output_dir)
+    training_seconds = 0.0
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            loader = _loader(train_set, batch_size=config.batch_size, train=True, workers=config.workers,
+                             seed=config.seed, epoch=epoch)
+            epoch_start = time.perf_counter()
+            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                      **train_one_epoch(trained, criterion, loader, optimizer, device=device, epoch=epoch, config=config)}
+            scheduler.step()
+            training_seconds += time.perf_counter() - epoch_start
+            if val_set is not None:
+                val_loader = _loader(val_set, batch_size=config.batch_size, train=False, workers=config.workers,
+                                     seed=config.seed, epoch=epoch)
+                record.update(evaluate(model, val_loader, device=device, coco=val_set.coco))
+            if _is_main_process():
+                improved = record.get("AP", -1.0) > best_ap
+                best_ap = max(best_ap, record.get("AP", -1.0))
+                save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                epoch=epoch, best_ap=best_ap, rng=_rng_state(), train_config=dataclasses.asdict(config))
+                if improved:
+                    _copy_atomically(last_path, best_path)
+            logger.log({**record, "training_minutes": training_seconds / 60}, step=epoch)
+            if config.max_minutes is not None and training_seconds / 60 >= config.max_minutes:
+                _print(f"stopping after epoch {epoch}: {training_seconds / 60:.1f} training minutes")
+                break
+    finally:
+        logger.close()
+    return record
+
+
+def _copy_atomically(source: Path, destination: Path) -> None:
+    with atomic_write(destination) as temporary:
+        shutil.copyfile(source, temporary)
+
+
+def _print(message: str) -> None:
+    if _is_main_process():
+        print(message, flush=True)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, data: str | Path, *, split: str = "val", batch_size: int = 2, image_size: int = 800,
+    workers: int = 2,
+) -> dict[str, float]:
+    """COCO metrics of any checkpoint ``load_pretrained`` reads on ``data``'s ``split`` (also under torchrun)."""
+    device = _setup_distributed()
+    model = load_pretrained(checkpoint, device=device)
+    dataset = coco_split(data, split, recipe(image_size)[1])
+    loader = _loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
+    return evaluate(model, loader, device=device, coco=dataset.coco)

@@ -1,0 +1,70 @@
+"""The training loop: exact resumption, fine-tuning to new classes, stopping on a non-finite loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from deformable_detr.checkpoints import read_checkpoint
+from deformable_detr.cli import main
+from deformable_detr.data import synthesize
+from deformable_detr.train import SetCriterion
+from deformable_detr.train.engine import TrainConfig, TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("shapes"), train=8, val=4, image_size=96, seed=1)
+
+
+def config(data, output_dir, **overrides) -> TrainConfig:
+    settings = dict(preset="tiny", epochs=2, batch_size=4, image_size=96, workers=0, seed=3)
+    return TrainConfig(data=str(data), output_dir=str(output_dir), **{**settings, **overrides})
+
+
+def weights(path):
+    return read_checkpoint(path).state_dict
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    straight = config(data, tmp_path / "straight")
+    train(straight)
+    interrupted = config(data, tmp_path / "interrupted", epochs=1)
+    train(interrupted)
+    with pytest.raises(TrainingError, match="pass resume=True"):
+        train(dataclasses.replace(interrupted, epochs=2))
+    train(dataclasses.replace(interrupted, epochs=2, resume=True))
+    expected, actual = weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "interrupted" / "checkpoint.pt")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    log = (tmp_path / "interrupted" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and (tmp_path / "interrupted" / "best.pt").is_file()
+
+
+def test_finetune_with_another_class_count(data, tmp_path, capsys):
+    train(config(data, tmp_path / "first", epochs=1))
+    train(config(data, tmp_path / "second", epochs=1, num_classes=9, finetune_from=str(tmp_path / "first" / "checkpoint.pt")))
+    assert "class heads re-initialised for 9 classes (checkpoint had 6)" in capsys.readouterr().out
+    first, second = weights(tmp_path / "first" / "checkpoint.pt"), weights(tmp_path / "second" / "checkpoint.pt")
+    assert second["class_embed.0.weight"].shape == (9, 128)
+    assert read_checkpoint(tmp_path / "second" / "checkpoint.pt").config.backbone_norm == "frozen"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
+    run = config(data, tmp_path / "run", epochs=1)
+    train(run)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(SetCriterion, "total_loss", lambda self, losses: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingError, match="non-finite loss .* at epoch 1, step 0"):
+        train(dataclasses.replace(run, epochs=2, resume=True))
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"), "--workers", "0"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "annotation file not found" in error

@@ -62,6 +62,10 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _print_metrics(record: dict) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return  # under torchrun every process has the same metrics: the first one prints them
     metrics = [key for key in ("AP", "AP50", "AP75", "APs", "APm", "APl") if key in record]
     if metrics:
         print("  ".join(f"{key} {record[key]:.3f}" for key in metrics))

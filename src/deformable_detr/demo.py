@@ -46,7 +46,8 @@ def _draw_examples(checkpoint: Path, data: Path, out: Path, count: int = 4) -> N
             image, target = dataset[index]
             outputs = model(image[None])
             detections = postprocess(outputs, target["size"][None])[0]
-            drawn.append(draw_detections(to_uint8(image), detections, dataset.category_names))
+            # A few minutes of training gives modest scores: a low threshold still shows what it finds.
+            drawn.append(draw_detections(to_uint8(image), detections, dataset.category_names, threshold=0.25))
     height = max(d.shape[-2] for d in drawn)
     canvas = torch.zeros(3, height, sum(d.shape[-1] for d in drawn), dtype=torch.uint8)
     left = 0

@@ -68,3 +68,11 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     assert code == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "annotation file not found" in error
+
+
+def test_cli_evaluates_a_checkpoint(data, tmp_path, capsys):
+    train(config(data, tmp_path / "run", epochs=1))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run" / "best.pt"), "--data", str(data), "--image-size", "96", "--workers", "0"]) == 0
+    assert capsys.readouterr().out.strip().startswith("AP ")
+    assert main(["evaluate", str(tmp_path / "missing.pt"), "--data", str(data)]) == 1

@@ -167,7 +167,7 @@ def train_one_epoch(
     for step, (images, padding_mask, targets) in enumerate(progress):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             outputs = model(images, padding_mask)
-        losses = criterion({key: _to_float(value) for key, value in outputs.items()}, targets)
+        losses = criterion(_to_float(outputs), targets)
         loss = criterion.total_loss(losses)
         if not math.isfinite(loss.item()):
             raise TrainingError(

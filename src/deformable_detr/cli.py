@@ -80,6 +80,8 @@ def _demo(_: argparse.Namespace) -> None:
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="folder with <split>/ images and annotations/instances_<split>.json")
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--train-split", default="train", help="e.g. train2017 for COCO")
+    parser.add_argument("--val-split", default="val", help="e.g. val2017 for COCO; evaluated after every epoch")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
     parser.add_argument("--num-classes", type=int, help="default: the largest category id + 1")
     parser.add_argument("--epochs", type=int, default=50)

@@ -20,6 +20,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .data.coco import coco_index
 from .files import atomic_write
 from .model import postprocess
 
@@ -98,15 +99,11 @@ def _coco_results(detections: dict[int, Tensor]) -> list[dict[str, Any]]:
 def _results_index(coco: COCO, results: list[dict[str, Any]]) -> COCO:
     """The index ``coco.loadRes(results)`` builds for boxes, without its prints and its failure on an
     empty list (a model that detects nothing scores 0, not an error)."""
-    index = COCO()
     annotations = [
         dict(result, id=number, area=result["bbox"][2] * result["bbox"][3], iscrowd=0)
         for number, result in enumerate(results, start=1)
     ]
-    index.dataset = {"images": coco.dataset["images"], "categories": coco.dataset["categories"], "annotations": annotations}
-    with contextlib.redirect_stdout(io.StringIO()):
-        index.createIndex()
-    return index
+    return coco_index({"images": coco.dataset["images"], "categories": coco.dataset["categories"], "annotations": annotations})
 
 
 @torch.no_grad()

@@ -88,7 +88,7 @@ def _validate(data: dict[str, Any], path: Path) -> None:
             fail(f"{name}: category id {annotation['category_id']!r} is not among the declared categories")
 
 
-def _index(data: dict[str, Any]) -> COCO:
+def coco_index(data: dict[str, Any]) -> COCO:
     """A pycocotools index over already-loaded data (which it would otherwise print about)."""
     coco = COCO()
     coco.dataset = data
@@ -118,7 +118,7 @@ class CocoDataset(Dataset):
         self.annotation_file = Path(annotation_file)
         data = _read_json(self.annotation_file)
         _validate(data, self.annotation_file)
-        self.coco = _index(data)
+        self.coco = coco_index(data)
         self.ids = sorted(self.coco.imgs)
         self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
         self.num_classes = max(self.category_names) + 1

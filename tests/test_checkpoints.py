@@ -12,7 +12,8 @@ import torch
 from conftest import R50_PRESETS
 
 from deformable_detr import CheckpointError, PRESETS, build_model, load_pretrained, save_checkpoint
-from deformable_detr.checkpoints import read_checkpoint
+from deformable_detr import checkpoints
+from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint
 from deformable_detr.cli import main
 
 
@@ -84,6 +85,59 @@ def test_training_state_travels_in_pt_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "last.pt", model, epoch=3, optimizer={"lr": 1e-4})
     checkpoint = read_checkpoint(tmp_path / "last.pt")
     assert checkpoint.extra == {"epoch": 3, "optimizer": {"lr": 1e-4}}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_class_names_and_image_size_travel_in_our_checkpoints(tmp_path, suffix):
+    save_checkpoint(tmp_path / f"model{suffix}", build_model("tiny"), class_names={1: "cat", 7: "dog"}, image_size=320)
+    checkpoint = read_checkpoint(tmp_path / f"model{suffix}")
+    assert (checkpoint.class_names, checkpoint.image_size, checkpoint.extra) == ({1: "cat", 7: "dog"}, 320, {})
+
+
+def assert_same_weights(first, second):
+    assert sorted(first) == sorted(second)  # safetensors stores names sorted
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("preset, overrides", [("tiny", {"two_stage": True}), ("r50_single_scale_dc5", {"num_classes": 21})])
+def test_convert_ours_to_reference_and_back_is_lossless(tmp_path, preset, overrides):
+    model = build_model(preset, **overrides)
+    save_checkpoint(tmp_path / "ours.safetensors", model)
+    assert convert_checkpoint(tmp_path / "ours.safetensors", tmp_path / "reference.pth") == "reference"
+    assert read_checkpoint(tmp_path / "reference.pth").source_format == "reference"
+    assert convert_checkpoint(tmp_path / "reference.pth", tmp_path / "back.safetensors") == "ours"
+    back = read_checkpoint(tmp_path / "back.safetensors")
+    assert back.config == model.config
+    assert_same_weights(model.state_dict(), back.state_dict)
+
+
+@pytest.mark.parametrize("preset", R50_PRESETS)
+def test_reference_layout_reads_as_the_published_configuration(tmp_path, preset):
+    checkpoints.save_reference_checkpoint(tmp_path / "model.pth", build_model(preset))
+    payload = torch.load(tmp_path / "model.pth", weights_only=False)
+    assert sorted(payload) == ["args", "model"]
+    assert read_checkpoint(tmp_path / "model.pth").config == PRESETS[preset]
+
+
+def test_trainable_batch_norm_converts_to_the_references_frozen_one(tmp_path):
+    model = build_model("tiny", backbone_norm="batch")
+    model.train()(torch.randn(2, 3, 96, 96))  # running statistics away from their initial values
+    save_checkpoint(tmp_path / "scratch.pt", model)
+    convert_checkpoint(tmp_path / "scratch.pt", tmp_path / "reference.pth")
+    converted = load_pretrained(tmp_path / "reference.pth")
+    assert converted.config.backbone_norm == "frozen"
+    same_outputs(model, converted)
+
+
+def test_cli_convert(tmp_path, capsys):
+    save_checkpoint(tmp_path / "ours.pt", build_model("tiny"), class_names={1: "cat"}, epoch=2)
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "weights.safetensors"), "--to", "ours"]) == 0
+    assert "written in the ours layout" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "weights.safetensors").class_names == {1: "cat"}
+    assert main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "out.pth")]) == 1
+    assert "missing.pt: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out.pth").exists()
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 from deformable_detr import ModelConfig, build_model, get_config, load_pretrained  # noqa: E402
+from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint  # noqa: E402
 from deformable_detr.huggingface import config_from_huggingface, state_dict_from_huggingface  # noqa: E402
 
 # Small transformer (d_model 128, 2 + 3 layers, 30 queries) on a random timm ResNet-50, so a
@@ -200,6 +201,18 @@ def test_save_pretrained_loads_with_the_same_outputs(case, tmp_path):
     ours = load_pretrained(tmp_path)
     assert ours.config == case.config
     case.assert_same_outputs(ours)
+
+
+def test_convert_to_ours_keeps_weights_and_label_names(cases, tmp_path):
+    case = cases("two_stage")
+    names = {index: f"thing {index}" for index in range(case.config.num_classes)}
+    case.model.save_pretrained(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "id2label": names}))
+    assert convert_checkpoint(tmp_path / "hf", tmp_path / "ours.safetensors") == "ours"
+    ours = read_checkpoint(tmp_path / "ours.safetensors")
+    assert ours.source_format == "deformable-detr" and ours.class_names == names
+    case.assert_same_outputs(load_pretrained(tmp_path / "ours.safetensors"))
 
 
 def test_in_memory_state_dict_converts_with_the_same_outputs(case):

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 from .config import ModelConfig
 from .files import atomic_write
@@ -26,6 +27,9 @@ from .huggingface import config_from_huggingface, state_dict_from_huggingface
 from .model import DeformableDETR, build_model
 
 FORMAT = "deformable-detr"
+PUBLISHED_IMAGE_SIZE = 800  # the shorter side of the published recipe's validation images
+# Index = COCO category id, with placeholders at the ids COCO does not use.
+_COCO_CATEGORIES: list[str] = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -38,24 +42,58 @@ class Checkpoint:
     config: ModelConfig
     state_dict: dict[str, Tensor]
     source_format: str  # "deformable-detr", "reference" or "huggingface"
+    class_names: dict[int, str] | None = None  # category id -> name, where the file tells
+    image_size: int | None = None  # the shorter side the model was trained for, where the file tells
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # training state, if any
 
 
-def save_checkpoint(path: str | os.PathLike, model: DeformableDETR, **extra: Any) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: DeformableDETR,
+    *,
+    class_names: Mapping[int, str] | None = None,
+    image_size: int | None = None,
+    **extra: Any,
+) -> None:
     """Write ``model`` with its config, atomically (a temporary file renamed into place).
 
-    ``.safetensors`` holds the weights only; any other suffix is a ``torch.save`` dict that also
-    holds ``extra`` (optimizer state, epoch, ...), which must be weights-only loadable.
+    ``class_names`` (category id -> name) and ``image_size`` (the shorter side it was trained for)
+    let :class:`~deformable_detr.Detector` label and size its inputs. ``.safetensors`` holds the
+    weights only; any other suffix is a ``torch.save`` dict that also holds ``extra`` (optimizer
+    state, epoch, ...), which must be weights-only loadable.
     """
     path = Path(path)
     if path.suffix == ".safetensors" and extra:
         raise ValueError(f"{path}: a .safetensors checkpoint holds weights only; use .pt for {sorted(extra)}")
+    usage = {"class_names": dict(class_names) if class_names else None, "image_size": image_size}
     with atomic_write(path) as temporary:
         if path.suffix == ".safetensors":
-            metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+            metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict()), "usage": json.dumps(usage)}
             save_file(_unshared(model.state_dict()), temporary, metadata)
         else:
-            torch.save({"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **extra}, temporary)
+            payload = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **usage, **extra}
+            torch.save(payload, temporary)
+
+
+def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR) -> None:
+    """Write ``model`` in the reference implementation's layout, ``{"model", "args"}``, atomically.
+
+    The file loads into the reference code (ResNet-50/101 backbones) and back through
+    :func:`read_checkpoint`. Trainable batch norm (a backbone trained from scratch) becomes the
+    reference's frozen batch norm, which computes the same in evaluation.
+    """
+    config = model.config
+    args = argparse.Namespace(
+        backbone=config.backbone, dilation=config.dilation, position_embedding=config.position_embedding,
+        hidden_dim=config.d_model, nheads=config.num_heads, enc_layers=config.encoder_layers,
+        dec_layers=config.decoder_layers, dim_feedforward=config.dim_feedforward, dropout=config.dropout,
+        num_feature_levels=config.num_feature_levels, enc_n_points=config.encoder_points,
+        dec_n_points=config.decoder_points, num_queries=config.num_queries, with_box_refine=config.with_box_refine,
+        two_stage=config.two_stage, masks=False,
+    )  # fmt: skip
+    state_dict = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("num_batches_tracked")}
+    with atomic_write(path) as temporary:
+        torch.save({"model": state_dict, "args": args}, temporary)
 
 
 def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -75,14 +113,38 @@ def load_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
     Raises:
         CheckpointError: a one-line message naming the file and what is wrong with it.
     """
-    checkpoint = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path).to(device).eval()
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> DeformableDETR:
+    """The model ``checkpoint`` (read from ``path``, named in errors) describes, with its weights."""
     # The checkpoint carries the backbone weights: never fetch ImageNet weights on top.
     model = build_model(dataclasses.replace(checkpoint.config, backbone_weights=None))
     try:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: weights do not fit the model it describes: {_first_problem(error)}") from None
-    return model.to(device).eval()
+    return model
+
+
+def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *, layout: str | None = None) -> str:
+    """Rewrite any checkpoint :func:`read_checkpoint` reads as ours (``layout="ours"``) or in the
+    reference layout (``"reference"``); returns the layout written.
+
+    By default the reference and Hugging Face formats become ours, and ours becomes the
+    reference layout. Ours keeps class names and image size; with a ``.safetensors`` destination
+    it holds the weights only, without training state.
+    """
+    checkpoint = read_checkpoint(source)
+    model = model_from_checkpoint(checkpoint, source)
+    layout = layout or ("reference" if checkpoint.source_format == FORMAT else "ours")
+    if layout == "reference":
+        save_reference_checkpoint(destination, model)
+    elif layout == "ours":
+        save_checkpoint(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.image_size)
+    else:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; choose 'ours' or 'reference'")
+    return layout
 
 
 def _first_problem(error: RuntimeError) -> str:
@@ -133,7 +195,16 @@ def _read_huggingface(folder: Path, path: Path) -> Checkpoint:
         raise CheckpointError(f"{folder / 'config.json'}: not readable JSON ({error})") from None
     config = config_from_huggingface(hf_config)
     state_dict = _load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
-    return Checkpoint(config, state_dict_from_huggingface(state_dict, config), "huggingface")
+    return Checkpoint(config, state_dict_from_huggingface(state_dict, config), "huggingface",
+                      class_names=_huggingface_class_names(hf_config), image_size=PUBLISHED_IMAGE_SIZE)
+
+
+def _huggingface_class_names(hf_config: Mapping[str, Any]) -> dict[int, str] | None:
+    names = {int(identifier): name for identifier, name in (hf_config.get("id2label") or {}).items()}
+    # transformers fills id2label with LABEL_<id> placeholders when a model was built without names.
+    if not names or all(name == f"LABEL_{identifier}" for identifier, name in names.items()):
+        return None
+    return names
 
 
 def _read_ours_safetensors(path: Path) -> Checkpoint:
@@ -147,7 +218,13 @@ def _read_ours_safetensors(path: Path) -> Checkpoint:
             f"{path}: safetensors file without a deformable-detr config (a Hugging Face file needs its config.json beside it)"
         )
     config = ModelConfig.from_dict(json.loads(metadata["config"]))
-    return Checkpoint(config, _load_safetensors(path), FORMAT)
+    usage = json.loads(metadata.get("usage", "{}"))
+    return Checkpoint(config, _load_safetensors(path), FORMAT, _class_names(usage.get("class_names")), usage.get("image_size"))
+
+
+def _class_names(names: Mapping[Any, str] | None) -> dict[int, str] | None:
+    # JSON (safetensors metadata) turns the integer ids into strings.
+    return {int(identifier): name for identifier, name in names.items()} if names else None
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -181,13 +258,23 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def _read_pickled(path: Path) -> Checkpoint:
     payload = _torch_load(path)
     if payload.get("format") == FORMAT:
-        extra = {k: v for k, v in payload.items() if k not in ("format", "config", "model")}
-        return Checkpoint(ModelConfig.from_dict(payload["config"]), payload["model"], FORMAT, extra)
+        own = ("format", "config", "model", "class_names", "image_size")
+        extra = {k: v for k, v in payload.items() if k not in own}
+        return Checkpoint(ModelConfig.from_dict(payload["config"]), payload["model"], FORMAT,
+                          _class_names(payload.get("class_names")), payload.get("image_size"), extra)
     state_dict = payload.get("model", payload)
     if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:
         raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")
     args = payload.get("args")
-    return Checkpoint(config_from_reference(state_dict, vars(args) if args is not None else {}), state_dict, "reference")
+    config = config_from_reference(state_dict, vars(args) if args is not None else {})
+    # The released models are COCO's, with its 91 category ids.
+    class_names = coco_category_names() if config.num_classes == len(_COCO_CATEGORIES) else None
+    return Checkpoint(config, state_dict, "reference", class_names, PUBLISHED_IMAGE_SIZE)
+
+
+def coco_category_names() -> dict[int, str]:
+    """COCO's 80 category names by their ids (1..90, with gaps)."""
+    return {identifier: name for identifier, name in enumerate(_COCO_CATEGORIES) if name not in ("__background__", "N/A")}
 
 
 # Reference training flags that map one to one onto ModelConfig fields.

@@ -33,6 +33,22 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"  {field}: {value}")
 
 
+def _detect(args: argparse.Namespace) -> int:
+    from .predict import Detector, detect_files
+
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
+    failures = detect_files(detector, args.inputs, args.out, threshold=args.threshold, batch_size=args.batch_size)
+    print(f"{args.out}: annotated images and detections.json" + (f"; {len(failures)} file(s) failed" if failures else ""))
+    return 1 if failures else 0
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .checkpoints import convert_checkpoint
+
+    layout = convert_checkpoint(args.source, args.destination, layout=args.to)
+    print(f"{args.destination}: written in the {layout} layout")
+
+
 def _synthesize(args: argparse.Namespace) -> None:
     from .data import synthesize
 
@@ -109,6 +125,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.add_argument("checkpoint")
     inspect.set_defaults(run=_inspect)
 
+    detect = commands.add_parser("detect", help="detect objects in images; write annotated copies and COCO results")
+    detect.add_argument("checkpoint")
+    detect.add_argument("inputs", nargs="+", help="image files and folders of images")
+    detect.add_argument("--out", required=True, help="folder for the annotated images and detections.json")
+    detect.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
+    detect.add_argument("--batch-size", type=int, default=8)
+    detect.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
+    detect.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda where there is one)")
+    detect.set_defaults(run=_detect)
+
+    convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference")
+    convert.add_argument("source")
+    convert.add_argument("destination", help="ours: .safetensors (weights) or .pt; reference: .pth")
+    convert.add_argument("--to", choices=["ours", "reference"], help="default: ours, or reference when the source is ours")
+    convert.set_defaults(run=_convert)
+
     synthesize = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format")
     synthesize.add_argument("out")
     synthesize.add_argument("--train", type=int, default=800)
@@ -136,14 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train.engine import TrainingError
 
     try:
-        args.run(args)
-    except (CheckpointError, DatasetError, TrainingError, FileNotFoundError) as error:
+        status = args.run(args)
+    except (CheckpointError, DatasetError, TrainingError, OSError) as error:
         print(f"deformable-detr: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("deformable-detr: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

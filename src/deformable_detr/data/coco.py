@@ -156,13 +156,7 @@ class CocoDataset(Dataset):
 
     def _read_image(self, image_id: int) -> tv_tensors.Image:
         path = self.image_path(image_id)
-        try:
-            with Image.open(path) as file:
-                image = tv_tensors.Image(file.convert("RGB"))
-        except UnidentifiedImageError:
-            raise DatasetError(f"{path}: cannot read image (not an image format Pillow knows)") from None
-        except OSError as error:
-            raise DatasetError(f"{path}: cannot read image ({error})") from None
+        image = read_image(path)
         info = self.coco.imgs[image_id]
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             # The boxes are in the annotated size; another size (e.g. an EXIF-rotated copy) misplaces them.
@@ -171,6 +165,21 @@ class CocoDataset(Dataset):
                 f"{self.annotation_file.name} says {info['width']}x{info['height']}"
             )
         return image
+
+
+def read_image(path: str | Path) -> tv_tensors.Image:
+    """The image at ``path`` as uint8 RGB (3, H, W), in its stored orientation (as COCO's boxes are).
+
+    Raises:
+        DatasetError: naming the file, when it is missing or not a readable image.
+    """
+    try:
+        with Image.open(path) as file:
+            return tv_tensors.Image(file.convert("RGB"))
+    except UnidentifiedImageError:
+        raise DatasetError(f"{path}: cannot read image (not an image format Pillow knows)") from None
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read image ({error})") from None
 
 
 def coco_split(root: str | Path, split: str, transforms: Transforms | None = None) -> CocoDataset:

@@ -107,6 +107,20 @@ def val_transforms(size: int = VAL_SIZE, max_size: int = MAX_SIZE) -> v2.Compose
     return v2.Compose([v2.Resize(size, max_size=max_size), model_input()])
 
 
+def inference_transforms(image_size: int = VAL_SIZE) -> v2.Compose:
+    """The validation resize and normalisation of :func:`recipe`, for an image alone (uint8 in,
+    normalised float out)."""
+    return v2.Compose([
+        v2.Resize(image_size, max_size=_max_size(image_size)),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])  # fmt: skip
+
+
+def _max_size(image_size: int) -> int:
+    return round(MAX_SIZE * image_size / VAL_SIZE)
+
+
 def recipe(image_size: int = VAL_SIZE) -> tuple[v2.Compose, v2.Compose]:
     """Train and val transforms with every published size scaled by ``image_size / 800``.
 
@@ -118,7 +132,7 @@ def recipe(image_size: int = VAL_SIZE) -> tuple[v2.Compose, v2.Compose]:
     def scaled(sizes: Sequence[int]) -> list[int]:
         return sorted({round(size * factor) for size in sizes})
 
-    max_size = round(MAX_SIZE * factor)
+    max_size = _max_size(image_size)
     crop_range = (round(CROP_RANGE[0] * factor), round(CROP_RANGE[1] * factor))
     train = train_transforms(scaled(SCALES), max_size, scaled(CROP_SCALES), crop_range)
     return train, val_transforms(image_size, max_size)

@@ -1,0 +1,208 @@
+"""Detections on images from a trained model: :class:`Detector` in Python, :func:`detect_files` for
+the ``detect`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.ops import clip_boxes_to_image
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from .checkpoints import PUBLISHED_IMAGE_SIZE, model_from_checkpoint, read_checkpoint
+from .data import DatasetError, inference_transforms, read_image
+from .files import atomic_write
+from .model import DeformableDETR, postprocess
+from .visualize import draw_detections
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+@dataclass
+class Detections:
+    """One image's detections, best first."""
+
+    boxes: Tensor  # (K, 4) absolute (x1, y1, x2, y2) in the input image's pixels
+    scores: Tensor  # (K,)
+    labels: Tensor  # (K,) category ids
+    names: list[str]  # K category names (the id as text where the checkpoint has no names)
+
+
+class Detector:
+    """A model ready for inference: inputs resized and normalised as in validation, outputs as
+    labelled boxes in the input's pixels.
+
+    Args:
+        model: the detector; used in eval mode on its current device.
+        class_names: category id -> name.
+        image_size: the shorter side inputs are resized to (the size the model was trained for).
+    """
+
+    def __init__(self, model: DeformableDETR, *, class_names: dict[int, str] | None = None,
+                 image_size: int = PUBLISHED_IMAGE_SIZE) -> None:  # fmt: skip
+        self.model = model.eval()
+        self.class_names = class_names or {}
+        self.image_size = image_size
+        self._transforms = inference_transforms(image_size)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, *, device: torch.device | str | None = None, image_size: int | None = None
+    ) -> Detector:
+        """Any checkpoint :func:`~deformable_detr.load_pretrained` reads, with its class names
+        (COCO's for the released models) and the image size it was trained for, unless
+        ``image_size`` is given. ``device`` defaults to CUDA where there is one."""
+        checkpoint = read_checkpoint(path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = model_from_checkpoint(checkpoint, path).to(device)
+        size = image_size or checkpoint.image_size or PUBLISHED_IMAGE_SIZE
+        return cls(model, class_names=checkpoint.class_names, image_size=size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], *, threshold: float = 0.5, batch_size: int = 8
+    ) -> Detections | list[Detections]:
+        """Detections scoring at least ``threshold``, for one image or a list of them.
+
+        An image is a file path, a PIL image, an RGB ``numpy`` array (H, W, 3) or a tensor
+        (3, H, W), uint8 or float in [0, 1]; an (N, 3, H, W) tensor is N images. A list is
+        processed ``batch_size`` images at a time, padded to a common size.
+        """
+        single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
+            isinstance(images, Tensor) and images.dim() == 3
+        )
+        pixels = [as_image_tensor(images)] if single else [as_image_tensor(image) for image in images]
+        detections = []
+        for start in range(0, len(pixels), batch_size):
+            detections += self._predict_batch(pixels[start : start + batch_size], threshold)
+        return detections[0] if single else detections
+
+    def _predict_batch(self, images: list[Tensor], threshold: float) -> list[Detections]:
+        inputs = [self._transforms(image).to(self.device) for image in images]
+        outputs = self.model(inputs)
+        # Boxes are relative to each image, so scaling by the input's size undoes the resize.
+        sizes = [image.shape[-2:] for image in images]
+        results = []
+        for result, size in zip(postprocess(outputs, sizes), sizes):
+            keep = result["scores"] >= threshold
+            labels = result["labels"][keep].cpu()
+            results.append(
+                Detections(
+                    boxes=clip_boxes_to_image(result["boxes"][keep].float().cpu(), size),
+                    scores=result["scores"][keep].float().cpu(),
+                    labels=labels,
+                    names=[self.class_names.get(int(label), str(int(label))) for label in labels],
+                )
+            )
+        return results
+
+
+def as_image_tensor(image: ImageInput) -> Tensor:
+    """Any accepted image input as a uint8 RGB (3, H, W) tensor."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image).as_subclass(Tensor)
+    if isinstance(image, Image.Image):
+        return F.pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"a numpy image must be (H, W) or (H, W, 3) RGB, got shape {image.shape}")
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the array may be read-only
+    if not isinstance(image, Tensor):
+        raise TypeError(f"not an image: {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"an image tensor must be (3, H, W), got shape {tuple(image.shape)}")
+    return image if image.dtype == torch.uint8 else F.to_dtype(image.float().clamp(0, 1), torch.uint8, scale=True)
+
+
+def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The inputs, with each folder replaced by the image files in it (sorted, not recursive)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            files.append(item)
+    return files
+
+
+def detect_files(
+    detector: Detector,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    threshold: float = 0.5,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Detect objects in image files and folders of them; write into ``out`` one annotated copy of
+    each image and ``detections.json``, the run's detections in the COCO results format (with
+    ``file_name``; ``image_id`` numbers the inputs in order).
+
+    A file that cannot be read is reported on stderr and skipped. Returns those reports.
+    """
+    out = Path(out)
+    files = image_files(inputs)
+    failures: list[str] = []
+    results: list[dict] = []
+    output_names: set[str] = set()
+    with tqdm(total=len(files), desc="detect", unit="image", disable=not progress) as bar:
+        for start in range(0, len(files), batch_size):
+            readable = []
+            for image_id, path in enumerate(files[start : start + batch_size], start=start):
+                try:
+                    readable.append((image_id, path, read_image(path).as_subclass(Tensor)))
+                except DatasetError as error:
+                    failures.append(str(error))
+                    tqdm.write(f"skipped: {error}", file=sys.stderr)
+            if readable:
+                batch = detector.predict([image for _, _, image in readable], threshold=threshold, batch_size=batch_size)
+                for (image_id, path, image), detections in zip(readable, batch):
+                    _save_annotated(image, detections, out / _unique_name(path, output_names))
+                    results += _coco_results(image_id, path, detections)
+            bar.update(len(files[start : start + batch_size]))
+    with atomic_write(out / "detections.json") as temporary:
+        temporary.write_text(json.dumps(results))
+    return failures
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    # Inputs from different folders may share a name; annotated copies must not overwrite each other.
+    name, number = f"{path.stem}.png", 1
+    while name in taken:
+        name, number = f"{path.stem}_{number}.png", number + 1
+    taken.add(name)
+    return name
+
+
+def _save_annotated(image: Tensor, detections: Detections, path: Path) -> None:
+    names = dict(zip(detections.labels.tolist(), detections.names))
+    boxes = {"boxes": detections.boxes, "scores": detections.scores, "labels": detections.labels}
+    drawn = draw_detections(image, boxes, names, threshold=0.0)
+    with atomic_write(path) as temporary:
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(temporary, format="PNG")
+
+
+def _coco_results(image_id: int, path: Path, detections: Detections) -> list[dict]:
+    xywh = detections.boxes.clone()
+    xywh[:, 2:] -= xywh[:, :2]
+    return [
+        {"image_id": image_id, "file_name": str(path), "category_id": label, "bbox": [round(v, 2) for v in box],
+         "score": round(score, 4)}
+        for box, label, score in zip(xywh.tolist(), detections.labels.tolist(), detections.scores.tolist())
+    ]  # fmt: skip

@@ -1,0 +1,134 @@
+"""Detector.predict on every kind of input, batched and not; the detect command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deformable_detr.checkpoints import save_reference_checkpoint
+from deformable_detr.cli import main
+from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
+from deformable_detr.model import build_model
+from deformable_detr.predict import Detector
+from deformable_detr.train.engine import TrainConfig, train
+
+IMAGE_SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for one epoch on synthetic shapes: (checkpoint, data folder)."""
+    data = synthesize(tmp_path_factory.mktemp("shapes"), train=8, val=4, image_size=IMAGE_SIZE, seed=1)
+    run = tmp_path_factory.mktemp("run")
+    train(TrainConfig(data=str(data), output_dir=str(run), preset="tiny", epochs=1, batch_size=4,
+                      image_size=IMAGE_SIZE, workers=0, seed=3))  # fmt: skip
+    return run / "checkpoint.pt", data
+
+
+@pytest.fixture(scope="module")
+def detector(trained):
+    return Detector.from_checkpoint(trained[0], device="cpu")
+
+
+def val_images(data):
+    return sorted((data / "val").iterdir())
+
+
+def assert_same(actual, expected, *, score_tolerance=1e-5, box_tolerance=1e-3):
+    assert actual.labels.tolist() == expected.labels.tolist() and actual.names == expected.names
+    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=score_tolerance)
+    torch.testing.assert_close(actual.boxes, expected.boxes, rtol=0, atol=box_tolerance)
+
+
+def test_checkpoint_carries_class_names_and_image_size(detector):
+    assert detector.image_size == IMAGE_SIZE
+    assert [detector.class_names[i] for i in sorted(detector.class_names)] == list(SYNTHETIC_CLASSES)
+
+
+def test_every_input_kind_gives_the_same_detections(detector, trained):
+    path = val_images(trained[1])[0]
+    expected = detector.predict(path, threshold=0.0)
+    assert len(expected.scores) == 100 and expected.scores.diff().le(0).all()
+    pil = Image.open(path)
+    array = np.array(pil.convert("RGB"))
+    uint8 = torch.from_numpy(array).permute(2, 0, 1)
+    for image in (pil, array, uint8, uint8.float() / 255, str(path)):
+        assert_same(detector.predict(image, threshold=0.0), expected)
+    assert_same(detector.predict(uint8[None], threshold=0.0)[0], expected)
+
+
+def test_threshold_keeps_only_confident_detections(detector, trained):
+    path = val_images(trained[1])[0]
+    everything = detector.predict(path, threshold=0.0)
+    threshold = float(everything.scores[4])
+    kept = detector.predict(path, threshold=threshold)
+    assert kept.scores.min() >= threshold and len(kept.scores) == int((everything.scores >= threshold).sum())
+
+
+def test_boxes_are_in_the_input_images_pixels(detector, trained):
+    image = torch.from_numpy(np.array(Image.open(val_images(trained[1])[0]).convert("RGB"))).permute(2, 0, 1)
+    doubled = image.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    small, large = detector.predict([image, doubled], threshold=0.0, batch_size=1)
+    # The doubled image is resized back to the same model input, so its boxes are twice as large.
+    torch.testing.assert_close(large.boxes[:10], small.boxes[:10] * 2, rtol=0, atol=1.0)
+    assert large.boxes.min() >= 0 and large.boxes[:, 2].max() <= 192 and large.boxes[:, 3].max() <= 192
+
+
+def test_a_batch_of_equal_sizes_equals_one_by_one(detector, trained):
+    image = Image.open(val_images(trained[1])[0]).convert("RGB")
+    images = [image, image.transpose(Image.Transpose.FLIP_TOP_BOTTOM), image.rotate(180)]
+    for image, together in zip(images, detector.predict(images, threshold=0.0, batch_size=3)):
+        assert_same(together, detector.predict(image, threshold=0.0), score_tolerance=1e-4, box_tolerance=1e-2)
+
+
+def test_a_padded_batch_stays_close_to_one_by_one(detector, trained):
+    # Padding changes the backbone's borders and the input projections' GroupNorm statistics, as in
+    # the reference implementation, so padded images score a little differently (README, Usage).
+    images = [Image.open(path).convert("RGB") for path in val_images(trained[1])]
+    images[1] = images[1].crop((0, 0, 80, 96))
+    images[2] = images[2].crop((0, 0, 96, 60))
+    batched = detector.predict(images, threshold=0.0, batch_size=4)
+    for image, together in zip(images, batched):
+        alone = detector.predict(image, threshold=0.0)
+        torch.testing.assert_close(together.scores[:20], alone.scores[:20], rtol=0, atol=0.03)
+
+
+def test_released_checkpoints_are_labelled_with_coco_names(tmp_path):
+    save_reference_checkpoint(tmp_path / "released.pth", build_model("tiny"))
+    detector = Detector.from_checkpoint(tmp_path / "released.pth", device="cpu")
+    assert detector.image_size == 800
+    assert len(detector.class_names) == 80 and detector.class_names[1] == "person" and detector.class_names[90] == "toothbrush"
+
+
+def test_detect_writes_pictures_and_coco_results_and_reports_a_corrupt_file(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    code = main(["detect", str(checkpoint), str(data / "val"), str(corrupt), "--out", str(out), "--threshold", "0.05",
+                 "--batch-size", "3"])  # fmt: skip
+    assert code == 1
+    error = capsys.readouterr().err
+    assert f"{corrupt}: cannot read image" in error
+    good = val_images(data)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in good)
+    drawn = Image.open(out / f"{good[0].stem}.png")
+    assert drawn.size == Image.open(good[0]).size
+
+    results = json.loads((out / "detections.json").read_text())
+    assert results, "a threshold of 0.05 keeps some detections of a trained model"
+    assert {r["file_name"] for r in results} <= {str(p) for p in good}
+    for result in results:
+        width, height = Image.open(result["file_name"]).size
+        x, y, w, h = result["bbox"]
+        assert -0.5 <= x and -0.5 <= y and w >= 0 and h >= 0 and x + w <= width + 0.5 and y + h <= height + 0.5
+        assert result["category_id"] in range(1, len(SYNTHETIC_CLASSES) + 1) and result["score"] >= 0.05
+    # The corrupt file is not in any batch: the good images were batched as predict batches them.
+    expected = Detector.from_checkpoint(checkpoint, device="cpu").predict(good, threshold=0.05, batch_size=3)
+    for path, detections in zip(good, expected):
+        scores = [r["score"] for r in results if r["file_name"] == str(path)]
+        assert scores == pytest.approx(detections.scores.tolist(), abs=1e-4)

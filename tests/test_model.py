@@ -213,6 +213,7 @@ def test_postprocess_top_k_labels_and_absolute_boxes():
     results = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(100, 200), (50, 60)], top_k=2)
     first, second = results
     assert first["labels"].tolist() == [2, 0]
+    assert first["queries"].tolist() == [1, 2]
     torch.testing.assert_close(first["scores"], torch.tensor([3.0, 1.0]).sigmoid())
     torch.testing.assert_close(first["boxes"][0], torch.tensor([0.0, 0.0, 100.0, 100.0]))
     torch.testing.assert_close(second["boxes"][0], torch.tensor([24.0, 15.0, 36.0, 35.0]))

@@ -1,12 +1,18 @@
-"""Detections drawn on images."""
+"""Detections, reference points and sampling points drawn on images."""
 
 from __future__ import annotations
 
+import colorsys
+import os
+from pathlib import Path
 from typing import Mapping
 
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
+
+from .files import atomic_write
 
 
 def draw_detections(
@@ -29,3 +35,60 @@ def to_uint8(image: Tensor, mean: tuple[float, ...] = (0.485, 0.456, 0.406), std
     """Undo ImageNet normalisation: a float (3, H, W) model input back to uint8 pixels."""
     pixels = image * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def head_colours(num_heads: int) -> list[tuple[int, int, int]]:
+    """One saturated colour per attention head, evenly spaced around the hue circle."""
+    return [
+        tuple(round(255 * channel) for channel in colorsys.hsv_to_rgb(head / num_heads, 0.85, 1.0))
+        for head in range(num_heads)
+    ]
+
+
+def draw_sampling_points(
+    picture: Image.Image, locations: Tensor, weights: Tensor, reference: Tensor, *, box: Tensor | None = None
+) -> Image.Image:
+    """A copy of ``picture`` with one query's deformable attention drawn on it.
+
+    Args:
+        locations: (M, L, P, 2) normalised (x, y) sampling locations of every head, level and point.
+        weights: (M, L, P) their attention weights. Dot area is proportional to the weight (the
+            query's heaviest point gets the largest dot); the colour is the head's
+            (:func:`head_colours`).
+        reference: (2,) normalised (x, y) reference point, drawn as a white cross.
+        box: (4,) absolute (x1, y1, x2, y2) pixels, drawn in yellow under the points.
+    """
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    if box is not None:
+        draw.rectangle(box.tolist(), outline="yellow", width=2)
+    width, height = picture.size
+    largest = max(3.0, min(width, height) / 40)
+    heads = weights.shape[0]
+    colours = head_colours(heads)
+    head_of_point = torch.arange(heads)[:, None, None].expand_as(weights).flatten()
+    # Heaviest first, so that the smaller dots of lighter points stay visible on top.
+    order = weights.flatten().argsort(descending=True)
+    centres = locations.reshape(-1, 2)[order].float().cpu() * torch.tensor([width, height])
+    radii = (weights.flatten()[order] / weights.max()).sqrt().float().cpu().mul(largest).clamp(min=1.5)
+    for (x, y), radius, head in zip(centres.tolist(), radii.tolist(), head_of_point[order].tolist()):
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colours[head], outline="black")
+    x, y = (reference.float().cpu() * torch.tensor([width, height])).tolist()
+    arm = largest * 1.5
+    for colour, line_width in (("black", 5), ("white", 2)):  # outlined, to show on any background
+        draw.line((x - arm, y, x + arm, y), fill=colour, width=line_width)
+        draw.line((x, y - arm, x, y + arm), fill=colour, width=line_width)
+    return picture
+
+
+def save_image(picture: Image.Image | Tensor, path: str | os.PathLike) -> None:
+    """Write a PIL image or a (3, H, W) uint8 tensor, whole or not at all, in the format its
+    suffix names (``.png``, ``.jpg``, ...)."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image format {path.suffix!r}; use e.g. .png or .jpg")
+    if isinstance(picture, Tensor):
+        picture = Image.fromarray(picture.permute(1, 2, 0).cpu().numpy())
+    with atomic_write(path) as temporary:
+        picture.save(temporary, format=image_format)

@@ -1,16 +1,18 @@
-from .attention import MSDeformAttn
+from .attention import AttentionRecord, MSDeformAttn, capture_attention
 from .backbone import build_backbone
 from .detector import MLP, DeformableDETR, build_model, pad_images
 from .postprocess import postprocess
 from .transformer import DeformableTransformer, inverse_sigmoid
 
 __all__ = [
+    "AttentionRecord",
     "MLP",
     "DeformableDETR",
     "DeformableTransformer",
     "MSDeformAttn",
     "build_backbone",
     "build_model",
+    "capture_attention",
     "inverse_sigmoid",
     "pad_images",
     "postprocess",

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import ms_deform_attn
+
+
+@dataclass
+class AttentionRecord:
+    """What one MSDeformAttn call computed, as :func:`capture_attention` stores it (detached)."""
+
+    name: str  # the module's name in the model, e.g. "transformer.decoder.layers.5.cross_attn"
+    sampling_locations: Tensor  # (N, Lq, M, L, P, 2) normalised (x, y) in the padded input
+    attention_weights: Tensor  # (N, Lq, M, L, P), summing to 1 over levels and points per head
+    reference_points: Tensor  # (N, Lq, L, 2) points or (N, Lq, L, 4) boxes, as the module got them
+    spatial_shapes: Tensor  # (L, 2) (H, W) per level
 
 
 class MSDeformAttn(nn.Module):
@@ -33,6 +48,8 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        # Set only inside capture_attention: the normal forward pays one `is None` check.
+        self._capture: Callable[..., None] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -102,5 +119,41 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
 
+        if self._capture is not None:
+            self._capture(locations, weights, reference_points, spatial_shapes)
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)
+
+
+@contextmanager
+def capture_attention(model: nn.Module) -> Iterator[list[AttentionRecord]]:
+    """Record every MSDeformAttn call of ``model`` made inside the block, in call order.
+
+    Example::
+
+        with capture_attention(model) as records:
+            model(images)
+        decoder = [r for r in records if r.name.startswith("transformer.decoder.")]
+    """
+    records: list[AttentionRecord] = []
+    modules = [(name, module) for name, module in model.named_modules() if isinstance(module, MSDeformAttn)]
+    for name, module in modules:
+        module._capture = partial(_record, records, name)
+    try:
+        yield records
+    finally:
+        for _, module in modules:
+            module._capture = None
+
+
+def _record(
+    records: list[AttentionRecord],
+    name: str,
+    locations: Tensor,
+    weights: Tensor,
+    reference_points: Tensor,
+    spatial_shapes: Tensor,
+) -> None:
+    records.append(
+        AttentionRecord(name, locations.detach(), weights.detach(), reference_points.detach(), spatial_shapes)
+    )

@@ -21,7 +21,8 @@ def postprocess(
         top_k: detections kept per image (at most queries x classes).
 
     Returns:
-        Per image ``scores`` (K,), ``labels`` (K,) and ``boxes`` (K, 4) absolute (x1, y1, x2, y2).
+        Per image ``scores`` (K,), ``labels`` (K,), ``boxes`` (K, 4) absolute (x1, y1, x2, y2) and
+        ``queries`` (K,): the query each detection comes from.
     """
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     batch, _, num_classes = logits.shape
@@ -32,4 +33,6 @@ def postprocess(
     boxes = torch.gather(box_convert(boxes, "cxcywh", "xyxy"), 1, queries[..., None].expand(-1, -1, 4))
     height, width = sizes.unbind(1)
     boxes = boxes * torch.stack([width, height, width, height], 1)[:, None]
-    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+    return [
+        {"scores": s, "labels": l, "boxes": b, "queries": q} for s, l, b, q in zip(scores, labels, boxes, queries)
+    ]

@@ -1,0 +1,43 @@
+"""Drawing: sampling points (colour per head, area by weight, reference cross, box) and saving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deformable_detr.visualize import draw_sampling_points, head_colours, save_image
+
+
+def _count(picture: Image.Image, colour: tuple[int, int, int]) -> int:
+    return int((np.array(picture) == colour).all(-1).sum())
+
+
+def test_sampling_points_have_their_head_colour_and_an_area_by_weight():
+    picture = Image.new("RGB", (800, 800), "grey")
+    # Two heads, one level, one point each: head 0 at the left with weight 1, head 1 at the right
+    # with weight 1/4, so half the radius and a quarter of the area.
+    locations = torch.tensor([[[[0.25, 0.5]]], [[[0.75, 0.5]]]])
+    weights = torch.tensor([[[1.0]], [[0.25]]])
+    box = torch.tensor([100.0, 100.0, 300.0, 700.0])
+    drawn = draw_sampling_points(picture, locations, weights, torch.tensor([0.5, 0.5]), box=box)
+    first, second = head_colours(2)
+    pixels = np.array(drawn)
+    assert pixels[400, 200].tolist() == list(first)
+    assert pixels[400, 600].tolist() == list(second)
+    assert 3 < _count(drawn, first) / _count(drawn, second) < 6  # less the dots' outlines
+    assert pixels[400, 400].tolist() == [255, 255, 255]  # the reference cross
+    assert _count(drawn, (255, 255, 0)) > 0  # the box
+    assert _count(picture, first) == 0  # drawn on a copy
+
+
+def test_save_image_writes_the_format_its_suffix_names(tmp_path):
+    image = torch.randint(0, 256, (3, 8, 12), dtype=torch.uint8)
+    save_image(image, tmp_path / "picture.png")
+    with Image.open(tmp_path / "picture.png") as file:
+        assert file.format == "PNG"
+        assert torch.equal(torch.from_numpy(np.array(file)).permute(2, 0, 1), image)
+    with pytest.raises(ValueError, match="unknown image format"):
+        save_image(image, tmp_path / "picture.unknown")
+    assert [path.name for path in tmp_path.iterdir()] == ["picture.png"]

@@ -1,17 +1,21 @@
 """Deformable DETR: complete, checkpoint-compatible, on CPU and CUDA."""
 
-from .checkpoints import CheckpointError, load_pretrained, save_checkpoint
+from .checkpoints import CheckpointError, convert_checkpoint, load_pretrained, save_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .model import DeformableDETR, MSDeformAttn, build_model, postprocess
 from .ops import ms_deform_attn, ms_deform_attn_reference
+from .predict import Detections, Detector
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
     "DeformableDETR",
+    "Detections",
+    "Detector",
     "MSDeformAttn",
     "ModelConfig",
     "build_model",
+    "convert_checkpoint",
     "get_config",
     "load_pretrained",
     "ms_deform_attn",

@@ -9,21 +9,18 @@ The picture carries its own legend.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from .data.transforms import VAL_SIZE, recipe
+from .data.transforms import VAL_SIZE, inference_transforms
 from .model import AttentionRecord, DeformableDETR, capture_attention, postprocess
+from .predict import ImageInput, as_image_tensor
 from .visualize import draw_sampling_points, head_colours, to_uint8
-
-ImageInput = Union[Tensor, Image.Image, str, os.PathLike]
 
 # Small inputs are enlarged to this shorter side, so that dots and text stay legible.
 MIN_PANEL_SIDE = 320
@@ -52,8 +49,8 @@ def explain(
 
     Args:
         model: any Deformable DETR; run once in eval mode (its mode is restored afterwards).
-        image: a file path, a PIL image, or a (3, H, W) tensor (uint8, or float in [0, 1]), resized
-            with the validation transform of ``recipe(image_size)`` before the model sees it.
+        image: a file path, a PIL image, an RGB numpy array (H, W, 3) or a (3, H, W) tensor (uint8,
+            or float in [0, 1]), resized as in validation (``inference_transforms(image_size)``).
         top_k: detections to explain (distinct queries, best score first), one panel each.
         threshold: the lowest score a detection needs for a panel.
         image_size: the shorter side of the model's input (the size it was trained for).
@@ -68,7 +65,7 @@ def explain(
     """
     if not 0 <= encoder_level < model.config.num_feature_levels:
         raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level}")
-    inputs = _model_input(image, image_size)
+    inputs = inference_transforms(image_size)(as_image_tensor(image))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -109,23 +106,6 @@ def explain(
         f"panel: self-attention in encoder layer {config.encoder_layers} of {config.encoder_layers}."
     )
     return _compose(panels, config.num_heads, legend)
-
-
-def _model_input(image: ImageInput, image_size: int) -> Tensor:
-    """The normalised (3, h, w) float input the validation transform makes of ``image``."""
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as file:
-            image = file.convert("RGB")
-    if isinstance(image, Image.Image):
-        image = F.pil_to_tensor(image.convert("RGB"))
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
-    # The transforms take a detection target; an empty one passes through untouched.
-    empty = {
-        "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=tuple(image.shape[-2:])),
-        "labels": torch.zeros(0, dtype=torch.int64),
-    }
-    return recipe(image_size)[1](tv_tensors.Image(image), empty)[0]
 
 
 def _top_queries(outputs: dict[str, Any], size: tuple[int, int], top_k: int, threshold: float) -> dict[str, Tensor]:

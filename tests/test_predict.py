@@ -132,3 +132,13 @@ def test_detect_writes_pictures_and_coco_results_and_reports_a_corrupt_file(trai
     for path, detections in zip(good, expected):
         scores = [r["score"] for r in results if r["file_name"] == str(path)]
         assert scores == pytest.approx(detections.scores.tolist(), abs=1e-4)
+
+
+def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    image = val_images(data)[0]
+    assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "explain.png"), "--top-k", "2"]) == 0
+    picture = Image.open(tmp_path / "explain.png")
+    assert picture.width > 3 * picture.height  # two detection panels and the encoder panel, side by side
+    assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "explain.xyz")]) == 1
+    assert "unknown image format '.xyz'" in capsys.readouterr().err

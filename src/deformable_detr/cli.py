@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoints import CheckpointError, load_pretrained, read_checkpoint
+from .checkpoints import load_pretrained, read_checkpoint
 from .config import PRESETS, get_config
-from .data import DatasetError
 from .model import build_model
 
 
@@ -40,6 +39,19 @@ def _detect(args: argparse.Namespace) -> int:
     failures = detect_files(detector, args.inputs, args.out, threshold=args.threshold, batch_size=args.batch_size)
     print(f"{args.out}: annotated images and detections.json" + (f"; {len(failures)} file(s) failed" if failures else ""))
     return 1 if failures else 0
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from .explain import explain
+    from .predict import Detector
+    from .visualize import save_image
+
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
+    picture = explain(detector.model, args.image, top_k=args.top_k, threshold=args.threshold,
+                      image_size=detector.image_size, encoder_point=args.encoder_point,
+                      encoder_level=args.encoder_level, names=detector.class_names)  # fmt: skip
+    save_image(picture, args.out)
+    print(f"{args.out}: sampling points of the top {args.top_k} detections and one encoder query")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -135,6 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     detect.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda where there is one)")
     detect.set_defaults(run=_detect)
 
+    explain = commands.add_parser("explain", help="draw where the model looks: sampling points and attention weights")
+    explain.add_argument("checkpoint")
+    explain.add_argument("image")
+    explain.add_argument("--out", required=True, help="picture to write (.png, .jpg)")
+    explain.add_argument("--top-k", type=int, default=3, help="detections to explain, one panel each")
+    explain.add_argument("--threshold", type=float, default=0.0, help="lowest score of an explained detection")
+    explain.add_argument("--encoder-point", type=float, nargs=2, metavar=("X", "Y"),
+                         help="encoder query to show, as fractions of width and height (default: best detection's centre)")
+    explain.add_argument("--encoder-level", type=int, default=0, help="feature level of the encoder query")
+    explain.add_argument("--image-size", type=int, help="shorter side the image is resized to (default: the checkpoint's)")
+    explain.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
+    explain.set_defaults(run=_explain)
+
     convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference")
     convert.add_argument("source")
     convert.add_argument("destination", help="ours: .safetensors (weights) or .pt; reference: .pth")
@@ -169,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         status = args.run(args)
-    except (CheckpointError, DatasetError, TrainingError, OSError) as error:
+    except (ValueError, TrainingError, OSError) as error:  # bad files and arguments; CheckpointError and DatasetError are ValueErrors
         print(f"deformable-detr: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

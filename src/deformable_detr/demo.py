@@ -6,14 +6,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .checkpoints import load_pretrained
 from .data import coco_split, recipe, synthesize
-from .files import atomic_write
 from .model import postprocess
 from .train.engine import TrainConfig, train
-from .visualize import draw_detections, to_uint8
+from .visualize import draw_detections, save_image, to_uint8
 
 IMAGE_SIZE = 192
 
@@ -54,5 +52,4 @@ def _draw_examples(checkpoint: Path, data: Path, out: Path, count: int = 4) -> N
     for picture in drawn:
         canvas[:, : picture.shape[-2], left : left + picture.shape[-1]] = picture
         left += picture.shape[-1]
-    with atomic_write(out) as temporary:
-        Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(temporary, format="PNG")
+    save_image(canvas, out)

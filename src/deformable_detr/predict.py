@@ -3,7 +3,6 @@ the ``detect`` command."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from tqdm import tqdm
 
 from .checkpoints import PUBLISHED_IMAGE_SIZE, model_from_checkpoint, read_checkpoint
 from .data import DatasetError, inference_transforms, read_image
-from .files import atomic_write
+from .evaluation import write_results_json
 from .model import DeformableDETR, postprocess
-from .visualize import draw_detections
+from .visualize import draw_detections, save_image
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -176,8 +175,7 @@ def detect_files(
                     _save_annotated(image, detections, out / _unique_name(path, output_names))
                     results += _coco_results(image_id, path, detections)
             bar.update(len(files[start : start + batch_size]))
-    with atomic_write(out / "detections.json") as temporary:
-        temporary.write_text(json.dumps(results))
+    write_results_json(out / "detections.json", results)
     return failures
 
 
@@ -193,9 +191,7 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 def _save_annotated(image: Tensor, detections: Detections, path: Path) -> None:
     names = dict(zip(detections.labels.tolist(), detections.names))
     boxes = {"boxes": detections.boxes, "scores": detections.scores, "labels": detections.labels}
-    drawn = draw_detections(image, boxes, names, threshold=0.0)
-    with atomic_write(path) as temporary:
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(temporary, format="PNG")
+    save_image(draw_detections(image, boxes, names, threshold=0.0), path)
 
 
 def _coco_results(image_id: int, path: Path, detections: Detections) -> list[dict]:

@@ -2,7 +2,8 @@
 
 from .checkpoints import CheckpointError, convert_checkpoint, load_pretrained, save_checkpoint
 from .config import PRESETS, ModelConfig, get_config
-from .model import DeformableDETR, MSDeformAttn, build_model, postprocess
+from .explain import explain
+from .model import DeformableDETR, MSDeformAttn, build_model, capture_attention, postprocess
 from .ops import ms_deform_attn, ms_deform_attn_reference
 from .predict import Detections, Detector
 
@@ -15,7 +16,9 @@ __all__ = [
     "MSDeformAttn",
     "ModelConfig",
     "build_model",
+    "capture_attention",
     "convert_checkpoint",
+    "explain",
     "get_config",
     "load_pretrained",
     "ms_deform_attn",

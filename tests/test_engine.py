@@ -35,7 +35,11 @@ def test_resume_continues_exactly(data, tmp_path):
     train(interrupted)
     with pytest.raises(TrainingError, match="pass resume=True"):
         train(dataclasses.replace(interrupted, epochs=2))
-    train(dataclasses.replace(interrupted, epochs=2, resume=True))
+    with pytest.raises(TrainingError, match=r"checkpoint.pt: the run was trained with other settings: "
+                                            r"batch_size 4 \(now 2\), lr 0.0002 \(now 0.001\); "):
+        train(dataclasses.replace(interrupted, epochs=2, resume=True, batch_size=2, lr=1e-3))
+    # How long it runs may change.
+    train(dataclasses.replace(interrupted, epochs=2, resume=True, max_minutes=60.0))
     expected, actual = weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "interrupted" / "checkpoint.pt")
     assert expected.keys() == actual.keys()
     for name in expected:

@@ -21,15 +21,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .data.coco import coco_index
+from .distributed import is_distributed, is_main_process
 from .files import atomic_write
 from .model import postprocess
 
 # Names of COCOeval.stats, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class CocoEvaluator:
@@ -58,7 +55,7 @@ class CocoEvaluator:
 
     def _gather(self) -> dict[int, Tensor]:
         """Every process's detections; collective when distributed."""
-        if not _distributed():
+        if not is_distributed():
             return dict(self._detections)
         parts: list[dict[int, Tensor] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, self._detections)
@@ -126,7 +123,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        show = progress and (not _distributed() or dist.get_rank() == 0)
+        show = progress and is_main_process()
         for images, padding_mask, targets in tqdm(data_loader, desc="evaluate", disable=not show):
             outputs = model(images.to(device), padding_mask.to(device))
             # Boxes are relative to the image, so scaling by its original size undoes any resizing.

@@ -1,7 +1,7 @@
 """Training: Hungarian matching, the set-prediction loss, the optimiser recipe and the loop."""
 
 from .criterion import SetCriterion, average_num_boxes
-from .engine import TrainConfig, TrainingError, evaluate_checkpoint, train
+from .engine import TrainConfig, TrainingError, evaluate_checkpoint, train, train_step
 from .matcher import HungarianMatcher
 from .optim import build_lr_scheduler, build_optimizer, parameter_groups
 
@@ -16,4 +16,5 @@ __all__ = [
     "evaluate_checkpoint",
     "parameter_groups",
     "train",
+    "train_step",
 ]

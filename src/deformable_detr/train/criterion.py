@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from ..distributed import is_distributed
 from .matcher import HungarianMatcher
 
 
@@ -19,7 +20,7 @@ def average_num_boxes(targets: Sequence[dict[str, Tensor]], *, device: torch.dev
     Every loss is divided by it, so that each box weighs the same whatever the batch it lands in.
     """
     count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
     return count.clamp(min=1).item()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..checkpoints import load_pretrained, read_checkpoint, save_checkpoint
 from ..config import get_config
 from ..data import coco_split, collate, recipe
+from ..distributed import is_distributed, is_main_process, rank
 from ..evaluation import evaluate
 from ..files import atomic_write
 from ..model import DeformableDETR, build_model
@@ -33,6 +34,10 @@ from .optim import build_lr_scheduler, build_optimizer
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint that does not fit); the message says why."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss of a training step is NaN or infinite; raised before its backward pass."""
 
 
 @dataclass
@@ -64,8 +69,10 @@ class TrainConfig:
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+# What a resumed run may change: how long it runs, where its files are and how many workers load
+# its data, not what it trains. (The optimiser and scheduler states come from the checkpoint, so a
+# new lr or lr drop would not even apply.)
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -117,7 +124,7 @@ class _Logger:
     """A JSON-lines log and TensorBoard scalars, on the main process only."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.enabled = _is_main_process()
+        self.enabled = is_main_process()
         self.path = output_dir / "log.jsonl"
         self.writer = None
         if self.enabled:
@@ -146,6 +153,41 @@ def _batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.T
         yield images.to(device), padding_mask.to(device), targets
 
 
+def train_step(
+    model: nn.Module,
+    criterion: SetCriterion,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    padding_mask: torch.Tensor,
+    targets: list[dict[str, torch.Tensor]],
+    *,
+    bf16: bool = False,
+    clip_max_norm: float = 0.1,
+    accumulation_steps: int = 1,
+    update: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One training step: forward, the set loss with its auxiliary terms, backward and, if ``update``,
+    gradient clipping (``clip_max_norm`` > 0) and the optimiser step.
+
+    The loss is divided by ``accumulation_steps``, so that that many calls, the last one updating,
+    step by the mean of their gradients. Returns the losses and their weighted sum ``loss``, detached.
+    Raises :class:`NonFiniteLossError` before the backward pass, leaving gradients and weights as they were.
+    """
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = model(images, padding_mask)
+    losses = criterion(_to_float(outputs), targets)
+    loss = criterion.total_loss(losses)
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()})")
+    (loss / accumulation_steps).backward()
+    if update:
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {name: value.detach() for name, value in {"loss": loss, **losses}.items()}
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: SetCriterion,
@@ -162,28 +204,23 @@ def train_one_epoch(
     steps = images_seen = 0
     start = time.perf_counter()
     progress = tqdm(_batches(loader, device), total=len(loader), desc=f"epoch {epoch}",
-                    disable=not _is_main_process(), dynamic_ncols=True)
+                    disable=not is_main_process(), dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     for step, (images, padding_mask, targets) in enumerate(progress):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            outputs = model(images, padding_mask)
-        losses = criterion(_to_float(outputs), targets)
-        loss = criterion.total_loss(losses)
-        if not math.isfinite(loss.item()):
+        update = (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader)
+        try:
+            losses = train_step(model, criterion, optimizer, images, padding_mask, targets, bf16=config.bf16,
+                                clip_max_norm=config.clip_max_norm, accumulation_steps=config.accumulation_steps,
+                                update=update)
+        except NonFiniteLossError as error:
             raise TrainingError(
-                f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopping; the last good "
-                f"checkpoint is kept in {config.output_dir}"
-            )
-        (loss / config.accumulation_steps).backward()
-        if (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader):
-            if config.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                f"{error} at epoch {epoch}, step {step}: stopping; the last good checkpoint is kept in "
+                f"{config.output_dir}"
+            ) from None
         steps += 1
         images_seen += len(images)
-        for key, value in {"loss": loss, **losses}.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach())
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
         rate = images_seen / (time.perf_counter() - start)
         progress.set_postfix(loss=f"{totals['loss'] / steps:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
                              images_s=f"{rate:.1f}")
@@ -203,7 +240,7 @@ def _to_float(value: Any) -> Any:
 
 
 def _loader(dataset, *, batch_size: int, train: bool, workers: int, seed: int, epoch: int) -> DataLoader:
-    if dist.is_initialized():
+    if is_distributed():
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
         sampler.set_epoch(epoch)
     elif train:
@@ -237,7 +274,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = output_dir / "checkpoint.pt", output_dir / "best.pt"
-    _seed_everything(config.seed + (dist.get_rank() if dist.is_initialized() else 0))
+    _seed_everything(config.seed + rank())
 
     train_transforms, val_transforms = recipe(config.image_size)
     train_set = coco_split(config.data, config.train_split, train_transforms)
@@ -252,6 +289,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model_config = get_config(config.preset, num_classes=num_classes, backbone_weights=config.backbone_weights,
                               **{**from_scratch, **config.model_overrides})
     model = build_model(model_config).to(device)
+    if is_distributed() and device.type == "cuda":
+        # Batch norm over the global batch. torch's SyncBatchNorm needs an accelerator (its training
+        # forward raises on CPU tensors), so on the CPU each process normalises by its own share of
+        # the batch, and the running statistics kept are the main process's (_share_buffers).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict names as BatchNorm2d
     criterion = SetCriterion()
     optimizer = build_optimizer(model, lr=config.lr, lr_backbone=config.lr_backbone, weight_decay=config.weight_decay)
     scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch)
@@ -263,6 +305,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if not last_path.is_file():
             raise TrainingError(f"{last_path}: no checkpoint to resume from")
         checkpoint = read_checkpoint(last_path)
+        _check_resumable(last_path, checkpoint.extra["train_config"], config)
         model.load_state_dict(checkpoint.state_dict)
         optimizer.load_state_dict(checkpoint.extra["optimizer"])
         scheduler.load_state_dict(checkpoint.extra["scheduler"])
@@ -272,7 +315,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     elif config.finetune_from:
         _print(_finetune(model, config.finetune_from))
 
-    trained = DistributedDataParallel(model) if dist.is_initialized() else model
+    trained = DistributedDataParallel(model) if is_distributed() else model
     logger = _Logger(output_dir)
     training_seconds = 0.0
     try:
@@ -283,12 +326,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                       **train_one_epoch(trained, criterion, loader, optimizer, device=device, epoch=epoch, config=config)}
             scheduler.step()
+            _share_buffers(model)
             training_seconds += time.perf_counter() - epoch_start
             if val_set is not None:
                 val_loader = _loader(val_set, batch_size=config.batch_size, train=False, workers=config.workers,
                                      seed=config.seed, epoch=epoch)
                 record.update(evaluate(model, val_loader, device=device, coco=val_set.coco))
-            if _is_main_process():
+            if is_main_process():
                 improved = record.get("AP", -1.0) > best_ap
                 best_ap = max(best_ap, record.get("AP", -1.0))
                 save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -296,12 +340,45 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if improved:
                     _copy_atomically(last_path, best_path)
             logger.log({**record, "training_minutes": training_seconds / 60}, step=epoch)
-            if config.max_minutes is not None and training_seconds / 60 >= config.max_minutes:
+            if _out_of_time(training_seconds, config.max_minutes):
                 _print(f"stopping after epoch {epoch}: {training_seconds / 60:.1f} training minutes")
                 break
     finally:
         logger.close()
     return record
+
+
+def _check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume the run saved in ``path`` (its ``stored`` TrainConfig) with settings that change
+    what it trains; only :data:`RESUMABLE_FIELDS` may differ."""
+    differing = [
+        f"{name} {stored.get(name)!r} (now {value!r})"
+        for name, value in dataclasses.asdict(config).items()
+        if name not in (*RESUMABLE_FIELDS, "resume") and stored.get(name) != value
+    ]
+    if differing:
+        raise TrainingError(
+            f"{path}: the run was trained with other settings: {', '.join(differing)}; resume with its settings "
+            f"(only {', '.join(RESUMABLE_FIELDS)} may change) or start a new run in another output directory"
+        )
+
+
+def _share_buffers(model: nn.Module) -> None:
+    """Give every process the main process's buffers (batch-norm running statistics), so that all of them
+    evaluate the model it saves: DDP broadcasts buffers before each forward, and each process's last
+    batch then left its own."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _out_of_time(training_seconds: float, max_minutes: float | None) -> bool:
+    """Whether ``max_minutes`` of training have passed, by the main process's clock: all processes
+    must stop after the same epoch, or those going on would wait for the others forever."""
+    decision = [max_minutes is not None and training_seconds / 60 >= max_minutes]
+    if is_distributed():
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
 
 
 def _copy_atomically(source: Path, destination: Path) -> None:
@@ -310,7 +387,7 @@ def _copy_atomically(source: Path, destination: Path) -> None:
 
 
 def _print(message: str) -> None:
-    if _is_main_process():
+    if is_main_process():
         print(message, flush=True)
 
 

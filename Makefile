@@ -24,6 +24,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ms_deform_attn.py
 	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/train_step.py
 
 demo: $(STAMP)
 	$(BIN)/deformable-detr demo

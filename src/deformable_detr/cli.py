@@ -90,9 +90,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _print_metrics(record: dict) -> None:
-    import torch.distributed as dist
+    from .distributed import is_main_process
 
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not is_main_process():
         return  # under torchrun every process has the same metrics: the first one prints them
     metrics = [key for key in ("AP", "AP50", "AP75", "APs", "APm", "APl") if key in record]
     if metrics:

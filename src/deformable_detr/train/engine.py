@@ -335,8 +335,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if is_main_process():
                 improved = record.get("AP", -1.0) > best_ap
                 best_ap = max(best_ap, record.get("AP", -1.0))
-                save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                epoch=epoch, best_ap=best_ap, rng=_rng_state(), train_config=dataclasses.asdict(config))
+                save_checkpoint(last_path, model, class_names=train_set.category_names, image_size=config.image_size,
+                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
+                                best_ap=best_ap, rng=_rng_state(), train_config=dataclasses.asdict(config))
                 if improved:
                     _copy_atomically(last_path, best_path)
             logger.log({**record, "training_minutes": training_seconds / 60}, step=epoch)

@@ -36,3 +36,16 @@ def test_learning_rate_drops_tenfold_at_the_drop_epoch():
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([2e-4, 2e-4, 2e-5, 2e-5])
+
+
+def test_warmup_rises_linearly_then_the_rate_drops_by_epoch():
+    optimizer = build_optimizer(build_model("tiny"), lr=1e-3, lr_backbone=1e-4)
+    scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=2, updates_per_epoch=3, warmup_updates=4)
+    rates = []
+    for _ in range(8):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    main, backbone = [r[0] for r in rates], [r[1] for r in rates]
+    assert main == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4])
+    assert backbone == pytest.approx([m / 10 for m in main])

@@ -117,6 +117,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--lr-backbone", type=float, default=2e-5)
     parser.add_argument("--lr-drop-epoch", type=int, default=40)
+    parser.add_argument("--warmup-steps", type=int, default=0, help="optimiser updates of linear learning-rate warm-up")
     parser.add_argument("--accumulation-steps", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--image-size", type=int, default=800, help="largest short side of the augmentation recipe")

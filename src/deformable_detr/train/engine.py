@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
@@ -54,6 +55,7 @@ class TrainConfig:
     lr_backbone: float = 2e-5
     weight_decay: float = 1e-4
     lr_drop_epoch: int = 40
+    warmup_steps: int = 0  # optimiser updates over which the learning rate rises linearly to lr
     clip_max_norm: float = 0.1
     accumulation_steps: int = 1
     bf16: bool = False
@@ -193,6 +195,7 @@ def train_one_epoch(
     criterion: SetCriterion,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
     *,
     device: torch.device,
     epoch: int,
@@ -217,6 +220,8 @@ def train_one_epoch(
                 f"{error} at epoch {epoch}, step {step}: stopping; the last good checkpoint is kept in "
                 f"{config.output_dir}"
             ) from None
+        if update:
+            scheduler.step()
         steps += 1
         images_seen += len(images)
         for key, value in losses.items():
@@ -296,7 +301,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict names as BatchNorm2d
     criterion = SetCriterion()
     optimizer = build_optimizer(model, lr=config.lr, lr_backbone=config.lr_backbone, weight_decay=config.weight_decay)
-    scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch)
+    first_loader = _loader(train_set, batch_size=config.batch_size, train=True, workers=0, seed=config.seed, epoch=0)
+    scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch, warmup_updates=config.warmup_steps,
+                                   updates_per_epoch=math.ceil(len(first_loader) / config.accumulation_steps))
 
     start_epoch, best_ap, record = 0, -1.0, {}
     if last_path.is_file() and not config.resume:
@@ -324,8 +331,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                              seed=config.seed, epoch=epoch)
             epoch_start = time.perf_counter()
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                      **train_one_epoch(trained, criterion, loader, optimizer, device=device, epoch=epoch, config=config)}
-            scheduler.step()
+                      **train_one_epoch(trained, criterion, loader, optimizer, scheduler, device=device, epoch=epoch,
+                                        config=config)}
             _share_buffers(model)
             training_seconds += time.perf_counter() - epoch_start
             if val_set is not None:

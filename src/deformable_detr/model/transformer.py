@@ -191,6 +191,14 @@ def _valid_ratios(padding_mask: Tensor) -> Tensor:
     return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
 
+def _spatial_shapes(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """(L, 2) integer (H, W) of each level."""
+    # Built from scalars: torch.as_tensor would freeze symbolic sizes to the example input's under
+    # torch.export, and an exported model (export.py) would then take one image size only.
+    sizes = [torch.scalar_tensor(size, dtype=torch.long, device=device) for shape in shapes for size in shape]
+    return torch.stack(sizes).view(-1, 2)
+
+
 class DeformableTransformer(nn.Module):
     """Flattens the levels, encodes them, picks queries (learned or two-stage) and decodes them."""
 
@@ -296,7 +304,7 @@ class DeformableTransformer(nn.Module):
             [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)],
             1,
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        spatial_shapes = _spatial_shapes(shapes, src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1).to(src.dtype)
 

@@ -1,0 +1,144 @@
+"""ONNX export: onnxruntime runs the graph at sizes other than the traced one and matches PyTorch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from deformable_detr import DeformableDETR, build_model
+from deformable_detr.export import ExportError, export_model
+
+# None of these is the size export_model traces with (2 x 3 x 256 x 320); the last one's coarsest
+# feature map is 1 x 1, where the trace's are all at least 2 x 2.
+INPUT_SIZES = [(1, 3, 128, 160), (2, 3, 200, 136), (1, 3, 97, 243), (1, 3, 40, 56)]
+
+
+def perturbed(model):
+    # Away from the initialisation, whose zero sampling-offset and attention weights would hide the
+    # sampling from the outputs.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model
+
+
+def max_differences(model, session, size) -> tuple[float, float]:
+    images = torch.randn(size)
+    with torch.no_grad():
+        expected = model.eval()(images)
+    logits, boxes = session.run(["pred_logits", "pred_boxes"], {"images": images.numpy()})
+    return (
+        np.abs(logits - expected["pred_logits"].numpy()).max(),
+        np.abs(boxes - expected["pred_boxes"].numpy()).max(),
+    )
+
+
+@dataclass
+class Exported:
+    model: DeformableDETR
+    path: Path
+    training_after_export: bool
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny preset (four levels, iterative box refinement) exported once, from training mode.
+
+    One encoder and two decoder layers (refinement between them) instead of three and three: the
+    export's time grows with the layers (about 50 s here, 90 s for the whole preset, tested as slow).
+    """
+    torch.manual_seed(0)
+    model = perturbed(build_model("tiny", encoder_layers=1, decoder_layers=2)).train()
+    path = export_model(model, tmp_path_factory.mktemp("export") / "tiny.onnx")
+    return Exported(model, path, model.training)
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    return onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("size", INPUT_SIZES, ids=lambda size: "x".join(map(str, size)))
+def test_onnxruntime_matches_pytorch(exported, session, size):
+    logits_difference, boxes_difference = max_differences(exported.model, session, size)
+    assert logits_difference < 1e-4
+    assert boxes_difference < 1e-4
+
+
+def test_batch_size_height_and_width_are_dynamic(exported, session):
+    graph = onnx.load(exported.path).graph
+    dims = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.input}
+    assert dims == {"images": ["batch", 3, "height", "width"]}
+    outputs = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.output}
+    assert outputs == {"pred_logits": ["batch", 50, 91], "pred_boxes": ["batch", 50, 4]}
+    logits, boxes = session.run(None, {"images": np.zeros((3, 3, 64, 96), np.float32)})
+    assert logits.shape == (3, 50, 91) and boxes.shape == (3, 50, 4)
+
+
+def test_graph_uses_standard_onnx_ops_and_grid_sample(exported):
+    model_proto = onnx.load(exported.path)
+    onnx.checker.check_model(model_proto, full_check=True)
+    assert {node.domain for node in model_proto.graph.node} <= {"", "ai.onnx"}  # no custom op
+    assert "GridSample" in {node.op_type for node in model_proto.graph.node}
+
+
+def test_model_is_left_in_its_mode(exported):
+    assert exported.training_after_export
+
+
+def test_failed_export_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous")
+
+    def failing_export(model, args, f, **kwargs):
+        with open(f, "wb") as file:
+            file.write(b"partial")
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(RuntimeError, match="export failed"):
+        export_model(build_model("tiny"), path)
+    assert path.read_bytes() == b"previous"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_unwritable_path_fails_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ExportError, match="cannot write") as error:
+        export_model(build_model("tiny"), blocker / "model.onnx")
+    assert str(blocker / "model.onnx") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unsupported_format_and_opset_are_refused(tmp_path):
+    model = build_model("tiny")
+    with pytest.raises(ExportError, match="unsupported export format 'tflite'"):
+        export_model(model, tmp_path / "model.tflite", format="tflite")
+    with pytest.raises(ExportError, match="opset 17 is not supported"):
+        export_model(model, tmp_path / "model.onnx", opset=17)
+    assert not list(tmp_path.iterdir())
+
+
+# The whole tiny preset, and ResNet-50 presets with a small transformer to keep their export short.
+SMALL_TRANSFORMER = {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "dim_feedforward": 128, "num_queries": 30}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [("tiny", {}), ("r50_two_stage", SMALL_TRANSFORMER), ("r50_single_scale_dc5", SMALL_TRANSFORMER)],
+    ids=["tiny", "r50_two_stage", "r50_single_scale_dc5"],
+)
+def test_presets_export(tmp_path, preset, overrides):
+    torch.manual_seed(0)
+    model = perturbed(build_model(preset, **overrides))
+    path = export_model(model, tmp_path / f"{preset}.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in INPUT_SIZES[:2]:
+        assert max(max_differences(model, session, size)) < 1e-4

@@ -11,7 +11,8 @@ import onnxruntime
 import pytest
 import torch
 
-from deformable_detr import DeformableDETR, build_model
+from deformable_detr import DeformableDETR, build_model, save_checkpoint
+from deformable_detr.cli import main
 from deformable_detr.export import ExportError, export_model
 
 # None of these is the size export_model traces with (2 x 3 x 256 x 320); the last one's coarsest
@@ -43,20 +44,21 @@ def max_differences(model, session, size) -> tuple[float, float]:
 class Exported:
     model: DeformableDETR
     path: Path
-    training_after_export: bool
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The tiny preset (four levels, iterative box refinement) exported once, from training mode.
+    """The tiny preset (four levels, iterative box refinement) saved and exported once by the CLI.
 
     One encoder and two decoder layers (refinement between them) instead of three and three: the
     export's time grows with the layers (about 50 s here, 90 s for the whole preset, tested as slow).
     """
     torch.manual_seed(0)
-    model = perturbed(build_model("tiny", encoder_layers=1, decoder_layers=2)).train()
-    path = export_model(model, tmp_path_factory.mktemp("export") / "tiny.onnx")
-    return Exported(model, path, model.training)
+    model = perturbed(build_model("tiny", encoder_layers=1, decoder_layers=2))
+    folder = tmp_path_factory.mktemp("export")
+    save_checkpoint(folder / "tiny.safetensors", model)
+    assert main(["export", str(folder / "tiny.safetensors"), "--format", "onnx", "--out", str(folder / "tiny.onnx")]) == 0
+    return Exported(model, folder / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +90,7 @@ def test_graph_uses_standard_onnx_ops_and_grid_sample(exported):
     assert "GridSample" in {node.op_type for node in model_proto.graph.node}
 
 
-def test_model_is_left_in_its_mode(exported):
-    assert exported.training_after_export
-
-
-def test_failed_export_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+def test_failed_export_keeps_the_previous_file_and_the_models_mode(tmp_path, monkeypatch):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"previous")
 
@@ -102,8 +100,10 @@ def test_failed_export_keeps_the_previous_file_and_leaves_no_temporary(tmp_path,
         raise RuntimeError("export failed")
 
     monkeypatch.setattr(torch.onnx, "export", failing_export)
+    model = build_model("tiny").train()
     with pytest.raises(RuntimeError, match="export failed"):
-        export_model(build_model("tiny"), path)
+        export_model(model, path)
+    assert model.training  # exported in eval mode, then put back
     assert path.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [path]
 
@@ -114,6 +114,14 @@ def test_unwritable_path_fails_with_one_line(tmp_path):
     with pytest.raises(ExportError, match="cannot write") as error:
         export_model(build_model("tiny"), blocker / "model.onnx")
     assert str(blocker / "model.onnx") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    assert main(["export", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "model.onnx")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "broken.pt: not a readable PyTorch checkpoint" in error
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_unsupported_format_and_opset_are_refused(tmp_path):

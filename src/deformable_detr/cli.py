@@ -54,6 +54,13 @@ def _explain(args: argparse.Namespace) -> None:
     print(f"{args.out}: sampling points of the top {args.top_k} detections and one encoder query")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_model
+
+    export_model(load_pretrained(args.checkpoint), args.out, format=args.format, opset=args.opset)
+    print(f"{args.out}: {args.format} graph with dynamic batch, height and width")
+
+
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoints import convert_checkpoint
 
@@ -160,6 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--image-size", type=int, help="shorter side the image is resized to (default: the checkpoint's)")
     explain.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
     explain.set_defaults(run=_explain)
+
+    export = commands.add_parser("export", help="export the inference forward (ONNX), dynamic batch and image size")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--out", required=True)
+    export.add_argument("--opset", type=int, help="ONNX opset, at least 18 (default: the exporter's)")
+    export.set_defaults(run=_export)
 
     convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference")
     convert.add_argument("source")

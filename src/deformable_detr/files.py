@@ -8,6 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+# Read once, at import: os.umask can only be read by setting it, which is not safe among threads.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
@@ -19,6 +23,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(descriptor)
+    # mkstemp makes the file private (0600); the result gets the permissions any new file would.
+    os.chmod(temporary, 0o666 & ~_UMASK)
     try:
         yield Path(temporary)
         os.replace(temporary, path)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.ops import nms
 from torchvision.transforms.v2 import functional as F
 
 from .data.transforms import VAL_SIZE, inference_transforms
@@ -51,7 +52,7 @@ def explain(
         model: any Deformable DETR; run once in eval mode (its mode is restored afterwards).
         image: a file path, a PIL image, an RGB numpy array (H, W, 3) or a (3, H, W) tensor (uint8,
             or float in [0, 1]), resized as in validation (``inference_transforms(image_size)``).
-        top_k: detections to explain (distinct queries, best score first), one panel each.
+        top_k: detections to explain (distinct objects, best score first), one panel each.
         threshold: the lowest score a detection needs for a panel.
         image_size: the shorter side of the model's input (the size it was trained for).
         encoder_point: (x, y) as fractions of the image width and height, the encoder query to show;
@@ -109,18 +110,15 @@ def explain(
 
 
 def _top_queries(outputs: dict[str, Any], size: tuple[int, int], top_k: int, threshold: float) -> dict[str, Tensor]:
-    """:func:`postprocess` results (K rows) for the best detection of each of the ``top_k``
-    best-scoring queries that reach ``threshold``, best first."""
+    """:func:`postprocess` results (K rows) for the ``top_k`` best detections that reach
+    ``threshold``, one per query and one per object (a box overlapping a better one by IoU > 0.5
+    is another query's view of the same object), best first."""
     num_queries, num_classes = outputs["pred_logits"].shape[1:]
     every = postprocess(outputs, [size], top_k=num_queries * num_classes)[0]
     ranked = {key: value.cpu() for key, value in every.items()}
-    best_rank: dict[int, int] = {}  # query -> rank of its best detection, in order of rank
-    for rank, (query, score) in enumerate(zip(ranked["queries"].tolist(), ranked["scores"].tolist())):
-        if score < threshold or len(best_rank) == top_k:
-            break
-        best_rank.setdefault(query, rank)
-    keep = torch.tensor(list(best_rank.values()), dtype=torch.int64)
-    return {key: value[keep] for key, value in ranked.items()}
+    ranked = {key: value[ranked["scores"] >= threshold] for key, value in ranked.items()}
+    best = nms(ranked["boxes"], ranked["scores"], iou_threshold=0.5)  # across classes: one per object
+    return {key: value[best[:top_k]] for key, value in ranked.items()}
 
 
 def _centre(box: Tensor, width: int, height: int) -> tuple[float, float]:

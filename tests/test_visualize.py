@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deformable_detr.visualize import draw_sampling_points, head_colours, save_image
+from deformable_detr.visualize import draw_detections, draw_sampling_points, head_colours, save_image
 
 
 def _count(picture: Image.Image, colour: tuple[int, int, int]) -> int:
@@ -41,3 +41,10 @@ def test_save_image_writes_the_format_its_suffix_names(tmp_path):
     with pytest.raises(ValueError, match="unknown image format"):
         save_image(image, tmp_path / "picture.unknown")
     assert [path.name for path in tmp_path.iterdir()] == ["picture.png"]
+
+
+def test_an_image_without_detections_is_returned_unchanged_and_silently(recwarn):
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    detections = {"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "scores": torch.tensor([0.1]), "labels": torch.tensor([1])}
+    assert torch.equal(draw_detections(image, detections, {}, threshold=0.5), image)
+    assert not recwarn.list

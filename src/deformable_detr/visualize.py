@@ -20,6 +20,8 @@ def draw_detections(
 ) -> Tensor:
     """``image`` (3, H, W) uint8 with the boxes scoring at least ``threshold`` drawn and labelled."""
     keep = detections["scores"] >= threshold
+    if not keep.any():
+        return image.clone()  # torchvision would warn about an empty drawing for every such image
     labels = [
         f"{names.get(int(label), str(int(label)))} {float(score):.2f}"
         for label, score in zip(detections["labels"][keep], detections["scores"][keep])

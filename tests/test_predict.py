@@ -85,6 +85,15 @@ def test_a_batch_of_equal_sizes_equals_one_by_one(detector, trained):
         assert_same(together, detector.predict(image, threshold=0.0), score_tolerance=1e-4, box_tolerance=1e-2)
 
 
+def test_equal_sizes_are_batched_together_and_results_keep_the_input_order(detector, trained):
+    image = Image.open(val_images(trained[1])[0]).convert("RGB")
+    crop = image.crop((0, 0, 80, 90))
+    flip = Image.Transpose.FLIP_LEFT_RIGHT
+    images = [image, crop, image.transpose(flip), crop.transpose(flip)]
+    for image, together in zip(images, detector.predict(images, threshold=0.0, batch_size=2)):
+        assert_same(together, detector.predict(image, threshold=0.0), score_tolerance=1e-4, box_tolerance=1e-2)
+
+
 def test_a_padded_batch_stays_close_to_one_by_one(detector, trained):
     # Padding changes the backbone's borders and the input projections' GroupNorm statistics, as in
     # the reference implementation, so padded images score a little differently (README, Usage).
@@ -127,8 +136,10 @@ def test_detect_writes_pictures_and_coco_results_and_reports_a_corrupt_file(trai
         x, y, w, h = result["bbox"]
         assert -0.5 <= x and -0.5 <= y and w >= 0 and h >= 0 and x + w <= width + 0.5 and y + h <= height + 0.5
         assert result["category_id"] in range(1, len(SYNTHETIC_CLASSES) + 1) and result["score"] >= 0.05
-    # The corrupt file is not in any batch: the good images were batched as predict batches them.
-    expected = Detector.from_checkpoint(checkpoint, device="cpu").predict(good, threshold=0.05, batch_size=3)
+    # Files are read and predicted three at a time, in order; the corrupt one leaves the last batch.
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    expected = [detector.predict(chunk, threshold=0.05, batch_size=3) for chunk in (good[:3], good[3:])]
+    expected = expected[0] + expected[1]
     for path, detections in zip(good, expected):
         scores = [r["score"] for r in results if r["file_name"] == str(path)]
         assert scores == pytest.approx(detections.scores.tolist(), abs=1e-4)

@@ -79,15 +79,20 @@ class Detector:
 
         An image is a file path, a PIL image, an RGB ``numpy`` array (H, W, 3) or a tensor
         (3, H, W), uint8 or float in [0, 1]; an (N, 3, H, W) tensor is N images. A list is
-        processed ``batch_size`` images at a time, padded to a common size.
+        processed ``batch_size`` images at a time, in order of size (equal sizes together), each
+        batch padded to a common size; results come back in the input order.
         """
         single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
             isinstance(images, Tensor) and images.dim() == 3
         )
         pixels = [as_image_tensor(images)] if single else [as_image_tensor(image) for image in images]
-        detections = []
-        for start in range(0, len(pixels), batch_size):
-            detections += self._predict_batch(pixels[start : start + batch_size], threshold)
+        # Batched by size, so that equal sizes share batches: padding is not neutral (see README).
+        order = sorted(range(len(pixels)), key=lambda index: tuple(pixels[index].shape[-2:]))
+        by_index: dict[int, Detections] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            by_index.update(zip(chunk, self._predict_batch([pixels[i] for i in chunk], threshold)))
+        detections = [by_index[index] for index in range(len(pixels))]
         return detections[0] if single else detections
 
     def _predict_batch(self, images: list[Tensor], threshold: float) -> list[Detections]:

@@ -23,7 +23,10 @@ def gradients(model):
     }
 
 
-def test_training_step_under_compile_matches_eager():
+# Inductor, torch.compile's default, generates and builds C++ for the forward and backward: about
+# 80 s here, so it runs with the slow tests.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_training_step_under_compile_matches_eager(backend):
     torch.manual_seed(0)
     model = build_model("tiny", dropout=0.0).train()
     with torch.no_grad():  # leave init, where zero weights hide the sampling from the loss
@@ -32,7 +35,7 @@ def test_training_step_under_compile_matches_eager():
     surrogate_loss(model(IMAGES)).backward()
     expected = gradients(model)
     model.zero_grad(set_to_none=True)
-    surrogate_loss(torch.compile(model, backend="aot_eager")(IMAGES)).backward()
+    surrogate_loss(torch.compile(model, backend=backend)(IMAGES)).backward()
     actual = gradients(model)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -222,9 +222,11 @@ def test_missing_path_and_empty_folder(tmp_path):
 
 
 def test_cli_inspect_reports_good_and_bad_files(tmp_path, capsys):
-    save_checkpoint(tmp_path / "tiny.safetensors", build_model("tiny"))
+    save_checkpoint(tmp_path / "tiny.safetensors", build_model("tiny"), class_names={2: "dog", 1: "cat"}, image_size=320)
     assert main(["inspect", str(tmp_path / "tiny.safetensors")]) == 0
-    assert "deformable-detr checkpoint, loads with strict=True" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "deformable-detr checkpoint, loads with strict=True" in out
+    assert "class names: cat, dog" in out and "image size: 320" in out
     (tmp_path / "broken.pt").write_bytes(b"\x00" * 100)
     assert main(["inspect", str(tmp_path / "broken.pt")]) == 1
     error = capsys.readouterr().err

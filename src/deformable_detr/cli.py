@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoints import load_pretrained, read_checkpoint
+from .checkpoints import load_pretrained, model_from_checkpoint, read_checkpoint
 from .config import PRESETS, get_config
 from .model import build_model
 
@@ -26,10 +26,13 @@ def _presets(_: argparse.Namespace) -> None:
 
 def _inspect(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.checkpoint)
-    load_pretrained(args.checkpoint)  # proves the weights fit
+    model_from_checkpoint(checkpoint, args.checkpoint)  # proves the weights fit
     print(f"{args.checkpoint}: {checkpoint.source_format} checkpoint, loads with strict=True")
     for field, value in checkpoint.config.to_dict().items():
         print(f"  {field}: {value}")
+    names = checkpoint.class_names
+    print(f"  class names: {', '.join(names[i] for i in sorted(names)) if names else 'none (labels print as ids)'}")
+    print(f"  image size: {checkpoint.image_size or 'not recorded (800 is assumed)'}")
 
 
 def _detect(args: argparse.Namespace) -> int:

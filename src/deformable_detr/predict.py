@@ -96,7 +96,8 @@ class Detector:
         return detections[0] if single else detections
 
     def _predict_batch(self, images: list[Tensor], threshold: float) -> list[Detections]:
-        inputs = [self._transforms(image).to(self.device) for image in images]
+        # Moved as uint8 (a quarter of float's bytes), then resized where the model runs.
+        inputs = [self._transforms(image.to(self.device)) for image in images]
         outputs = self.model(inputs)
         # Boxes are relative to each image, so scaling by the input's size undoes the resize.
         sizes = [image.shape[-2:] for image in images]

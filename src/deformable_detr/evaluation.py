@@ -18,6 +18,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from .data.coco import coco_index
@@ -47,8 +48,7 @@ class CocoEvaluator:
         for image_id, result in zip(image_ids, results):
             if image_id not in self.coco.imgs:
                 raise ValueError(f"image id {image_id} is not in the ground truth")
-            boxes = result["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4).clone()
-            boxes[:, 2:] -= boxes[:, :2]  # (x1, y1, x2, y2) -> (x, y, w, h)
+            boxes = box_convert(result["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4), "xyxy", "xywh")
             scores = result["scores"].detach().to("cpu", torch.float64).reshape(-1, 1)
             labels = result["labels"].detach().to("cpu", torch.float64).reshape(-1, 1)
             self._detections[image_id] = torch.cat([boxes, scores, labels], 1)

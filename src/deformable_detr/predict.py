@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.ops import clip_boxes_to_image
+from torchvision.ops import box_convert, clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
@@ -201,8 +201,7 @@ def _save_annotated(image: Tensor, detections: Detections, path: Path) -> None:
 
 
 def _coco_results(image_id: int, path: Path, detections: Detections) -> list[dict]:
-    xywh = detections.boxes.clone()
-    xywh[:, 2:] -= xywh[:, :2]
+    xywh = box_convert(detections.boxes, "xyxy", "xywh")
     return [
         {"image_id": image_id, "file_name": str(path), "category_id": label, "bbox": [round(v, 2) for v in box],
          "score": round(score, 4)}

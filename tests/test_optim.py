@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from deformable_detr import build_model
 from deformable_detr.train.optim import build_lr_scheduler, build_optimizer
@@ -49,3 +50,28 @@ def test_warmup_rises_linearly_then_the_rate_drops_by_epoch():
     main, backbone = [r[0] for r in rates], [r[1] for r in rates]
     assert main == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4])
     assert backbone == pytest.approx([m / 10 for m in main])
+
+
+def test_fused_update_matches_torchs_reference_adamw():
+    torch.manual_seed(0)
+    model, reference_model = build_model("tiny", num_classes=3), build_model("tiny", num_classes=3)
+    reference_model.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, lr=1e-3, lr_backbone=1e-4)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    reference_parameters = dict(reference_model.named_parameters())
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    reference = torch.optim.AdamW(
+        [{"params": [reference_parameters[names[id(p)]] for p in group["params"]], "lr": group["lr"],
+          "weight_decay": group["weight_decay"]} for group in optimizer.param_groups],
+        foreach=False, fused=False,
+    )
+    # The same gradients for both: a model's own would differ where the true gradient is zero
+    # (attention key biases), and Adam scales rounding noise there up to the learning rate.
+    for _ in range(3):
+        for name, parameter in model.named_parameters():
+            parameter.grad = torch.randn_like(parameter)
+            reference_parameters[name].grad = parameter.grad.clone()
+        optimizer.step()
+        reference.step()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, reference_parameters[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -3,6 +3,8 @@ import json
 import numpy as np
 from PIL import Image
 
+import pytest
+
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 
 
@@ -50,7 +52,7 @@ def test_objects_vary_in_class_size_and_shape(tmp_path):
     annotations = _load(tmp_path, "train")["annotations"]
     assert {a["category_id"] for a in annotations} == set(range(1, len(SYNTHETIC_CLASSES) + 1))
     sides = np.array([a["bbox"][2:] for a in annotations])
-    assert sides.min() < 0.1 * 128 and sides.max() > 0.4 * 128  # small and large objects
+    assert sides.min() < 0.2 * 128 and sides.max() > 0.5 * 128  # small and large objects
     aspect = sides[:, 0] / sides[:, 1]
     assert aspect.min() < 0.75 and aspect.max() > 1.33
     per_image = np.bincount([a["image_id"] for a in annotations], minlength=61)[1:]
@@ -74,3 +76,30 @@ def test_objects_stand_out_from_the_background(tmp_path):
         ring = np.concatenate([above.reshape(-1, 3), below.reshape(-1, 3)])
         if len(ring):
             assert np.linalg.norm(centre - ring.mean(0)) > 40
+
+
+def _relative_sides(root):
+    """Each object's larger box side as a fraction of its image's shorter side."""
+    data = _load(root, "train")
+    shorter = {image["id"]: min(image["width"], image["height"]) for image in data["images"]}
+    return np.array([max(a["bbox"][2:]) / shorter[a["image_id"]] for a in data["annotations"]])
+
+
+def test_object_sizes_set_the_size_range(tmp_path):
+    small = _relative_sides(synthesize(tmp_path / "small", train=20, val=0, image_size=128, object_sizes=(0.1, 0.15)))
+    large = _relative_sides(synthesize(tmp_path / "large", train=20, val=0, image_size=128, object_sizes=(0.4, 0.5)))
+    # Stretched (aspect 0.6-1.6) and rotated, a shape of size s has a box side between ~0.77 s and ~1.5 s.
+    assert small.max() < large.min()
+    assert small.max() < 0.25 and large.min() > 0.3
+
+
+def test_about_half_the_objects_are_small_by_coco_measure(tmp_path):
+    synthesize(tmp_path, train=0, val=100, image_size=192)
+    areas = np.array([a["area"] for a in _load(tmp_path, "val")["annotations"]])
+    assert 0.3 < (areas < 32**2).mean() < 0.7
+
+
+@pytest.mark.parametrize("sizes", [(0.0, 0.5), (0.5, 0.2), (0.3, 1.5)])
+def test_object_sizes_out_of_range_are_refused(tmp_path, sizes):
+    with pytest.raises(ValueError, match="object sizes must be fractions"):
+        synthesize(tmp_path, train=1, val=0, object_sizes=sizes)

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from .checkpoints import load_pretrained, model_from_checkpoint, read_checkpoint
 from .config import PRESETS, get_config
+from .data.synthetic import OBJECT_SIZES
 from .model import build_model
 
 
@@ -74,7 +75,8 @@ def _convert(args: argparse.Namespace) -> None:
 def _synthesize(args: argparse.Namespace) -> None:
     from .data import synthesize
 
-    root = synthesize(args.out, train=args.train, val=args.val, image_size=args.image_size, seed=args.seed)
+    root = synthesize(args.out, train=args.train, val=args.val, image_size=args.image_size,
+                      object_sizes=tuple(args.object_sizes), seed=args.seed)
     print(f"{root}: {args.train} training and {args.val} validation images with COCO annotations")
 
 
@@ -129,7 +131,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-drop-epoch", type=int, default=40)
     parser.add_argument("--warmup-steps", type=int, default=0, help="optimiser updates of linear learning-rate warm-up")
     parser.add_argument("--accumulation-steps", type=int, default=1)
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast: faster where the hardware has it (AMX or AVX512-BF16 CPUs, Ampere+ GPUs)")
     parser.add_argument("--image-size", type=int, default=800, help="largest short side of the augmentation recipe")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
@@ -188,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     synthesize.add_argument("out")
     synthesize.add_argument("--train", type=int, default=800)
     synthesize.add_argument("--val", type=int, default=100)
-    synthesize.add_argument("--image-size", type=int, default=256)
+    synthesize.add_argument("--image-size", type=int, default=256, help="the longer side of every image")
+    synthesize.add_argument("--object-sizes", type=float, nargs=2, metavar=("MIN", "MAX"), default=OBJECT_SIZES,
+                            help="object sizes as fractions of the shorter image side (default: %(default)s)")
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(run=_synthesize)
 

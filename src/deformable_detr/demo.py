@@ -10,14 +10,19 @@ import torch
 from .checkpoints import load_pretrained
 from .data import coco_split, recipe, synthesize
 from .model import postprocess
-from .train.engine import TrainConfig, train
+from .train.engine import TrainConfig, native_bf16, train
 from .visualize import draw_detections, save_image, to_uint8
 
 IMAGE_SIZE = 192
+# Seven epochs take about 9 minutes on 2 cores with bfloat16 in hardware; the learning rate drops
+# tenfold for the last one.
+EPOCHS = 7
 
 
-def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float = 8.5, train_images: int = 800, val_images: int = 100) -> dict:
-    """Train from scratch for about ``minutes`` of training time; returns the final COCO metrics."""
+def run_demo(
+    output_dir: str | Path = "runs/demo", *, epochs: int = EPOCHS, train_images: int = 800, val_images: int = 100
+) -> dict:
+    """Train from scratch for ``epochs`` epochs; returns the final COCO metrics."""
     output_dir = Path(output_dir)
     data = output_dir / "data"
     if not (data / "annotations" / "instances_val.json").is_file():
@@ -26,11 +31,13 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float = 8.5, trai
     shutil.rmtree(run, ignore_errors=True)  # the demo always starts afresh
     # From scratch the published lr (2e-4, backbone 2e-5) is too timid for minutes of training.
     # Two-stage (queries from the encoder's proposals) reached 1.5 times the AP of learned queries
-    # at each point of the first 7 minutes, at the same speed.
+    # at each epoch. Dropout only slows a run this short (its random masks took an eighth of a CPU
+    # step), and bfloat16 autocast, where the hardware has it, makes a step about 1.7 times faster.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(
-        data=str(data), output_dir=str(run), preset="tiny", epochs=1000, batch_size=8, lr=5e-4, lr_backbone=5e-4,
-        lr_drop_epoch=1000, image_size=IMAGE_SIZE, workers=2, max_minutes=minutes,
-        model_overrides={"two_stage": True},
+        data=str(data), output_dir=str(run), preset="tiny", epochs=epochs, batch_size=8, lr=5e-4, lr_backbone=5e-4,
+        lr_drop_epoch=max(epochs - 1, 1), image_size=IMAGE_SIZE, workers=2, bf16=native_bf16(device),
+        model_overrides={"two_stage": True, "dropout": 0.0},
     )
     record = train(config)
     _draw_examples(run / "best.pt", data, output_dir / "detections.png")

@@ -1,7 +1,7 @@
 """Training: Hungarian matching, the set-prediction loss, the optimiser recipe and the loop."""
 
 from .criterion import SetCriterion, average_num_boxes
-from .engine import TrainConfig, TrainingError, evaluate_checkpoint, train, train_step
+from .engine import TrainConfig, TrainingError, evaluate_checkpoint, native_bf16, train, train_step
 from .matcher import HungarianMatcher
 from .optim import build_lr_scheduler, build_optimizer, parameter_groups
 
@@ -14,6 +14,7 @@ __all__ = [
     "build_lr_scheduler",
     "build_optimizer",
     "evaluate_checkpoint",
+    "native_bf16",
     "parameter_groups",
     "train",
     "train_step",

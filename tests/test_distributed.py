@@ -88,10 +88,11 @@ def test_sync_batch_norm_checkpoints_load_as_batch_norm(tmp_path):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    # Many objects per image and 13 validation images: a model trained for one epoch then finds a
-    # few, so that the metrics compared are not all zeros; 13 is odd, so that the distributed sampler
-    # pads one process's share with an image the other process also evaluates.
-    return synthesize(tmp_path_factory.mktemp("shapes"), train=8, val=13, image_size=96, max_objects=20, seed=3)
+    # Many objects per image, small ones included, and 13 validation images: a model trained for one
+    # epoch then finds a few, so that the metrics compared are not all zeros; 13 is odd, so that the
+    # distributed sampler pads one process's share with an image the other process also evaluates.
+    return synthesize(tmp_path_factory.mktemp("shapes"), train=8, val=13, image_size=96, max_objects=20,
+                      object_sizes=(0.05, 0.45), seed=3)
 
 
 def torchrun(*arguments: str) -> subprocess.CompletedProcess:
@@ -108,7 +109,9 @@ import json, sys
 from deformable_detr.distributed import rank
 from deformable_detr.train import evaluate_checkpoint
 metrics = evaluate_checkpoint(sys.argv[1], sys.argv[2], batch_size=1, image_size=96, workers=0)
-print(json.dumps({"rank": rank(), **metrics}))
+# One write of one line: print writes the line and its newline separately when unbuffered
+# (PYTHONUNBUFFERED), and the two processes' lines could then interleave.
+sys.stdout.write(json.dumps({"rank": rank(), **metrics}) + "\\n")
 """
 
 

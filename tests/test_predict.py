@@ -73,8 +73,11 @@ def test_boxes_are_in_the_input_images_pixels(detector, trained):
     image = torch.from_numpy(np.array(Image.open(val_images(trained[1])[0]).convert("RGB"))).permute(2, 0, 1)
     doubled = image.repeat_interleave(2, 1).repeat_interleave(2, 2)
     small, large = detector.predict([image, doubled], threshold=0.0, batch_size=1)
-    # The doubled image is resized back to the same model input, so its boxes are twice as large.
-    torch.testing.assert_close(large.boxes[:10], small.boxes[:10] * 2, rtol=0, atol=1.0)
+    # The doubled image is resized back to nearly the same model input, so its boxes are twice as
+    # large. Nearly: scores differ a little and close ones may swap ranks, so each of the best boxes
+    # is matched to the nearest of the doubled image's.
+    distances = torch.cdist(small.boxes[:5] * 2, large.boxes[:20], p=float("inf"))
+    assert distances.min(1).values.max() <= 1.0
     assert large.boxes.min() >= 0 and large.boxes[:, 2].max() <= 192 and large.boxes[:, 3].max() <= 192
 
 

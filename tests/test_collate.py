@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -16,6 +17,15 @@ def test_pads_to_the_largest_image_and_masks_the_padding():
     assert padding_mask[1, :, :4].logical_not().all() and padding_mask[1, :, 4:].all()
     assert (images[padding_mask.unsqueeze(1).expand_as(images)] == 0).all()
     assert out_targets == targets
+
+
+def test_pads_up_to_a_multiple_of_the_size():
+    images, padding_mask, _ = collate([(torch.randn(3, 5, 7), {}), (torch.randn(3, 9, 4), {})], pad_to_multiple=8)
+    assert images.shape == (2, 3, 16, 8) and padding_mask.shape == (2, 16, 8)
+    assert padding_mask[0, 5:].all() and padding_mask[0, :, 7].all() and not padding_mask[0, :5, :7].any()
+    assert padding_mask[1, 9:].all() and padding_mask[1, :, 4:].all() and not padding_mask[1, :9, :4].any()
+    with pytest.raises(ValueError, match="multiple must be a positive integer"):
+        collate([(torch.randn(3, 5, 7), {})], pad_to_multiple=0)
 
 
 def test_data_loader_batches_a_data_set(tmp_path):

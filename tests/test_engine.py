@@ -10,7 +10,7 @@ import torch
 from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
-from deformable_detr.train import SetCriterion
+from deformable_detr.train import SetCriterion, engine
 from deformable_detr.train.engine import TrainConfig, TrainingError, train
 
 
@@ -65,6 +65,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
     with pytest.raises(TrainingError, match="non-finite loss .* at epoch 1, step 0"):
         train(dataclasses.replace(run, epochs=2, resume=True))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_cli_pads_training_batches_to_the_multiple(data, tmp_path, monkeypatch):
+    sizes = []
+
+    def recording_step(model, criterion, optimizer, images, *args, **kwargs):
+        sizes.append(tuple(images.shape[-2:]))
+        return train_step(model, criterion, optimizer, images, *args, **kwargs)
+
+    train_step = engine.train_step
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    arguments = ["--epochs", "1", "--batch-size", "4", "--image-size", "96", "--workers", "0", "--pad-to-multiple", "32"]
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), *arguments]) == 0
+    assert len(sizes) == 2 and all(height % 32 == 0 and width % 32 == 0 for height, width in sizes)
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):

@@ -134,7 +134,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast: faster where the hardware has it (AMX or AVX512-BF16 CPUs, Ampere+ GPUs)")
     parser.add_argument("--image-size", type=int, default=800, help="largest short side of the augmentation recipe")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pad-to-multiple", type=int, default=1,
+                        help="pad training batches to a multiple of this size; 32 makes CPU steps faster (fewer shapes)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data-loading processes; on a machine with few cores 0 can be faster")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")

@@ -29,10 +29,13 @@ class MLP(nn.Module):
         return x
 
 
-def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Pad (3, H, W) images at the bottom and right to one batch; mask True on the padding."""
-    height = max(image.shape[-2] for image in images)
-    width = max(image.shape[-1] for image in images)
+def pad_images(images: Sequence[Tensor], *, multiple: int = 1) -> tuple[Tensor, Tensor]:
+    """Pad (3, H, W) images at the bottom and right to one batch, its height and width rounded up to
+    ``multiple``; mask True on the padding."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be a positive integer, got {multiple}")
+    height = math.ceil(max(image.shape[-2] for image in images) / multiple) * multiple
+    width = math.ceil(max(image.shape[-1] for image in images) / multiple) * multiple
     first = images[0]
     batch = first.new_zeros((len(images), first.shape[0], height, width))
     padding_mask = torch.ones((len(images), height, width), dtype=torch.bool, device=first.device)

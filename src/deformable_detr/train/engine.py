@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -60,6 +61,10 @@ class TrainConfig:
     accumulation_steps: int = 1
     bf16: bool = False
     image_size: int = 800  # the augmentation recipe, scaled so that its largest short side is this
+    # Training batches padded to a multiple of this: on the CPU, 32 saved a seventh of the time of
+    # the demo's steps (oneDNN builds kernels for every new input shape, and the recipe makes almost
+    # every batch a new one). The published recipe pads to the largest image only (1).
+    pad_to_multiple: int = 1
     workers: int = 2
     seed: int = 42
     train_split: str = "train"
@@ -244,7 +249,9 @@ def _to_float(value: Any) -> Any:
     return value
 
 
-def _loader(dataset, *, batch_size: int, train: bool, workers: int, seed: int, epoch: int) -> DataLoader:
+def _loader(
+    dataset, *, batch_size: int, train: bool, workers: int, seed: int, epoch: int, pad_to_multiple: int = 1
+) -> DataLoader:
     if is_distributed():
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
         sampler.set_epoch(epoch)
@@ -254,7 +261,8 @@ def _loader(dataset, *, batch_size: int, train: bool, workers: int, seed: int, e
     else:
         sampler = SequentialSampler(dataset)
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)  # worker seeds
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=functools.partial(collate, pad_to_multiple=pad_to_multiple),
                       generator=generator, persistent_workers=False)
 
 
@@ -336,7 +344,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         for epoch in range(start_epoch, config.epochs):
             loader = _loader(train_set, batch_size=config.batch_size, train=True, workers=config.workers,
-                             seed=config.seed, epoch=epoch)
+                             seed=config.seed, epoch=epoch, pad_to_multiple=config.pad_to_multiple)
             epoch_start = time.perf_counter()
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                       **train_one_epoch(trained, criterion, loader, optimizer, scheduler, device=device, epoch=epoch,

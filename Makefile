@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ms_deform_attn.py
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_batches.py
 
 demo: $(STAMP)
 	$(BIN)/deformable-detr demo

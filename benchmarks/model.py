@@ -75,13 +75,16 @@ def ours_with(implementation: str, function: Callable[[], None]) -> Callable[[],
     return run
 
 
-def report(title: str, times: dict[str, float], unit: str, images_per_step: int | None = None) -> None:
+def report(
+    title: str, times: dict[str, float], unit: str, images_per_step: int | None = None,
+    baseline: str = "ours (fused op)",
+) -> None:
     print(f"\n{title}")
-    baseline = times["ours (fused op)"]
+    width = max(28, *map(len, times))
     for name, seconds in times.items():
         throughput = f" {images_per_step / seconds:7.1f} images/s" if images_per_step else ""
-        print(f"  {name:28s} {seconds:8.3f} s/{unit}{throughput}"
-              f"   {seconds / baseline:5.2f}x the time of ours (fused op)")
+        print(f"  {name:{width}s} {seconds:8.3f} s/{unit}{throughput}"
+              f"   {seconds / times[baseline]:5.2f}x the time of {baseline}")
 
 
 def inference(repeats: int, with_huggingface: bool) -> None:

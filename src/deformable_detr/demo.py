@@ -33,9 +33,9 @@ def run_demo(
     # Two-stage (queries from the encoder's proposals) reached 1.5 times the AP of learned queries
     # at each epoch. Dropout only slows a run this short (its random masks took an eighth of a CPU
     # step), and bfloat16 autocast, where the hardware has it, makes a step about 1.7 times faster.
-    # Batches padded to a multiple of 32 come in a few shapes instead of one new shape a step, for
-    # each of which oneDNN would build its kernels anew. Loading in the training process (15 ms a
-    # batch) leaves both cores of a small machine to the training threads.
+    # Batches padded to a multiple of 32 come in a few shapes instead of one new shape a step, whose
+    # kernels would overflow oneDNN's cache. Loading in the training process (15 ms a batch) leaves
+    # both cores of a small machine to the training threads.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(
         data=str(data), output_dir=str(run), preset="tiny", epochs=epochs, batch_size=8, lr=5e-4, lr_backbone=5e-4,

@@ -61,9 +61,9 @@ class TrainConfig:
     accumulation_steps: int = 1
     bf16: bool = False
     image_size: int = 800  # the augmentation recipe, scaled so that its largest short side is this
-    # Training batches padded to a multiple of this: on the CPU, 32 saved a seventh of the time of
-    # the demo's steps (oneDNN builds kernels for every new input shape, and the recipe makes almost
-    # every batch a new one). The published recipe pads to the largest image only (1).
+    # Training batches padded to a multiple of this. The recipe makes almost every batch a new
+    # shape, and on the CPU the kernels oneDNN builds per shape overflow its cache; 32 made the
+    # demo's epochs a tenth faster. The published recipe pads to the largest image only (1).
     pad_to_multiple: int = 1
     workers: int = 2
     seed: int = 42

@@ -96,10 +96,12 @@ class MSDeformAttn(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         # In-place updates below act on fresh outputs of linear layers, whose backward does not
         # need them: at COCO size each spares a pass over, and an allocation of, a large tensor.
-        value = self.value_proj(value)
+        # The layers run on rows (N * L, C): their output is then no view, whose in-place update
+        # autograd would undo by copying the whole tensor twice in the backward.
+        value = self.value_proj(value.reshape(-1, value.shape[-1]))
         if padding_mask is not None:
-            value.masked_fill_(padding_mask[..., None], 0.0)
-        value = value.view(batch, value.shape[1], heads, self.d_model // heads)
+            value.masked_fill_(padding_mask.reshape(-1, 1), 0.0)
+        value = value.view(batch, -1, heads, self.d_model // heads)
 
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = F.softmax(weights, -1).view(batch, num_queries, heads, levels, points)
@@ -109,7 +111,8 @@ class MSDeformAttn(nn.Module):
             # Offsets are in pixels of each level: divided by (W, H), which is folded into the
             # layer's (small) weights rather than applied to its (large) output.
             normaliser = spatial_shapes.flip(-1).to(query.dtype)[None, :, None, :].expand(heads, -1, points, -1).reshape(-1)
-            offsets = F.linear(query, self.sampling_offsets.weight / normaliser[:, None], self.sampling_offsets.bias / normaliser)
+            offsets = F.linear(query.reshape(-1, query.shape[-1]), self.sampling_offsets.weight / normaliser[:, None],
+                               self.sampling_offsets.bias / normaliser)
             # Every head's and point's offset starts from the query's reference point on its level.
             # Broadcast, that addition is a slow loop over rows two wide on the CPU (a third of the
             # module's forward); as a product with the 0/1 matrix that places each (level, x | y)
@@ -117,7 +120,7 @@ class MSDeformAttn(nn.Module):
             placement = torch.eye(levels * 2, dtype=offsets.dtype, device=offsets.device).view(1, levels, 1, 2, -1)
             placement = placement.expand(heads, -1, points, -1, -1).reshape(-1, levels * 2)
             reference_xy = reference_points.reshape(-1, levels * 2).to(offsets.dtype)
-            locations = offsets.view(-1, offsets.shape[-1]).addmm_(reference_xy, placement.T).view(location_shape)
+            locations = offsets.addmm_(reference_xy, placement.T).view(location_shape)
         elif reference_points.shape[-1] == 4:
             # Offsets are relative to the box: P points span half its width and height.
             centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]

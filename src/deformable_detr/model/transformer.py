@@ -21,9 +21,19 @@ def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
 
 
-def _feed_forward(x: Tensor, linear1: nn.Linear, dropout: nn.Dropout, linear2: nn.Linear) -> Tensor:
-    # ReLU in place: the hidden activations are the largest tensor of a layer.
-    return linear2(dropout(F.relu(linear1(x), inplace=True)))
+def _add_feed_forward(
+    x: Tensor, linear1: nn.Linear, dropout: nn.Dropout, linear2: nn.Linear, output_dropout: nn.Dropout
+) -> Tensor:
+    """``x + output_dropout(linear2(dropout(relu(linear1(x)))))``.
+
+    The ReLU (on a layer's largest tensor) and the sum act in place on the linear layers' outputs,
+    computed on rows of ``x`` so that they are tensors of their own: a linear layer's (N, L, C) output
+    is a view, and autograd undoes an in-place update of a view by copying the whole tensor, twice,
+    in the backward.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    hidden = dropout(F.relu(linear1(rows), inplace=True))
+    return output_dropout(linear2(hidden)).add_(rows).view(x.shape)
 
 
 def _with_position(tensor: Tensor, position: Tensor | None) -> Tensor:
@@ -56,9 +66,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(
             _with_position(src, position), reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
-        # Residual sums accumulate in place into fresh temporaries (see MSDeformAttn.forward).
-        src = self.norm1(self.dropout1(attended).add_(src))
-        return self.norm2(self.dropout3(_feed_forward(src, self.linear1, self.dropout2, self.linear2)).add_(src))
+        src = self.norm1(src + self.dropout1(attended))
+        return self.norm2(_add_feed_forward(src, self.linear1, self.dropout2, self.linear2, self.dropout3))
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -95,8 +104,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         attended = self.cross_attn(
             _with_position(tgt, query_position), reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
         )
-        tgt = self.norm1(self.dropout1(attended).add_(tgt))
-        return self.norm3(self.dropout4(_feed_forward(tgt, self.linear1, self.dropout3, self.linear2)).add_(tgt))
+        tgt = self.norm1(tgt + self.dropout1(attended))
+        return self.norm3(_add_feed_forward(tgt, self.linear1, self.dropout3, self.linear2, self.dropout4))
 
 
 class DeformableTransformerEncoder(nn.Module):

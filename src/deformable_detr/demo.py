@@ -14,8 +14,8 @@ from .train.engine import TrainConfig, native_bf16, train
 from .visualize import draw_detections, save_image, to_uint8
 
 IMAGE_SIZE = 192
-# Ten epochs take about 9.5 minutes on 2 cores with bfloat16 in hardware; the learning rate drops
-# tenfold for the last one, which gains 0.05-0.07 AP in it.
+# Ten epochs take 8-9 training minutes on 2 cores with bfloat16 in hardware (the machine's speed
+# varies); the learning rate drops tenfold for the last one, which gains 0.05-0.07 AP in it.
 EPOCHS = 10
 
 

@@ -145,6 +145,27 @@ def test_tiny_forward_backward_reaches_every_trainable_parameter():
     assert missing == []
 
 
+def _autograd_nodes(root: torch.autograd.graph.Node) -> set[str]:
+    seen, stack, names = set(), [root], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("preset_overrides", [{}, {"two_stage": True}], ids=["tiny", "tiny_two_stage"])
+def test_training_graph_updates_no_view_in_place(preset_overrides):
+    # An in-place update of a view makes autograd copy the whole base tensor twice in the backward.
+    model = build_model("tiny", **preset_overrides).train()
+    outputs = model([torch.randn(3, 128, 96), torch.randn(3, 96, 128)])
+    nodes = _autograd_nodes(outputs["pred_boxes"].grad_fn) | _autograd_nodes(outputs["pred_logits"].grad_fn)
+    assert "AddmmBackward0" in nodes  # the walk reaches the linear layers
+    assert "CopySlices" not in nodes
+
+
 def test_backbone_frozen_stages():
     model = build_model("tiny")
     trainable = {n.split(".")[2] for n, p in model.backbone.named_parameters() if p.requires_grad}

@@ -124,8 +124,8 @@ class MSDeformAttn(nn.Module):
         elif reference_points.shape[-1] == 4:
             # Offsets are relative to the box: P points span half its width and height.
             centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
-            offsets = self.sampling_offsets(query).view(location_shape)
-            locations = offsets.mul_(size * (0.5 / points)).add_(centre)
+            # Out of place: the offsets are a view, and these tensors are small (decoder queries).
+            locations = self.sampling_offsets(query).view(location_shape) * (size * (0.5 / points)) + centre
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
 

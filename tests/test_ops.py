@@ -49,6 +49,15 @@ def random_case(shapes, *, batch=2, queries=5, heads=2, channels=3, points=2, dt
     return value, spatial_shapes, level_start_index, locations, weights
 
 
+def forward_and_gradients(function, case):
+    value, spatial_shapes, level_start_index, locations, weights = (t.clone() for t in case)
+    differentiable = [t.requires_grad_() for t in (value, locations, weights)]
+    output = function(value, spatial_shapes, level_start_index, locations, weights)
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(output.dtype)
+    output.backward(upstream)
+    return [output.detach()] + [t.grad for t in differentiable]
+
+
 CASES = {
     "multi-level": dict(shapes=[(6, 7), (3, 4), (2, 2)]),
     "one level": dict(shapes=[(5, 9)]),
@@ -101,6 +110,24 @@ def test_low_precision_dtypes_follow_float64(dtype):
     assert output.dtype == dtype
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
     torch.testing.assert_close(output.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["one image", "two images"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_reference_in_half_precision_follows_float64(dtype, batch):
+    # With one image each level's value map is a strided view, which torch's CPU grid_sample
+    # misreads in bfloat16; in either precision grid_sample would round the pixel coordinates.
+    case = random_case([(16, 20), (8, 10), (4, 5), (2, 3)], batch=batch, queries=40, heads=8, channels=32, points=4, seed=2)
+    low = [t.to(dtype) if t.is_floating_point() else t for t in case]
+    # The float64 reference on the same rounded inputs: what remains is the op's own rounding.
+    expected = forward_and_gradients(ms_deform_attn_reference, [t.double() if t.is_floating_point() else t for t in low])
+    actual = forward_and_gradients(ms_deform_attn_reference, low)
+    # Two units of the dtype's precision, relative to each value and to the tensor's scale (the
+    # location gradients reach the hundreds).
+    tolerance = 2 * torch.finfo(dtype).eps
+    for name, got, want in zip(["output", "grad value", "grad locations", "grad weights"], actual, expected):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance * want.abs().max().item(), msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

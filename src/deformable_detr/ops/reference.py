@@ -27,6 +27,13 @@ def ms_deform_attn_reference(
     Returns:
         (N, Lq, M * D).
     """
+    # Half precisions sample and sum in float32, as the fused kernels do: grid_sample computes the
+    # pixel coordinates in its input's dtype (bfloat16 has 1/8 px steps at x = 20), and torch's CPU
+    # grid_sample misreads a strided bfloat16 input (NaN, 1e37).
+    dtype = value.dtype
+    value, sampling_locations, attention_weights = (
+        t.to(torch.promote_types(t.dtype, torch.float32)) for t in (value, sampling_locations, attention_weights)
+    )
     batch, _, heads, channels = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     # grid_sample with align_corners=False is exactly the pixel-centre convention of the CUDA kernel.
@@ -45,4 +52,4 @@ def ms_deform_attn_reference(
     sampled = torch.stack(sampled_per_level, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, num_levels * num_points)
     output = (sampled * weights).sum(-1).view(batch, heads * channels, num_queries)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).contiguous().to(dtype)

@@ -145,7 +145,7 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
 
     monkeypatch.setattr(cpu, "_extension", None)
     monkeypatch.setattr(cpu, "_failure", None)
-    monkeypatch.setattr(cpu, "_import_built", lambda name, folder: None)
+    monkeypatch.setattr(cpu, "_import_built", lambda library: None)
     monkeypatch.setattr(cpu, "_build", no_compiler)
     inputs = random_case([(4, 5), (2, 2)])
     with pytest.warns(RuntimeWarning, match="could not be built .*using the reference") as warnings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from choices import TopKReplay
 from test_ops import forward_and_gradients, random_case
 
 from deformable_detr import build_model
@@ -104,44 +105,19 @@ def test_dispatch_follows_the_requested_implementation(monkeypatch):
             pass
 
 
-class ReplayedTopK:
-    """``torch.topk`` that records each choice on a first run and replays it on the second.
-
-    A near-tie in a top-k is decided by rounding, which differs between op paths and CPUs; so two
-    runs are compared on what each choice is given and on what follows from the same choice.
-    """
-
-    def __init__(self) -> None:
-        self.inputs, self.indices, self.replaying, self.replayed = [], [], False, 0
-        self._topk = torch.topk
-
-    def __call__(self, input, k, dim=-1, largest=True, sorted=True):
-        if not self.replaying:
-            result = self._topk(input, k, dim=dim, largest=largest, sorted=sorted)
-            self.inputs.append(input)
-            self.indices.append(result.indices)
-            return result
-        recorded_input, indices = self.inputs[self.replayed], self.indices[self.replayed]
-        torch.testing.assert_close(input, recorded_input, rtol=1e-5, atol=1e-5, msg="the top-k's input")
-        self.replayed += 1
-        return torch.return_types.topk((input.gather(dim, indices), indices))
-
-
 @pytest.mark.parametrize("preset", ["tiny", "r50_two_stage"])
-def test_model_outputs_do_not_depend_on_the_op_path(preset, monkeypatch):
+def test_model_outputs_do_not_depend_on_the_op_path(preset):
     model = build_model(preset).eval()
     with torch.no_grad():
         for parameter in model.parameters():  # leave init, where zero weights hide the sampling
             parameter.add_(torch.randn_like(parameter) * 0.02)
     images = [torch.randn(3, 128, 160), torch.randn(3, 112, 128)]
-    topk = ReplayedTopK()
-    monkeypatch.setattr(torch, "topk", topk)
+    topk = TopKReplay()
     with torch.no_grad():
-        with use_implementation("reference"):
+        with use_implementation("reference"), topk.recording():
             expected = model(images)
-        topk.replaying = True
-        with use_implementation("cpu"):
+        with use_implementation("cpu"), topk.replaying():
             actual = model(images)
-    assert topk.replayed == len(topk.indices) == int(model.config.two_stage)  # the proposal selection
+    assert len(topk.indices) == int(model.config.two_stage)  # the proposal selection
     torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], rtol=1e-5, atol=1e-5)

@@ -44,11 +44,16 @@ def _cache_folder() -> Path:
     return Path(os.environ.get("DEFORMABLE_DETR_CACHE", Path(root) / "deformable_detr"))
 
 
-def _import_built(name: str, folder: Path) -> ModuleType | None:
-    library = folder / f"{name}.so"
+def library_path() -> Path:
+    """Where the kernel built for this source, torch and processor lives (or will, once built)."""
+    name = _build_name()
+    return _cache_folder() / name / f"{name}.so"
+
+
+def _import_built(library: Path) -> ModuleType | None:
     if not library.is_file():
         return None
-    spec = importlib.util.spec_from_file_location(name, library)
+    spec = importlib.util.spec_from_file_location(library.stem, library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -73,11 +78,10 @@ def load_extension() -> ModuleType | None:
     global _extension, _failure
     if _extension is not None or _failure is not None:
         return _extension
-    name = _build_name()
-    folder = _cache_folder() / name
+    library = library_path()
     try:
         # Importing the cached library directly skips torch's build checks (about a second).
-        _extension = _import_built(name, folder) or _build(name, folder)
+        _extension = _import_built(library) or _build(library.stem, library.parent)
     except Exception as error:  # any build failure means: use the reference implementation
         message = str(error).strip()
         _failure = f"{type(error).__name__}: {message.splitlines()[-1] if message else ''}"

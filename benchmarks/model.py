@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from deformable_detr import ModelConfig, build_model, get_config
+from deformable_detr.environment import machine_summary
 from deformable_detr.huggingface import state_dict_from_huggingface
 from deformable_detr.ops import use_implementation
 
@@ -158,8 +159,7 @@ def main() -> None:
         with_huggingface = True
     except ImportError:
         with_huggingface = False
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}"
-          + ("" if with_huggingface else "; transformers not installed"))
+    print(f"{machine_summary()}; median of {args.repeats}" + ("" if with_huggingface else "; transformers not installed"))
     if not args.skip_inference:
         inference(args.repeats, with_huggingface)
     if not args.skip_training:

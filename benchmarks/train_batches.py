@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from deformable_detr import build_model
 from deformable_detr.data import coco_split, collate, recipe, synthesize
+from deformable_detr.environment import machine_summary
 from deformable_detr.train import SetCriterion, build_optimizer, native_bf16, train_step
 
 from model import report  # benchmarks/model.py, beside this script
@@ -79,7 +80,7 @@ def main() -> None:
         print(time_epoch(data, int(pad_to_multiple), int(workers)))
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 {native_bf16(torch.device('cpu'))}, "
+    print(f"{machine_summary()}; bf16 {native_bf16(torch.device('cpu'))}, "
           f"{args.steps} steps an epoch, median of {args.repeats}")
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     with tempfile.TemporaryDirectory() as folder:

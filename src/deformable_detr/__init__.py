@@ -1,5 +1,7 @@
 """Deformable DETR: complete, checkpoint-compatible, on CPU and CUDA."""
 
+import importlib.metadata
+
 from .checkpoints import CheckpointError, convert_checkpoint, load_pretrained, save_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .explain import explain
@@ -27,4 +29,4 @@ __all__ = [
     "save_checkpoint",
 ]
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("deformable-detr")

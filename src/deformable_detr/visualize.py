@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .files import atomic_write
 
 
@@ -33,7 +34,7 @@ def draw_detections(
     return draw_bounding_boxes(image, boxes, labels, colors="yellow", width=2, fill_labels=True, label_colors="black")
 
 
-def to_uint8(image: Tensor, mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225)) -> Tensor:
+def to_uint8(image: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Tensor:
     """Undo ImageNet normalisation: a float (3, H, W) model input back to uint8 pixels."""
     pixels = image * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)

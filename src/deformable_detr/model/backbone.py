@@ -78,7 +78,7 @@ class Backbone(nn.Module):
         layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
         self.num_channels = [_out_channels(getattr(resnet, layer)) for layer in layers]
         self.body = IntermediateLayerGetter(resnet, return_layers={layer: str(i) for i, layer in enumerate(layers)})
-        # Channels-last convolutions skip oneDNN's layout conversions (a third faster on CPU), and
+        # Channels-last convolutions skip oneDNN's layout conversions on the CPU, and
         # their outputs flatten into the transformer's (N, H*W, C) sequences without a copy.
         self.body.to(memory_format=torch.channels_last)
 

@@ -1,0 +1,128 @@
+"""What this installation runs on, for bug reports and for labelling measured figures.
+
+Rounding, and with it every figure this package measures, depends on the processor: oneDNN picks
+AMX, AVX-512 or AVX2 kernels, and each sums in its own order. ``deformable-detr info`` prints the
+whole report; the benchmarks print :func:`machine_summary` above their tables.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .ops import cpu
+
+
+def cpu_name() -> str:
+    """The processor's model name, as ``lscpu`` shows it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_extensions() -> dict[str, bool]:
+    """The vector and matrix extensions that decide which kernels oneDNN and torch run."""
+    return {
+        "AVX2": torch.cpu._is_avx2_supported(),
+        "AVX-512": torch.cpu._is_avx512_supported(),
+        "AVX512-BF16": torch.cpu._is_avx512_bf16_supported(),
+        "AMX": torch.cpu._is_amx_tile_supported(),
+    }
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 in hardware (CUDA GPUs from Ampere on; CPUs with AMX
+    or AVX512-BF16), where bf16 autocast makes training faster; elsewhere it is emulated, and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_summary() -> str:
+    """One line that labels a measured figure: processor, cores, extensions, torch, threads."""
+    extensions = cpu_extensions()
+    present = [name for name, supported in extensions.items() if supported and name != "AMX"]
+    matrix = "AMX" if extensions["AMX"] else "no AMX"
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    limited = f" (oneDNN limited to {limit})" if limit else ""
+    return (f"{cpu_name()}, {_cores()} cores, {' '.join(present) or 'no AVX2'}, {matrix}{limited}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cuda() -> str:
+    if torch.version.cuda is None:
+        return "none (a CPU build of torch)"
+    if not torch.cuda.is_available():
+        return f"CUDA {torch.version.cuda} build, no CUDA device"
+    devices = ", ".join(
+        f"{torch.cuda.get_device_name(index)} (compute {'.'.join(map(str, torch.cuda.get_device_capability(index)))})"
+        for index in range(torch.cuda.device_count())
+    )
+    return f"CUDA {torch.version.cuda}: {devices}"
+
+
+def _fused_cpu_kernel() -> str:
+    library = cpu.library_path()
+    if library.is_file():
+        return f"built, cached at {library}"
+    if cpu.build_failure():
+        return f"cannot be built ({cpu.build_failure()}): the reference runs"
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        return "not built, and no C++ compiler found: the reference will run"
+    return f"not built yet: builds on first use (about 30 s, {compiler}) into {library.parent}"
+
+
+def _implementation(device: str) -> str:
+    try:
+        return ops.implementation_for(device)
+    except RuntimeError as error:  # a forced kernel that cannot run
+        return f"error: {error}"
+
+
+def _training_precision(device: torch.device) -> str:
+    if native_bf16(device):
+        return "float32; --bf16 runs bfloat16 autocast in hardware"
+    return "float32; --bf16 would emulate bfloat16 here (slower)"
+
+
+def report() -> list[tuple[str, str]]:
+    """The report ``deformable-detr info`` prints, as (topic, description) pairs."""
+    extensions = ", ".join(f"{name} {'yes' if supported else 'no'}" for name, supported in cpu_extensions().items())
+    training_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [
+        ("deformable-detr", _version("deformable-detr")),
+        ("python", sys.version.split()[0]),
+        ("torch", f"{torch.__version__}; torchvision {_version('torchvision')}; triton {_version('triton')}"),
+        ("cuda", _cuda()),
+        ("cpu", f"{cpu_name()}, {_cores()} cores, {torch.get_num_threads()} torch threads"),
+        ("cpu extensions", f"{extensions}; torch's kernels: {torch.backends.cpu.get_cpu_capability()}"),
+        ("onednn isa limit", os.environ.get("ONEDNN_MAX_CPU_ISA", "none")),
+        # First: on a new machine, asking which kernel runs on the CPU builds the fused kernel.
+        ("ms_deform_attn", "; ".join(f"{device} tensors -> {_implementation(device)}" for device in ("cpu", "cuda"))
+         + f" (DEFORMABLE_DETR_OP={os.environ.get('DEFORMABLE_DETR_OP', 'auto')})"),
+        ("fused cpu kernel", _fused_cpu_kernel()),
+        ("training", f"on {training_device}, {_training_precision(training_device)}"),
+    ]

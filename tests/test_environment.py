@@ -1,0 +1,61 @@
+"""`deformable-detr info` and the machine line that labels measured figures."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from deformable_detr import environment
+from deformable_detr.cli import main
+from deformable_detr.ops import cpu, use_implementation
+
+
+def test_info_names_versions_processor_kernels_and_precision():
+    report = dict(environment.report())
+    assert report["deformable-detr"] == importlib.metadata.version("deformable-detr")
+    assert report["torch"].startswith(torch.__version__)
+    assert environment.cpu_name() in report["cpu"]
+    for name, supported in environment.cpu_extensions().items():
+        assert f"{name} {'yes' if supported else 'no'}" in report["cpu extensions"]
+    assert ("in hardware" in report["training"]) == environment.native_bf16(torch.device("cpu"))
+    assert "cpu tensors -> " in report["ms_deform_attn"]
+
+
+def test_info_command_prints_the_report_one_topic_a_line(capsys):
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    report = environment.report()
+    assert len(lines) == len(report)
+    for line, (topic, description) in zip(lines, report):
+        assert line.startswith(topic) and line.endswith(description)
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"deformable-detr {importlib.metadata.version('deformable-detr')}"
+
+
+def test_fused_kernel_status_says_whether_and_where_it_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path))
+    status = dict(environment.report())["fused cpu kernel"]
+    assert status.startswith("not built yet") and str(tmp_path) in status
+    cpu.library_path().parent.mkdir(parents=True)
+    cpu.library_path().touch()
+    assert dict(environment.report())["fused cpu kernel"] == f"built, cached at {cpu.library_path()}"
+
+
+def test_op_path_follows_the_requested_implementation():
+    with use_implementation("reference"):
+        assert "cpu tensors -> reference" in dict(environment.report())["ms_deform_attn"]
+
+
+def test_machine_summary_names_the_processor_and_its_matrix_unit(monkeypatch):
+    summary = environment.machine_summary()
+    assert summary.startswith(environment.cpu_name())
+    assert ("no AMX" not in summary) == environment.cpu_extensions()["AMX"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert "oneDNN limited to AVX512_CORE_BF16" in environment.machine_summary()

@@ -1,5 +1,7 @@
 """Training throughput as the trainer runs it: the fused CPU kernel vs the reference op, in float32,
 and the fused kernel under bfloat16 autocast where the CPU computes bfloat16 in hardware.
+``--device cuda``: the r50 preset on 2 images at 800 px (the published training scale), the
+fused Triton kernels against the reference op, each in float32 and under bfloat16 autocast.
 
 One step is :func:`deformable_detr.train.engine.train_step`, the function the training loop calls:
 forward, Hungarian matching and the set loss with every auxiliary term, backward, gradient clipping
@@ -8,13 +10,18 @@ dropout, trained from scratch (trainable batch norm), lr 5e-4, one batch of 8 sy
 at 192 px (the shorter side; the validation resize, i.e. the demo's largest training scale). All
 paths step the same model, interleaved, median of the repeats.
 
-    python benchmarks/train_step.py [--repeats 5] [--threads N]
+    python benchmarks/train_step.py [--repeats 5] [--threads N] [--device cpu|cuda] [--tiny]
+
+``--tiny`` (the tiny preset, one 64 px image) only checks the script, as on CPU tensors under
+``TRITON_INTERPRET=1``, where the fused op is the Triton kernels run by Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
+from typing import Callable
 
 import torch
 
@@ -24,43 +31,66 @@ from deformable_detr.train import SetCriterion, build_optimizer, native_bf16, tr
 
 from model import median_times, ours_with, report  # benchmarks/model.py, beside this script
 
-BATCH_SIZE = 8
-IMAGE_SIZE = 192
+# (preset, batch size, image size, overrides): the demo's on the CPU, the published training on CUDA.
+DEMO = dict(backbone_norm="batch", two_stage=True, dropout=0.0)
+SETTINGS = {"cpu": ("tiny", 8, 192, DEMO), "cuda": ("r50", 2, 800, {}), "tiny": ("tiny", 1, 64, DEMO)}
 
 
-def demo_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict], int]:
+def demo_batch(batch_size: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[dict], int]:
     """One batch of synthetic shapes as the demo's data pipeline makes it, and the data set's class count."""
     with tempfile.TemporaryDirectory() as folder:
-        dataset = coco_split(synthesize(folder, train=BATCH_SIZE, val=0, image_size=IMAGE_SIZE), "train",
-                             recipe(IMAGE_SIZE)[1])
-        images, padding_mask, targets = collate([dataset[index] for index in range(BATCH_SIZE)])
+        dataset = coco_split(synthesize(folder, train=batch_size, val=0, image_size=image_size), "train",
+                             recipe(image_size)[1])
+        images, padding_mask, targets = collate([dataset[index] for index in range(batch_size)])
         return images, padding_mask, targets, dataset.num_classes
+
+
+def synchronized(function: Callable[[], None]) -> Callable[[], None]:
+    """``function`` that returns only once the GPU has finished its work, so that it can be timed."""
+    def run() -> None:
+        function()
+        torch.cuda.synchronize()
+
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset on one 64 px image, to check the script")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    preset, batch_size, image_size, overrides = SETTINGS["tiny" if args.tiny else args.device]
+    # The fused op: the CPU kernel on the CPU; the Triton kernels on CUDA and in Triton's interpreter.
+    fused = "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "auto"
 
-    images, padding_mask, targets, num_classes = demo_batch()
-    model = build_model("tiny", num_classes=num_classes, backbone_norm="batch", two_stage=True, dropout=0.0).train()
+    images, padding_mask, targets, num_classes = demo_batch(batch_size, image_size)
+    images, padding_mask = images.to(device), padding_mask.to(device)
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+    model = build_model(preset, num_classes=num_classes, **overrides).to(device).train()
     criterion = SetCriterion()
     optimizer = build_optimizer(model, lr=5e-4, lr_backbone=5e-4)
 
     def step(bf16: bool = False) -> None:
         train_step(model, criterion, optimizer, images, padding_mask, targets, bf16=bf16)
 
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}; "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, median of {args.repeats}; "
           f"{sum(len(t['labels']) for t in targets)} objects in the batch")
-    contenders = {"ours (fused op)": ours_with("auto", step), "ours (reference op)": ours_with("reference", step)}
-    if native_bf16(torch.device("cpu")):
-        contenders["ours (fused op, bf16)"] = ours_with("auto", lambda: step(bf16=True))
+    contenders = {"ours (fused op)": ours_with(fused, step), "ours (reference op)": ours_with("reference", step)}
+    if native_bf16(device):
+        contenders["ours (fused op, bf16)"] = ours_with(fused, lambda: step(bf16=True))
+        if device.type == "cuda":
+            contenders["ours (reference op, bf16)"] = ours_with("reference", lambda: step(bf16=True))
+    if device.type == "cuda":
+        contenders = {name: synchronized(function) for name, function in contenders.items()}
     times = median_times(contenders, args.repeats)
-    report(f"tiny training step with the set loss, {BATCH_SIZE} x {tuple(images.shape[1:])}", times, "step",
-           images_per_step=BATCH_SIZE)
+    report(f"{preset} training step with the set loss on {device.type}, {batch_size} x {tuple(images.shape[1:])}",
+           times, "step", images_per_step=batch_size)
 
 
 if __name__ == "__main__":

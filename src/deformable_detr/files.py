@@ -1,4 +1,5 @@
-"""Writing files so that a crash or a full disk never leaves a half-written one behind."""
+"""Where the package keeps files, and writing them so that a crash or a full disk never leaves a
+half-written one behind."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+def cache_folder() -> Path:
+    """Where built kernels and the data check's findings are kept: ``$DEFORMABLE_DETR_CACHE``, or
+    ``deformable_detr`` in the user's cache folder."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("DEFORMABLE_DETR_CACHE", Path(root) / "deformable_detr"))
+
 
 # Read once, at import: os.umask can only be read by setting it, which is not safe among threads.
 _UMASK = os.umask(0)

@@ -1,25 +1,37 @@
 """Multi-scale deformable attention, the core op of the model.
 
 Every call in the model goes through :func:`ms_deform_attn`, which dispatches by device: the fused
-kernel on the CPU (``cpu.py``, compiled on first use), the reference elsewhere.
-:func:`ms_deform_attn_reference` is the specification. ``DEFORMABLE_DETR_OP=reference|cpu|auto``
+kernel on the CPU (``cpu.py``, compiled on first use), the fused Triton kernels on CUDA
+(``triton_kernel.py``, imported on first use), the reference elsewhere.
+:func:`ms_deform_attn_reference` is the specification. ``DEFORMABLE_DETR_OP=reference|cpu|triton|auto``
 (or :func:`use_implementation`) forces a path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import warnings
+from types import ModuleType
 from typing import Iterator
 
+import torch
 from torch import Tensor
 
 from . import cpu
 from .reference import ms_deform_attn_reference
 
-__all__ = ["IMPLEMENTATIONS", "ms_deform_attn", "ms_deform_attn_reference", "use_implementation"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "implementation_for",
+    "load_triton_kernel",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "use_implementation",
+]
 
-IMPLEMENTATIONS = ("auto", "reference", "cpu")
+IMPLEMENTATIONS = ("auto", "reference", "cpu", "triton")
 
 
 def _checked(name: str) -> str:
@@ -29,12 +41,15 @@ def _checked(name: str) -> str:
 
 
 _implementation = _checked(os.environ.get("DEFORMABLE_DETR_OP", "auto"))
+_triton_kernel: ModuleType | None = None
+_triton_failure: str | None = None
 
 
 @contextlib.contextmanager
 def use_implementation(name: str) -> Iterator[None]:
-    """Force ``"reference"``, ``"cpu"`` (the fused kernel; an error where it cannot be built) or
-    ``"auto"`` inside the block."""
+    """Force ``"reference"``, ``"cpu"`` (the fused CPU kernel; an error where it cannot be built),
+    ``"triton"`` (the fused Triton kernels, for CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``; an error where Triton is missing) or ``"auto"`` inside the block."""
     global _implementation
     previous, _implementation = _implementation, _checked(name)
     try:
@@ -43,14 +58,43 @@ def use_implementation(name: str) -> Iterator[None]:
         _implementation = previous
 
 
-def _fused_cpu_wanted(value: Tensor) -> bool:
-    if _implementation == "reference" or value.device.type != "cpu":
-        return False
-    if cpu.load_extension() is None:
+def load_triton_kernel() -> ModuleType | None:
+    """The Triton kernels' module, imported on first use, so that the package works where Triton
+    is missing or broken (CPU-only installs).
+
+    Returns None, with one warning, where Triton cannot be imported.
+    """
+    global _triton_kernel, _triton_failure
+    if _triton_kernel is None and _triton_failure is None:
+        try:
+            _triton_kernel = importlib.import_module(f"{__name__}.triton_kernel")
+        except ImportError as error:
+            _triton_failure = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"deformable_detr: Triton could not be imported ({_triton_failure}); "
+                "using the reference implementation on CUDA instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _triton_kernel
+
+
+def implementation_for(device: torch.device | str) -> str:
+    """What :func:`ms_deform_attn` runs for tensors on ``device``: ``"cpu"`` (the fused CPU kernel),
+    ``"triton"`` or ``"reference"``. Builds the CPU kernel or imports Triton where it must know
+    whether they work; raises where a forced one does not."""
+    device_type = torch.device(device).type
+    if _implementation in ("cpu", "auto") and device_type == "cpu":
+        if cpu.load_extension() is not None:
+            return "cpu"
         if _implementation == "cpu":
             raise RuntimeError(f"the fused CPU kernel was requested but could not be built: {cpu.build_failure()}")
-        return False
-    return True
+    if _implementation == "triton" or (_implementation == "auto" and device_type == "cuda"):
+        if load_triton_kernel() is not None:
+            return "triton"
+        if _implementation == "triton":
+            raise RuntimeError(f"the Triton kernels were requested but Triton could not be imported: {_triton_failure}")
+    return "reference"
 
 
 def ms_deform_attn(
@@ -67,6 +111,11 @@ def ms_deform_attn(
     -> (N, Lq, M * D). Differentiable with respect to value, sampling_locations and
     attention_weights; any floating dtype, any device.
     """
-    if _fused_cpu_wanted(value):
-        return cpu.ms_deform_attn_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    implementation = implementation_for(value.device)
+    if implementation == "cpu":
+        function = cpu.ms_deform_attn_cpu
+    elif implementation == "triton":
+        function = _triton_kernel.ms_deform_attn_triton
+    else:
+        function = ms_deform_attn_reference
+    return function(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

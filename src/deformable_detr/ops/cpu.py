@@ -16,6 +16,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..files import cache_folder
+from .registration import register_fused_op
+
 _SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
 _extension: ModuleType | None = None
 _failure: str | None = None
@@ -39,15 +42,10 @@ def _build_name() -> str:
     return f"ms_deform_attn_cpu_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-def _cache_folder() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("DEFORMABLE_DETR_CACHE", Path(root) / "deformable_detr"))
-
-
 def library_path() -> Path:
     """Where the kernel built for this source, torch and processor lives (or will, once built)."""
     name = _build_name()
-    return _cache_folder() / name / f"{name}.so"
+    return cache_folder() / name / f"{name}.so"
 
 
 def _import_built(library: Path) -> ModuleType | None:
@@ -111,12 +109,6 @@ def ms_deform_attn_cpu(
     return load_extension().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-@ms_deform_attn_cpu.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    batch, _, heads, channels = value.shape
-    return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
-
-
 @torch.library.custom_op("deformable_detr::ms_deform_attn_cpu_backward", mutates_args=(), device_types="cpu")
 def ms_deform_attn_cpu_backward(
     grad_output: Tensor,
@@ -133,21 +125,4 @@ def ms_deform_attn_cpu_backward(
     return tuple(grads)
 
 
-@ms_deform_attn_cpu_backward.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_output: Tensor):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = ms_deform_attn_cpu_backward(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
-    return grad_value, None, None, grad_locations, grad_weights
-
-
-ms_deform_attn_cpu.register_autograd(_backward, setup_context=_setup_context)
+register_fused_op(ms_deform_attn_cpu, ms_deform_attn_cpu_backward)

@@ -1,0 +1,178 @@
+"""The fused Triton kernels against the reference: values, all three gradients, dtypes, registration.
+
+With a GPU they run on CUDA tensors; elsewhere in Triton's interpreter on CPU tensors, which needs
+``TRITON_INTERPRET=1`` set before Triton is first imported (Triton's own library functions are
+defined compiled or interpreted at that moment). ``test_ops_triton.py`` runs this module in a
+process of its own, so that no other test module runs under the interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest tests/ops_triton_checks.py   # no GPU
+    python -m pytest tests/ops_triton_checks.py                      # GPU
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from test_ops import forward_and_gradients, random_case
+from test_ops_cpu import with_borders
+
+from deformable_detr import ops
+from deformable_detr.ops import cpu, ms_deform_attn, ms_deform_attn_reference, use_implementation
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.fail("without a GPU these checks need TRITON_INTERPRET=1 in the environment", pytrace=False)
+triton_kernel = ops.load_triton_kernel()
+assert triton_kernel.INTERPRETED == (DEVICE == "cpu")
+
+# Small but awkward: head widths that are not powers of two, one level and five, one point and
+# four, query counts over one block (64 queries at D=32), no queries at all.
+CASES = {
+    "D=1": dict(shapes=[(6, 7), (3, 4)], channels=1),
+    "D=30": dict(shapes=[(6, 7), (3, 4), (2, 2)], channels=30, heads=3, batch=1),
+    "D=32 P=4": dict(shapes=[(8, 9), (4, 5), (2, 3), (1, 2)], channels=32, heads=2, points=4, queries=7, batch=1),
+    "D=71": dict(shapes=[(5, 5)], channels=71, heads=1),
+    "L=1 P=1": dict(shapes=[(9, 4)], points=1, channels=8),
+    "L=5 P=4": dict(shapes=[(7, 5), (4, 3), (2, 2), (1, 3), (1, 1)], points=4, heads=1, channels=4, batch=1),
+    "two query blocks": dict(shapes=[(5, 6)], queries=70, heads=1, channels=32, points=1, batch=1),
+    "no queries": dict(shapes=[(4, 6), (2, 3)], queries=0, channels=4),
+}
+NAMES = ["output", "grad value", "grad locations", "grad weights"]
+
+
+def on_device(value, spatial_shapes, level_start_index, locations, weights):
+    """The Triton op on DEVICE, for CPU inputs and outputs (gradients flow back through the copies)."""
+    inputs = (value, spatial_shapes, level_start_index, locations, weights)
+    return triton_kernel.ms_deform_attn_triton(*(t.to(DEVICE) for t in inputs)).cpu()
+
+
+def away_from_kinks(case, margin=0.01):
+    """Move every sampling point at least ``margin`` px away from integer pixel coordinates, where
+    bilinear interpolation has a kink and either one-sided derivative is right."""
+    value, spatial_shapes, level_start_index, locations, weights = case
+    sizes = spatial_shapes.flip(-1).to(locations.dtype)[:, None, :]  # (L, 1, 2) as (W, H)
+    pixels = locations * sizes - 0.5
+    nearest = pixels.round()
+    nudged = nearest + torch.where(pixels < nearest, -margin, margin)
+    pixels = torch.where((pixels - nearest).abs() < margin, nudged, pixels)
+    return value, spatial_shapes, level_start_index, (pixels + 0.5) / sizes, weights
+
+
+def cast(case, dtype):
+    return [t.to(dtype) if t.is_floating_point() else t for t in case]
+
+
+def assert_follows_float64_reference(inputs, tolerance):
+    """The kernel against the float64 reference on the same (rounded) inputs: what remains is the
+    kernel's own rounding. ``tolerance`` is relative to each value and, for values that are sums
+    cancelling to near zero, to the tensor's largest (the location gradients reach the tens; in
+    float32 the reference itself is off by 1e-5 there)."""
+    expected = forward_and_gradients(ms_deform_attn_reference, cast(inputs, torch.float64))
+    actual = forward_and_gradients(on_device, inputs)
+    value, _, _, locations, weights = inputs
+    dtypes = [value.dtype, value.dtype, locations.dtype, weights.dtype]
+    for name, got, want, dtype in zip(NAMES, actual, expected, dtypes):
+        assert got.dtype == dtype, name
+        scale = want.abs().max().item() if want.numel() else 0.0
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance * scale, msg=name)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_kernel_equals_reference_forward_and_gradients(case, dtype, tolerance):
+    assert_follows_float64_reference(cast(away_from_kinks(with_borders(random_case(**case))), dtype), tolerance)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
+def test_forward_on_borders_and_pixel_centres(dtype, tolerance):
+    # Exact borders, pixel centres and points wholly outside, where the forward has no kink to avoid.
+    inputs = cast(with_borders(random_case([(4, 5), (2, 3)], points=4)), dtype)
+    expected = ms_deform_attn_reference(*cast(inputs, torch.float64))
+    torch.testing.assert_close(on_device(*inputs).double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_follows_float64(dtype):
+    case = away_from_kinks(random_case([(8, 10), (4, 5), (2, 3)], channels=32, points=4, queries=20, seed=2))
+    # Two units of the dtype's precision: the kernel accumulates in float32 and rounds once.
+    assert_follows_float64_reference(cast(case, dtype), 2 * torch.finfo(dtype).eps)
+
+
+def test_autocast_mix_of_dtypes():
+    # Under bfloat16 autocast the model's values and locations are bfloat16, its softmax weights float32.
+    value, spatial_shapes, level_start_index, locations, weights = away_from_kinks(
+        random_case([(8, 10), (4, 5)], channels=16, points=4, queries=10, seed=3)
+    )
+    inputs = (value.bfloat16(), spatial_shapes, level_start_index, locations.bfloat16(), weights.float())
+    assert_follows_float64_reference(inputs, 2 * torch.finfo(torch.bfloat16).eps)
+
+
+def test_value_gradient_under_contention():
+    # 200 queries of each head sample the same few pixels: the value gradient's atomics collide.
+    value, spatial_shapes, level_start_index, locations, weights = random_case([(3, 3)], queries=200, heads=1, channels=4)
+    locations = 0.5 + (locations - 0.5) * 0.01  # all within 0.03 px of the middle pixel's centre
+    inputs = away_from_kinks((value, spatial_shapes, level_start_index, locations, weights))
+    assert_follows_float64_reference(cast(inputs, torch.float32), 1e-5)
+
+
+def test_non_contiguous_inputs():
+    case = away_from_kinks(random_case([(5, 6), (3, 3)], channels=6))
+    value, spatial_shapes, level_start_index, locations, weights = case
+    # Same values, laid out with other strides.
+    value_t = value.transpose(0, 1).contiguous().transpose(0, 1)
+    locations_t = locations.permute(5, 0, 1, 2, 3, 4).contiguous().permute(1, 2, 3, 4, 5, 0)
+    weights_t = weights.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (value_t.is_contiguous() or locations_t.is_contiguous() or weights_t.is_contiguous())
+    expected = forward_and_gradients(ms_deform_attn_reference, case)
+    actual = forward_and_gradients(on_device, (value_t, spatial_shapes, level_start_index, locations_t, weights_t))
+    for name, got, want in zip(NAMES, actual, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_custom_op_registration():
+    # Schema, fake (meta) implementation, autograd registration and dispatch, as torch checks them.
+    case = random_case([(4, 5), (2, 2)], batch=1, queries=3, heads=1, channels=4, points=1)
+    value, spatial_shapes, level_start_index, locations, weights = (t.to(DEVICE) for t in case)
+    args = (value.requires_grad_(), spatial_shapes, level_start_index, locations.requires_grad_(), weights.requires_grad_())
+    torch.library.opcheck(triton_kernel.ms_deform_attn_triton, args)
+
+
+def test_traces_under_torch_compile():
+    case = away_from_kinks(random_case([(4, 5), (2, 2)], batch=1, heads=1, channels=4, dtype=torch.float32))
+    compiled = torch.compile(on_device, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(forward_and_gradients(compiled, case), forward_and_gradients(on_device, case))
+
+
+def test_dispatch_follows_the_requested_implementation(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "ms_deform_attn_cpu", lambda *args: calls.append("cpu") or ms_deform_attn_reference(*args))
+    monkeypatch.setattr(
+        triton_kernel, "ms_deform_attn_triton", lambda *args: calls.append("triton") or ms_deform_attn_reference(*args)
+    )
+    case = [t.to(DEVICE) for t in random_case([(3, 3)])]
+    for name in ("reference", "triton", "auto"):
+        with use_implementation(name):
+            ms_deform_attn(*case)
+    # "auto": the fused kernel of the tensors' device.
+    assert calls == ["triton", "triton" if DEVICE == "cuda" else "cpu"]
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_kernel, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        triton_kernel.ms_deform_attn_triton(*random_case([(3, 3)]))
+
+
+def test_without_triton_the_reference_runs_after_one_warning(monkeypatch):
+    monkeypatch.setattr(ops, "_triton_kernel", None)
+    monkeypatch.setattr(ops, "_triton_failure", None)
+    monkeypatch.setitem(sys.modules, "deformable_detr.ops.triton_kernel", None)  # makes the import fail
+    with pytest.warns(RuntimeWarning, match="Triton could not be imported .*using the reference") as warnings:
+        assert ops.load_triton_kernel() is None
+        assert ops.load_triton_kernel() is None
+    assert len(warnings) == 1
+    with use_implementation("triton"), pytest.raises(RuntimeError, match="Triton could not be imported"):
+        ms_deform_attn(*random_case([(3, 3)]))

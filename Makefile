@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all bench clean
+.PHONY: demo lint test test-slow test-all bench clean
 
 # The venv is rebuilt whenever the package metadata changes.
 $(STAMP): pyproject.toml
@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
@@ -26,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/train_batches.py
+	$(BIN)/python benchmarks/check_data.py
 
 demo: $(STAMP)
 	$(BIN)/deformable-detr demo

@@ -23,7 +23,7 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -145,7 +145,7 @@ def main() -> None:
             for backward in (False, True):
                 inputs = make_inputs(queries, backward, args.locations, getattr(torch, dtype), args.device, **sizes)
                 times = {name: [] for name in paths}
-                for name, function in paths.items():  # warm-up (and compilation)
+                for function in paths.values():  # warm-up (and compilation)
                     run(function, inputs, backward)
                 for _ in range(args.repeats):
                     for name, function in paths.items():

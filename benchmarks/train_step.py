@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,8 +7,8 @@ and on what follows from the same choice, never on two choices that may legitima
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 from unittest import mock
 
 import torch

@@ -16,11 +16,12 @@ import sys
 
 import pytest
 import torch
-from test_ops import forward_and_gradients, random_case
 from test_ops_cpu import with_borders
 
 from deformable_detr import ops
 from deformable_detr.ops import cpu, ms_deform_attn, ms_deform_attn_reference, use_implementation
+
+from test_ops import forward_and_gradients, random_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import R50_PRESETS
 
-from deformable_detr import CheckpointError, PRESETS, build_model, load_pretrained, save_checkpoint
-from deformable_detr import checkpoints
+from deformable_detr import PRESETS, CheckpointError, build_model, checkpoints, load_pretrained, save_checkpoint
 from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint
 from deformable_detr.cli import main
 
@@ -197,7 +196,7 @@ def test_weights_that_do_not_fit_their_config(tmp_path):
 @pytest.mark.parametrize(
     "content, problem",
     [
-        (b"not a checkpoint at all", "not a readable PyTorch checkpoint"),
+        (b"not a checkpoint at all", "not a checkpoint \\(not a PyTorch file"),
         (None, "not a Deformable DETR checkpoint"),
         ([1, 2, 3], "expected a dict of weights, found list"),
     ],

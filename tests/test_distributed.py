@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from choices import MatchReplay
 from torch.nn.parallel import DistributedDataParallel
 
 from deformable_detr import build_model, load_pretrained, save_checkpoint
 from deformable_detr.data import synthesize
 from deformable_detr.evaluation import METRICS
 from deformable_detr.train import SetCriterion, evaluate_checkpoint
+
+from choices import MatchReplay
 
 
 def global_batch():

@@ -50,7 +50,7 @@ def test_fused_kernel_status_says_whether_and_where_it_is_cached(tmp_path, monke
 
 def test_op_path_follows_the_requested_implementation():
     with use_implementation("reference"):
-        assert "cpu tensors -> reference" in dict(environment.report())["ms_deform_attn"]
+        assert "cpu tensors -> the reference" in dict(environment.report())["ms_deform_attn"]
 
 
 def test_machine_summary_names_the_processor_and_its_matrix_unit(monkeypatch):

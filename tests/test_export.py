@@ -10,11 +10,12 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from choices import TopKReplay
 
 from deformable_detr import DeformableDETR, build_model, save_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.export import ExportError, export_model
+
+from choices import TopKReplay
 
 # None of these is the size export_model traces with (2 x 3 x 256 x 320); the last one's coarsest
 # feature map is 1 x 1, where the trace's are all at least 2 x 2.
@@ -137,7 +138,7 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     assert main(["export", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "model.onnx")]) == 1
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "broken.pt: not a readable PyTorch checkpoint" in error
+    assert error.count("\n") == 1 and "broken.pt: not a checkpoint" in error
     assert not (tmp_path / "model.onnx").exists()
 
 

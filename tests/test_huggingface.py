@@ -26,8 +26,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from choices import TopKReplay
 from torch import Tensor, nn
+
+from choices import TopKReplay
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")

@@ -256,6 +256,8 @@ def test_unknown_preset_and_bad_config_are_rejected():
         build_model("tiny", num_heads=7)
     with pytest.raises(ValueError, match="two_stage requires with_box_refine"):
         build_model("r50", two_stage=True)
+    with pytest.raises(ValueError, match="num_feature_levels must be 1 .* or at least 3"):
+        build_model("tiny", num_feature_levels=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

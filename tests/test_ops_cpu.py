@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from choices import TopKReplay
-from test_ops import forward_and_gradients, random_case
 
 from deformable_detr import build_model
 from deformable_detr.ops import cpu, ms_deform_attn, ms_deform_attn_reference, use_implementation
+
+from choices import TopKReplay
+from test_ops import forward_and_gradients, random_case
 
 pytestmark = pytest.mark.skipif(cpu.load_extension() is None, reason=f"fused kernel not built: {cpu.build_failure()}")
 

@@ -1,9 +1,8 @@
 import json
 
 import numpy as np
-from PIL import Image
-
 import pytest
+from PIL import Image
 
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 

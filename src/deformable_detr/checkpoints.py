@@ -11,9 +11,10 @@ import dataclasses
 import json
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +32,9 @@ PUBLISHED_IMAGE_SIZE = 800  # the shorter side of the published recipe's validat
 # Index = COCO category id, with placeholders at the ids COCO does not use.
 _COCO_CATEGORIES: list[str] = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# torch.save writes a zip archive (a pickle, protocol 2, before torch 1.6). torch.load fails on other
+# files with messages about pickle opcodes ("101"), so they are told apart first.
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02")
 
 
 class CheckpointError(ValueError):
@@ -91,7 +95,11 @@ def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR) ->
         dec_n_points=config.decoder_points, num_queries=config.num_queries, with_box_refine=config.with_box_refine,
         two_stage=config.two_stage, masks=False,
     )  # fmt: skip
-    state_dict = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("num_batches_tracked")}
+    # Training-only options (hybrid matching's extra queries, ...) have no place in the reference:
+    # their tensors are left out, and the file holds the published architecture.
+    state_dict = {
+        name: tensor for name, tensor in model.inference_state_dict().items() if not name.endswith("num_batches_tracked")
+    }
     with atomic_write(path) as temporary:
         torch.save({"model": state_dict, "args": args}, temporary)
 
@@ -235,6 +243,11 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as file:
+        if not file.read(4).startswith(_TORCH_FILE_STARTS):
+            raise CheckpointError(
+                f"{path}: not a checkpoint (not a PyTorch file, nor .safetensors, nor a Hugging Face folder)"
+            )
     # Released reference checkpoints pickle their training flags as an argparse.Namespace. It is the
     # only class allowed on top of weights-only loading: a plain attribute bag, safe to rebuild.
     try:

@@ -5,24 +5,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
-from typing import Sequence
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
 
+import torch
+
+from . import __version__
 from .checkpoints import load_pretrained, model_from_checkpoint, read_checkpoint
-from .config import PRESETS, get_config
+from .config import PRESETS, ModelConfig, get_config
+from .data.formats import FORMATS
 from .data.synthetic import OBJECT_SIZES
 from .model import build_model
 
 
 def _presets(_: argparse.Namespace) -> None:
     for name in PRESETS:
-        model = build_model(name)
+        with torch.device("meta"):  # shapes only: counts the parameters without allocating them
+            model = build_model(name)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         config = get_config(name)
         print(
             f"{name:22s} {config.backbone:10s} d_model {config.d_model:4d}  levels {config.num_feature_levels}"
             f"  refine {config.with_box_refine!s:5s}  two-stage {config.two_stage!s:5s}  {trainable:>12,d} trainable parameters"
         )
+
+
+def _info(_: argparse.Namespace) -> None:
+    from .environment import report
+
+    for topic, description in report():
+        print(f"{topic:17s} {description}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -84,31 +98,39 @@ def _train_config(args: argparse.Namespace):
     from .train.engine import TrainConfig
 
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{key: value for key, value in vars(args).items() if key in fields})
+    named = {flag: getattr(args, flag) for flag in _MODEL_FLAGS if getattr(args, flag) is not None}
+    model_overrides = {**dict(args.model_option or []), **named}
+    return TrainConfig(**{key: value for key, value in vars(args).items() if key in fields}, model_overrides=model_overrides)
 
 
 def _train(args: argparse.Namespace) -> None:
     from .train.engine import train
 
-    record = train(_train_config(args))
-    _print_metrics(record)
+    train(_train_config(args))  # it prints the best epoch, its metrics and where best.pt is
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from .train.engine import evaluate_checkpoint
 
     _print_metrics(evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                                       image_size=args.image_size, workers=args.workers))
+                                       image_size=args.image_size, workers=args.workers, format=args.format))
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from .data import check_data
+
+    report = check_data(args.data, format=args.format, splits=args.split)
+    print(report)
+    return 1 if report.stops_training else 0
 
 
 def _print_metrics(record: dict) -> None:
     from .distributed import is_main_process
+    from .train.engine import format_metrics
 
-    if not is_main_process():
-        return  # under torchrun every process has the same metrics: the first one prints them
-    metrics = [key for key in ("AP", "AP50", "AP75", "APs", "APm", "APl") if key in record]
-    if metrics:
-        print("  ".join(f"{key} {record[key]:.3f}" for key in metrics))
+    line = format_metrics(record)
+    if line and is_main_process():  # under torchrun every process has the same metrics: the first one prints them
+        print(line)
 
 
 def _demo(_: argparse.Namespace) -> None:
@@ -118,7 +140,7 @@ def _demo(_: argparse.Namespace) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="folder with <split>/ images and annotations/instances_<split>.json")
+    parser.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set (see check-data)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--train-split", default="train", help="e.g. train2017 for COCO")
     parser.add_argument("--val-split", default="val", help="e.g. val2017 for COCO; evaluated after every epoch")
@@ -143,11 +165,65 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")
     parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
     parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this much training time")
+    options = parser.add_argument_group("training-only options (off by default; the model trained keeps the published architecture)")
+    options.add_argument("--look-forward-twice", action="store_true", default=None,
+                         help="DINO: layer i's box loss also trains layer i-1's box (needs box refinement)")
+    options.add_argument("--mixed-query-selection", action="store_true", default=None,
+                         help="DINO: two-stage proposals give positions only; the content query is learned")
+    options.add_argument("--one-to-many-queries", type=int,
+                         help="H-DETR hybrid matching: this many extra queries, matched to every target k times")
+    options.add_argument("--one-to-many-repeats", type=int, default=6, help="k of hybrid matching")
+    options.add_argument("--one-to-many-weight", type=float, default=1.0, help="weight of the one-to-many group's loss")
+
+
+def _add_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, help="data set format (default: detected from the files)")
+
+
+# ModelConfig fields with a flag of their own; --model-option sets any field.
+_MODEL_FLAGS = ("two_stage", "with_box_refine", "num_queries", "dropout", "backbone", "num_feature_levels",
+                "look_forward_twice", "mixed_query_selection", "one_to_many_queries")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model options (default: the preset's)")
+    group.add_argument("--two-stage", action=argparse.BooleanOptionalAction, help="queries from the encoder's proposals (needs box refinement)")
+    group.add_argument("--with-box-refine", action=argparse.BooleanOptionalAction, help="iterative box refinement")
+    group.add_argument("--num-queries", type=int)
+    group.add_argument("--dropout", type=float)
+    group.add_argument("--backbone", help="a torchvision ResNet: resnet18, resnet50, resnet101, ...")
+    group.add_argument("--num-feature-levels", type=int)
+    group.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE",
+                       help="any ModelConfig field, e.g. position_embedding=learned (repeatable)")
+
+
+def _model_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as a ModelConfig field and its value, parsed by the field's type."""
+    key, separator, value = text.partition("=")
+    field_types = typing.get_type_hints(ModelConfig)
+    if not separator or key not in field_types:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY one of {', '.join(field_types)}")
+    field_type = field_types[key]
+    if isinstance(field_type, types.UnionType):  # X | None
+        if value.lower() in ("none", "null"):
+            return key, None
+        field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
+    if field_type is bool:
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if value.lower() not in truth:
+            raise argparse.ArgumentTypeError(f"{key} takes true or false, not {value!r}")
+        return key, truth[value.lower()]
+    try:
+        return key, field_type(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key} takes a {field_type.__name__}, not {value!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR object detection.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, processor, kernels and precision: paste it into bug reports").set_defaults(run=_info)
     commands.add_parser("presets", help="list the model presets").set_defaults(run=_presets)
 
     inspect = commands.add_parser("inspect", help="read a checkpoint (ours, reference or Hugging Face) and describe it")
@@ -200,18 +276,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(run=_synthesize)
 
-    train = commands.add_parser("train", help="train on a COCO-format data set")
+    train = commands.add_parser("train", help="train on a COCO, Pascal VOC or YOLO data set")
     _add_training_arguments(train)
+    _add_format_argument(train)
+    _add_model_arguments(train)
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="COCO AP of a checkpoint on a data set")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set")
+    _add_format_argument(evaluate)
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--batch-size", type=int, default=2)
     evaluate.add_argument("--image-size", type=int, default=800)
     evaluate.add_argument("--workers", type=int, default=2)
     evaluate.set_defaults(run=_evaluate)
+
+    check = commands.add_parser("check-data", help="what a data set holds and every problem in it, one line each")
+    check.add_argument("data", help="a COCO, Pascal VOC or YOLO data set")
+    _add_format_argument(check)
+    check.add_argument("--split", action="append", help="a split to check (repeatable; default: all)")
+    check.set_defaults(run=_check_data)
 
     commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data").set_defaults(run=_demo)
 

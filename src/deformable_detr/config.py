@@ -39,6 +39,15 @@ class ModelConfig:
     with_box_refine: bool = False
     two_stage: bool = False
     num_classes: int = 91
+    # Training-only improvements from later DETRs, off in the published models. None of them
+    # changes the inference forward or the checkpoint (see README, Design).
+    # Look forward twice (DINO): layer i's box loss also trains layer i-1's box (refinement only).
+    look_forward_twice: bool = False
+    # Mixed query selection (DINO, two-stage only): proposals give the queries' positions, the content
+    # query is learned rather than derived from them.
+    mixed_query_selection: bool = False
+    # Hybrid matching (H-DETR): this many extra queries, matched one-to-many in training only.
+    one_to_many_queries: int = 0
 
     def __post_init__(self) -> None:
         if self.position_embedding not in ("sine", "learned"):
@@ -53,8 +62,17 @@ class ModelConfig:
             # The encoder's proposal heads are the refinement heads' extra entry; the reference
             # implementation cannot run this combination either.
             raise ValueError("two_stage requires with_box_refine (as in the released two-stage model)")
+        if self.num_feature_levels == 2:
+            # Multi-scale takes layer2-4 (three levels) and adds strided levels beyond them.
+            raise ValueError("num_feature_levels must be 1 (layer4 only) or at least 3 (layer2-4, then extra levels)")
         if self.num_feature_levels < 1 or self.num_classes < 1 or self.num_queries < 1:
             raise ValueError("num_feature_levels, num_classes and num_queries must be positive")
+        if self.look_forward_twice and not self.with_box_refine:
+            raise ValueError("look_forward_twice requires with_box_refine (it trains the refinement of earlier layers)")
+        if self.mixed_query_selection and not self.two_stage:
+            raise ValueError("mixed_query_selection requires two_stage (it selects positions from the proposals)")
+        if self.one_to_many_queries < 0:
+            raise ValueError(f"one_to_many_queries must be 0 or more, got {self.one_to_many_queries}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -95,9 +95,12 @@ def _fused_cpu_kernel() -> str:
     return f"not built yet: builds on first use (about 30 s, {compiler}) into {library.parent}"
 
 
+_KERNELS = {"cpu": "the fused CPU kernel", "triton": "the Triton kernels", "reference": "the reference (grid_sample)"}
+
+
 def _implementation(device: str) -> str:
     try:
-        return ops.implementation_for(device)
+        return _KERNELS[ops.implementation_for(device)]
     except RuntimeError as error:  # a forced kernel that cannot run
         return f"error: {error}"
 

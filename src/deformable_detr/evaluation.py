@@ -11,7 +11,8 @@ import contextlib
 import io
 import json
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,8 @@ class CocoEvaluator:
 
     def __init__(self, coco: COCO) -> None:
         self.coco = coco
-        # image id -> (K, 6) float64 rows [x, y, w, h, score, category id]: compact to gather, and an
-        # image seen with no detections still counts (its objects are all missed).
+        # image id -> (K, 6) float64 rows [x1, y1, x2, y2, score, category id]: compact to gather, and
+        # an image seen with no detections still counts (its objects are all missed).
         self._detections: dict[int, Tensor] = {}
 
     def update(self, results: Sequence[dict[str, Tensor]], image_ids: Iterable[int] | Tensor) -> None:
@@ -48,7 +49,7 @@ class CocoEvaluator:
         for image_id, result in zip(image_ids, results):
             if image_id not in self.coco.imgs:
                 raise ValueError(f"image id {image_id} is not in the ground truth")
-            boxes = box_convert(result["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4), "xyxy", "xywh")
+            boxes = result["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
             scores = result["scores"].detach().to("cpu", torch.float64).reshape(-1, 1)
             labels = result["labels"].detach().to("cpu", torch.float64).reshape(-1, 1)
             self._detections[image_id] = torch.cat([boxes, scores, labels], 1)
@@ -85,11 +86,20 @@ class CocoEvaluator:
         return dict(zip(METRICS, (float(value) for value in evaluation.stats)))
 
 
+def coco_results(image_id: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> list[dict[str, Any]]:
+    """One image's detections, boxes (K, 4) as absolute (x1, y1, x2, y2), in the COCO results format."""
+    xywh = box_convert(boxes.reshape(-1, 4), "xyxy", "xywh")
+    return [
+        {"image_id": image_id, "category_id": int(label), "bbox": box, "score": score}
+        for box, score, label in zip(xywh.tolist(), scores.tolist(), labels.tolist())
+    ]
+
+
 def _coco_results(detections: dict[int, Tensor]) -> list[dict[str, Any]]:
     return [
-        {"image_id": image_id, "category_id": int(row[5]), "bbox": row[:4], "score": row[4]}
-        for image_id in sorted(detections)
-        for row in detections[image_id].tolist()
+        result
+        for image_id, rows in sorted(detections.items())
+        for result in coco_results(image_id, rows[:, :4], rows[:, 4], rows[:, 5])
     ]
 
 

@@ -9,8 +9,9 @@ The picture carries its own legend.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont

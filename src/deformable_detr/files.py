@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
 
 def cache_folder() -> Path:
     """Where built kernels and the data check's findings are kept: ``$DEFORMABLE_DETR_CACHE``, or

@@ -5,26 +5,25 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from .checkpoints import PUBLISHED_IMAGE_SIZE, model_from_checkpoint, read_checkpoint
-from .data import DatasetError, inference_transforms, read_image
-from .evaluation import write_results_json
+from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
+from .evaluation import coco_results, write_results_json
 from .model import DeformableDETR, postprocess
 from .visualize import draw_detections, save_image
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 
 
 @dataclass
@@ -179,7 +178,8 @@ def detect_files(
                 batch = detector.predict([image for _, _, image in readable], threshold=threshold, batch_size=batch_size)
                 for (image_id, path, image), detections in zip(readable, batch):
                     _save_annotated(image, detections, out / _unique_name(path, output_names))
-                    results += _coco_results(image_id, path, detections)
+                    results += [dict(result, file_name=str(path)) for result in
+                                coco_results(image_id, detections.boxes, detections.scores, detections.labels)]
             bar.update(len(files[start : start + batch_size]))
     write_results_json(out / "detections.json", results)
     return failures
@@ -198,12 +198,3 @@ def _save_annotated(image: Tensor, detections: Detections, path: Path) -> None:
     names = dict(zip(detections.labels.tolist(), detections.names))
     boxes = {"boxes": detections.boxes, "scores": detections.scores, "labels": detections.labels}
     save_image(draw_detections(image, boxes, names, threshold=0.0), path)
-
-
-def _coco_results(image_id: int, path: Path, detections: Detections) -> list[dict]:
-    xywh = box_convert(detections.boxes, "xyxy", "xywh")
-    return [
-        {"image_id": image_id, "file_name": str(path), "category_id": label, "bbox": [round(v, 2) for v in box],
-         "score": round(score, 4)}
-        for box, label, score in zip(xywh.tolist(), detections.labels.tolist(), detections.scores.tolist())
-    ]  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import colorsys
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from PIL import Image, ImageDraw

@@ -1,23 +1,46 @@
-"""Data: COCO-format data sets, the published augmentations, batching, synthetic shapes, VOC."""
+"""Data: COCO, Pascal VOC and YOLO data sets read into one dataset type, the data check, the published
+augmentations, batching, synthetic shapes."""
 
-from .coco import CocoDataset, DatasetError, coco_split, read_image
+from .check import DataReport, SplitReport, check_data, load_split
+from .coco import CocoDataset, DatasetError, Problem, Split, coco_split, read_coco, read_image
 from .collate import collate
+from .formats import FORMATS, detect_format, read_split, split_names
+from .images import IMAGE_SUFFIXES, ImageProbe, inspect_image
+from .loader import Loader
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import synthesize
 from .transforms import inference_transforms, model_input, recipe, train_transforms, val_transforms
-from .voc import VOC_CLASSES, voc_to_coco
+from .voc import VOC_CLASSES, read_voc, voc_to_coco
+from .yolo import read_yolo
 
 __all__ = [
+    "FORMATS",
+    "IMAGE_SUFFIXES",
     "SYNTHETIC_CLASSES",
     "VOC_CLASSES",
     "CocoDataset",
+    "DataReport",
     "DatasetError",
+    "ImageProbe",
+    "Loader",
+    "Problem",
+    "Split",
+    "SplitReport",
+    "check_data",
     "coco_split",
     "collate",
+    "detect_format",
     "inference_transforms",
+    "inspect_image",
+    "load_split",
     "model_input",
+    "read_coco",
     "read_image",
+    "read_split",
+    "read_voc",
+    "read_yolo",
     "recipe",
+    "split_names",
     "synthesize",
     "train_transforms",
     "val_transforms",

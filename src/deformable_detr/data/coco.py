@@ -1,5 +1,8 @@
 """COCO-format detection data sets: an image folder plus an instances JSON file.
 
+COCO instances data is also what every format's reader returns (a :class:`Split`, with the
+:class:`Problem` s it found), and :class:`CocoDataset` the one dataset type they all become.
+
 Annotations are checked when the data set is built, so a bad file fails before training starts,
 with one line naming the file and the problem (:class:`DatasetError`). Only a corrupt image can
 fail later, when it is read; that error names the image.
@@ -13,11 +16,14 @@ are kept as negatives: their targets hold no boxes and teach the model to predic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -35,6 +41,32 @@ class DatasetError(ValueError):
     """A data file that cannot be used; the message names the file and the problem."""
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong in a data set, found by :func:`~deformable_detr.data.check_data` or a reader."""
+
+    text: str  # one line, starting with the file to fix
+    fatal: bool = True  # it would stop training; otherwise the data set works around it
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class Split:
+    """One split of a data set, whatever its format, as COCO instances data: what every reader returns.
+
+    Image entries may carry a ``source`` (the annotation file they come from, for VOC and YOLO) and
+    annotations a ``source`` naming their file and line; the COCO entries are named by ``annotation_file``.
+    """
+
+    name: str
+    image_dir: Path  # image "file_name"s are relative to it
+    annotation_file: Path  # the instances JSON, the VOC Annotations folder, the YOLO data.yaml
+    data: dict[str, Any]  # "images", "annotations", "categories"
+    problems: list[Problem] = dataclasses.field(default_factory=list)  # found while reading
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError(f"{path}: annotation file not found")
@@ -48,44 +80,76 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _validate(data: dict[str, Any], path: Path) -> None:
-    """Raise on the first entry that would make training or evaluation wrong."""
+def coco_problems(data: dict[str, Any], path: Path) -> list[Problem]:
+    """Every entry of the instances ``data`` (read from ``path``) that would make training or evaluation
+    wrong. The entries at fault are removed from ``data``, so that what is left can be counted."""
+    problems = []
 
-    def fail(problem: str) -> None:
-        raise DatasetError(f"{path}: {problem}")
+    def keep(entries: list, problem_of: Callable[[Any], str | None]) -> list:
+        kept = []
+        for entry in entries:
+            problem = problem_of(entry)
+            if problem is None:
+                kept.append(entry)
+            else:
+                problems.append(Problem(f"{path}: {problem}"))
+        return kept
 
-    category_ids = set()
-    for category in data["categories"]:
-        identifier = category.get("id") if isinstance(category, dict) else None
-        if not isinstance(identifier, int) or isinstance(identifier, bool) or identifier < 0:
-            fail(f"category {category!r} has no id that is a non-negative integer")
-        category_ids.add(identifier)
-    if not category_ids:
-        fail("declares no categories")
+    data["categories"] = keep(data["categories"], _category_problem)
+    if not data["categories"]:
+        problems.append(Problem(f"{path}: declares no categories"))
+    seen: set = set()
+    data["images"] = keep(data["images"], lambda image: _image_problem(image, seen))
+    image_ids = {image["id"] for image in data["images"]}
+    category_ids = {category["id"] for category in data["categories"]}
+    data["annotations"] = keep(data["annotations"], lambda entry: _annotation_problem(entry, image_ids, category_ids))
+    return problems
 
-    image_ids = set()
-    for image in data["images"]:
-        if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
-            fail(f"image entry {image!r} needs 'id', 'file_name', 'width' and 'height'")
-        if image["id"] in image_ids:
-            fail(f"image id {image['id']} appears twice")
-        image_ids.add(image["id"])
 
-    for annotation in data["annotations"]:
-        if not isinstance(annotation, dict) or any(k not in annotation for k in ("image_id", "category_id", "bbox")):
-            fail(f"annotation {annotation!r} needs 'image_id', 'category_id' and 'bbox'")
-        name = f"annotation {annotation.get('id', '?')} (image {annotation['image_id']})"
-        box = annotation["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            fail(f"{name}: bbox {box!r} is not [x, y, width, height]")
-        if not all(math.isfinite(v) for v in box):
-            fail(f"{name}: bbox {box!r} is not finite")
-        if box[2] < 0 or box[3] < 0:
-            fail(f"{name}: bbox {box!r} has a negative width or height")
-        if annotation["image_id"] not in image_ids:
-            fail(f"{name}: no image with that id")
-        if annotation["category_id"] not in category_ids:
-            fail(f"{name}: category id {annotation['category_id']!r} is not among the declared categories")
+def _category_problem(category: Any) -> str | None:
+    identifier = category.get("id") if isinstance(category, dict) else None
+    if not isinstance(identifier, int) or isinstance(identifier, bool) or identifier < 0:
+        return f"category {category!r} has no id that is a non-negative integer"
+    return None
+
+
+def _image_problem(image: Any, seen: set) -> str | None:
+    if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
+        return f"image entry {image!r} needs 'id', 'file_name', 'width' and 'height'"
+    if image["id"] in seen:
+        return f"image id {image['id']} appears twice"
+    seen.add(image["id"])
+    return None
+
+
+def _annotation_problem(annotation: Any, image_ids: set, category_ids: set) -> str | None:
+    if not isinstance(annotation, dict) or any(k not in annotation for k in ("image_id", "category_id", "bbox")):
+        return f"annotation {annotation!r} needs 'image_id', 'category_id' and 'bbox'"
+    name = f"annotation {annotation.get('id', '?')} (image {annotation['image_id']})"
+    box = annotation["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        return f"{name}: bbox {box!r} is not [x, y, width, height]"
+    if not all(math.isfinite(v) for v in box):
+        return f"{name}: bbox {box!r} is not finite"
+    if box[2] < 0 or box[3] < 0:
+        return f"{name}: bbox {box!r} has a negative width or height"
+    if annotation["image_id"] not in image_ids:
+        return f"{name}: no image with that id"
+    if annotation["category_id"] not in category_ids:
+        return f"{name}: category id {annotation['category_id']!r} is not among the declared categories"
+    return None
+
+
+def read_coco(root: str | Path, split: str) -> Split:
+    """The split laid out as COCO is: ``root/<split>/`` images and ``root/annotations/instances_<split>.json``.
+
+    Raises:
+        DatasetError: when the file is missing or not COCO instances JSON at all.
+    """
+    root = Path(root)
+    path = root / "annotations" / f"instances_{split}.json"
+    data = _read_json(path)
+    return Split(split, root / split, path, data, coco_problems(data, path))
 
 
 def coco_index(data: dict[str, Any]) -> COCO:
@@ -108,25 +172,27 @@ class CocoDataset(Dataset):
     :func:`~deformable_detr.data.transforms.model_input`, as ``train_transforms()`` and
     ``val_transforms()`` do; the default is ``model_input()`` alone (no resizing).
 
+    ``data`` is the instances data when already read and checked (a :class:`Split`'s, from any
+    format, as :func:`~deformable_detr.data.load_split` passes it); ``annotation_file`` then only
+    names it in errors.
+
     ``coco`` is the pycocotools index of the annotations, for COCO evaluation.
     """
 
     def __init__(
-        self, image_dir: str | Path, annotation_file: str | Path, transforms: Transforms | None = None
-    ) -> None:
+        self, image_dir: str | Path, annotation_file: str | Path, transforms: Transforms | None = None,
+        *, data: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
-        data = _read_json(self.annotation_file)
-        _validate(data, self.annotation_file)
+        if data is None:
+            data = _read_json(self.annotation_file)
+            _check(data, self.image_dir, self.annotation_file)
         self.coco = coco_index(data)
         self.ids = sorted(self.coco.imgs)
         self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
         self.num_classes = max(self.category_names) + 1
         self.transforms = transforms if transforms is not None else model_input()
-        missing = [self.image_path(i) for i in self.ids if not self.image_path(i).is_file()]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise DatasetError(f"{missing[0]}: image file not found{more}, listed in {self.annotation_file}")
 
     def image_path(self, image_id: int) -> Path:
         return self.image_dir / self.coco.imgs[image_id]["file_name"]
@@ -162,9 +228,20 @@ class CocoDataset(Dataset):
             # The boxes are in the annotated size; another size (e.g. an EXIF-rotated copy) misplaces them.
             raise DatasetError(
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} but "
-                f"{self.annotation_file.name} says {info['width']}x{info['height']}"
+                f"{Path(info.get('source', self.annotation_file)).name} says {info['width']}x{info['height']}"
             )
         return image
+
+
+def _check(data: dict[str, Any], image_dir: Path, annotation_file: Path) -> None:
+    """Raise on the first problem of the instances ``data`` that would stop training, and on missing images."""
+    problems = coco_problems(data, annotation_file)
+    if problems:
+        raise DatasetError(str(problems[0]))
+    missing = [image_dir / image["file_name"] for image in data["images"] if not (image_dir / image["file_name"]).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DatasetError(f"{missing[0]}: image file not found{more}, listed in {annotation_file}")
 
 
 def read_image(path: str | Path) -> tv_tensors.Image:

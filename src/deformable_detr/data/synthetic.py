@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..files import atomic_write
+
 # Category ids are 1..5, as in COCO where id 0 is unused; shapes differ in outline, not only in
 # aspect ratio, so every class stays recognisable however it is stretched or rotated.
 CLASSES = ("ellipse", "rectangle", "triangle", "star", "cross")
@@ -173,7 +175,8 @@ def synthesize(
         for image_id, image_seed in enumerate(seeds, start=1):
             image, objects = _draw_image(np.random.default_rng(image_seed), image_size, max_objects, object_sizes)
             file_name = f"{image_id:06d}.jpg"
-            image.save(split_dir / file_name, quality=90)
+            with atomic_write(split_dir / file_name) as temporary:
+                image.save(temporary, format="JPEG", quality=90)
             images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
             for annotation in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
@@ -183,5 +186,7 @@ def synthesize(
             "annotations": annotations,
             "categories": categories,
         }
-        (out_dir / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+        # Written last: an interrupted run leaves no annotation file that names missing images.
+        with atomic_write(out_dir / "annotations" / f"instances_{split}.json") as temporary:
+            temporary.write_text(json.dumps(coco))
     return out_dir

@@ -8,7 +8,8 @@ ImageNet mean and std, boxes as normalised (cx, cy, w, h), and ``size`` (h, w) a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

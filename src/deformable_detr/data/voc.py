@@ -1,24 +1,27 @@
-"""Pascal VOC annotations (one XML file per image) converted to one COCO instances file.
-
-The result is read with ``CocoDataset(voc_root / "JPEGImages", out_json)``.
+"""Pascal VOC folders (``Annotations/*.xml``, ``JPEGImages/``, optionally ``ImageSets/Main/<split>.txt``)
+read as COCO instances data.
 
 - Boxes: VOC corners are 1-based pixel indices, both inclusive, so pixel ``xmin`` starts at
   ``xmin - 1`` and the box is ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` in COCO.
 - ``difficult`` objects become ``iscrowd=1``: VOC evaluation neither rewards nor penalises
   detections of them, and COCO evaluation treats crowd boxes the same way, while the data set
   leaves crowd boxes out of the training targets, as the VOC protocol leaves difficult ones out.
+- Classes are the names found in every annotation file of the folder, sorted, with ids 1..K, so
+  that all splits agree (for VOC itself, sorted is :data:`VOC_CLASSES`' order).
+- Without ``ImageSets/Main``, every annotation file is one split, ``train``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
 
-from PIL import Image
-
-from .coco import DatasetError
+from ..files import atomic_write
+from .coco import DatasetError, Problem, Split
+from .images import ImageInfo, inspect_image
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -34,7 +37,9 @@ def _text(element: ElementTree.Element, tag: str, path: Path) -> str:
     return found.strip()
 
 
-def _read_annotation(path: Path, image_dir: Path) -> tuple[dict, list[tuple[str, list[float], bool]]]:
+def _read_annotation(
+    path: Path, image_dir: Path, probe: Callable[[Path], ImageInfo]
+) -> tuple[dict, list[tuple[str, list[float], bool]]]:
     """The image entry and ``(class name, COCO box, difficult)`` objects of one VOC XML file."""
     try:
         root = ElementTree.parse(path).getroot()
@@ -49,11 +54,10 @@ def _read_annotation(path: Path, image_dir: Path) -> tuple[dict, list[tuple[str,
         raise DatasetError(f"{path}: <size> is not numeric") from None
     if width <= 0 or height <= 0:
         # Some VOC-style exports leave the size out or at 0; the image header has it.
-        try:
-            with Image.open(image_dir / file_name) as image:
-                width, height = image.size
-        except OSError:
-            raise DatasetError(f"{path}: no image size, and {image_dir / file_name} cannot be read") from None
+        info = probe(image_dir / file_name)
+        if info.problem is not None:
+            raise DatasetError(f"{path}: no image size, and {image_dir / file_name}: {info.problem}")
+        width, height = info.width, info.height
 
     objects = []
     for element in root.iter("object"):
@@ -69,7 +73,77 @@ def _read_annotation(path: Path, image_dir: Path) -> tuple[dict, list[tuple[str,
             raise DatasetError(f"{path}: object {name!r} has xmax < xmin or ymax < ymin")
         difficult = (element.findtext("difficult") or "0").strip() == "1"
         objects.append((name, [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], difficult))
-    return {"file_name": file_name, "width": width, "height": height}, objects
+    return {"file_name": file_name, "width": width, "height": height, "source": str(path)}, objects
+
+
+def voc_splits(voc_root: str | Path) -> list[str]:
+    """The split names of a VOC folder: its ``ImageSets/Main/<split>.txt`` files (not the per-class
+    ``<class>_<split>.txt`` ones), or ``["train"]`` (every annotation) without that folder."""
+    folder = Path(voc_root) / "ImageSets" / "Main"
+    return sorted(p.stem for p in folder.glob("*.txt") if "_" not in p.stem) if folder.is_dir() else ["train"]
+
+
+def read_voc(
+    voc_root: str | Path,
+    split: str | None = None,
+    classes: Sequence[str] | None = None,
+    probe: Callable[[Path], ImageInfo] = inspect_image,
+) -> Split:
+    """The VOC folder's ``split`` (images listed in ``ImageSets/Main/<split>.txt``; None, or ``"train"``
+    in a folder without split files: every annotation file) as COCO instances data.
+
+    ``classes`` get ids 1..len(classes) in order (an object of another class is a problem); None takes
+    the names found in all of ``Annotations/``, sorted. ``probe`` reads the size of images whose XML
+    has none. A file that cannot be read is a problem of the split, as is an unknown class.
+    """
+    voc_root = Path(voc_root)
+    annotation_dir, image_dir = voc_root / "Annotations", voc_root / "JPEGImages"
+    every_file = sorted(annotation_dir.glob("*.xml"))
+    split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
+    if split is None or (split == "train" and not split_file.parent.is_dir()):
+        if not every_file:
+            raise DatasetError(f"{annotation_dir}: no VOC annotation files (*.xml)")
+        paths = every_file
+    else:
+        if not split_file.is_file():
+            raise DatasetError(f"{split_file}: split file not found")
+        names = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        paths = [annotation_dir / f"{name}.xml" for name in names]
+
+    read, problems = {}, []
+    for path in paths:
+        try:
+            read[path] = _read_annotation(path, image_dir, probe)
+        except DatasetError as error:
+            problems.append(Problem(str(error)))
+    if classes is None:
+        found = set()
+        for path in every_file:
+            with contextlib.suppress(DatasetError):  # a file outside the split is that split's problem
+                found.update(name for name, _, _ in (read.get(path) or _read_annotation(path, image_dir, probe))[1])
+        classes = sorted(found)
+    category_ids = {name: index + 1 for index, name in enumerate(classes)}
+
+    images, annotations = [], []
+    for image_id, path in enumerate((p for p in paths if p in read), start=1):
+        image, objects = read[path]
+        images.append({"id": image_id, **image})
+        for name, box, difficult in objects:
+            if name not in category_ids:
+                problems.append(Problem(f"{path}: class {name!r} is not one of {', '.join(classes)}"))
+                continue
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": category_ids[name],
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": int(difficult),
+                "source": str(path),
+            })  # fmt: skip
+    categories = [{"id": i, "name": name, "supercategory": "none"} for name, i in category_ids.items()]
+    data = {"images": images, "annotations": annotations, "categories": categories}
+    return Split(split or "all", image_dir, annotation_dir, data, problems)
 
 
 def voc_to_coco(
@@ -78,45 +152,16 @@ def voc_to_coco(
     split: str | None = None,
     classes: Sequence[str] | None = VOC_CLASSES,
 ) -> Path:
-    """Write the COCO instances file for ``voc_root`` (``Annotations/*.xml``, ``JPEGImages/``).
+    """Write the COCO instances file for ``voc_root``'s ``split`` (see :func:`read_voc`; by default
+    with the 20 VOC classes), to read with ``CocoDataset(voc_root / "JPEGImages", out_json)``.
+    Returns ``out_json``.
 
-    ``split`` picks the images listed in ``ImageSets/Main/<split>.txt``; None takes every XML file.
-    ``classes`` get ids 1..len(classes) in order (the 20 VOC classes by default; an object of
-    another class is an error); None takes the class names found, sorted. Returns ``out_json``.
+    Raises:
+        DatasetError: the first problem found, naming its file.
     """
-    voc_root, out_json = Path(voc_root), Path(out_json)
-    annotation_dir, image_dir = voc_root / "Annotations", voc_root / "JPEGImages"
-    if split is None:
-        paths = sorted(annotation_dir.glob("*.xml"))
-        if not paths:
-            raise DatasetError(f"{annotation_dir}: no VOC annotation files (*.xml)")
-    else:
-        split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
-        if not split_file.is_file():
-            raise DatasetError(f"{split_file}: split file not found")
-        names = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-        paths = [annotation_dir / f"{name}.xml" for name in names]
-
-    read = [_read_annotation(path, image_dir) for path in paths]
-    if classes is None:
-        classes = sorted({name for _, objects in read for name, _, _ in objects})
-    category_ids = {name: index + 1 for index, name in enumerate(classes)}
-
-    images, annotations = [], []
-    for image_id, (path, (image, objects)) in enumerate(zip(paths, read), start=1):
-        images.append({"id": image_id, **image})
-        for name, box, difficult in objects:
-            if name not in category_ids:
-                raise DatasetError(f"{path}: class {name!r} is not one of {', '.join(classes)}")
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": category_ids[name],
-                "bbox": box,
-                "area": box[2] * box[3],
-                "iscrowd": int(difficult),
-            })  # fmt: skip
-    categories = [{"id": i, "name": name, "supercategory": "none"} for name, i in category_ids.items()]
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    return out_json
+    split_data = read_voc(voc_root, split, classes)
+    if split_data.problems:
+        raise DatasetError(str(split_data.problems[0]))
+    with atomic_write(out_json) as temporary:
+        temporary.write_text(json.dumps(split_data.data))
+    return Path(out_json)

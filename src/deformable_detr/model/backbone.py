@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision import ops
+from torchvision.models._utils import IntermediateLayerGetter
 
 from .position import build_position_embedding
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,10 @@ class DeformableDETR(nn.Module):
                 nn.init.zeros_(head.layers[-1].bias)
         else:
             self.query_embed = nn.Embedding(config.num_queries, d_model * 2)
+            if config.one_to_many_queries:
+                # Training only (hybrid matching): inference runs query_embed alone, and the reference
+                # layout leaves this out (inference_state_dict).
+                self.one_to_many_query_embed = nn.Embedding(config.one_to_many_queries, d_model * 2)
 
         channels = backbone.num_channels
         projections = [_input_projection(c, d_model) for c in channels]
@@ -112,8 +117,10 @@ class DeformableDETR(nn.Module):
 
         Returns:
             ``pred_logits`` (N, Q, C), ``pred_boxes`` (N, Q, 4) normalised (cx, cy, w, h),
-            ``aux_outputs``: the same for every earlier decoder layer, and in two-stage mode
-            ``enc_outputs``: the encoder's class logits and proposal boxes for every position.
+            ``aux_outputs``: the same for every earlier decoder layer, in two-stage mode
+            ``enc_outputs``: the encoder's class logits and proposal boxes for every position, and
+            in training with hybrid matching ``one_to_many``: the extra query group's predictions
+            (``pred_logits``, ``pred_boxes``, ``aux_outputs``).
         """
         if not isinstance(images, Tensor):
             if padding_mask is not None:
@@ -132,9 +139,15 @@ class DeformableDETR(nn.Module):
             masks.append(mask)
             positions.append(self.backbone[1](mask).to(source.dtype))
 
-        query_embed = None if self.config.two_stage else self.query_embed.weight
+        # The one-to-many group of hybrid matching runs in training only.
+        one_to_many = self.config.one_to_many_queries if self.training else 0
+        query_embed = None
+        if not self.config.two_stage:
+            query_embed = self.query_embed.weight
+            if one_to_many:
+                query_embed = torch.cat([query_embed, self.one_to_many_query_embed.weight])
         hs, initial_reference, references, encoder_logits, encoder_coords = self.transformer(
-            sources, masks, positions, query_embed
+            sources, masks, positions, query_embed, one_to_many_queries=one_to_many
         )
 
         predictions = []
@@ -147,10 +160,28 @@ class DeformableDETR(nn.Module):
                 box = torch.cat([box[..., :2] + reference, box[..., 2:]], -1)
             predictions.append({"pred_logits": self.class_embed[layer](output), "pred_boxes": box.sigmoid()})
 
-        outputs: dict[str, Any] = {**predictions[-1], "aux_outputs": predictions[:-1]}
+        if one_to_many:
+            groups = slice(None, self.config.num_queries), slice(self.config.num_queries, None)
+            outputs = _layer_outputs([_queries(p, groups[0]) for p in predictions])
+            outputs["one_to_many"] = _layer_outputs([_queries(p, groups[1]) for p in predictions])
+        else:
+            outputs = _layer_outputs(predictions)
         if self.config.two_stage:
             outputs["enc_outputs"] = {"pred_logits": encoder_logits, "pred_boxes": encoder_coords.sigmoid()}
         return outputs
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The state dict without training-only tensors: the published architecture's entries."""
+        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith("one_to_many_")}
+
+
+def _queries(prediction: dict[str, Tensor], queries: slice) -> dict[str, Tensor]:
+    return {key: value[:, queries] for key, value in prediction.items()}
+
+
+def _layer_outputs(predictions: list[dict[str, Tensor]]) -> dict[str, Any]:
+    """The last decoder layer's predictions, with the earlier layers' as ``aux_outputs``."""
+    return {**predictions[-1], "aux_outputs": predictions[:-1]}
 
 
 def build_model(config: str | ModelConfig = "r50", *, num_classes: int | None = None, **overrides: Any) -> DeformableDETR:
@@ -183,6 +214,8 @@ def build_model(config: str | ModelConfig = "r50", *, num_classes: int | None = 
         encoder_points=config.encoder_points,
         decoder_points=config.decoder_points,
         two_stage=config.two_stage,
-        two_stage_num_proposals=config.num_queries,
+        num_queries=config.num_queries,
+        mixed_query_selection=config.mixed_query_selection,
+        look_forward_twice=config.look_forward_twice,
     )
     return DeformableDETR(config, backbone, transformer)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,5 +35,6 @@ def postprocess(
     height, width = sizes.unbind(1)
     boxes = boxes * torch.stack([width, height, width, height], 1)[:, None]
     return [
-        {"scores": s, "labels": l, "boxes": b, "queries": q} for s, l, b, q in zip(scores, labels, boxes, queries)
+        {"scores": image_scores, "labels": image_labels, "boxes": image_boxes, "queries": image_queries}
+        for image_scores, image_labels, image_boxes, image_queries in zip(scores, labels, boxes, queries)
     ]

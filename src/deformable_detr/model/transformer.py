@@ -97,9 +97,10 @@ class DeformableTransformerDecoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         memory_padding_mask: Tensor,
+        self_attention_mask: Tensor | None = None,
     ) -> Tensor:
         query = key = _with_position(tgt, query_position)
-        attended = self.self_attn(query, key, tgt, need_weights=False)[0]
+        attended = self.self_attn(query, key, tgt, attn_mask=self_attention_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(
             _with_position(tgt, query_position), reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
@@ -148,13 +149,17 @@ class DeformableTransformerDecoder(nn.Module):
     """Returns every layer's output and reference points.
 
     With iterative box refinement, ``bbox_embed`` (set by the detector, shared with its heads)
-    refines the reference boxes after every layer; two-stage also sets ``class_embed``.
+    refines the reference boxes after every layer; two-stage also sets ``class_embed``. The next
+    layer always starts from the detached refined box. With ``look_forward_twice`` (DINO) the
+    references returned keep their gradient, so that the detector's box prediction of layer i, made
+    relative to them, also trains layer i-1's box; the values are the same either way.
     """
 
-    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> None:
+    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, *, look_forward_twice: bool = False) -> None:
         super().__init__()
         self.layers = _clones(layer, num_layers)
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed: nn.ModuleList | None = None
 
@@ -168,6 +173,7 @@ class DeformableTransformerDecoder(nn.Module):
         valid_ratios: Tensor,
         query_position: Tensor,
         memory_padding_mask: Tensor,
+        self_attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         output = tgt
         outputs, references = [], []
@@ -177,8 +183,10 @@ class DeformableTransformerDecoder(nn.Module):
             else:
                 reference_input = reference_points[:, :, None] * valid_ratios[:, None]
             output = layer(
-                output, query_position, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask
+                output, query_position, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask,
+                self_attention_mask,
             )
+            refined = reference_points
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[index](output)
                 if reference_points.shape[-1] == 4:
@@ -186,9 +194,10 @@ class DeformableTransformerDecoder(nn.Module):
                 else:
                     # A 2-d reference point becomes a box: the head predicts its size outright.
                     refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                reference_points = refined.sigmoid().detach()
+                refined = refined.sigmoid()
+                reference_points = refined.detach()
             outputs.append(output)
-            references.append(reference_points)
+            references.append(refined if self.look_forward_twice else reference_points)
         return torch.stack(outputs), torch.stack(references)
 
 
@@ -198,6 +207,21 @@ def _valid_ratios(padding_mask: Tensor) -> Tensor:
     valid_height = (~padding_mask[:, :, 0]).sum(1)
     valid_width = (~padding_mask[:, 0, :]).sum(1)
     return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
+
+
+def group_attention_mask(group_sizes: list[int], device: torch.device | None = None) -> Tensor:
+    """(Q, Q) self-attention mask for consecutive query groups: True (blocked) between queries of
+    different groups, so that each group attends to its own queries only."""
+    sizes = torch.tensor(group_sizes, device=device)
+    groups = torch.repeat_interleave(torch.arange(len(group_sizes), device=device), sizes)
+    return groups[:, None] != groups[None, :]
+
+
+def _without_content_gain(gradient: Tensor) -> Tensor:
+    """The gradient of ``pos_trans_norm.weight`` with its content half zeroed (mixed query selection)."""
+    gradient = gradient.clone()
+    gradient[gradient.shape[0] // 2 :] = 0
+    return gradient
 
 
 def _spatial_shapes(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
@@ -224,12 +248,15 @@ class DeformableTransformer(nn.Module):
         encoder_points: int = 4,
         decoder_points: int = 4,
         two_stage: bool = False,
-        two_stage_num_proposals: int = 300,
+        num_queries: int = 300,
+        mixed_query_selection: bool = False,
+        look_forward_twice: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.two_stage = two_stage
-        self.two_stage_num_proposals = two_stage_num_proposals
+        self.num_queries = num_queries  # the one-to-one queries: proposals selected in two-stage mode
+        self.mixed_query_selection = mixed_query_selection
         encoder_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, num_heads, encoder_points
         )
@@ -237,13 +264,18 @@ class DeformableTransformer(nn.Module):
         decoder_layer = DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, num_heads, decoder_points
         )
-        self.decoder = DeformableTransformerDecoder(decoder_layer, decoder_layers)
+        self.decoder = DeformableTransformerDecoder(decoder_layer, decoder_layers, look_forward_twice=look_forward_twice)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
             self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
             self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+            if mixed_query_selection:
+                # Mixed query selection within the published architecture: with a zero gain on its
+                # content half, pos_trans_norm gives every query its bias there, one learned content
+                # vector whatever the proposal. The gain gets no gradient, so it stays zero.
+                self.pos_trans_norm.weight.register_hook(_without_content_gain)
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self.reset_parameters()
@@ -257,6 +289,11 @@ class DeformableTransformer(nn.Module):
                 module.reset_parameters()
         if not self.two_stage:
             nn.init.zeros_(self.reference_points.bias)
+        if self.mixed_query_selection:
+            content_gain, content = self.pos_trans_norm.weight[self.d_model :], self.pos_trans_norm.bias[self.d_model :]
+            with torch.no_grad():
+                content_gain.zero_()
+                content.normal_()  # as DINO's learned content embedding
         nn.init.normal_(self.level_embed)
 
     def encoder_proposals(
@@ -295,11 +332,18 @@ class DeformableTransformer(nn.Module):
         masks: list[Tensor],
         positions: list[Tensor],
         query_embed: Tensor | None = None,
+        *,
+        one_to_many_queries: int = 0,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """
         Args:
             sources, positions: per level (N, C, H, W); masks: per level (N, H, W), True = padding.
-            query_embed: (Q, 2C) learned queries (position, content); None in two-stage mode.
+            query_embed: (Q, 2C) learned queries (position, content), ``num_queries`` of them plus
+                ``one_to_many_queries``; None in two-stage mode.
+            one_to_many_queries: the size of a second query group (hybrid matching, in training),
+                decoded beside the first without attention between them. Two-stage takes its
+                queries from the proposals ranked after the first group's (as many as there are);
+                otherwise they are the last rows of ``query_embed``.
 
         Returns:
             hs (layers, N, Q, C), initial reference (N, Q, 2 or 4), per-layer references
@@ -325,7 +369,9 @@ class DeformableTransformer(nn.Module):
             output_memory, proposals = self.encoder_proposals(memory, mask, shapes)
             encoder_logits = self.decoder.class_embed[self.decoder.num_layers](output_memory)
             encoder_coords = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + proposals
-            top = torch.topk(encoder_logits[..., 0], self.two_stage_num_proposals, dim=1).indices
+            # As many as there are: a small image has fewer positions than queries.
+            num_proposals = min(self.num_queries + one_to_many_queries, encoder_logits.shape[1])
+            top = torch.topk(encoder_logits[..., 0], num_proposals, dim=1).indices
             top_coords = torch.gather(encoder_coords, 1, top[..., None].expand(-1, -1, 4)).detach()
             reference_points = top_coords.sigmoid()
             query_embedding = self.pos_trans_norm(
@@ -338,7 +384,12 @@ class DeformableTransformer(nn.Module):
             tgt = tgt[None].expand(batch, -1, -1)
             reference_points = self.reference_points(query_position).sigmoid()
 
+        self_attention_mask = None
+        if one_to_many_queries:
+            one_to_one = min(self.num_queries, tgt.shape[1])
+            self_attention_mask = group_attention_mask([one_to_one, tgt.shape[1] - one_to_one], tgt.device)
         hs, references = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_position, mask
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_position, mask,
+            self_attention_mask,
         )
         return hs, reference_points, references, encoder_logits, encoder_coords

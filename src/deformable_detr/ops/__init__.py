@@ -13,8 +13,8 @@ import contextlib
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator
 
 import torch
 from torch import Tensor

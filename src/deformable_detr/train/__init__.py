@@ -1,7 +1,8 @@
 """Training: Hungarian matching, the set-prediction loss, the optimiser recipe and the loop."""
 
+from ..environment import native_bf16
 from .criterion import SetCriterion, average_num_boxes
-from .engine import TrainConfig, TrainingError, evaluate_checkpoint, native_bf16, train, train_step
+from .engine import TrainConfig, TrainingError, evaluate_checkpoint, train, train_step
 from .matcher import HungarianMatcher
 from .optim import build_lr_scheduler, build_optimizer, parameter_groups
 

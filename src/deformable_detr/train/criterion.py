@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,14 @@ def average_num_boxes(targets: Sequence[dict[str, Tensor]], *, device: torch.dev
     return count.clamp(min=1).item()
 
 
+ONE_TO_MANY = "_one_to_many"  # suffix of the hybrid-matching group's losses
+
+
+def repeat_targets(targets: Sequence[dict[str, Tensor]], repeats: int) -> list[dict[str, Tensor]]:
+    """Each image's targets ``repeats`` times over: what the one-to-many group is matched against."""
+    return [{**t, "labels": t["labels"].repeat(repeats), "boxes": t["boxes"].repeat(repeats, 1)} for t in targets]
+
+
 class SetCriterion(nn.Module):
     """Matches predictions to targets and scores them, for the final and every auxiliary output.
 
@@ -33,8 +42,11 @@ class SetCriterion(nn.Module):
     class), ``loss_bbox`` (L1 of matched boxes) and ``loss_giou`` (1 - GIoU of matched boxes), each
     divided by the number of target boxes; the same with suffix ``_0``, ``_1``, ... for each entry of
     ``aux_outputs`` and ``_enc`` for the two-stage ``enc_outputs``; and ``class_error``, a metric (the
-    percentage of matched final queries whose top class is wrong). :meth:`total_loss` weights them
-    with ``weight_dict`` (suffixes share their loss's weight) and sums them; that is what to minimise.
+    percentage of matched final queries whose top class is wrong). Outputs of hybrid matching's
+    one-to-many group (``one_to_many``) are scored the same way against the targets repeated
+    ``one_to_many_repeats`` times, their losses suffixed ``_one_to_many``. :meth:`total_loss` weights
+    them with ``weight_dict`` (suffixes share their loss's weight; the one-to-many group's are also
+    multiplied by ``one_to_many_weight``) and sums them; that is what to minimise.
     """
 
     def __init__(
@@ -46,12 +58,16 @@ class SetCriterion(nn.Module):
         giou_weight: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        one_to_many_repeats: int = 6,
+        one_to_many_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.weight_dict = {"loss_ce": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.one_to_many_repeats = one_to_many_repeats
+        self.one_to_many_weight = one_to_many_weight
 
     def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """
@@ -64,9 +80,15 @@ class SetCriterion(nn.Module):
         matches = self.matcher(outputs, targets)
         losses = self._losses(outputs, targets, matches, num_boxes)
         losses["class_error"] = _class_error(outputs["pred_logits"], targets, matches)
-        for index, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._losses(aux, targets, self.matcher(aux, targets), num_boxes)
-            losses.update({f"{name}_{index}": value for name, value in aux_losses.items()})
+        losses.update(self._layer_losses(outputs.get("aux_outputs", []), targets, num_boxes))
+        if "one_to_many" in outputs:
+            group = outputs["one_to_many"]
+            repeated = repeat_targets(targets, self.one_to_many_repeats)
+            group_losses = {
+                **self._losses(group, repeated, self.matcher(group, repeated), num_boxes * self.one_to_many_repeats),
+                **self._layer_losses(group["aux_outputs"], repeated, num_boxes * self.one_to_many_repeats),
+            }
+            losses.update({f"{name}{ONE_TO_MANY}": value for name, value in group_losses.items()})
         if "enc_outputs" in outputs:
             # The encoder proposes class-agnostic boxes: every target counts as class 0.
             binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
@@ -79,10 +101,22 @@ class SetCriterion(nn.Module):
         """The weighted sum of the losses returned by ``forward`` (metrics such as ``class_error`` excluded)."""
         total = 0
         for name, value in losses.items():
+            group_weight = self.one_to_many_weight if name.endswith(ONE_TO_MANY) else 1.0
+            name = name.removesuffix(ONE_TO_MANY)
             base = name if name in self.weight_dict else name.rpartition("_")[0]
             if base in self.weight_dict:
-                total = total + self.weight_dict[base] * value
+                total = total + group_weight * self.weight_dict[base] * value
         return total
+
+    def _layer_losses(
+        self, aux_outputs: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]], num_boxes: float
+    ) -> dict[str, Tensor]:
+        """The losses of each earlier decoder layer, each matched anew, suffixed ``_0``, ``_1``, ..."""
+        losses = {}
+        for index, aux in enumerate(aux_outputs):
+            aux_losses = self._losses(aux, targets, self.matcher(aux, targets), num_boxes)
+            losses.update({f"{name}_{index}": value for name, value in aux_losses.items()})
+        return losses
 
     def _losses(
         self,

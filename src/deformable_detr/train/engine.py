@@ -10,9 +10,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +26,9 @@ from tqdm import tqdm
 
 from ..checkpoints import load_pretrained, read_checkpoint, save_checkpoint
 from ..config import get_config
-from ..data import coco_split, collate, recipe
+from ..data import Loader, SplitReport, collate, detect_format, load_split, recipe, split_names
 from ..distributed import is_distributed, is_main_process, rank
-from ..evaluation import evaluate
+from ..evaluation import METRICS, evaluate
 from ..files import atomic_write
 from ..model import DeformableDETR, build_model
 from .criterion import SetCriterion
@@ -46,7 +47,7 @@ class NonFiniteLossError(TrainingError):
 class TrainConfig:
     """Everything a training run depends on; stored in its checkpoints so that ``resume`` continues it."""
 
-    data: str  # COCO layout: <data>/<split>/ images and <data>/annotations/instances_<split>.json
+    data: str  # a COCO, Pascal VOC or YOLO data set (see deformable_detr.data.formats)
     output_dir: str
     preset: str = "tiny"
     num_classes: int | None = None  # default: the training annotations' largest category id + 1
@@ -69,11 +70,16 @@ class TrainConfig:
     seed: int = 42
     train_split: str = "train"
     val_split: str = "val"
+    format: str | None = None  # "coco", "voc" or "yolo"; detected from the files when None
     finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads re-initialised if needed
     backbone_weights: str | None = None
     max_minutes: float | None = None  # stop after the epoch during which this much training time has passed
     resume: bool = False  # continue the run whose checkpoint.pt is in output_dir
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Hybrid matching (with the model option one_to_many_queries): the one-to-many group is matched
+    # against every target repeated this many times, and its loss is added with this weight (H-DETR's k, lambda).
+    one_to_many_repeats: int = 6
+    one_to_many_weight: float = 1.0
 
 
 # What a resumed run may change: how long it runs, where its files are and how many workers load
@@ -261,17 +267,9 @@ def _loader(
     else:
         sampler = SequentialSampler(dataset)
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)  # worker seeds
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=functools.partial(collate, pad_to_multiple=pad_to_multiple),
-                      generator=generator, persistent_workers=False)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 in hardware (CUDA GPUs from Ampere on; CPUs with AMX
-    or AVX512-BF16), where bf16 autocast makes training faster; elsewhere it is emulated, and slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                  collate_fn=functools.partial(collate, pad_to_multiple=pad_to_multiple),
+                  generator=generator, persistent_workers=False)
 
 
 def _setup_distributed() -> torch.device:
@@ -298,9 +296,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _seed_everything(config.seed + rank())
 
     train_transforms, val_transforms = recipe(config.image_size)
-    train_set = coco_split(config.data, config.train_split, train_transforms)
-    val_annotations = Path(config.data) / "annotations" / f"instances_{config.val_split}.json"
-    val_set = coco_split(config.data, config.val_split, val_transforms) if val_annotations.is_file() else None
+    data_format = config.format or detect_format(config.data)
+    train_set, report = load_split(config.data, config.train_split, train_transforms, format=data_format)
+    _report_problems(report, config.data)
+    val_set = None
+    if config.val_split in split_names(config.data, data_format):
+        val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format)
+        _report_problems(report, config.data)
     if val_set is not None and len(val_set) == 0:
         val_set = None
     num_classes = config.num_classes or train_set.num_classes
@@ -315,13 +317,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # forward raises on CPU tensors), so on the CPU each process normalises by its own share of
         # the batch, and the running statistics kept are the main process's (_share_buffers).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict names as BatchNorm2d
-    criterion = SetCriterion()
+    criterion = SetCriterion(one_to_many_repeats=config.one_to_many_repeats, one_to_many_weight=config.one_to_many_weight)
     optimizer = build_optimizer(model, lr=config.lr, lr_backbone=config.lr_backbone, weight_decay=config.weight_decay)
     first_loader = _loader(train_set, batch_size=config.batch_size, train=True, workers=0, seed=config.seed, epoch=0)
     scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch, warmup_updates=config.warmup_steps,
                                    updates_per_epoch=math.ceil(len(first_loader) / config.accumulation_steps))
 
-    start_epoch, best_ap, record = 0, -1.0, {}
+    start_epoch, best_ap, best, record = 0, -1.0, {}, {}
     if last_path.is_file() and not config.resume:
         raise TrainingError(f"{last_path} exists: pass resume=True (--resume) to continue that run, or use another output directory")
     if config.resume:
@@ -334,6 +336,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         scheduler.load_state_dict(checkpoint.extra["scheduler"])
         _restore_rng_state(checkpoint.extra["rng"])
         start_epoch, best_ap = checkpoint.extra["epoch"] + 1, checkpoint.extra["best_ap"]
+        best = checkpoint.extra.get("best", {})
         _print(f"resuming from {last_path} at epoch {start_epoch}")
     elif config.finetune_from:
         _print(_finetune(model, config.finetune_from))
@@ -358,9 +361,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if is_main_process():
                 improved = record.get("AP", -1.0) > best_ap
                 best_ap = max(best_ap, record.get("AP", -1.0))
+                best = record if improved else best
                 save_checkpoint(last_path, model, class_names=train_set.category_names, image_size=config.image_size,
                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                                best_ap=best_ap, rng=_rng_state(), train_config=dataclasses.asdict(config))
+                                best_ap=best_ap, best=best, rng=_rng_state(), train_config=dataclasses.asdict(config))
                 if improved:
                     _copy_atomically(last_path, best_path)
             logger.log({**record, "training_minutes": training_seconds / 60}, step=epoch)
@@ -369,7 +373,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 break
     finally:
         logger.close()
+    if val_set is None:
+        _print(f"no validation split, so no best.pt; the last epoch's model is {last_path}")
+    elif best:
+        _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
     return record
+
+
+def format_metrics(record: dict[str, Any]) -> str:
+    """The main COCO metrics of a log record on one line: ``AP 0.512  AP50 0.734 ...``."""
+    return "  ".join(f"{key} {record[key]:.3f}" for key in METRICS[:6] if key in record)
+
+
+def _report_problems(report: SplitReport, data: str) -> None:
+    """One line for the problems the data set works around (boxes clipped or left out, stray labels)."""
+    if report.problems:
+        _print(f"data check: {len(report.problems)} problem(s) in {report.name} that do not stop training, "
+               f"the first: {report.problems[0]} (deformable-detr check-data {data} lists them)")
 
 
 def _check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:
@@ -417,11 +437,12 @@ def _print(message: str) -> None:
 
 def evaluate_checkpoint(
     checkpoint: str | Path, data: str | Path, *, split: str = "val", batch_size: int = 2, image_size: int = 800,
-    workers: int = 2,
+    workers: int = 2, format: str | None = None,
 ) -> dict[str, float]:
-    """COCO metrics of any checkpoint ``load_pretrained`` reads on ``data``'s ``split`` (also under torchrun)."""
+    """COCO metrics of any checkpoint ``load_pretrained`` reads on ``data``'s ``split`` (also under torchrun);
+    ``data`` is a COCO, VOC or YOLO data set (``format`` forces one)."""
     device = _setup_distributed()
     model = load_pretrained(checkpoint, device=device)
-    dataset = coco_split(data, split, recipe(image_size)[1])
+    dataset, _ = load_split(data, split, recipe(image_size)[1], format=format)
     loader = _loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     return evaluate(model, loader, device=device, coco=dataset.coco)

@@ -1,0 +1,185 @@
+"""The data check: what a data set holds and everything wrong with it, before any training.
+
+``deformable-detr check-data`` prints :func:`check_data`'s report; ``train`` and ``evaluate`` read
+their splits through :func:`load_split`, which runs the same check and stops on a problem that
+would stop training later. Images are probed, not decoded (:mod:`.images`), and what the probe
+learns is cached by file size and modification time, so an unchanged data set is checked again
+without opening its images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .coco import CocoDataset, DatasetError, Problem, Split, Transforms
+from .formats import detect_format, read_split, split_names
+from .images import ImageProbe
+
+# COCO's object size classes, by area in pixels: small below 32^2, large above 96^2 (as its APs, APm, APl).
+SMALL_AREA, LARGE_AREA = 32**2, 96**2
+# Exported coordinates are rounded; a box this far past the image's edge is rounding, not a wrong box.
+EDGE_TOLERANCE = 0.5
+
+
+@dataclass
+class SplitReport:
+    """What one split holds, and its problems."""
+
+    name: str
+    images: int = 0
+    without_objects: int = 0
+    boxes: int = 0
+    crowd: int = 0  # COCO crowd boxes and VOC difficult objects: neither trained on nor scored
+    classes: dict[str, int] = dataclasses.field(default_factory=dict)  # name -> boxes, in category id order
+    sizes: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(("small", "medium", "large"), 0))
+    smallest: tuple[float, float, str] | None = None  # width and height in pixels, and the image
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    unreadable: bool = False  # the split could not be read at all: its problem is all there is to say
+
+    def lines(self) -> list[str]:
+        if self.unreadable:
+            return [f"{self.name}: cannot be read", *(f"  {problem}" for problem in self.problems)]
+        counts = f"{self.images:,} images ({self.without_objects:,} without objects), {self.boxes:,} boxes"
+        lines = [f"{self.name}: {counts} ({self.crowd:,} crowd or difficult)"]
+        lines.append("  classes: " + ", ".join(f"{name} {count:,}" for name, count in self.classes.items()))
+        sizes = ", ".join(f"{count:,} {size}" for size, count in self.sizes.items())
+        if self.smallest is not None:
+            width, height, image = self.smallest
+            sizes += f"; smallest box {width:.1f} x {height:.1f} px ({image})"
+        lines.append(f"  object sizes: {sizes}")
+        lines += [f"  {problem}" for problem in self.problems]
+        return lines
+
+
+@dataclass
+class DataReport:
+    """:func:`check_data`'s findings for every split of one data set."""
+
+    root: Path
+    format: str
+    splits: list[SplitReport]
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [problem for split in self.splits for problem in split.problems]
+
+    @property
+    def stops_training(self) -> bool:
+        return any(problem.fatal for problem in self.problems)
+
+    def __str__(self) -> str:
+        fatal = sum(problem.fatal for problem in self.problems)
+        total = len(self.problems)
+        summary = f"{total} problem(s), {fatal} of which stop training" if total else "no problems"
+        lines = [f"{self.root}: {self.format.upper()} data set"]
+        for split in self.splits:
+            lines += split.lines()
+        return "\n".join([*lines, summary])
+
+
+def check_split(split: Split, probe: ImageProbe) -> SplitReport:
+    """Count ``split``'s images, boxes, classes and object sizes, and find its problems: unreadable,
+    missing or differently sized images, and boxes of zero area or outside their image."""
+    report = SplitReport(split.name, problems=list(split.problems))
+    data = split.data
+    names = {category["id"]: category.get("name", str(category["id"])) for category in data["categories"]}
+    report.classes = dict.fromkeys(names.values(), 0)
+    images = {}
+    for image in data["images"]:
+        path = split.image_dir / image["file_name"]
+        info = probe(path)
+        if info.problem is not None:
+            report.problems.append(Problem(f"{path}: {info.problem}"))
+        elif (info.width, info.height) != (image["width"], image["height"]):
+            # The boxes are in the annotated size; another size (an EXIF-rotated copy) misplaces them.
+            source = Path(image.get("source", split.annotation_file)).name
+            report.problems.append(Problem(
+                f"{path}: image is {info.width}x{info.height} but {source} says {image['width']}x{image['height']}"
+            ))  # fmt: skip
+        else:
+            images[image["id"]] = image
+    report.images = len(data["images"])
+
+    with_objects = set()
+    for annotation in data["annotations"]:
+        image = images.get(annotation["image_id"])
+        if image is None:
+            continue  # its image is a problem already
+        box = _clipped_box(annotation, image, split, report.problems)
+        if box is None:
+            continue
+        report.boxes += 1
+        if annotation.get("iscrowd", 0):
+            report.crowd += 1
+            continue
+        with_objects.add(image["id"])
+        report.classes[names[annotation["category_id"]]] += 1
+        width, height = box
+        # COCO's evaluation sizes objects by their annotated area (the mask's, where there is one).
+        area = annotation.get("area") or width * height
+        report.sizes["small" if area < SMALL_AREA else "medium" if area <= LARGE_AREA else "large"] += 1
+        if report.smallest is None or width * height < report.smallest[0] * report.smallest[1]:
+            report.smallest = (width, height, image["file_name"])
+    report.without_objects = len(images) - len(with_objects)
+    return report
+
+
+def _clipped_box(
+    annotation: dict[str, Any], image: dict[str, Any], split: Split, problems: list[Problem]
+) -> tuple[float, float] | None:
+    """The box's width and height once clipped to its image, as the data set uses it; None if the
+    data set leaves it out. A box it has to clip or leave out is a problem that does not stop training."""
+    x, y, width, height = annotation["bbox"]
+    image_width, image_height = image["width"], image["height"]
+    name = annotation.get("source") or f"{split.annotation_file}: annotation {annotation.get('id', '?')} (image {image['file_name']})"
+    shown = "[" + ", ".join(f"{value:g}" for value in annotation["bbox"]) + "]"
+    if width <= 0 or height <= 0:
+        problems.append(Problem(f"{name}: box {shown} has zero area (left out)", fatal=False))
+        return None
+    x1, y1 = max(x, 0), max(y, 0)
+    x2, y2 = min(x + width, image_width), min(y + height, image_height)
+    if x2 <= x1 or y2 <= y1:
+        problems.append(Problem(f"{name}: box {shown} lies outside the {image_width}x{image_height} image (left out)", fatal=False))
+        return None
+    if min(x, y) < -EDGE_TOLERANCE or x + width > image_width + EDGE_TOLERANCE or y + height > image_height + EDGE_TOLERANCE:
+        problems.append(Problem(f"{name}: box {shown} reaches outside the {image_width}x{image_height} image (clipped)", fatal=False))
+    return x2 - x1, y2 - y1
+
+
+def check_data(root: str | Path, *, format: str | None = None, splits: list[str] | None = None) -> DataReport:
+    """Check every split of the data set ``root`` (or those in ``splits``), in ``format`` (detected
+    when None). A split that cannot be read at all is reported with that one problem."""
+    root = Path(root)
+    format = format or detect_format(root)
+    probe = ImageProbe.for_data(root)
+    reports = []
+    for name in splits or split_names(root, format):
+        try:
+            reports.append(check_split(read_split(root, name, format, probe), probe))
+        except DatasetError as error:
+            reports.append(SplitReport(name, problems=[Problem(str(error))], unreadable=True))
+    probe.save()
+    return DataReport(root, format, reports)
+
+
+def load_split(
+    root: str | Path, split: str, transforms: Transforms | None = None, *, format: str | None = None
+) -> tuple[CocoDataset, SplitReport]:
+    """The data set of ``split`` of ``root`` (any format, detected when ``format`` is None), checked
+    first, with the check's report.
+
+    Raises:
+        DatasetError: the first problem that would stop training, naming its file.
+    """
+    probe = ImageProbe.for_data(root)
+    read = read_split(root, split, format, probe)
+    report = check_split(read, probe)
+    probe.save()
+    fatal = [problem for problem in report.problems if problem.fatal]
+    if fatal:
+        more = f" (and {len(fatal) - 1} more problem(s): deformable-detr check-data {root})" if len(fatal) > 1 else ""
+        raise DatasetError(f"{fatal[0]}{more}")
+    return CocoDataset(read.image_dir, read.annotation_file, transforms, data=read.data), report

@@ -1,0 +1,222 @@
+"""The data check: every problem it knows, each one line naming its file, from `check-data` and from
+`train` (which checks before its first epoch), with and without loader processes; a bad image that only
+a full decode finds still stops a run with one line; files that are not checkpoints say so."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from deformable_detr.cli import main
+from deformable_detr.data import ImageProbe, check_data, synthesize
+from deformable_detr.data import images as images_module
+
+from data_writers import write_coco, write_voc, write_yolo
+
+
+def run(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    # Progress bars share stderr (each redraw after a carriage return); what is left is what was said.
+    said = [line for line in err.splitlines() if line.strip() and not line.startswith(("epoch ", "evaluate"))]
+    return code, out, said
+
+
+def train(capsys, data, tmp_path, workers, *extra):
+    return run(capsys, "train", "--data", data, "--output-dir", tmp_path / f"run{workers}", "--epochs", "1",
+               "--batch-size", "2", "--image-size", "64", "--workers", workers, *extra)  # fmt: skip
+
+
+def truncate(path):
+    """Cut the file short, as an interrupted copy does: the header is intact, the end is missing."""
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def corrupt_png(path, size=(64, 48)):
+    """A PNG whose chunks all pass their checksums but whose pixel data does not decompress: a cheap
+    check passes it, only decoding finds it."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, "PNG")
+    data, out, position = buffer.getvalue(), buffer.getvalue()[:8], 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        body = data[position + 8 : position + 8 + length]
+        if kind == b"IDAT":
+            body = bytes(byte ^ 0x5A for byte in body)
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        position += 12 + length
+    path.write_bytes(out)
+
+
+def coco_with(tmp_path, edit):
+    """The writers' COCO set, its JSON changed by ``edit(data)``."""
+    root = write_coco(tmp_path / "coco")
+    path = root / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return root
+
+
+def duplicate_image_id(data):
+    data["images"][2]["id"] = 1  # image c, which has no objects
+
+
+def unknown_category(data):
+    data["annotations"][0]["category_id"] = 7
+
+
+def fatal_cases(tmp_path):
+    """(data set, the line) for every problem that stops training."""
+    corrupt = write_coco(tmp_path / "corrupt")
+    truncate(corrupt / "train" / "b.jpg")
+    unreadable = write_coco(tmp_path / "unreadable")
+    (unreadable / "train" / "c.jpg").write_text("not an image")
+    missing = write_voc(tmp_path / "missing")
+    (missing / "JPEGImages" / "a.jpg").unlink()
+    resized = write_voc(tmp_path / "resized")
+    Image.new("RGB", (48, 64)).save(resized / "JPEGImages" / "a.jpg")
+    unknown_class = write_yolo(tmp_path / "unknown-class")
+    (unknown_class / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n")
+    not_json = write_coco(tmp_path / "not-json")
+    (not_json / "annotations" / "instances_train.json").write_text("[1, 2")
+    bad_line = write_yolo(tmp_path / "bad-line")
+    (bad_line / "labels" / "train" / "b.txt").write_text("1 0.5 0.5\n")
+    return {
+        "corrupt image": (corrupt, f"{corrupt / 'train' / 'b.jpg'}: cannot read image (JPEG cut short: no end-of-image marker)"),
+        "unreadable image": (unreadable, f"{unreadable / 'train' / 'c.jpg'}: cannot read image (not an image format Pillow knows)"),
+        "missing image": (missing, f"{missing / 'JPEGImages' / 'a.jpg'}: image file not found"),
+        "image of another size": (resized, f"{resized / 'JPEGImages' / 'a.jpg'}: image is 48x64 but a.xml says 64x48"),
+        "unknown class (YOLO)": (unknown_class, f"{unknown_class / 'labels' / 'train' / 'a.txt'}: line 2: unknown class 5 (data.yaml names 0..1)"),
+        "unknown class (COCO)": (coco_with(tmp_path / "category", unknown_category),
+                                 "instances_train.json: annotation 1 (image 1): category id 7 is not among the declared categories"),
+        "duplicate image ids": (coco_with(tmp_path / "duplicate", duplicate_image_id), "instances_train.json: image id 1 appears twice"),
+        "annotation file": (not_json, "instances_train.json: not valid JSON (Expecting ',' delimiter: line 1 column 6 (char 5))"),
+        "label line": (bad_line, f"{bad_line / 'labels' / 'train' / 'b.txt'}: line 1: expected 'class cx cy w h', found '1 0.5 0.5'"),
+    }  # fmt: skip
+
+
+FATAL = ["corrupt image", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
+         "unknown class (COCO)", "duplicate image ids", "annotation file", "label line"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FATAL)
+def test_check_data_reports_what_stops_training(tmp_path, capsys, case):
+    root, line = fatal_cases(tmp_path)[case]
+    code, out, said = run(capsys, "check-data", root)
+    assert code == 1 and said == []
+    problems = [text for text in out.splitlines() if line in text]
+    assert len(problems) == 1 and problems[0].strip().endswith(line)
+    assert out.rstrip().endswith("1 problem(s), 1 of which stop training")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("case", FATAL)
+def test_train_stops_before_the_first_epoch_with_one_line(tmp_path, capsys, case, workers):
+    root, line = fatal_cases(tmp_path)[case]
+    code, _, said = train(capsys, root, tmp_path, workers)
+    assert code == 1 and len(said) == 1
+    assert said[0].startswith("deformable-detr: error: ") and said[0].endswith(line)
+    assert not (tmp_path / f"run{workers}" / "checkpoint.pt").exists()
+
+
+def tolerated_problems(tmp_path):
+    """A YOLO set with every problem the data set works around, and their lines."""
+    root = write_yolo(tmp_path / "yolo")
+    labels = root / "labels" / "train"
+    # cx 0.9, w 0.4: from 0.7 to 1.1 of the width; a zero-width box; a box wholly right of the image.
+    (labels / "a.txt").write_text("0 0.9 0.5 0.4 0.2\n1 0.5 0.5 0 0.2\n1 1.5 0.5 0.2 0.2\n")
+    (labels / "stray.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    return root, [
+        f"{labels / 'a.txt'}, line 1: box [44.8, 19.2, 25.6, 9.6] reaches outside the 64x48 image (clipped)",
+        f"{labels / 'a.txt'}, line 2: box [32, 19.2, 0, 9.6] has zero area (left out)",
+        f"{labels / 'a.txt'}, line 3: box [89.6, 19.2, 12.8, 9.6] lies outside the 64x48 image (left out)",
+        f"{labels / 'stray.txt'}: label file without an image (ignored)",
+    ]
+
+
+def test_check_data_reports_what_training_works_around(tmp_path, capsys):
+    root, lines = tolerated_problems(tmp_path)
+    code, out, _ = run(capsys, "check-data", root)
+    assert code == 0
+    reported = [text.strip() for text in out.splitlines() if text.startswith(f"  {root}")]
+    assert sorted(reported) == sorted(lines)
+    assert out.rstrip().endswith("4 problem(s), 0 of which stop training")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_goes_on_past_what_it_works_around_and_says_so(tmp_path, capsys, workers):
+    root, lines = tolerated_problems(tmp_path)
+    code, out, said = train(capsys, root, tmp_path, workers)
+    assert code == 0 and said == []
+    notes = [text for text in out.splitlines() if text.startswith("data check: ")]
+    assert len(notes) == 1 and "4 problem(s) in train that do not stop training" in notes[0]
+    assert f"the first: {lines[3]} (deformable-detr check-data {root} lists them)" in notes[0]
+    assert "no validation split, so no best.pt" in out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_only_decoding_finds_stops_the_run_with_one_line(tmp_path, capsys, workers):
+    data = synthesize(tmp_path / "shapes", train=4, val=2, image_size=64, seed=1)
+    path = data / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    image = coco["images"][2]
+    corrupt_png(data / "train" / "bad.png", (image["width"], image["height"]))
+    image["file_name"] = "bad.png"
+    path.write_text(json.dumps(coco))
+    assert not check_data(data).problems  # the check cannot see it
+    code, _, said = train(capsys, data, tmp_path, workers)
+    assert code == 1
+    assert said == [f"deformable-detr: error: {data / 'train' / 'bad.png'}: cannot read image (broken data stream when reading image file)"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluate_stops_on_a_bad_image_with_one_line(tmp_path, capsys, workers):
+    data = synthesize(tmp_path / "shapes", train=2, val=2, image_size=64, seed=1)
+    assert train(capsys, data, tmp_path, 0, "--val-split", "train")[0] == 0
+    corrupt_png(data / "val" / "000002.jpg", (64, 64))  # a PNG under a .jpg name reads all the same
+    image = json.loads((data / "annotations" / "instances_val.json").read_text())["images"][1]
+    corrupt_png(data / "val" / "000002.jpg", (image["width"], image["height"]))
+    code, _, said = run(capsys, "evaluate", tmp_path / "run0" / "best.pt", "--data", data, "--image-size", "64",
+                        "--workers", workers)  # fmt: skip
+    assert code == 1 and len(said) == 1 and said[0].endswith("000002.jpg: cannot read image (broken data stream when reading image file)")
+
+
+def test_the_check_is_cached_by_file_size_and_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path / "cache"))
+    root = write_coco(tmp_path / "coco")
+    opened = []
+    inspect = images_module.inspect_image
+    monkeypatch.setattr(images_module, "inspect_image", lambda path: opened.append(path.name) or inspect(path))
+    first = str(check_data(root))
+    assert sorted(opened) == ["a.jpg", "b.jpg", "c.jpg"]
+    opened.clear()
+    assert str(check_data(root)) == first and opened == []
+    truncate(root / "train" / "b.jpg")  # a new size
+    assert check_data(root).stops_training and opened == ["b.jpg"]
+    opened.clear()
+    stat = (root / "train" / "a.jpg").stat()
+    os.utime(root / "train" / "a.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # same size, a new time
+    assert check_data(root).stops_training and opened == ["a.jpg"]  # b.jpg's problem is remembered too
+    assert ImageProbe.for_data(root).cache_file.parent == tmp_path / "cache" / "data-check"
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["detect", "{image}", "--out", "{out}"], ["export", "--out", "{out}/m.onnx"],
+                                     ["evaluate", "--data", "{data}"], ["explain", "{image}", "--out", "{out}/e.png"]])  # fmt: skip
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, capsys, command):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember the milk\n")
+    image = tmp_path / "image.jpg"
+    Image.new("RGB", (32, 32)).save(image)
+    data = write_coco(tmp_path / "coco")
+    name, *rest = command
+    argv = [name, notes, *(arg.format(image=image, out=tmp_path / "out", data=data) for arg in rest)]
+    code, _, said = run(capsys, *argv)
+    message = f"{notes}: not a checkpoint (not a PyTorch file, nor .safetensors, nor a Hugging Face folder)"
+    assert code == 1 and said == [f"deformable-detr: error: {message}"]

@@ -1,0 +1,144 @@
+"""COCO, Pascal VOC and YOLO folders read into one dataset type: the same boxes, classes and image ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deformable_detr.checkpoints import read_checkpoint
+from deformable_detr.cli import main
+from deformable_detr.data import DatasetError, detect_format, load_split, read_split, read_yolo, split_names
+from deformable_detr.data.yolo import label_path
+
+from data_writers import CLASSES, IMAGES, WRITERS, write_coco, write_voc, write_yolo
+
+
+def targets(dataset):
+    """image id -> (labels, boxes as normalised cx, cy, w, h), as the model is trained on them."""
+    return {int(target["image_id"]): (target["labels"].tolist(), target["boxes"]) for _, target in dataset}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {name: write(tmp_path_factory.mktemp(name)) for name, write in WRITERS.items()}
+
+
+def test_every_format_reads_into_the_same_dataset(folders):
+    expected = {}
+    for image_id, (width, height, objects) in enumerate(IMAGES.values(), start=1):
+        kept = [(label, box) for label, box, crowd in objects if not crowd]
+        boxes = torch.tensor([[(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+                              for _, (x, y, w, h) in kept]).reshape(-1, 4)  # fmt: skip
+        expected[image_id] = ([CLASSES.index(label) + 1 for label, _ in kept], boxes)
+    for name, root in folders.items():
+        assert detect_format(root) == name
+        dataset, report = load_split(root, "train")
+        assert report.problems == [], name
+        assert dataset.category_names == {1: "cat", 2: "dog"}, name
+        assert dataset.ids == [1, 2, 3], name
+        actual = targets(dataset)
+        assert actual.keys() == expected.keys()
+        for image_id, (labels, boxes) in expected.items():
+            assert actual[image_id][0] == labels, (name, image_id)
+            torch.testing.assert_close(actual[image_id][1], boxes, msg=f"{name}, image {image_id}")
+
+
+def test_voc_corners_are_one_based_and_inclusive(folders):
+    data = read_split(folders["voc"], "train").data
+    # <xmin>1</xmin> ... <xmax>10</xmax>: ten pixel columns starting at the first one.
+    assert data["annotations"][0]["bbox"] == [0, 0, 10, 20]
+    assert [a["iscrowd"] for a in data["annotations"]] == [0, 0, 1, 0]  # the difficult dog
+
+
+def test_yolo_centres_are_normalised_and_images_without_labels_are_negatives(folders):
+    split = read_yolo(folders["yolo"], "train")
+    dog = split.data["annotations"][1]
+    assert dog["bbox"] == pytest.approx([30, 10, 34, 38]) and dog["category_id"] == 2
+    image_c = next(image for image in split.data["images"] if image["file_name"].endswith("c.jpg"))
+    assert (image_c["width"], image_c["height"]) == (50, 30)  # from the image header
+    assert not label_path(folders["yolo"] / "images" / "train" / "c.jpg").exists()
+    assert not [a for a in split.data["annotations"] if a["image_id"] == image_c["id"]]
+
+
+def test_crowd_objects_are_kept_for_evaluation_and_left_out_of_training(folders):
+    dataset, report = load_split(folders["coco"], "train")
+    assert report.crowd == 1 and report.boxes == 4
+    assert len(dataset.coco.imgToAnns[2]) == 2 and targets(dataset)[2][0] == [1]
+
+
+def test_yolo_data_yaml_variants(tmp_path):
+    write_yolo(tmp_path / "set")
+    (tmp_path / "set" / "data.yaml").write_text(
+        "path: .\ntrain: [images/train]\nval: list.txt\nnames: {0: cat, 1: dog}\n"
+    )
+    (tmp_path / "set" / "list.txt").write_text("./images/train/b.jpg\n")
+    assert split_names(tmp_path / "set", "yolo") == ["train", "val"]
+    assert len(read_yolo(tmp_path / "set" / "data.yaml", "train").data["images"]) == 3
+    val = read_yolo(tmp_path / "set", "val")
+    assert [image["file_name"] for image in val.data["images"]] == ["images/train/b.jpg"]
+    assert [a["category_id"] for a in val.data["annotations"]] == [1]
+    with pytest.raises(DatasetError, match=r"data.yaml: no 'test' split \(it names train, val\)"):
+        read_yolo(tmp_path / "set", "test")
+
+
+def test_voc_without_split_files_is_one_training_split(tmp_path):
+    root = write_voc(tmp_path)
+    for path in (root / "ImageSets" / "Main").iterdir():
+        path.unlink()
+    (root / "ImageSets" / "Main").rmdir()
+    assert split_names(root, "voc") == ["train"]
+    assert len(read_split(root, "train").data["images"]) == 3
+
+
+def test_format_detection_and_forcing(tmp_path, folders):
+    with pytest.raises(DatasetError, match="not a COCO, VOC or YOLO data set"):
+        detect_format(tmp_path)
+    with pytest.raises(DatasetError, match="no such data folder"):
+        detect_format(tmp_path / "nowhere")
+    both = write_voc(write_coco(tmp_path / "both"))  # a COCO file beside a VOC folder
+    assert detect_format(both) == "voc"
+    assert read_split(both, "train", "coco").annotation_file.name == "instances_train.json"
+
+
+def test_cli_trains_on_yolo_with_model_flags_and_names_the_best_epoch(tmp_path, capsys):
+    root = tmp_path / "yolo"
+    write_yolo(root, split="train")
+    write_yolo(root, split="val")
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(root), "--output-dir", str(run), "--epochs", "2", "--batch-size", "3",
+                 "--image-size", "64", "--workers", "0", "--two-stage", "--num-queries", "7", "--dropout", "0",
+                 "--num-feature-levels", "1", "--model-option", "position_embedding=learned",
+                 "--model-option", "decoder_points=2"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "best epoch " in out and out.rstrip().endswith(f"{run / 'best.pt'}")
+    assert "  AP50 " in out.splitlines()[-1]
+    checkpoint = read_checkpoint(run / "best.pt")
+    config = checkpoint.config
+    assert (config.two_stage, config.num_queries, config.dropout, config.num_feature_levels) == (True, 7, 0.0, 1)
+    assert (config.position_embedding, config.decoder_points) == ("learned", 2)
+    assert checkpoint.class_names == {1: "cat", 2: "dog"}
+    best_epoch = int(out.splitlines()[-1].split()[2].rstrip(":"))
+    assert checkpoint.extra["epoch"] == best_epoch
+
+
+@pytest.mark.parametrize("option, message", [
+    ("two_stage=maybe", "two_stage takes true or false, not 'maybe'"),
+    ("num_queries=many", "num_queries takes a int, not 'many'"),
+    ("no_such_field=1", "'no_such_field=1' is not KEY=VALUE with KEY one of backbone, "),
+])  # fmt: skip
+def test_cli_model_option_is_parsed_by_the_field_type(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(tmp_path), "--output-dir", str(tmp_path / "run"), "--model-option", option])
+    assert message in capsys.readouterr().err
+
+
+def test_cli_evaluate_takes_any_format(tmp_path, folders, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(folders["voc"]), "--output-dir", str(run), "--epochs", "1", "--batch-size", "3",
+                 "--image-size", "64", "--workers", "0", "--val-split", "train"]) == 0  # fmt: skip
+    capsys.readouterr()
+    for name, root in folders.items():
+        assert main(["evaluate", str(run / "best.pt"), "--data", str(root), "--split", "train", "--image-size", "64",
+                     "--workers", "0", "--format", name]) == 0  # fmt: skip
+        assert capsys.readouterr().out.startswith("AP ")

@@ -1,0 +1,208 @@
+"""Training-only options (hybrid matching, look forward twice, mixed query selection): what they train,
+and that inference and checkpoints stay those of the published architecture."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from deformable_detr import build_model, cli, load_pretrained, save_checkpoint
+from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint
+from deformable_detr.config import PRESETS, ModelConfig, get_config
+from deformable_detr.train import SetCriterion
+from deformable_detr.train.matcher import HungarianMatcher
+
+OPTIONS = {"look_forward_twice": False, "mixed_query_selection": False, "one_to_many_queries": 0}  # off
+ONE_STAGE = dict(look_forward_twice=True, one_to_many_queries=12)
+TWO_STAGE = dict(two_stage=True, mixed_query_selection=True, look_forward_twice=True, one_to_many_queries=12)
+
+
+def options_model(**options) -> torch.nn.Module:
+    """The tiny model without dropout (so that training and evaluation forwards compare), its weights
+    perturbed so that no head is at its zero initialisation."""
+    model = build_model("tiny", num_classes=4, dropout=0.0, num_queries=10, **options)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model
+
+
+def published(model: torch.nn.Module) -> torch.nn.Module:
+    """A model of the published architecture (every option off) with ``model``'s other settings."""
+    return build_model(dataclasses.replace(model.config, **OPTIONS))
+
+
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 96, 128)
+
+
+def targets() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+
+
+@pytest.mark.parametrize("options", [ONE_STAGE, TWO_STAGE], ids=["one_stage", "two_stage"])
+def test_inference_equals_the_published_model_with_the_same_weights(options):
+    model = options_model(**options).eval()
+    plain = published(model).eval()
+    plain.load_state_dict(model.inference_state_dict(), strict=True)
+    x = images()
+    with torch.no_grad():
+        ours, theirs = model(x), plain(x)
+    assert "one_to_many" not in ours and ours["pred_logits"].shape[1] == 10
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("options", [ONE_STAGE, TWO_STAGE], ids=["one_stage", "two_stage"])
+def test_training_forward_gives_the_one_to_one_group_what_inference_gives(options):
+    model = options_model(**options)
+    x = images()
+    with torch.no_grad():
+        training = model.train()(x)
+        inference = model.eval()(x)
+    assert training["one_to_many"]["pred_logits"].shape == (2, 12, 4)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(training[key], inference[key], rtol=0, atol=1e-6)
+
+
+def test_no_attention_flows_between_the_groups():
+    model = options_model(one_to_many_queries=12).train()
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        model.one_to_many_query_embed.weight.add_(torch.randn_like(model.one_to_many_query_embed.weight))
+        other_group_changed = model(x)
+        model.query_embed.weight.add_(torch.randn_like(model.query_embed.weight))
+        own_group_changed = model(x)
+    for key in ("pred_logits", "pred_boxes"):
+        # One-to-one predictions ignore the one-to-many queries, and the other way round.
+        assert torch.equal(other_group_changed[key], before[key])
+        assert not torch.equal(other_group_changed["one_to_many"][key], before["one_to_many"][key])
+        assert torch.equal(own_group_changed["one_to_many"][key], other_group_changed["one_to_many"][key])
+        assert not torch.equal(own_group_changed[key], other_group_changed[key])
+
+
+def test_the_one_to_many_group_is_matched_to_k_copies_of_each_target():
+    seen = []
+
+    class RecordingMatcher(HungarianMatcher):
+        def forward(self, outputs, targets):
+            matches = super().forward(outputs, targets)
+            seen.append((outputs["pred_logits"].shape[1], [t["labels"].tolist() for t in targets], matches))
+            return matches
+
+    model = options_model(**TWO_STAGE).train()
+    criterion = SetCriterion(matcher=RecordingMatcher(), one_to_many_repeats=3)
+    losses = criterion(model(images()), targets())
+    # Three decoder layers per group, one-to-one first, then the one-to-many group, then the encoder.
+    group = [entry for entry in seen if entry[0] == 12]
+    assert len(group) == 3 and len([entry for entry in seen if entry[0] == 10]) == 3
+    for _, labels, matches in group:
+        assert labels == [[1, 3] * 3, [2] * 3]
+        for image_labels, (queries, indices) in zip(labels, matches):
+            # Every copy is matched to a query of its own: each target gets k queries.
+            assert sorted(indices.tolist()) == list(range(len(image_labels))) and len(set(queries.tolist())) == len(queries)
+    assert {"loss_ce_one_to_many", "loss_bbox_1_one_to_many", "loss_giou_0_one_to_many"} <= losses.keys()
+
+
+def test_the_one_to_many_loss_is_weighted():
+    model = options_model(one_to_many_queries=12).train()
+    losses = SetCriterion()(model(images()), targets())
+    one_to_one = {name: value for name, value in losses.items() if not name.endswith("_one_to_many")}
+    weighted = SetCriterion(one_to_many_weight=0.5)
+    expected = weighted.total_loss(one_to_one) + 0.5 * (SetCriterion().total_loss(losses) - weighted.total_loss(one_to_one))
+    torch.testing.assert_close(weighted.total_loss(losses), expected)
+    assert weighted.total_loss(losses) > weighted.total_loss(one_to_one)
+
+
+def last_layer_box_gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
+    model.train()
+    model(x)["pred_boxes"].sum().backward()
+    return [head.layers[-1].weight.grad for head in model.bbox_embed]
+
+
+def test_look_forward_twice_trains_the_previous_layers_box_and_changes_no_output():
+    torch.manual_seed(1)
+    twice = options_model(look_forward_twice=True)
+    once = published(twice)
+    once.load_state_dict(twice.state_dict())
+    x = images()
+    # The last layer's box loss: without the option it stops at the detached reference of layer 2.
+    with_option, without = last_layer_box_gradients(twice, x), last_layer_box_gradients(once, x)
+    assert without[1] is None and with_option[1] is not None and with_option[1].abs().sum() > 0
+    # One layer back only: layer 2's box starts from layer 1's detached box.
+    assert without[0] is None and not with_option[0].any()
+    torch.testing.assert_close(with_option[2], without[2])
+    with torch.no_grad():
+        assert torch.equal(twice.eval()(x)["pred_boxes"], once.eval()(x)["pred_boxes"])
+
+
+def test_mixed_query_selection_learns_one_content_query_and_keeps_its_gain_zero():
+    model = build_model("tiny", num_classes=4, **TWO_STAGE)
+    norm = model.transformer.pos_trans_norm
+    content = slice(model.config.d_model, None)
+    assert not norm.weight[content].any() and norm.bias[content].any()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    model.train()
+    SetCriterion().total_loss(SetCriterion()(model(images()), targets())).backward()
+    before = norm.bias.detach().clone()
+    optimizer.step()
+    assert not norm.weight[content].any()
+    assert not torch.equal(norm.bias[content], before[content])  # the content query itself trains
+
+
+@pytest.mark.parametrize("options", [ONE_STAGE, TWO_STAGE], ids=["one_stage", "two_stage"])
+def test_checkpoint_with_options_round_trips_through_the_reference_layout(options, tmp_path):
+    model = options_model(**options).eval()
+    save_checkpoint(tmp_path / "ours.pt", model)
+    assert load_pretrained(tmp_path / "ours.pt").config == model.config  # ours keeps the options
+    convert_checkpoint(tmp_path / "ours.pt", tmp_path / "reference.pth")
+    reference = read_checkpoint(tmp_path / "reference.pth")
+    assert reference.config == dataclasses.replace(model.config, **OPTIONS)
+    expected = model.inference_state_dict()
+    dropped = set(model.state_dict()) - set(expected)
+    assert dropped == ({"one_to_many_query_embed.weight"} if not model.config.two_stage else set())
+    assert reference.state_dict.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(reference.state_dict[name], tensor), name
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "reference.pth")(x)["pred_logits"], model(x)["pred_logits"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"look_forward_twice": True, "with_box_refine": False}, "requires with_box_refine"),
+        ({"mixed_query_selection": True}, "requires two_stage"),
+        ({"one_to_many_queries": -1}, "0 or more"),
+    ],
+)
+def test_options_need_the_architecture_they_train(options, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("tiny", **options)
+
+
+def test_options_are_off_in_every_preset():
+    for config in [ModelConfig(), *PRESETS.values()]:
+        assert all(getattr(config, name) == value for name, value in OPTIONS.items())
+
+
+def test_train_flags_switch_the_options_on():
+    parser = argparse.ArgumentParser()
+    cli._add_training_arguments(parser)
+    cli._add_model_arguments(parser)
+    required = ["--data", "data", "--output-dir", "run"]
+    flags = ["--two-stage", "--look-forward-twice", "--mixed-query-selection", "--one-to-many-queries", "100",
+             "--one-to-many-repeats", "4", "--one-to-many-weight", "0.5"]
+    config = cli._train_config(parser.parse_args(required + flags))
+    assert config.model_overrides == {"two_stage": True, "look_forward_twice": True, "mixed_query_selection": True,
+                                      "one_to_many_queries": 100}
+    assert (config.one_to_many_repeats, config.one_to_many_weight) == (4, 0.5)
+    assert cli._train_config(parser.parse_args(required)).model_overrides == {}  # off by default

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from deformable_detr.environment import machine_summary
 from deformable_detr.ops import cpu, load_triton_kernel, ms_deform_attn_reference
 
 SPATIAL_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
@@ -129,9 +130,8 @@ def main() -> None:
     sizes = dict(TINY if args.tiny else COCO)
     decoder_queries = sizes.pop("decoder_queries")
     paths = contenders(args.device)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
-
-    print(f"torch {torch.__version__}, {device_name}, N={sizes['batch']} M={sizes['heads']} D={CHANNELS} "
+    gpu = f"{torch.cuda.get_device_name()}; " if args.device == "cuda" else ""
+    print(f"{gpu}{machine_summary()}; N={sizes['batch']} M={sizes['heads']} D={CHANNELS} "
           f"L={LEVELS} P={POINTS}, "
           f"{args.locations} locations, median of {args.repeats}")
     baselines = [name for name in paths if name != "fused"]

@@ -27,6 +27,7 @@ import torch
 
 from deformable_detr import build_model
 from deformable_detr.data import coco_split, collate, recipe, synthesize
+from deformable_detr.environment import machine_summary
 from deformable_detr.train import SetCriterion, build_optimizer, native_bf16, train_step
 
 from model import median_times, ours_with, report  # benchmarks/model.py, beside this script
@@ -78,8 +79,8 @@ def main() -> None:
     def step(bf16: bool = False) -> None:
         train_step(model, criterion, optimizer, images, padding_mask, targets, bf16=bf16)
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
-    print(f"torch {torch.__version__}, {where}, median of {args.repeats}; "
+    gpu = f"{torch.cuda.get_device_name()}; " if device.type == "cuda" else ""
+    print(f"{gpu}{machine_summary()}; median of {args.repeats}; "
           f"{sum(len(t['labels']) for t in targets)} objects in the batch")
     contenders = {"ours (fused op)": ours_with(fused, step), "ours (reference op)": ours_with("reference", step)}
     if native_bf16(device):

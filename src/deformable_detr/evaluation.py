@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .data.coco import coco_index
 from .distributed import is_distributed, is_main_process
 from .files import atomic_write
-from .model import postprocess
+from .model import evaluating, postprocess
 
 # Names of COCOeval.stats, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -130,18 +130,14 @@ def evaluate(
     The model is left in the mode it was in.
     """
     evaluator = CocoEvaluator(coco)
-    was_training = model.training
-    model.eval()
-    try:
-        show = progress and is_main_process()
+    show = progress and is_main_process()
+    with evaluating(model):
         for images, padding_mask, targets in tqdm(data_loader, desc="evaluate", disable=not show):
             outputs = model(images.to(device), padding_mask.to(device))
             # Boxes are relative to the image, so scaling by its original size undoes any resizing.
             original_sizes = torch.stack([target["orig_size"] for target in targets])
             detections = postprocess(outputs, original_sizes, top_k=top_k)
             evaluator.update(detections, [target["image_id"] for target in targets])
-    finally:
-        model.train(was_training)
     return evaluator.summarize()
 
 

@@ -20,7 +20,7 @@ from torchvision.ops import nms
 from torchvision.transforms.v2 import functional as F
 
 from .data.transforms import VAL_SIZE, inference_transforms
-from .model import AttentionRecord, DeformableDETR, capture_attention, postprocess
+from .model import AttentionRecord, DeformableDETR, capture_attention, evaluating, postprocess
 from .predict import ImageInput, as_image_tensor
 from .visualize import draw_sampling_points, head_colours, to_uint8
 
@@ -69,13 +69,8 @@ def explain(
         raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level}")
     inputs = inference_transforms(image_size)(as_image_tensor(image))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with capture_attention(model) as records:
-            outputs = model(inputs[None].to(device))
-    finally:
-        model.train(was_training)
+    with evaluating(model), capture_attention(model) as records:
+        outputs = model(inputs[None].to(device))
     by_name = {record.name: record for record in records}
     decoder = by_name[f"transformer.decoder.layers.{model.config.decoder_layers - 1}.cross_attn"]
     encoder = by_name[f"transformer.encoder.layers.{model.config.encoder_layers - 1}.self_attn"]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .files import atomic_write
-from .model import DeformableDETR
+from .model import DeformableDETR, evaluating
 from .ops import use_implementation
 
 FORMATS = ("onnx",)
@@ -84,26 +84,22 @@ def _export_onnx(model: DeformableDETR, path: Path, *, opset: int | None) -> Non
     # trace would assume a size of 1 stays 1. The values are never read (fake tensors).
     device = next(model.parameters()).device
     example = torch.zeros(2, 3, 256, 320, device=device)
-    was_training = model.training
-    try:
-        # The fused CPU kernel is an opaque custom op with no ONNX counterpart; the reference
-        # implementation is made of grid_sample and tensor arithmetic, which ONNX has.
-        with use_implementation("reference"), torch.no_grad(), _quiet_onnx_optimizer():
-            torch.onnx.export(
-                _Predictions(model).eval(),
-                (example,),
-                path,
-                dynamo=True,  # the TorchScript exporter freezes the level sizes to the example's
-                input_names=["images"],
-                output_names=["pred_logits", "pred_boxes"],
-                # Named dimensions become Dim.DYNAMIC: an error if the trace fixed them to the example's.
-                dynamic_shapes={"images": {0: "batch", 2: "height", 3: "width"}},
-                opset_version=opset,
-                external_data=False,
-                verbose=False,
-            )
-    finally:
-        model.train(was_training)
+    # The fused CPU kernel is an opaque custom op with no ONNX counterpart; the reference
+    # implementation is made of grid_sample and tensor arithmetic, which ONNX has.
+    with evaluating(model), use_implementation("reference"), torch.no_grad(), _quiet_onnx_optimizer():
+        torch.onnx.export(
+            _Predictions(model).eval(),
+            (example,),
+            path,
+            dynamo=True,  # the TorchScript exporter freezes the level sizes to the example's
+            input_names=["images"],
+            output_names=["pred_logits", "pred_boxes"],
+            # Named dimensions become Dim.DYNAMIC: an error if the trace fixed them to the example's.
+            dynamic_shapes={"images": {0: "batch", 2: "height", 3: "width"}},
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
 
 
 @contextlib.contextmanager

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +45,17 @@ def pad_images(images: Sequence[Tensor], *, multiple: int = 1) -> tuple[Tensor, 
         batch[index, :, : image.shape[-2], : image.shape[-1]].copy_(image)
         padding_mask[index, : image.shape[-2], : image.shape[-1]] = False
     return batch, padding_mask
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, back in the mode it was in afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _input_projection(in_channels: int, d_model: int, *, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:

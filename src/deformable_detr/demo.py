@@ -17,8 +17,8 @@ from .train.engine import TrainConfig, train
 from .visualize import draw_detections, save_image, to_uint8
 
 IMAGE_SIZE = 192
-# Ten epochs take 8-9 training minutes on 2 cores with bfloat16 in hardware (the machine's speed
-# varies); the learning rate drops tenfold for the last one, which gains 0.05-0.07 AP in it.
+# Ten epochs fit the demo's 10 training minutes on 2 cores (README, The demo); the learning rate
+# drops tenfold for the last one, the published step drop, compressed.
 EPOCHS = 10
 
 
@@ -47,15 +47,14 @@ def run_demo(
 
 def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCHS) -> TrainConfig:
     """The demo's training recipe on ``data``."""
-    # From scratch the published lr (2e-4, backbone 2e-5) is too timid for minutes of training.
-    # Two-stage (queries from the encoder's proposals) reached 1.5 times the AP of learned queries
-    # at each epoch, and its mixed query selection (one learned content query; training-only, see
-    # README) a little more, at no cost in time. Dropout only slows a run this short (its random
-    # masks took an eighth of a CPU step), and bfloat16 autocast, where the hardware has it, makes a
-    # step about 1.7 times faster.
+    # Each choice is measured in the README's demo section. From scratch the published lr (2e-4,
+    # backbone 2e-5) is too timid for minutes of training. Two-stage queries (from the encoder's
+    # proposals) learn faster than learned ones, and mixed query selection (one learned content
+    # query; training-only) faster still. Dropout's random masks only cost time in a run this
+    # short; bfloat16 autocast is faster where the hardware has it.
     # Batches padded to a multiple of 32 come in a few shapes instead of one new shape a step, whose
-    # kernels would overflow oneDNN's cache. Loading in the training process (15 ms a batch) leaves
-    # both cores of a small machine to the training threads.
+    # kernels would overflow oneDNN's cache. Loading in the training process leaves both cores of a
+    # small machine to the training threads.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return TrainConfig(
         data=str(data), output_dir=str(output_dir), preset="tiny", epochs=epochs, batch_size=8, lr=5e-4,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .coco import CocoDataset, DatasetError, Problem, Split, Transforms
+from .coco import CocoDataset, DatasetError, Problem, Split, Transforms, size_problem
 from .formats import detect_format, read_split, split_names
 from .images import ImageProbe
 
@@ -92,13 +92,11 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
         path = split.image_dir / image["file_name"]
         info = probe(path)
         if info.problem is not None:
-            report.problems.append(Problem(f"{path}: {info.problem}"))
-        elif (info.width, info.height) != (image["width"], image["height"]):
-            # The boxes are in the annotated size; another size (an EXIF-rotated copy) misplaces them.
-            source = Path(image.get("source", split.annotation_file)).name
-            report.problems.append(Problem(
-                f"{path}: image is {info.width}x{info.height} but {source} says {image['width']}x{image['height']}"
-            ))  # fmt: skip
+            problem = f"{path}: {info.problem}"
+        else:
+            problem = size_problem(path, info.width, info.height, image, split.annotation_file)
+        if problem is not None:
+            report.problems.append(Problem(problem))
         else:
             images[image["id"]] = image
     report.images = len(data["images"])

@@ -223,14 +223,19 @@ class CocoDataset(Dataset):
     def _read_image(self, image_id: int) -> tv_tensors.Image:
         path = self.image_path(image_id)
         image = read_image(path)
-        info = self.coco.imgs[image_id]
-        if tuple(image.shape[-2:]) != (info["height"], info["width"]):
-            # The boxes are in the annotated size; another size (e.g. an EXIF-rotated copy) misplaces them.
-            raise DatasetError(
-                f"{path}: image is {image.shape[-1]}x{image.shape[-2]} but "
-                f"{Path(info.get('source', self.annotation_file)).name} says {info['width']}x{info['height']}"
-            )
+        problem = size_problem(path, image.shape[-1], image.shape[-2], self.coco.imgs[image_id], self.annotation_file)
+        if problem is not None:
+            raise DatasetError(problem)
         return image
+
+
+def size_problem(path: Path, width: int, height: int, image: dict[str, Any], annotation_file: Path) -> str | None:
+    """The problem of an image file whose size is not its entry's, or None. The boxes are in the
+    annotated size; another size (e.g. an EXIF-rotated copy) misplaces them."""
+    if (width, height) == (image["width"], image["height"]):
+        return None
+    source = Path(image.get("source", annotation_file)).name
+    return f"{path}: image is {width}x{height} but {source} says {image['width']}x{image['height']}"
 
 
 def _check(data: dict[str, Any], image_dir: Path, annotation_file: Path) -> None:

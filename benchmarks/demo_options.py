@@ -24,6 +24,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "lft": ({"look_forward_twice": True}, {}),
     "hybrid": ({"one_to_many_queries": 100}, {"one_to_many_repeats": 5}),
     "lft_hybrid": ({"look_forward_twice": True, "one_to_many_queries": 100}, {"one_to_many_repeats": 5}),
+    "iou_aware": ({}, {"iou_aware_classification": True}),
 }
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, get_config
 from .backbone import Joiner, build_backbone
-from .transformer import DeformableTransformer, inverse_sigmoid
+from .transformer import DeformableTransformer, refine_boxes
 
 
 class MLP(nn.Module):
@@ -164,13 +164,9 @@ class DeformableDETR(nn.Module):
 
         predictions = []
         for layer, output in enumerate(hs):
-            reference = inverse_sigmoid(initial_reference if layer == 0 else references[layer - 1])
-            box = self.bbox_embed[layer](output)
-            if reference.shape[-1] == 4:
-                box = box + reference
-            else:
-                box = torch.cat([box[..., :2] + reference, box[..., 2:]], -1)
-            predictions.append({"pred_logits": self.class_embed[layer](output), "pred_boxes": box.sigmoid()})
+            reference = initial_reference if layer == 0 else references[layer - 1]
+            box = refine_boxes(self.bbox_embed[layer](output), reference)
+            predictions.append({"pred_logits": self.class_embed[layer](output), "pred_boxes": box})
 
         if one_to_many:
             groups = slice(None, self.config.num_queries), slice(self.config.num_queries, None)

@@ -17,6 +17,16 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
+    """Boxes (cx, cy, w, h) in [0, 1]: a box head's ``delta`` applied to ``reference`` in logit space.
+
+    A 4-d reference is a box, refined as a whole; a 2-d reference is a point, and the head predicts
+    the size outright."""
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference)).sigmoid()
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+
+
 def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
 
@@ -188,13 +198,7 @@ class DeformableTransformerDecoder(nn.Module):
             )
             refined = reference_points
             if self.bbox_embed is not None:
-                delta = self.bbox_embed[index](output)
-                if reference_points.shape[-1] == 4:
-                    refined = delta + inverse_sigmoid(reference_points)
-                else:
-                    # A 2-d reference point becomes a box: the head predicts its size outright.
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                refined = refined.sigmoid()
+                refined = refine_boxes(self.bbox_embed[index](output), reference_points)
                 reference_points = refined.detach()
             outputs.append(output)
             references.append(refined if self.look_forward_twice else reference_points)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from ..distributed import is_distributed
 from .matcher import HungarianMatcher
@@ -47,6 +47,11 @@ class SetCriterion(nn.Module):
     ``one_to_many_repeats`` times, their losses suffixed ``_one_to_many``. :meth:`total_loss` weights
     them with ``weight_dict`` (suffixes share their loss's weight; the one-to-many group's are also
     multiplied by ``one_to_many_weight``) and sums them; that is what to minimise.
+
+    With ``iou_aware``, ``loss_ce`` is the varifocal loss instead (VarifocalNet; as in RT-DETR): a
+    matched query's target score for its class is the IoU of its box with the target's (detached)
+    rather than 1, and it is weighted by that IoU, so that scores rank boxes by how well they fit.
+    Unmatched queries are weighted as in the focal loss, ``(1 - focal_alpha) * p ** focal_gamma``.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class SetCriterion(nn.Module):
         focal_gamma: float = 2.0,
         one_to_many_repeats: int = 6,
         one_to_many_weight: float = 1.0,
+        iou_aware: bool = False,
     ) -> None:
         super().__init__()
         self.matcher = matcher if matcher is not None else HungarianMatcher()
@@ -68,6 +74,7 @@ class SetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
         self.one_to_many_repeats = one_to_many_repeats
         self.one_to_many_weight = one_to_many_weight
+        self.iou_aware = iou_aware
 
     def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """
@@ -130,21 +137,34 @@ class SetCriterion(nn.Module):
         target_labels = _matched_targets(targets, matches, "labels")
         target_boxes = _matched_targets(targets, matches, "boxes").to(boxes)
 
+        matched = boxes[images, queries]
+        # The pairwise IoUs take a singleton batch dimension per pair to give them elementwise.
+        matched_xyxy = box_convert(matched, "cxcywh", "xyxy")[:, None]
+        target_xyxy = box_convert(target_boxes, "cxcywh", "xyxy")[:, None]
+        giou = generalized_box_iou(matched_xyxy, target_xyxy)
+
         # One-hot over the real classes; unmatched queries are trained towards all-zero scores.
         one_hot = torch.zeros_like(logits)
-        one_hot[images, queries, target_labels] = 1
-        loss_ce = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
-
-        matched = boxes[images, queries]
-        # generalized_box_iou is pairwise; a singleton batch dimension per pair gives it elementwise.
-        giou = generalized_box_iou(
-            box_convert(matched, "cxcywh", "xyxy")[:, None], box_convert(target_boxes, "cxcywh", "xyxy")[:, None]
-        )
+        if self.iou_aware:
+            one_hot[images, queries, target_labels] = box_iou(matched_xyxy, target_xyxy).detach().flatten()
+            loss_ce = self._varifocal_loss(logits, one_hot)
+        else:
+            one_hot[images, queries, target_labels] = 1
+            loss_ce = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                         reduction="sum")
         return {
             "loss_ce": loss_ce / num_boxes,
             "loss_bbox": F.l1_loss(matched, target_boxes, reduction="sum") / num_boxes,
             "loss_giou": (1 - giou).sum() / num_boxes,
         }
+
+    def _varifocal_loss(self, logits: Tensor, target_scores: Tensor) -> Tensor:
+        """Binary cross-entropy towards ``target_scores`` (IoUs at matches, else 0), positives
+        weighted by their target score and negatives by the focal loss's down-weighting of easy ones."""
+        positive = target_scores > 0
+        negative_weight = (1 - self.focal_alpha) * logits.detach().sigmoid().pow(self.focal_gamma)
+        weight = torch.where(positive, target_scores, negative_weight)
+        return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="sum")
 
 
 def _matched_positions(matches: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:

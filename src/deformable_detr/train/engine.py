@@ -80,6 +80,8 @@ class TrainConfig:
     # against every target repeated this many times, and its loss is added with this weight (H-DETR's k, lambda).
     one_to_many_repeats: int = 6
     one_to_many_weight: float = 1.0
+    # The class loss's target for a matched query is its box's IoU with the target's (varifocal loss).
+    iou_aware_classification: bool = False
 
 
 # What a resumed run may change: how long it runs, where its files are and how many workers load
@@ -317,7 +319,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # forward raises on CPU tensors), so on the CPU each process normalises by its own share of
         # the batch, and the running statistics kept are the main process's (_share_buffers).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict names as BatchNorm2d
-    criterion = SetCriterion(one_to_many_repeats=config.one_to_many_repeats, one_to_many_weight=config.one_to_many_weight)
+    criterion = SetCriterion(one_to_many_repeats=config.one_to_many_repeats, one_to_many_weight=config.one_to_many_weight,
+                             iou_aware=config.iou_aware_classification)
     optimizer = build_optimizer(model, lr=config.lr, lr_backbone=config.lr_backbone, weight_decay=config.weight_decay)
     first_loader = _loader(train_set, batch_size=config.batch_size, train=True, workers=0, seed=config.seed, epoch=0)
     scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch, warmup_updates=config.warmup_steps,

@@ -5,7 +5,7 @@ same seed, so its curve differs from the demo's by the options alone. Each run w
 ``<out>/<variant>/train/log.jsonl``; several variants run one after another, and a table of AP per
 epoch is printed at the end.
 
-    python benchmarks/demo_options.py --out /tmp/options demo without_mqs lft hybrid [--epochs 10] [--seed 43]
+    python benchmarks/demo_options.py --out /tmp/options demo no_options mqs_only [--epochs 10] [--seed 43]
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from pathlib import Path
 from deformable_detr.demo import EPOCHS, run_demo
 
 # name -> (ModelConfig changes, TrainConfig changes), on top of the demo's own recipe (which has
-# mixed query selection).
+# mixed query selection and IoU-aware classification).
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "demo": ({}, {}),
-    "without_mqs": ({"mixed_query_selection": False}, {}),
+    "no_options": ({"mixed_query_selection": False}, {"iou_aware_classification": False}),
+    "mqs_only": ({}, {"iou_aware_classification": False}),
+    "iou_aware_only": ({"mixed_query_selection": False}, {}),
     "lft": ({"look_forward_twice": True}, {}),
     "hybrid": ({"one_to_many_queries": 100}, {"one_to_many_repeats": 5}),
-    "lft_hybrid": ({"look_forward_twice": True, "one_to_many_queries": 100}, {"one_to_many_repeats": 5}),
-    "iou_aware": ({}, {"iou_aware_classification": True}),
 }
 
 

@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deformable_detr import build_model, load_pretrained, save_checkpoint
 from deformable_detr.data import synthesize
-from deformable_detr.evaluation import METRICS
-from deformable_detr.train import SetCriterion, evaluate_checkpoint
+from deformable_detr.evaluation import METRICS, evaluate_checkpoint
+from deformable_detr.train import SetCriterion
 
 from choices import MatchReplay
 
@@ -113,7 +113,7 @@ def torchrun(*arguments: str) -> subprocess.CompletedProcess:
 EVALUATE = """
 import json, sys
 from deformable_detr.distributed import rank
-from deformable_detr.train import evaluate_checkpoint
+from deformable_detr.evaluation import evaluate_checkpoint
 metrics = evaluate_checkpoint(sys.argv[1], sys.argv[2], batch_size=1, image_size=96, workers=0)
 # One write of one line: print writes the line and its newline separately when unbuffered
 # (PYTHONUNBUFFERED), and the two processes' lines could then interleave.

@@ -10,8 +10,7 @@ import torch
 from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
-from deformable_detr.train import SetCriterion, engine
-from deformable_detr.train.engine import TrainConfig, TrainingError, train
+from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, engine, train
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +45,19 @@ def test_resume_continues_exactly(data, tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
     log = (tmp_path / "interrupted" / "log.jsonl").read_text().splitlines()
     assert len(log) == 2 and (tmp_path / "interrupted" / "best.pt").is_file()
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data, tmp_path):
+    run = config(data, tmp_path / "run", epochs=1)
+    train(run)
+    last = tmp_path / "run" / "checkpoint.pt"
+    payload = torch.load(last, weights_only=True)
+    del payload["train_config"]["iou_aware_classification"]  # as an older version saved it
+    torch.save(payload, last)
+    with pytest.raises(TrainingError, match=r"iou_aware_classification False \(now True\)"):
+        train(dataclasses.replace(run, epochs=2, resume=True, iou_aware_classification=True))
+    train(dataclasses.replace(run, epochs=2, resume=True))
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
 
 
 def test_finetune_with_another_class_count(data, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from deformable_detr import build_model
+from deformable_detr import Detector, build_model
 from deformable_detr.explain import MIN_PANEL_SIDE, explain
 from deformable_detr.model import MSDeformAttn, capture_attention
 from deformable_detr.visualize import head_colours
@@ -21,6 +21,11 @@ HEIGHT, WIDTH = 96, 128
 def model():
     torch.manual_seed(0)
     return build_model("tiny", num_classes=6).eval()
+
+
+@pytest.fixture
+def detector(model):
+    return Detector(model, image_size=HEIGHT)
 
 
 @pytest.fixture
@@ -101,10 +106,10 @@ def _colour_pixels(picture: Image.Image, colour: tuple[int, int, int]) -> torch.
     return (_pixels(picture) == torch.tensor(colour, dtype=torch.uint8)).all(-1)
 
 
-def test_explain_draws_one_panel_per_detection_and_one_for_the_encoder(model):
+def test_explain_draws_one_panel_per_detection_and_one_for_the_encoder(detector, model):
     grey = torch.full((3, HEIGHT, WIDTH), 100, dtype=torch.uint8)
     model.train()
-    picture = explain(model, grey, top_k=2, image_size=HEIGHT)
+    picture = explain(detector, grey, top_k=2)
     assert model.training  # mode restored
     assert all(module._capture is None for module in model.modules() if isinstance(module, MSDeformAttn))
 
@@ -123,26 +128,26 @@ def test_explain_draws_one_panel_per_detection_and_one_for_the_encoder(model):
             assert _colour_pixels(picture, colour)[panel_rows, columns].sum() > 10, (panel, colour)
 
 
-def test_explain_encoder_point_moves_only_the_encoder_panel(model):
+def test_explain_encoder_point_moves_only_the_encoder_panel(detector):
     image = torch.randint(0, 256, (3, HEIGHT, WIDTH), dtype=torch.uint8)
-    left = _pixels(explain(model, image, top_k=1, image_size=HEIGHT, encoder_point=(0.2, 0.5)))
-    right = _pixels(explain(model, image, top_k=1, image_size=HEIGHT, encoder_point=(0.8, 0.5)))
+    left = _pixels(explain(detector, image, top_k=1, encoder_point=(0.2, 0.5)))
+    right = _pixels(explain(detector, image, top_k=1, encoder_point=(0.8, 0.5)))
     panel_width = round(WIDTH * MIN_PANEL_SIDE / HEIGHT)
     assert torch.equal(left[:, :panel_width], right[:, :panel_width])
     assert not torch.equal(left[:, panel_width + 8 :], right[:, panel_width + 8 :])
 
 
-def test_explain_takes_paths_and_pil_images_and_skips_low_scores(model, tmp_path):
+def test_explain_takes_paths_and_pil_images_and_skips_low_scores(detector, tmp_path):
     image = torch.randint(0, 256, (3, HEIGHT, WIDTH), dtype=torch.uint8)
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     pil.save(tmp_path / "image.png")
-    from_tensor = _pixels(explain(model, image, image_size=HEIGHT))
-    assert torch.equal(_pixels(explain(model, pil, image_size=HEIGHT)), from_tensor)
-    assert torch.equal(_pixels(explain(model, tmp_path / "image.png", image_size=HEIGHT)), from_tensor)
+    from_tensor = _pixels(explain(detector, image))
+    assert torch.equal(_pixels(explain(detector, pil)), from_tensor)
+    assert torch.equal(_pixels(explain(detector, tmp_path / "image.png")), from_tensor)
     # No score reaches 1: the encoder panel alone.
-    assert explain(model, image, image_size=HEIGHT, threshold=1.0).width == round(WIDTH * MIN_PANEL_SIDE / HEIGHT)
+    assert explain(detector, image, threshold=1.0).width == round(WIDTH * MIN_PANEL_SIDE / HEIGHT)
 
 
-def test_explain_rejects_a_level_the_model_lacks(model):
+def test_explain_rejects_a_level_the_model_lacks(detector):
     with pytest.raises(ValueError, match="encoder_level"):
-        explain(model, torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8), image_size=HEIGHT, encoder_level=4)
+        explain(detector, torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8), encoder_level=4)

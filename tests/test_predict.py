@@ -14,7 +14,7 @@ from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 from deformable_detr.model import build_model
 from deformable_detr.predict import Detector
-from deformable_detr.train.engine import TrainConfig, train
+from deformable_detr.train import TrainConfig, train
 
 IMAGE_SIZE = 96
 

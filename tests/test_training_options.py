@@ -1,5 +1,6 @@
-"""Training-only options (hybrid matching, look forward twice, mixed query selection): what they train,
-and that inference and checkpoints stay those of the published architecture."""
+"""Training-only options (hybrid matching, look forward twice, mixed query selection, IoU-aware
+classification): what they train, and that inference and checkpoints stay those of the published
+architecture."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from deformable_detr import build_model, cli, load_pretrained, save_checkpoint
 from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint
 from deformable_detr.config import PRESETS, ModelConfig, get_config
-from deformable_detr.train import SetCriterion
+from deformable_detr.train import SetCriterion, TrainConfig
 from deformable_detr.train.matcher import HungarianMatcher
 
 OPTIONS = {"look_forward_twice": False, "mixed_query_selection": False, "one_to_many_queries": 0}  # off
@@ -127,6 +128,47 @@ def last_layer_box_gradients(model: torch.nn.Module, x: torch.Tensor) -> list[to
     return [head.layers[-1].weight.grad for head in model.bbox_embed]
 
 
+def _one_matched_query(logit: float, box: list[float]) -> tuple[dict, list[dict]]:
+    """Outputs of one image with two queries and two classes: query 0 (class logits ``[logit, -2]``,
+    ``box``) matches the one target (class 0, box (0.5, 0.5, 0.4, 0.4)); query 1 is background."""
+    outputs = {
+        "pred_logits": torch.tensor([[[logit, -2.0], [-1.0, -3.0]]], requires_grad=True),
+        "pred_boxes": torch.tensor([[box, [0.1, 0.1, 0.05, 0.05]]]),
+    }
+    return outputs, [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+
+
+def test_iou_aware_class_target_is_the_matched_boxs_iou():
+    criterion = SetCriterion(iou_aware=True)
+    # Half the target's width, the same centre: IoU 0.5. The loss is least where the score is 0.5.
+    half = [0.5, 0.5, 0.2, 0.4]
+    outputs, targets = _one_matched_query(0.0, half)
+    criterion(outputs, targets)["loss_ce"].backward()
+    assert outputs["pred_logits"].grad[0, 0, 0].abs() < 1e-6
+    for logit, sign in ((1.0, 1), (-1.0, -1)):  # above 0.5 the loss pushes the score down, below it up
+        outputs, targets = _one_matched_query(logit, half)
+        criterion(outputs, targets)["loss_ce"].backward()
+        assert torch.sign(outputs["pred_logits"].grad[0, 0, 0]) == sign
+    # A perfect box: the target is 1, as in the focal loss, and the loss keeps pushing the score up.
+    outputs, targets = _one_matched_query(3.0, [0.5, 0.5, 0.4, 0.4])
+    criterion(outputs, targets)["loss_ce"].backward()
+    assert outputs["pred_logits"].grad[0, 0, 0] < 0
+
+
+def test_iou_aware_loss_scores_unmatched_classes_as_the_focal_loss_does():
+    outputs, targets = _one_matched_query(0.0, [0.5, 0.5, 0.2, 0.4])
+    losses = [SetCriterion(iou_aware=option)(outputs, targets)["loss_ce"] for option in (False, True)]
+    gradients = [torch.autograd.grad(loss, outputs["pred_logits"])[0] for loss in losses]
+    # Query 1 and query 0's other class are negatives, weighted as the focal loss weights them,
+    # (1 - alpha) * p ** gamma, but held constant (as RT-DETR does): the gradient is that weight times p.
+    unmatched = torch.ones(1, 2, 2, dtype=torch.bool)
+    unmatched[0, 0, 0] = False
+    p = outputs["pred_logits"].detach().sigmoid()
+    expected = 0.75 * p**2 * p  # d/dx of w * -log(1 - sigmoid(x)) with w held constant: w * p
+    torch.testing.assert_close(gradients[1][unmatched], expected[unmatched])
+    assert not torch.allclose(gradients[0][unmatched], gradients[1][unmatched])  # the focal loss differentiates w too
+
+
 def test_look_forward_twice_trains_the_previous_layers_box_and_changes_no_output():
     torch.manual_seed(1)
     twice = options_model(look_forward_twice=True)
@@ -200,9 +242,10 @@ def test_train_flags_switch_the_options_on():
     cli._add_model_arguments(parser)
     required = ["--data", "data", "--output-dir", "run"]
     flags = ["--two-stage", "--look-forward-twice", "--mixed-query-selection", "--one-to-many-queries", "100",
-             "--one-to-many-repeats", "4", "--one-to-many-weight", "0.5"]
+             "--one-to-many-repeats", "4", "--one-to-many-weight", "0.5", "--iou-aware-classification"]
     config = cli._train_config(parser.parse_args(required + flags))
     assert config.model_overrides == {"two_stage": True, "look_forward_twice": True, "mixed_query_selection": True,
                                       "one_to_many_queries": 100}
-    assert (config.one_to_many_repeats, config.one_to_many_weight) == (4, 0.5)
-    assert cli._train_config(parser.parse_args(required)).model_overrides == {}  # off by default
+    assert (config.one_to_many_repeats, config.one_to_many_weight, config.iou_aware_classification) == (4, 0.5, True)
+    default = cli._train_config(parser.parse_args(required))
+    assert default.model_overrides == {} and default == TrainConfig(data="data", output_dir="run")  # off by default

@@ -20,17 +20,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 from .config import ModelConfig
 from .files import atomic_write
 from .huggingface import config_from_huggingface, state_dict_from_huggingface
 from .model import DeformableDETR, build_model
+from .reference import PUBLISHED_IMAGE_SIZE, config_from_reference, reference_payload, released_class_names
 
 FORMAT = "deformable-detr"
-PUBLISHED_IMAGE_SIZE = 800  # the shorter side of the published recipe's validation images
-# Index = COCO category id, with placeholders at the ids COCO does not use.
-_COCO_CATEGORIES: list[str] = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # torch.save writes a zip archive (a pickle, protocol 2, before torch 1.6). torch.load fails on other
 # files with messages about pickle opcodes ("101"), so they are told apart first.
@@ -43,12 +40,33 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
+    """A checkpoint of any format, read: the model it describes, its weights, and what using it takes.
+
+    Like torchvision's weights objects, it carries the categories and the input size beside the
+    weights; :meth:`build_model` is the one place a checkpoint becomes a model.
+    """
+
+    path: Path  # the file (or Hugging Face folder) it was read from, named in errors
     config: ModelConfig
     state_dict: dict[str, Tensor]
     source_format: str  # "deformable-detr", "reference" or "huggingface"
     class_names: dict[int, str] | None = None  # category id -> name, where the file tells
     image_size: int | None = None  # the shorter side the model was trained for, where the file tells
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # training state, if any
+
+    def build_model(self, *, device: torch.device | str | None = None) -> DeformableDETR:
+        """The model with these weights, on ``device``, in eval mode.
+
+        Raises:
+            CheckpointError: the weights do not fit the model the config describes.
+        """
+        # The checkpoint carries the backbone weights: never fetch ImageNet weights on top.
+        model = build_model(dataclasses.replace(self.config, backbone_weights=None))
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"{self.path}: weights do not fit the model it describes: {_first_problem(error)}") from None
+        return model.to(device).eval()
 
 
 def save_checkpoint(
@@ -80,28 +98,10 @@ def save_checkpoint(
 
 
 def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR) -> None:
-    """Write ``model`` in the reference implementation's layout, ``{"model", "args"}``, atomically.
-
-    The file loads into the reference code (ResNet-50/101 backbones) and back through
-    :func:`read_checkpoint`. Trainable batch norm (a backbone trained from scratch) becomes the
-    reference's frozen batch norm, which computes the same in evaluation.
-    """
-    config = model.config
-    args = argparse.Namespace(
-        backbone=config.backbone, dilation=config.dilation, position_embedding=config.position_embedding,
-        hidden_dim=config.d_model, nheads=config.num_heads, enc_layers=config.encoder_layers,
-        dec_layers=config.decoder_layers, dim_feedforward=config.dim_feedforward, dropout=config.dropout,
-        num_feature_levels=config.num_feature_levels, enc_n_points=config.encoder_points,
-        dec_n_points=config.decoder_points, num_queries=config.num_queries, with_box_refine=config.with_box_refine,
-        two_stage=config.two_stage, masks=False,
-    )  # fmt: skip
-    # Training-only options (hybrid matching's extra queries, ...) have no place in the reference:
-    # their tensors are left out, and the file holds the published architecture.
-    state_dict = {
-        name: tensor for name, tensor in model.inference_state_dict().items() if not name.endswith("num_batches_tracked")
-    }
+    """Write ``model`` in the reference implementation's layout (:func:`~deformable_detr.reference.reference_payload`),
+    atomically. It loads into the reference code and back through :func:`read_checkpoint`."""
     with atomic_write(path) as temporary:
-        torch.save({"model": state_dict, "args": args}, temporary)
+        torch.save(reference_payload(model), temporary)
 
 
 def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -121,18 +121,7 @@ def load_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
     Raises:
         CheckpointError: a one-line message naming the file and what is wrong with it.
     """
-    return model_from_checkpoint(read_checkpoint(path), path).to(device).eval()
-
-
-def model_from_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> DeformableDETR:
-    """The model ``checkpoint`` (read from ``path``, named in errors) describes, with its weights."""
-    # The checkpoint carries the backbone weights: never fetch ImageNet weights on top.
-    model = build_model(dataclasses.replace(checkpoint.config, backbone_weights=None))
-    try:
-        model.load_state_dict(checkpoint.state_dict, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the model it describes: {_first_problem(error)}") from None
-    return model
+    return read_checkpoint(path).build_model(device=device)
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *, layout: str | None = None) -> str:
@@ -144,7 +133,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     it holds the weights only, without training state.
     """
     checkpoint = read_checkpoint(source)
-    model = model_from_checkpoint(checkpoint, source)
+    model = checkpoint.build_model()
     layout = layout or ("reference" if checkpoint.source_format == FORMAT else "ours")
     if layout == "reference":
         save_reference_checkpoint(destination, model)
@@ -203,7 +192,7 @@ def _read_huggingface(folder: Path, path: Path) -> Checkpoint:
         raise CheckpointError(f"{folder / 'config.json'}: not readable JSON ({error})") from None
     config = config_from_huggingface(hf_config)
     state_dict = _load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
-    return Checkpoint(config, state_dict_from_huggingface(state_dict, config), "huggingface",
+    return Checkpoint(path, config, state_dict_from_huggingface(state_dict, config), "huggingface",
                       class_names=_huggingface_class_names(hf_config), image_size=PUBLISHED_IMAGE_SIZE)
 
 
@@ -227,7 +216,8 @@ def _read_ours_safetensors(path: Path) -> Checkpoint:
         )
     config = ModelConfig.from_dict(json.loads(metadata["config"]))
     usage = json.loads(metadata.get("usage", "{}"))
-    return Checkpoint(config, _load_safetensors(path), FORMAT, _class_names(usage.get("class_names")), usage.get("image_size"))
+    return Checkpoint(path, config, _load_safetensors(path), FORMAT, _class_names(usage.get("class_names")),
+                      usage.get("image_size"))
 
 
 def _class_names(names: Mapping[Any, str] | None) -> dict[int, str] | None:
@@ -273,55 +263,11 @@ def _read_pickled(path: Path) -> Checkpoint:
     if payload.get("format") == FORMAT:
         own = ("format", "config", "model", "class_names", "image_size")
         extra = {k: v for k, v in payload.items() if k not in own}
-        return Checkpoint(ModelConfig.from_dict(payload["config"]), payload["model"], FORMAT,
+        return Checkpoint(path, ModelConfig.from_dict(payload["config"]), payload["model"], FORMAT,
                           _class_names(payload.get("class_names")), payload.get("image_size"), extra)
     state_dict = payload.get("model", payload)
     if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:
         raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")
     args = payload.get("args")
     config = config_from_reference(state_dict, vars(args) if args is not None else {})
-    # The released models are COCO's, with its 91 category ids.
-    class_names = coco_category_names() if config.num_classes == len(_COCO_CATEGORIES) else None
-    return Checkpoint(config, state_dict, "reference", class_names, PUBLISHED_IMAGE_SIZE)
-
-
-def coco_category_names() -> dict[int, str]:
-    """COCO's 80 category names by their ids (1..90, with gaps)."""
-    return {identifier: name for identifier, name in enumerate(_COCO_CATEGORIES) if name not in ("__background__", "N/A")}
-
-
-# Reference training flags that map one to one onto ModelConfig fields.
-_REFERENCE_ARGS = {
-    "backbone": "backbone",
-    "dilation": "dilation",
-    "nheads": "num_heads",
-    "dropout": "dropout",
-    "enc_n_points": "encoder_points",
-    "dec_n_points": "decoder_points",
-}
-
-
-def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, Any]) -> ModelConfig:
-    """The config of a reference checkpoint: shapes from its weights, the rest from its ``args``."""
-
-    def count(prefix: str) -> int:
-        return len({name[len(prefix) :].split(".")[0] for name in state_dict if name.startswith(prefix)})
-
-    values = {field: args[flag] for flag, field in _REFERENCE_ARGS.items() if flag in args}
-    position_embedding = args.get("position_embedding", "sine")
-    # The reference accepts "v2"/"v3" as aliases of "sine"/"learned".
-    values["position_embedding"] = {"v2": "sine", "v3": "learned"}.get(position_embedding, position_embedding)
-    num_levels, d_model = state_dict["transformer.level_embed"].shape
-    two_stage = "transformer.enc_output.weight" in state_dict
-    values.update(
-        num_feature_levels=num_levels,
-        d_model=d_model,
-        encoder_layers=count("transformer.encoder.layers."),
-        decoder_layers=count("transformer.decoder.layers."),
-        dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in state_dict,
-        two_stage=two_stage,
-        num_classes=state_dict["class_embed.0.weight"].shape[0],
-        num_queries=args.get("num_queries", 300) if two_stage else state_dict["query_embed.weight"].shape[0],
-    )
-    return ModelConfig(**values)
+    return Checkpoint(path, config, state_dict, "reference", released_class_names(config), PUBLISHED_IMAGE_SIZE)

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from . import __version__
-from .checkpoints import load_pretrained, model_from_checkpoint, read_checkpoint
+from .checkpoints import load_pretrained, read_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .data.formats import FORMATS
 from .data.synthetic import OBJECT_SIZES
+from .distributed import is_main_process
+from .evaluation import evaluate_checkpoint, format_metrics
 from .model import build_model
+from .train import TrainConfig, TrainingError
 
 
 def _presets(_: argparse.Namespace) -> None:
@@ -41,7 +45,7 @@ def _info(_: argparse.Namespace) -> None:
 
 def _inspect(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.checkpoint)
-    model_from_checkpoint(checkpoint, args.checkpoint)  # proves the weights fit
+    checkpoint.build_model()  # proves the weights fit
     print(f"{args.checkpoint}: {checkpoint.source_format} checkpoint, loads with strict=True")
     for field, value in checkpoint.config.to_dict().items():
         print(f"  {field}: {value}")
@@ -65,9 +69,8 @@ def _explain(args: argparse.Namespace) -> None:
     from .visualize import save_image
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
-    picture = explain(detector.model, args.image, top_k=args.top_k, threshold=args.threshold,
-                      image_size=detector.image_size, encoder_point=args.encoder_point,
-                      encoder_level=args.encoder_level, names=detector.class_names)  # fmt: skip
+    picture = explain(detector, args.image, top_k=args.top_k, threshold=args.threshold,
+                      encoder_point=args.encoder_point, encoder_level=args.encoder_level)
     save_image(picture, args.out)
     print(f"{args.out}: sampling points of the top {args.top_k} detections and one encoder query")
 
@@ -94,9 +97,7 @@ def _synthesize(args: argparse.Namespace) -> None:
     print(f"{root}: {args.train} training and {args.val} validation images with COCO annotations")
 
 
-def _train_config(args: argparse.Namespace):
-    from .train.engine import TrainConfig
-
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     named = {flag: getattr(args, flag) for flag in _MODEL_FLAGS if getattr(args, flag) is not None}
     model_overrides = {**dict(args.model_option or []), **named}
@@ -104,16 +105,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train.engine import train
+    from .train import train
 
     train(_train_config(args))  # it prints the best epoch, its metrics and where best.pt is
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .train.engine import evaluate_checkpoint
-
-    _print_metrics(evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                                       image_size=args.image_size, workers=args.workers, format=args.format))
+    options = {key: getattr(args, key) for key in _keyword_defaults(evaluate_checkpoint)}
+    _print_metrics(evaluate_checkpoint(args.checkpoint, args.data, **options))
 
 
 def _check_data(args: argparse.Namespace) -> int:
@@ -125,9 +124,6 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(record: dict) -> None:
-    from .distributed import is_main_process
-    from .train.engine import format_metrics
-
     line = format_metrics(record)
     if line and is_main_process():  # under torchrun every process has the same metrics: the first one prints them
         print(line)
@@ -140,27 +136,31 @@ def _demo(_: argparse.Namespace) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The train command's flags, one per TrainConfig field; their defaults are TrainConfig's."""
     parser.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set (see check-data)")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--train-split", default="train", help="e.g. train2017 for COCO")
-    parser.add_argument("--val-split", default="val", help="e.g. val2017 for COCO; evaluated after every epoch")
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--train-split", help="e.g. train2017 for COCO (default: %(default)s)")
+    parser.add_argument("--val-split", help="e.g. val2017 for COCO; evaluated after every epoch (default: %(default)s)")
+    parser.add_argument("--preset", choices=list(PRESETS), help="default: %(default)s")
     parser.add_argument("--num-classes", type=int, help="default: the largest category id + 1")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--lr-backbone", type=float, default=2e-5)
-    parser.add_argument("--lr-drop-epoch", type=int, default=40)
-    parser.add_argument("--warmup-steps", type=int, default=0, help="optimiser updates of linear learning-rate warm-up")
-    parser.add_argument("--accumulation-steps", type=int, default=1)
+    parser.add_argument("--epochs", type=int, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=int, help="default: %(default)s")
+    parser.add_argument("--lr", type=float, help="default: %(default)s")
+    parser.add_argument("--lr-backbone", type=float, help="default: %(default)s")
+    parser.add_argument("--weight-decay", type=float, help="default: %(default)s")
+    parser.add_argument("--lr-drop-epoch", type=int, help="the epoch the learning rate drops tenfold (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int,
+                        help="optimiser updates of linear learning-rate warm-up (default: %(default)s)")
+    parser.add_argument("--clip-max-norm", type=float, help="gradient clipping; 0 turns it off (default: %(default)s)")
+    parser.add_argument("--accumulation-steps", type=int, help="batches per optimiser update (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast: faster where the hardware has it (AMX or AVX512-BF16 CPUs, Ampere+ GPUs)")
-    parser.add_argument("--image-size", type=int, default=800, help="largest short side of the augmentation recipe")
-    parser.add_argument("--pad-to-multiple", type=int, default=1,
-                        help="pad training batches to a multiple of this size; 32 makes CPU steps faster (fewer shapes)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="data-loading processes; on a machine with few cores 0 can be faster")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--image-size", type=int, help="largest short side of the augmentation recipe (default: %(default)s)")
+    parser.add_argument("--pad-to-multiple", type=int,
+                        help="pad training batches to a multiple of this size; 32 makes CPU steps faster (default: %(default)s)")
+    parser.add_argument("--workers", type=int,
+                        help="data-loading processes; on a machine with few cores 0 can be faster (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="default: %(default)s")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")
     parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
@@ -172,8 +172,14 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                          help="DINO: two-stage proposals give positions only; the content query is learned")
     options.add_argument("--one-to-many-queries", type=int,
                          help="H-DETR hybrid matching: this many extra queries, matched to every target k times")
-    options.add_argument("--one-to-many-repeats", type=int, default=6, help="k of hybrid matching")
-    options.add_argument("--one-to-many-weight", type=float, default=1.0, help="weight of the one-to-many group's loss")
+    options.add_argument("--one-to-many-repeats", type=int, help="k of hybrid matching (default: %(default)s)")
+    options.add_argument("--one-to-many-weight", type=float,
+                         help="weight of the one-to-many group's loss (default: %(default)s)")
+    options.add_argument("--iou-aware-classification", action="store_true",
+                         help="varifocal loss: a matched query's class target is its box's IoU with the target's")
+    parser.set_defaults(**{
+        field.name: field.default for field in dataclasses.fields(TrainConfig) if field.default is not dataclasses.MISSING
+    })
 
 
 def _add_format_argument(parser: argparse.ArgumentParser) -> None:
@@ -217,6 +223,11 @@ def _model_option(text: str) -> tuple[str, Any]:
         return key, field_type(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{key} takes a {field_type.__name__}, not {value!r}") from None
+
+
+def _keyword_defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    """``function``'s keyword-only parameters and their defaults: a command's defaults are its function's."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.kind == p.KEYWORD_ONLY}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,11 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set")
     _add_format_argument(evaluate)
-    evaluate.add_argument("--split", default="val")
-    evaluate.add_argument("--batch-size", type=int, default=2)
-    evaluate.add_argument("--image-size", type=int, default=800)
-    evaluate.add_argument("--workers", type=int, default=2)
-    evaluate.set_defaults(run=_evaluate)
+    evaluate.add_argument("--split", help="default: %(default)s")
+    evaluate.add_argument("--batch-size", type=int, help="default: %(default)s")
+    evaluate.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
+    evaluate.add_argument("--workers", type=int, help="data-loading processes (default: %(default)s)")
+    evaluate.set_defaults(run=_evaluate, **_keyword_defaults(evaluate_checkpoint))
 
     check = commands.add_parser("check-data", help="what a data set holds and every problem in it, one line each")
     check.add_argument("data", help="a COCO, Pascal VOC or YOLO data set")
@@ -301,8 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data").set_defaults(run=_demo)
 
     args = parser.parse_args(argv)
-    from .train.engine import TrainingError
-
     try:
         status = args.run(args)
     except (ValueError, TrainingError, OSError) as error:  # bad files and arguments; CheckpointError and DatasetError are ValueErrors

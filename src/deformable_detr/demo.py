@@ -9,12 +9,11 @@ from typing import Any
 
 import torch
 
-from .checkpoints import load_pretrained
-from .data import coco_split, recipe, synthesize
+from .data import read_image, synthesize
 from .environment import native_bf16
-from .model import postprocess
-from .train.engine import TrainConfig, train
-from .visualize import draw_detections, save_image, to_uint8
+from .predict import Detector
+from .train import TrainConfig, train
+from .visualize import save_image
 
 IMAGE_SIZE = 192
 # Ten epochs fit the demo's 10 training minutes on 2 cores (README, The demo); the learning rate
@@ -50,8 +49,9 @@ def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCH
     # Each choice is measured in the README's demo section. From scratch the published lr (2e-4,
     # backbone 2e-5) is too timid for minutes of training. Two-stage queries (from the encoder's
     # proposals) learn faster than learned ones, and mixed query selection (one learned content
-    # query; training-only) faster still. Dropout's random masks only cost time in a run this
-    # short; bfloat16 autocast is faster where the hardware has it.
+    # query) and IoU-aware classification (scores that rank boxes by fit), both training-only,
+    # faster still. Dropout's random masks only cost time in a run this short; bfloat16 autocast
+    # is faster where the hardware has it.
     # Batches padded to a multiple of 32 come in a few shapes instead of one new shape a step, whose
     # kernels would overflow oneDNN's cache. Loading in the training process leaves both cores of a
     # small machine to the training threads.
@@ -61,20 +61,15 @@ def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCH
         lr_backbone=5e-4, lr_drop_epoch=max(epochs - 1, 1), image_size=IMAGE_SIZE, pad_to_multiple=32, workers=0,
         bf16=native_bf16(device),
         model_overrides={"two_stage": True, "mixed_query_selection": True, "dropout": 0.0},
+        iou_aware_classification=True,
     )
 
 
 def _draw_examples(checkpoint: Path, data: Path, out: Path, count: int = 4) -> None:
-    model = load_pretrained(checkpoint)
-    dataset = coco_split(data, "val", recipe(IMAGE_SIZE)[1])
-    drawn = []
-    with torch.no_grad():
-        for index in range(count):
-            image, target = dataset[index]
-            outputs = model(image[None])
-            detections = postprocess(outputs, target["size"][None])[0]
-            # A few minutes of training gives modest scores: a low threshold still shows what it finds.
-            drawn.append(draw_detections(to_uint8(image), detections, dataset.category_names, threshold=0.25))
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    images = [read_image(path).as_subclass(torch.Tensor) for path in sorted((data / "val").iterdir())[:count]]
+    # A few minutes of training gives modest scores: a low threshold still shows what it finds.
+    drawn = [detections.draw(image) for image, detections in zip(images, detector.predict(images, threshold=0.25))]
     height = max(d.shape[-2] for d in drawn)
     canvas = torch.zeros(3, height, sum(d.shape[-1] for d in drawn), dtype=torch.uint8)
     left = 0

@@ -1,8 +1,18 @@
-"""Which process this is when torchrun starts several: the one place that asks the process group."""
+"""Several processes under torchrun: the one place that talks to the process group.
+
+Every function works unchanged in a single process, where the collectives are no-ops.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import TypeVar
+
+import torch
 import torch.distributed as dist
+from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -15,6 +25,58 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def world_size() -> int:
+    """How many processes there are; 1 without a process group."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def is_main_process() -> bool:
     """Whether this process speaks for all of them: it alone writes files, logs and prints."""
     return rank() == 0
+
+
+def setup_distributed() -> torch.device:
+    """Join the torchrun process group if there is one; the device this process runs on."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def mean_over_processes(value: Tensor) -> Tensor:
+    """``value`` averaged over the processes (collective); every process gets the same tensor."""
+    if not is_distributed():
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world_size()
+
+
+def gather_objects(value: T) -> list[T]:
+    """Every process's ``value`` (picklable), in rank order (collective)."""
+    if not is_distributed():
+        return [value]
+    parts: list[T | None] = [None] * world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def main_process_decides(value: T) -> T:
+    """The main process's ``value`` (picklable), on every process (collective): for choices all must make alike."""
+    if not is_distributed():
+        return value
+    decision = [value]
+    dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def share_buffers(model: nn.Module) -> None:
+    """Give every process the main process's buffers (batch-norm running statistics), so that all of
+    them evaluate the model it saves: DDP broadcasts buffers before each forward, and each process's
+    last batch then left its own."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

@@ -1,4 +1,6 @@
-"""COCO box AP of detections through pycocotools, over one process or all of them.
+"""COCO box AP of detections through pycocotools, over one process or all of them: of a model on a
+data loader (:func:`evaluate`, after every training epoch) or of a checkpoint on a data set
+(:func:`evaluate_checkpoint`, the ``evaluate`` command).
 
 Only the images given to :meth:`CocoEvaluator.update` are evaluated, so a partial pass is scored on
 what it saw. Metrics keep pycocotools' convention of -1 where the ground truth has no object to
@@ -15,17 +17,19 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
+from .checkpoints import read_checkpoint
+from .data import data_loader, load_split, recipe
 from .data.coco import coco_index
-from .distributed import is_distributed, is_main_process
+from .distributed import gather_objects, is_main_process, setup_distributed
 from .files import atomic_write
 from .model import evaluating, postprocess
+from .reference import PUBLISHED_IMAGE_SIZE
 
 # Names of COCOeval.stats, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -56,12 +60,8 @@ class CocoEvaluator:
 
     def _gather(self) -> dict[int, Tensor]:
         """Every process's detections; collective when distributed."""
-        if not is_distributed():
-            return dict(self._detections)
-        parts: list[dict[int, Tensor] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self._detections)
         merged: dict[int, Tensor] = {}
-        for part in parts:
+        for part in gather_objects(self._detections):
             # An image on two processes (a sampler padding to equal shares) has the same detections on
             # both, so keeping either one counts it once.
             merged.update(part)
@@ -146,3 +146,25 @@ def write_results_json(path: str | os.PathLike, results: list[dict[str, Any]]) -
     at all."""
     with atomic_write(path) as temporary:
         temporary.write_text(json.dumps(results))
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", batch_size: int = 2,
+    image_size: int | None = None, workers: int = 2, format: str | None = None,
+) -> dict[str, float]:
+    """COCO metrics of any checkpoint :func:`~deformable_detr.load_pretrained` reads on ``data``'s
+    ``split`` (also under torchrun). ``data`` is a COCO, VOC or YOLO data set (``format`` forces one);
+    images are resized as in validation to ``image_size``, by default the size the checkpoint was
+    trained for."""
+    device = setup_distributed()
+    read = read_checkpoint(checkpoint)
+    model = read.build_model(device=device)
+    size = image_size or read.image_size or PUBLISHED_IMAGE_SIZE
+    dataset, _ = load_split(data, split, recipe(size)[1], format=format)
+    loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
+    return evaluate(model, loader, device=device, coco=dataset.coco)
+
+
+def format_metrics(record: dict[str, Any]) -> str:
+    """The main COCO metrics of a log record on one line: ``AP 0.512  AP50 0.734 ...``."""
+    return "  ".join(f"{key} {record[key]:.3f}" for key in METRICS[:6] if key in record)

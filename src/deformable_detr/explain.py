@@ -9,7 +9,6 @@ The picture carries its own legend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,8 @@ from torch import Tensor
 from torchvision.ops import nms
 from torchvision.transforms.v2 import functional as F
 
-from .data.transforms import VAL_SIZE, inference_transforms
-from .model import AttentionRecord, DeformableDETR, capture_attention, evaluating, postprocess
-from .predict import ImageInput, as_image_tensor
+from .model import AttentionRecord, capture_attention, evaluating, postprocess
+from .predict import Detector, ImageInput
 from .visualize import draw_sampling_points, head_colours, to_uint8
 
 # Small inputs are enlarged to this shorter side, so that dots and text stay legible.
@@ -37,54 +35,50 @@ class _Panel:
 
 @torch.no_grad()
 def explain(
-    model: DeformableDETR,
+    detector: Detector,
     image: ImageInput,
     *,
     top_k: int = 3,
     threshold: float = 0.0,
-    image_size: int = VAL_SIZE,
     encoder_point: tuple[float, float] | None = None,
     encoder_level: int = 0,
-    names: Mapping[int, str] | None = None,
 ) -> Image.Image:
-    """Draw where ``model`` looks in ``image``: panels side by side above a legend of head colours.
+    """Draw where ``detector``'s model looks in ``image``: panels side by side above a legend of head colours.
 
     Args:
-        model: any Deformable DETR; run once in eval mode (its mode is restored afterwards).
-        image: a file path, a PIL image, an RGB numpy array (H, W, 3) or a (3, H, W) tensor (uint8,
-            or float in [0, 1]), resized as in validation (``inference_transforms(image_size)``).
+        detector: the model, with the input size and class names it was trained for. The model
+            runs once in eval mode (its mode is restored afterwards).
+        image: any one image :meth:`Detector.predict` takes, prepared as it prepares them.
         top_k: detections to explain (distinct objects, best score first), one panel each.
         threshold: the lowest score a detection needs for a panel.
-        image_size: the shorter side of the model's input (the size it was trained for).
         encoder_point: (x, y) as fractions of the image width and height, the encoder query to show;
             by default the centre of the best detection (the image centre if there is none).
         encoder_level: the feature level whose pixel is the encoder query.
-        names: category id -> name for the box labels.
 
     Returns:
         An RGB image: ``top_k`` (or fewer) detection panels and one encoder panel, each the model
         input enlarged to a shorter side of at least ``MIN_PANEL_SIDE`` under a title line.
     """
+    model = detector.model
     if not 0 <= encoder_level < model.config.num_feature_levels:
         raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level}")
-    inputs = inference_transforms(image_size)(as_image_tensor(image))
-    device = next(model.parameters()).device
+    inputs = detector.prepare(image)
     with evaluating(model), capture_attention(model) as records:
-        outputs = model(inputs[None].to(device))
+        outputs = model(inputs[None])
     by_name = {record.name: record for record in records}
     decoder = by_name[f"transformer.decoder.layers.{model.config.decoder_layers - 1}.cross_attn"]
     encoder = by_name[f"transformer.encoder.layers.{model.config.encoder_layers - 1}.self_attn"]
 
     height, width = inputs.shape[-2:]
     scale = max(1.0, MIN_PANEL_SIDE / min(height, width))
-    background = F.resize(to_uint8(inputs), [round(height * scale), round(width * scale)], antialias=True)
+    background = F.resize(to_uint8(inputs.cpu()), [round(height * scale), round(width * scale)], antialias=True)
     # Faded halfway to white, the photo leaves the coloured dots the contrast.
     background = background.div(2).add(128).to(torch.uint8)
     detections = _top_queries(outputs, (height, width), top_k, threshold)
     panels = []
     for index, query in enumerate(detections["queries"].tolist()):
         label = int(detections["labels"][index])
-        name = (names or {}).get(label, f"class {label}")
+        name = detector.class_names.get(label, f"class {label}")
         title = f"query {query}: {name} {float(detections['scores'][index]):.2f}"
         box = detections["boxes"][index] * scale
         panels.append(_Panel(title, _query_picture(background, decoder, query, box=box)))

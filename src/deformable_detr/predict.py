@@ -17,10 +17,11 @@ from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from .checkpoints import PUBLISHED_IMAGE_SIZE, model_from_checkpoint, read_checkpoint
+from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
 from .evaluation import coco_results, write_results_json
 from .model import DeformableDETR, postprocess
+from .reference import PUBLISHED_IMAGE_SIZE
 from .visualize import draw_detections, save_image
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
@@ -34,6 +35,12 @@ class Detections:
     scores: Tensor  # (K,)
     labels: Tensor  # (K,) category ids
     names: list[str]  # K category names (the id as text where the checkpoint has no names)
+
+    def draw(self, image: Tensor) -> Tensor:
+        """``image`` (3, H, W) uint8, the one detected, with these boxes drawn and labelled with name and score."""
+        names = dict(zip(self.labels.tolist(), self.names))
+        boxes = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+        return draw_detections(image, boxes, names, threshold=0.0)
 
 
 class Detector:
@@ -61,8 +68,7 @@ class Detector:
         (COCO's for the released models) and the image size it was trained for, unless
         ``image_size`` is given. ``device`` defaults to CUDA where there is one."""
         checkpoint = read_checkpoint(path)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = model_from_checkpoint(checkpoint, path).to(device)
+        model = checkpoint.build_model(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         size = image_size or checkpoint.image_size or PUBLISHED_IMAGE_SIZE
         return cls(model, class_names=checkpoint.class_names, image_size=size)
 
@@ -94,10 +100,14 @@ class Detector:
         detections = [by_index[index] for index in range(len(pixels))]
         return detections[0] if single else detections
 
-    def _predict_batch(self, images: list[Tensor], threshold: float) -> list[Detections]:
+    def prepare(self, image: ImageInput) -> Tensor:
+        """The model's input for ``image`` (any input :meth:`predict` takes, one image): resized and
+        normalised as in validation, on the model's device, (3, H', W')."""
         # Moved as uint8 (a quarter of float's bytes), then resized where the model runs.
-        inputs = [self._transforms(image.to(self.device)) for image in images]
-        outputs = self.model(inputs)
+        return self._transforms(as_image_tensor(image).to(self.device))
+
+    def _predict_batch(self, images: list[Tensor], threshold: float) -> list[Detections]:
+        outputs = self.model([self.prepare(image) for image in images])
         # Boxes are relative to each image, so scaling by the input's size undoes the resize.
         sizes = [image.shape[-2:] for image in images]
         results = []
@@ -177,7 +187,7 @@ def detect_files(
             if readable:
                 batch = detector.predict([image for _, _, image in readable], threshold=threshold, batch_size=batch_size)
                 for (image_id, path, image), detections in zip(readable, batch):
-                    _save_annotated(image, detections, out / _unique_name(path, output_names))
+                    save_image(detections.draw(image), out / _unique_name(path, output_names))
                     results += [dict(result, file_name=str(path)) for result in
                                 coco_results(image_id, detections.boxes, detections.scores, detections.labels)]
             bar.update(len(files[start : start + batch_size]))
@@ -193,8 +203,3 @@ def _unique_name(path: Path, taken: set[str]) -> str:
     taken.add(name)
     return name
 
-
-def _save_annotated(image: Tensor, detections: Detections, path: Path) -> None:
-    names = dict(zip(detections.labels.tolist(), detections.names))
-    boxes = {"boxes": detections.boxes, "scores": detections.scores, "labels": detections.labels}
-    save_image(draw_detections(image, boxes, names, threshold=0.0), path)

@@ -1,12 +1,12 @@
 """Data: COCO, Pascal VOC and YOLO data sets read into one dataset type, the data check, the published
 augmentations, batching, synthetic shapes."""
 
-from .check import DataReport, SplitReport, check_data, load_split
-from .coco import CocoDataset, DatasetError, Problem, Split, coco_split, read_coco, read_image
+from .check import DataReport, SplitReport, check_data, coco_split, load_split
+from .coco import CocoDataset, DatasetError, Problem, Split, read_coco, read_image
 from .collate import collate
 from .formats import FORMATS, detect_format, read_split, split_names
 from .images import IMAGE_SUFFIXES, ImageProbe, inspect_image
-from .loader import Loader
+from .loader import Loader, batches_per_epoch, data_loader
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import synthesize
 from .transforms import inference_transforms, model_input, recipe, train_transforms, val_transforms
@@ -26,9 +26,11 @@ __all__ = [
     "Problem",
     "Split",
     "SplitReport",
+    "batches_per_epoch",
     "check_data",
     "coco_split",
     "collate",
+    "data_loader",
     "detect_format",
     "inference_transforms",
     "inspect_image",

@@ -164,20 +164,34 @@ def check_data(root: str | Path, *, format: str | None = None, splits: list[str]
 
 
 def load_split(
-    root: str | Path, split: str, transforms: Transforms | None = None, *, format: str | None = None
+    root: str | Path, split: str, transforms: Transforms | None = None, *, format: str | None = None,
+    probe: ImageProbe | None = None,
 ) -> tuple[CocoDataset, SplitReport]:
     """The data set of ``split`` of ``root`` (any format, detected when ``format`` is None), checked
     first, with the check's report.
 
+    ``probe`` is the image probe to check with; by default the data set's own, whose cache is read
+    and written here. Loading several splits, pass one (``ImageProbe.for_data(root)``) and save it
+    after the last.
+
     Raises:
         DatasetError: the first problem that would stop training, naming its file.
     """
-    probe = ImageProbe.for_data(root)
+    own_probe = probe is None
+    probe = ImageProbe.for_data(root) if own_probe else probe
     read = read_split(root, split, format, probe)
     report = check_split(read, probe)
-    probe.save()
+    if own_probe:
+        probe.save()
     fatal = [problem for problem in report.problems if problem.fatal]
     if fatal:
         more = f" (and {len(fatal) - 1} more problem(s): deformable-detr check-data {root})" if len(fatal) > 1 else ""
         raise DatasetError(f"{fatal[0]}{more}")
     return CocoDataset(read.image_dir, read.annotation_file, transforms, data=read.data), report
+
+
+def coco_split(root: str | Path, split: str, transforms: Transforms | None = None) -> CocoDataset:
+    """:func:`load_split` of a split laid out as COCO is: ``root/<split>/`` images and
+    ``root/annotations/instances_<split>.json`` (``split="val2017"`` for COCO, ``"val"`` for
+    :func:`~deformable_detr.data.synthetic.synthesize`)."""
+    return load_split(root, split, transforms, format="coco")[0]

@@ -263,10 +263,3 @@ def read_image(path: str | Path) -> tv_tensors.Image:
     except OSError as error:
         raise DatasetError(f"{path}: cannot read image ({error})") from None
 
-
-def coco_split(root: str | Path, split: str, transforms: Transforms | None = None) -> CocoDataset:
-    """The split laid out as COCO is: ``root/<split>/`` images and
-    ``root/annotations/instances_<split>.json`` (``split="val2017"`` for COCO, ``"val"`` for
-    :func:`~deformable_detr.data.synthetic.synthesize`)."""
-    root = Path(root)
-    return CocoDataset(root / split, root / "annotations" / f"instances_{split}.json", transforms)

@@ -1,13 +1,46 @@
-"""Loading batches so that a sample that cannot be read stops the run with one line, worker processes or not."""
+"""Loading batches: seeded per epoch, shared between processes, and stopped by a sample that cannot
+be read with one line, worker processes or not."""
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from ..distributed import is_distributed, world_size
 from .coco import DatasetError
+from .collate import collate
+
+
+def data_loader(
+    dataset: Dataset, *, batch_size: int, train: bool, workers: int, seed: int, epoch: int, pad_to_multiple: int = 1
+) -> Loader:
+    """Batches of ``dataset`` as :func:`collate` makes them, for one epoch: shuffled when ``train``,
+    each process its share when distributed.
+
+    The order and the workers' seeds follow from ``seed`` and ``epoch``, so that a resumed run draws
+    the same batches as an uninterrupted one.
+    """
+    if is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
+        sampler.set_epoch(epoch)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed + epoch))
+    else:
+        sampler = SequentialSampler(dataset)
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                  collate_fn=functools.partial(collate, pad_to_multiple=pad_to_multiple),
+                  generator=torch.Generator().manual_seed(seed * 1000 + epoch), persistent_workers=False)
+
+
+def batches_per_epoch(dataset_size: int, batch_size: int) -> int:
+    """How many batches :func:`data_loader` gives each process in an epoch (the distributed sampler
+    pads the data to equal shares)."""
+    return math.ceil(math.ceil(dataset_size / world_size()) / batch_size)
 
 
 class Loader(DataLoader):

@@ -1,8 +1,10 @@
-"""Training: Hungarian matching, the set-prediction loss, the optimiser recipe and the loop."""
+"""Training: Hungarian matching, the set-prediction loss, the optimiser recipe, one epoch and the run."""
 
 from ..environment import native_bf16
+from .config import TrainConfig
 from .criterion import SetCriterion, average_num_boxes
-from .engine import TrainConfig, TrainingError, evaluate_checkpoint, train, train_step
+from .engine import TrainingError, train_step
+from .loop import train
 from .matcher import HungarianMatcher
 from .optim import build_lr_scheduler, build_optimizer, parameter_groups
 
@@ -14,7 +16,6 @@ __all__ = [
     "average_num_boxes",
     "build_lr_scheduler",
     "build_optimizer",
-    "evaluate_checkpoint",
     "native_bf16",
     "parameter_groups",
     "train",

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
-from ..distributed import is_distributed
+from ..distributed import mean_over_processes
 from .matcher import HungarianMatcher
 
 
@@ -21,10 +20,7 @@ def average_num_boxes(targets: Sequence[dict[str, Tensor]], *, device: torch.dev
     Every loss is divided by it, so that each box weighs the same whatever the batch it lands in.
     """
     count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if is_distributed():
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return count.clamp(min=1).item()
+    return mean_over_processes(count).clamp(min=1).item()
 
 
 ONE_TO_MANY = "_one_to_many"  # suffix of the hybrid-matching group's losses

@@ -1,0 +1,100 @@
+"""The reference implementation's checkpoint layout, both ways: ``{"model": state dict, "args": argparse.Namespace}``.
+
+Pure functions, no I/O, like :mod:`~deformable_detr.huggingface`: :func:`reference_payload` is
+what a released file holds for a model, and :func:`config_from_reference` reads a released
+file's config back. Its state-dict names are ours, so only the config needs translating, through
+one table of the reference's training flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+from .config import ModelConfig
+from .model import DeformableDETR
+
+__all__ = [
+    "PUBLISHED_IMAGE_SIZE", "coco_category_names", "config_from_reference", "reference_payload", "released_class_names",
+]
+
+PUBLISHED_IMAGE_SIZE = 800  # the shorter side of the published recipe's validation images
+
+# Index = COCO category id, with placeholders at the ids COCO does not use.
+_COCO_CATEGORIES: list[str] = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+
+# The reference's training flags, each the ModelConfig field it sets.
+_FLAGS = {
+    "backbone": "backbone",
+    "dilation": "dilation",
+    "position_embedding": "position_embedding",
+    "hidden_dim": "d_model",
+    "nheads": "num_heads",
+    "enc_layers": "encoder_layers",
+    "dec_layers": "decoder_layers",
+    "dim_feedforward": "dim_feedforward",
+    "dropout": "dropout",
+    "num_feature_levels": "num_feature_levels",
+    "enc_n_points": "encoder_points",
+    "dec_n_points": "decoder_points",
+    "num_queries": "num_queries",
+    "with_box_refine": "with_box_refine",
+    "two_stage": "two_stage",
+}
+
+
+def reference_payload(model: DeformableDETR) -> dict[str, Any]:
+    """What the reference implementation saves for ``model``: its weights and its training flags.
+
+    The file loads into the reference code (ResNet-50/101 backbones). Trainable batch norm (a
+    backbone trained from scratch) becomes the reference's frozen batch norm, which computes the
+    same in evaluation. Training-only options (hybrid matching's extra queries, ...) have no place
+    in the reference: their tensors are left out, and the payload holds the published architecture.
+    """
+    args = argparse.Namespace(**{flag: getattr(model.config, field) for flag, field in _FLAGS.items()}, masks=False)
+    state_dict = {
+        name: tensor for name, tensor in model.inference_state_dict().items() if not name.endswith("num_batches_tracked")
+    }
+    return {"model": state_dict, "args": args}
+
+
+def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, Any]) -> ModelConfig:
+    """The config of a reference checkpoint: its ``args`` (the training flags, where the file has
+    them), overridden by what its weights' names and shapes say."""
+
+    def count(prefix: str) -> int:
+        return len({name[len(prefix) :].split(".")[0] for name in state_dict if name.startswith(prefix)})
+
+    values = {field: args[flag] for flag, field in _FLAGS.items() if flag in args}
+    # The reference accepts "v2"/"v3" as aliases of "sine"/"learned".
+    position_embedding = values.get("position_embedding", "sine")
+    values["position_embedding"] = {"v2": "sine", "v3": "learned"}.get(position_embedding, position_embedding)
+    num_levels, d_model = state_dict["transformer.level_embed"].shape
+    two_stage = "transformer.enc_output.weight" in state_dict
+    values.update(
+        num_feature_levels=num_levels,
+        d_model=d_model,
+        encoder_layers=count("transformer.encoder.layers."),
+        decoder_layers=count("transformer.decoder.layers."),
+        dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in state_dict,
+        two_stage=two_stage,
+        num_classes=state_dict["class_embed.0.weight"].shape[0],
+        # Two-stage queries come from proposals: only the flag says how many.
+        num_queries=values.get("num_queries", 300) if two_stage else state_dict["query_embed.weight"].shape[0],
+    )
+    return ModelConfig(**values)
+
+
+def coco_category_names() -> dict[int, str]:
+    """COCO's 80 category names by their ids (1..90, with gaps)."""
+    return {identifier: name for identifier, name in enumerate(_COCO_CATEGORIES) if name not in ("__background__", "N/A")}
+
+
+def released_class_names(config: ModelConfig) -> dict[int, str] | None:
+    """The released models are COCO's, with its 91 category ids: their names; None for other class counts."""
+    return coco_category_names() if config.num_classes == len(_COCO_CATEGORIES) else None

@@ -1,0 +1,71 @@
+"""What a training run depends on: the one place its settings and their defaults are written."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ModelConfig, get_config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in its checkpoints so that ``resume`` continues it."""
+
+    data: str  # a COCO, Pascal VOC or YOLO data set (see deformable_detr.data.formats)
+    output_dir: str
+    preset: str = "tiny"
+    num_classes: int | None = None  # default: the training annotations' largest category id + 1
+    epochs: int = 50
+    batch_size: int = 2
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    weight_decay: float = 1e-4
+    lr_drop_epoch: int = 40
+    warmup_steps: int = 0  # optimiser updates over which the learning rate rises linearly to lr
+    clip_max_norm: float = 0.1
+    accumulation_steps: int = 1
+    bf16: bool = False
+    image_size: int = 800  # the augmentation recipe, scaled so that its largest short side is this
+    # Training batches padded to a multiple of this. The recipe makes almost every batch a new
+    # shape, and on the CPU the kernels oneDNN builds per shape overflow its cache (README,
+    # Performance). The published recipe pads to the largest image only (1).
+    pad_to_multiple: int = 1
+    workers: int = 2
+    seed: int = 42
+    train_split: str = "train"
+    val_split: str = "val"
+    format: str | None = None  # "coco", "voc" or "yolo"; detected from the files when None
+    finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads re-initialised if needed
+    backbone_weights: str | None = None
+    max_minutes: float | None = None  # stop after the epoch during which this much training time has passed
+    resume: bool = False  # continue the run whose checkpoint.pt is in output_dir
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Hybrid matching (with the model option one_to_many_queries): the one-to-many group is matched
+    # against every target repeated this many times, and its loss is added with this weight (H-DETR's k, lambda).
+    one_to_many_repeats: int = 6
+    one_to_many_weight: float = 1.0
+    # The class loss's target for a matched query is its box's IoU with the target's (varifocal loss).
+    iou_aware_classification: bool = False
+
+
+    def model_config(self, num_classes: int) -> ModelConfig:
+        """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.
+
+        As torchvision's builders choose the batch norm from whether weights are given, so does this:
+        a backbone that starts from no weights (neither ``backbone_weights`` nor ``finetune_from``)
+        gets trainable batch norm, since frozen batch norm would hold random statistics, i.e. no
+        normalisation at all. ``build_model`` cannot choose so itself, because a checkpoint's model
+        is built without weights and only then loaded.
+        """
+        from_scratch = {} if self.backbone_weights or self.finetune_from else {"backbone_norm": "batch"}
+        return get_config(self.preset, num_classes=num_classes, backbone_weights=self.backbone_weights,
+                          **{**from_scratch, **self.model_overrides})
+
+
+# What a resumed run may change: how long it runs, where its files are and how many workers load
+# its data, not what it trains. (The optimiser and scheduler states come from the checkpoint, so a
+# new lr or lr drop would not even apply.)
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir")
+

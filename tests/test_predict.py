@@ -156,3 +156,16 @@ def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):
     assert picture.width > 3 * picture.height  # two detection panels and the encoder panel, side by side
     assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "explain.xyz")]) == 1
     assert "unknown image format '.xyz'" in capsys.readouterr().err
+
+
+def test_evaluate_resizes_to_the_checkpoints_image_size_unless_told(trained, monkeypatch, capsys):
+    from deformable_detr import evaluation
+
+    sizes = []
+    recipe = evaluation.recipe
+    monkeypatch.setattr(evaluation, "recipe", lambda size: sizes.append(size) or recipe(size))
+    checkpoint, data = trained
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0"]) == 0
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--image-size", "128"]) == 0
+    assert sizes == [IMAGE_SIZE, 128]
+    assert capsys.readouterr().out.count("AP50") == 2

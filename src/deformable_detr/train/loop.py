@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..data import (
+    CocoDataset,
     ImageProbe,
     SplitReport,
     batches_per_epoch,
@@ -102,23 +103,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     last_path, best_path = output_dir / "checkpoint.pt", output_dir / "best.pt"
     _seed_everything(config.seed + rank())
 
-    train_transforms, val_transforms = recipe(config.image_size)
-    data_format = config.format or detect_format(config.data)
-    probe = ImageProbe.for_data(config.data)
-    train_set, report = load_split(config.data, config.train_split, train_transforms, format=data_format, probe=probe)
-    _report_problems(report, config.data)
-    val_set = None
-    if config.val_split in split_names(config.data, data_format):
-        val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format, probe=probe)
-        _report_problems(report, config.data)
-    probe.save()
-    if val_set is not None and len(val_set) == 0:
-        val_set = None
+    train_set, val_set = _datasets(config)
     model = build_model(config.model_config(config.num_classes or train_set.num_classes)).to(device)
     if is_distributed() and device.type == "cuda":
         # Batch norm over the global batch. torch's SyncBatchNorm needs an accelerator (its training
         # forward raises on CPU tensors), so on the CPU each process normalises by its own share of
-        # the batch, and the running statistics kept are the main process's (_share_buffers).
+        # the batch, and the running statistics kept are the main process's (share_buffers).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict names as BatchNorm2d
     criterion = SetCriterion(one_to_many_repeats=config.one_to_many_repeats, one_to_many_weight=config.one_to_many_weight,
                              iou_aware=config.iou_aware_classification)
@@ -183,6 +173,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
     elif best:
         _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
     return record
+
+
+def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
+    """The training split and the validation split (None where there is none, or it is empty),
+    checked with one image probe."""
+    train_transforms, val_transforms = recipe(config.image_size)
+    data_format = config.format or detect_format(config.data)
+    probe = ImageProbe.for_data(config.data)
+    train_set, report = load_split(config.data, config.train_split, train_transforms, format=data_format, probe=probe)
+    _report_problems(report, config.data)
+    val_set = None
+    if config.val_split in split_names(config.data, data_format):
+        val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format, probe=probe)
+        _report_problems(report, config.data)
+    probe.save()
+    return train_set, val_set if val_set is not None and len(val_set) else None
 
 
 def _report_problems(report: SplitReport, data: str) -> None:

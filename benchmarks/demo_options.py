@@ -25,6 +25,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "iou_aware_only": ({"mixed_query_selection": False}, {}),
     "lft": ({"look_forward_twice": True}, {}),
     "hybrid": ({"one_to_many_queries": 100}, {"one_to_many_repeats": 5}),
+    "denoising": ({"denoising_groups": 5}, {}),
 }
 
 

@@ -1,5 +1,5 @@
-"""Training-only options (hybrid matching, look forward twice, mixed query selection, IoU-aware
-classification): what they train, and that inference and checkpoints stay those of the published
+"""Training-only options (hybrid matching, look forward twice, mixed query selection, denoising,
+IoU-aware classification): what they train, and that inference and checkpoints stay those of the published
 architecture."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from deformable_detr.config import PRESETS, ModelConfig, get_config
 from deformable_detr.train import SetCriterion, TrainConfig
 from deformable_detr.train.matcher import HungarianMatcher
 
-OPTIONS = {"look_forward_twice": False, "mixed_query_selection": False, "one_to_many_queries": 0}  # off
+OPTIONS = {"look_forward_twice": False, "mixed_query_selection": False, "one_to_many_queries": 0, "denoising_groups": 0}
 ONE_STAGE = dict(look_forward_twice=True, one_to_many_queries=12)
-TWO_STAGE = dict(two_stage=True, mixed_query_selection=True, look_forward_twice=True, one_to_many_queries=12)
+TWO_STAGE = dict(two_stage=True, mixed_query_selection=True, look_forward_twice=True, one_to_many_queries=12,
+                 denoising_groups=3)
 
 
 def options_model(**options) -> torch.nn.Module:
@@ -122,6 +123,65 @@ def test_the_one_to_many_loss_is_weighted():
     assert weighted.total_loss(losses) > weighted.total_loss(one_to_one)
 
 
+def test_denoising_queries_are_noised_copies_of_the_targets_restored_in_order():
+    model = options_model(**TWO_STAGE).train()
+    torch.manual_seed(0)
+    queries = model._denoising_queries(targets(), torch.device("cpu"))
+    # Three groups as long as the longest target list (2); the second image's list is padded.
+    assert queries.groups == 3 and queries.boxes.shape == (2, 6, 4) and queries.content.shape == (2, 6, 128)
+    for image, target in enumerate(targets()):
+        for group in range(3):
+            for index, box in enumerate(target["boxes"]):
+                noised = queries.boxes[image, group * 2 + index]
+                assert ((noised[:2] - box[:2]).abs() <= 0.2 * box[2:] + 1e-6).all()  # centre within 0.4 / 2 of the size
+                assert ((noised[2:] / box[2:] - 1).abs() <= 0.4 + 1e-6).all()  # sides scaled by 1 +- 0.4
+    assert not torch.equal(queries.boxes[0, :2], queries.boxes[0, 2:4])  # every group noised anew
+
+    calls = []
+
+    class CountingMatcher(HungarianMatcher):
+        def forward(self, outputs, targets):
+            calls.append(outputs["pred_logits"].shape[1])
+            return super().forward(outputs, targets)
+
+    outputs = model(images(), targets=targets())
+    assert outputs["denoising"]["pred_logits"].shape == (2, 6, 4) and outputs["denoising"]["groups"] == 3
+    losses = SetCriterion(matcher=CountingMatcher())(outputs, targets())
+    assert 6 not in calls  # denoising queries are never matched: their targets are known
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_1_dn"} <= losses.keys()
+    # Query j of every group restores target j: boxes that equal their targets lose nothing.
+    restored = {"pred_logits": outputs["denoising"]["pred_logits"], "pred_boxes": torch.zeros(2, 6, 4)}
+    for image, target in enumerate(targets()):
+        for group in range(3):
+            restored["pred_boxes"][image, group * 2 : group * 2 + len(target["boxes"])] = target["boxes"]
+    exact = SetCriterion()({**restored, "denoising": {**restored, "aux_outputs": [], "groups": 3}}, targets())
+    assert exact["loss_bbox_dn"] == 0 and exact["loss_giou_dn"].abs() < 1e-6
+
+
+def test_no_attention_flows_between_denoising_groups_and_the_other_queries():
+    model = options_model(**TWO_STAGE).train()
+    torch.manual_seed(0)
+    queries = model._denoising_queries(targets(), torch.device("cpu"))
+    x = images()
+
+    def forward(content):
+        model._denoising_queries = lambda targets, device: queries._replace(content=content)
+        with torch.no_grad():
+            return model(x, targets=targets())
+
+    before = forward(queries.content)
+    changed = queries.content.clone()
+    changed[:, 2:4] += torch.randn_like(changed[:, 2:4])  # group 1 only
+    after = forward(changed)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(after[key], before[key])  # the one-to-one queries
+        assert torch.equal(after["one_to_many"][key], before["one_to_many"][key])
+        denoised_before, denoised_after = before["denoising"][key], after["denoising"][key]
+        assert torch.equal(denoised_after[:, :2], denoised_before[:, :2])  # group 0
+        assert torch.equal(denoised_after[:, 4:], denoised_before[:, 4:])  # group 2
+        assert not torch.equal(denoised_after[:, 2:4], denoised_before[:, 2:4])
+
+
 def last_layer_box_gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
     model.train()
     model(x)["pred_boxes"].sum().backward()
@@ -209,7 +269,7 @@ def test_checkpoint_with_options_round_trips_through_the_reference_layout(option
     assert reference.config == dataclasses.replace(model.config, **OPTIONS)
     expected = model.inference_state_dict()
     dropped = set(model.state_dict()) - set(expected)
-    assert dropped == ({"one_to_many_query_embed.weight"} if not model.config.two_stage else set())
+    assert dropped == ({"one_to_many_query_embed.weight"} if not model.config.two_stage else {"denoising_label_embed.weight"})
     assert reference.state_dict.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(reference.state_dict[name], tensor), name
@@ -224,6 +284,7 @@ def test_checkpoint_with_options_round_trips_through_the_reference_layout(option
         ({"look_forward_twice": True, "with_box_refine": False}, "requires with_box_refine"),
         ({"mixed_query_selection": True}, "requires two_stage"),
         ({"one_to_many_queries": -1}, "0 or more"),
+        ({"denoising_groups": 2}, "denoising_groups requires two_stage"),
     ],
 )
 def test_options_need_the_architecture_they_train(options, message):
@@ -242,10 +303,11 @@ def test_train_flags_switch_the_options_on():
     cli._add_model_arguments(parser)
     required = ["--data", "data", "--output-dir", "run"]
     flags = ["--two-stage", "--look-forward-twice", "--mixed-query-selection", "--one-to-many-queries", "100",
-             "--one-to-many-repeats", "4", "--one-to-many-weight", "0.5", "--iou-aware-classification"]
+             "--one-to-many-repeats", "4", "--one-to-many-weight", "0.5", "--iou-aware-classification",
+             "--denoising-groups", "5"]
     config = cli._train_config(parser.parse_args(required + flags))
     assert config.model_overrides == {"two_stage": True, "look_forward_twice": True, "mixed_query_selection": True,
-                                      "one_to_many_queries": 100}
+                                      "one_to_many_queries": 100, "denoising_groups": 5}
     assert (config.one_to_many_repeats, config.one_to_many_weight, config.iou_aware_classification) == (4, 0.5, True)
     default = cli._train_config(parser.parse_args(required))
     assert default.model_overrides == {} and default == TrainConfig(data="data", output_dir="run")  # off by default

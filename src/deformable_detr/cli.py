@@ -170,6 +170,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                          help="DINO: layer i's box loss also trains layer i-1's box (needs box refinement)")
     options.add_argument("--mixed-query-selection", action="store_true", default=None,
                          help="DINO: two-stage proposals give positions only; the content query is learned")
+    options.add_argument("--denoising-groups", type=int,
+                         help="DN-DETR: this many groups of noised target boxes to restore (needs two-stage)")
     options.add_argument("--one-to-many-queries", type=int,
                          help="H-DETR hybrid matching: this many extra queries, matched to every target k times")
     options.add_argument("--one-to-many-repeats", type=int, help="k of hybrid matching (default: %(default)s)")
@@ -188,7 +190,7 @@ def _add_format_argument(parser: argparse.ArgumentParser) -> None:
 
 # ModelConfig fields with a flag of their own; --model-option sets any field.
 _MODEL_FLAGS = ("two_stage", "with_box_refine", "num_queries", "dropout", "backbone", "num_feature_levels",
-                "look_forward_twice", "mixed_query_selection", "one_to_many_queries")
+                "look_forward_twice", "mixed_query_selection", "one_to_many_queries", "denoising_groups")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:

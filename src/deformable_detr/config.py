@@ -48,6 +48,9 @@ class ModelConfig:
     mixed_query_selection: bool = False
     # Hybrid matching (H-DETR): this many extra queries, matched one-to-many in training only.
     one_to_many_queries: int = 0
+    # Denoising (DN-DETR, two-stage only): this many groups of noised ground-truth boxes, decoded in
+    # training only; each query learns to restore its box and class.
+    denoising_groups: int = 0
 
     def __post_init__(self) -> None:
         if self.position_embedding not in ("sine", "learned"):
@@ -71,6 +74,10 @@ class ModelConfig:
             raise ValueError("look_forward_twice requires with_box_refine (it trains the refinement of earlier layers)")
         if self.mixed_query_selection and not self.two_stage:
             raise ValueError("mixed_query_selection requires two_stage (it selects positions from the proposals)")
+        if self.denoising_groups < 0:
+            raise ValueError(f"denoising_groups must be 0 or more, got {self.denoising_groups}")
+        if self.denoising_groups and not self.two_stage:
+            raise ValueError("denoising_groups requires two_stage (its queries' positions come from boxes, as proposals' do)")
         if self.one_to_many_queries < 0:
             raise ValueError(f"one_to_many_queries must be 0 or more, got {self.one_to_many_queries}")
 

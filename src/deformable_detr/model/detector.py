@@ -14,7 +14,14 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, get_config
 from .backbone import Joiner, build_backbone
-from .transformer import DeformableTransformer, refine_boxes
+from .transformer import DeformableTransformer, DenoisingQueries, refine_boxes
+
+# Prefixes of the training-only parameters: the published architecture has none of them.
+TRAINING_ONLY = ("one_to_many_", "denoising_")
+# DN-DETR's noise: box centres move by up to this fraction of half the box, sides scale by up to
+# 1 +- it; and this fraction of the classes are redrawn at random.
+DENOISING_BOX_NOISE = 0.4
+DENOISING_LABEL_NOISE = 0.2
 
 
 class MLP(nn.Module):
@@ -110,6 +117,9 @@ class DeformableDETR(nn.Module):
                 # Training only (hybrid matching): inference runs query_embed alone, and the reference
                 # layout leaves this out (inference_state_dict).
                 self.one_to_many_query_embed = nn.Embedding(config.one_to_many_queries, d_model * 2)
+        if config.denoising_groups:
+            # Training only (denoising): the content of a query made from a noised target box.
+            self.denoising_label_embed = nn.Embedding(config.num_classes, d_model)
 
         channels = backbone.num_channels
         projections = [_input_projection(c, d_model) for c in channels]
@@ -121,18 +131,28 @@ class DeformableDETR(nn.Module):
         self.input_proj = nn.ModuleList(projections).to(memory_format=torch.channels_last)
         self.backbone = backbone
 
-    def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None) -> dict[str, Any]:
+    def forward(
+        self,
+        images: Tensor | Sequence[Tensor],
+        padding_mask: Tensor | None = None,
+        *,
+        targets: Sequence[dict[str, Tensor]] | None = None,
+    ) -> dict[str, Any]:
         """
         Args:
             images: (N, 3, H, W), or a list of (3, H, W) images of any sizes (padded here).
             padding_mask: (N, H, W) bool, True on padding; None means no padding.
+            targets: per image ``labels`` and ``boxes`` (normalised cx, cy, w, h), which denoising
+                queries are made from in training; ignored otherwise.
 
         Returns:
             ``pred_logits`` (N, Q, C), ``pred_boxes`` (N, Q, 4) normalised (cx, cy, w, h),
             ``aux_outputs``: the same for every earlier decoder layer, in two-stage mode
             ``enc_outputs``: the encoder's class logits and proposal boxes for every position, and
             in training with hybrid matching ``one_to_many``: the extra query group's predictions
-            (``pred_logits``, ``pred_boxes``, ``aux_outputs``).
+            (``pred_logits``, ``pred_boxes``, ``aux_outputs``), and with denoising ``denoising``: the
+            same for the denoising queries, with ``groups``, their number (the queries of group g
+            restore the targets of each image in order, from query g * D / groups on).
         """
         if not isinstance(images, Tensor):
             if padding_mask is not None:
@@ -158,8 +178,11 @@ class DeformableDETR(nn.Module):
             query_embed = self.query_embed.weight
             if one_to_many:
                 query_embed = torch.cat([query_embed, self.one_to_many_query_embed.weight])
+        denoising = None
+        if self.training and self.config.denoising_groups and targets is not None:
+            denoising = self._denoising_queries(targets, images.device)
         hs, initial_reference, references, encoder_logits, encoder_coords = self.transformer(
-            sources, masks, positions, query_embed, one_to_many_queries=one_to_many
+            sources, masks, positions, query_embed, one_to_many_queries=one_to_many, denoising=denoising
         )
 
         predictions = []
@@ -168,19 +191,45 @@ class DeformableDETR(nn.Module):
             box = refine_boxes(self.bbox_embed[layer](output), reference)
             predictions.append({"pred_logits": self.class_embed[layer](output), "pred_boxes": box})
 
+        matched = hs.shape[2] - (denoising.boxes.shape[1] if denoising is not None else 0)
+        one_to_one = self.config.num_queries if one_to_many else matched
+        outputs = _layer_outputs([_queries(p, slice(None, one_to_one)) for p in predictions])
         if one_to_many:
-            groups = slice(None, self.config.num_queries), slice(self.config.num_queries, None)
-            outputs = _layer_outputs([_queries(p, groups[0]) for p in predictions])
-            outputs["one_to_many"] = _layer_outputs([_queries(p, groups[1]) for p in predictions])
-        else:
-            outputs = _layer_outputs(predictions)
+            outputs["one_to_many"] = _layer_outputs([_queries(p, slice(one_to_one, matched)) for p in predictions])
+        if denoising is not None:
+            outputs["denoising"] = {
+                **_layer_outputs([_queries(p, slice(matched, None)) for p in predictions]), "groups": denoising.groups
+            }
         if self.config.two_stage:
             outputs["enc_outputs"] = {"pred_logits": encoder_logits, "pred_boxes": encoder_coords.sigmoid()}
         return outputs
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """The state dict without training-only tensors: the published architecture's entries."""
-        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith("one_to_many_")}
+        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith(TRAINING_ONLY)}
+
+    def _denoising_queries(self, targets: Sequence[dict[str, Tensor]], device: torch.device) -> DenoisingQueries | None:
+        """``denoising_groups`` groups of every image's targets, noised (``DENOISING_BOX_NOISE``,
+        ``DENOISING_LABEL_NOISE``). Groups
+        are as long as the batch's longest target list; shorter lists are padded with boxes no loss
+        looks at. None for a batch without targets."""
+        longest = max(len(target["labels"]) for target in targets)
+        if longest == 0:
+            return None
+        groups = self.config.denoising_groups
+        boxes = torch.full((len(targets), longest, 4), 0.5, device=device)
+        labels = torch.zeros((len(targets), longest), dtype=torch.int64, device=device)
+        for index, target in enumerate(targets):
+            boxes[index, : len(target["boxes"])] = target["boxes"]
+            labels[index, : len(target["labels"])] = target["labels"]
+        boxes, labels = boxes.repeat(1, groups, 1), labels.repeat(1, groups)
+        size = boxes[..., 2:]
+        centre = boxes[..., :2] + (torch.rand_like(size) * 2 - 1) * size * DENOISING_BOX_NOISE / 2
+        size = size * (1 + (torch.rand_like(size) * 2 - 1) * DENOISING_BOX_NOISE)
+        redrawn = torch.rand(labels.shape, device=device) < DENOISING_LABEL_NOISE
+        labels = torch.where(redrawn, torch.randint_like(labels, self.config.num_classes), labels)
+        noised = torch.cat([centre.clamp(0, 1), size.clamp(1e-3, 1)], -1)
+        return DenoisingQueries(noised, self.denoising_label_embed(labels), groups)
 
 
 def _queries(prediction: dict[str, Tensor], queries: slice) -> dict[str, Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +214,14 @@ def _valid_ratios(padding_mask: Tensor) -> Tensor:
     return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
 
+class DenoisingQueries(NamedTuple):
+    """Denoising queries (DN-DETR): ``groups`` equal groups of noised ground-truth boxes, one after another."""
+
+    boxes: Tensor  # (N, D, 4) normalised (cx, cy, w, h), the queries' reference boxes
+    content: Tensor  # (N, D, C) the queries' content: the embedding of each box's noised class
+    groups: int
+
+
 def group_attention_mask(group_sizes: list[int], device: torch.device | None = None) -> Tensor:
     """(Q, Q) self-attention mask for consecutive query groups: True (blocked) between queries of
     different groups, so that each group attends to its own queries only."""
@@ -338,6 +347,7 @@ class DeformableTransformer(nn.Module):
         query_embed: Tensor | None = None,
         *,
         one_to_many_queries: int = 0,
+        denoising: DenoisingQueries | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """
         Args:
@@ -348,6 +358,8 @@ class DeformableTransformer(nn.Module):
                 decoded beside the first without attention between them. Two-stage takes its
                 queries from the proposals ranked after the first group's (as many as there are);
                 otherwise they are the last rows of ``query_embed``.
+            denoising: groups of queries made from noised ground truth (denoising, in training,
+                two-stage), decoded after the others, each group without attention to any other.
 
         Returns:
             hs (layers, N, Q, C), initial reference (N, Q, 2 or 4), per-layer references
@@ -378,20 +390,27 @@ class DeformableTransformer(nn.Module):
             top = torch.topk(encoder_logits[..., 0], num_proposals, dim=1).indices
             top_coords = torch.gather(encoder_coords, 1, top[..., None].expand(-1, -1, 4)).detach()
             reference_points = top_coords.sigmoid()
+            if denoising is not None:
+                reference_points = torch.cat([reference_points, denoising.boxes.to(reference_points.dtype)], 1)
             query_embedding = self.pos_trans_norm(
                 self.pos_trans(box_sine_embedding(reference_points, channels // 2))
             )
             query_position, tgt = torch.split(query_embedding, channels, dim=2)
+            if denoising is not None:
+                # A denoising query's content is its (noised) class, as DN-DETR's label embedding.
+                tgt = torch.cat([tgt[:, :num_proposals], denoising.content.to(tgt.dtype)], 1)
         else:
             query_position, tgt = torch.split(query_embed, channels, dim=1)
             query_position = query_position[None].expand(batch, -1, -1)
             tgt = tgt[None].expand(batch, -1, -1)
             reference_points = self.reference_points(query_position).sigmoid()
 
-        self_attention_mask = None
-        if one_to_many_queries:
-            one_to_one = min(self.num_queries, tgt.shape[1])
-            self_attention_mask = group_attention_mask([one_to_one, tgt.shape[1] - one_to_one], tgt.device)
+        matched = tgt.shape[1] - (denoising.boxes.shape[1] if denoising is not None else 0)
+        one_to_one = min(self.num_queries, matched)
+        group_sizes = [one_to_one, matched - one_to_one] if one_to_many_queries else [matched]
+        if denoising is not None:
+            group_sizes += [denoising.boxes.shape[1] // denoising.groups] * denoising.groups
+        self_attention_mask = group_attention_mask(group_sizes, tgt.device) if len(group_sizes) > 1 else None
         hs, references = self.decoder(
             tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_position, mask,
             self_attention_mask,

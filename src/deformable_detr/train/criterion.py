@@ -24,6 +24,7 @@ def average_num_boxes(targets: Sequence[dict[str, Tensor]], *, device: torch.dev
 
 
 ONE_TO_MANY = "_one_to_many"  # suffix of the hybrid-matching group's losses
+DENOISING = "_dn"  # suffix of the denoising queries' losses
 
 
 def repeat_targets(targets: Sequence[dict[str, Tensor]], repeats: int) -> list[dict[str, Tensor]]:
@@ -42,7 +43,9 @@ class SetCriterion(nn.Module):
     one-to-many group (``one_to_many``) are scored the same way against the targets repeated
     ``one_to_many_repeats`` times, their losses suffixed ``_one_to_many``. :meth:`total_loss` weights
     them with ``weight_dict`` (suffixes share their loss's weight; the one-to-many group's are also
-    multiplied by ``one_to_many_weight``) and sums them; that is what to minimise.
+    multiplied by ``one_to_many_weight``) and sums them; that is what to minimise. Denoising
+    queries (``denoising``) need no matching: group g's j-th query restores image's j-th target.
+    Their losses are suffixed ``_dn``.
 
     With ``iou_aware``, ``loss_ce`` is the varifocal loss instead (VarifocalNet; as in RT-DETR): a
     matched query's target score for its class is the IoU of its box with the target's (detached)
@@ -92,6 +95,14 @@ class SetCriterion(nn.Module):
                 **self._layer_losses(group["aux_outputs"], repeated, num_boxes * self.one_to_many_repeats),
             }
             losses.update({f"{name}{ONE_TO_MANY}": value for name, value in group_losses.items()})
+        if "denoising" in outputs:
+            group = outputs["denoising"]
+            matches = _denoising_matches(targets, group["groups"], group["pred_logits"].shape[1])
+            group_losses = {
+                **self._losses(group, targets, matches, num_boxes * group["groups"]),
+                **self._layer_losses(group["aux_outputs"], targets, num_boxes * group["groups"], matches=matches),
+            }
+            losses.update({f"{name}{DENOISING}": value for name, value in group_losses.items()})
         if "enc_outputs" in outputs:
             # The encoder proposes class-agnostic boxes: every target counts as class 0.
             binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
@@ -105,19 +116,21 @@ class SetCriterion(nn.Module):
         total = 0
         for name, value in losses.items():
             group_weight = self.one_to_many_weight if name.endswith(ONE_TO_MANY) else 1.0
-            name = name.removesuffix(ONE_TO_MANY)
+            name = name.removesuffix(ONE_TO_MANY).removesuffix(DENOISING)
             base = name if name in self.weight_dict else name.rpartition("_")[0]
             if base in self.weight_dict:
                 total = total + group_weight * self.weight_dict[base] * value
         return total
 
     def _layer_losses(
-        self, aux_outputs: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]], num_boxes: float
+        self, aux_outputs: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]], num_boxes: float,
+        *, matches: list[tuple[Tensor, Tensor]] | None = None,
     ) -> dict[str, Tensor]:
-        """The losses of each earlier decoder layer, each matched anew, suffixed ``_0``, ``_1``, ..."""
+        """The losses of each earlier decoder layer, suffixed ``_0``, ``_1``, ..., each matched anew
+        unless ``matches`` are given."""
         losses = {}
         for index, aux in enumerate(aux_outputs):
-            aux_losses = self._losses(aux, targets, self.matcher(aux, targets), num_boxes)
+            aux_losses = self._losses(aux, targets, matches if matches is not None else self.matcher(aux, targets), num_boxes)
             losses.update({f"{name}_{index}": value for name, value in aux_losses.items()})
         return losses
 
@@ -161,6 +174,20 @@ class SetCriterion(nn.Module):
         negative_weight = (1 - self.focal_alpha) * logits.detach().sigmoid().pow(self.focal_gamma)
         weight = torch.where(positive, target_scores, negative_weight)
         return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="sum")
+
+
+def _denoising_matches(
+    targets: Sequence[dict[str, Tensor]], groups: int, num_queries: int
+) -> list[tuple[Tensor, Tensor]]:
+    """(query indices, target indices) per image: each of ``groups`` groups of ``num_queries / groups``
+    queries holds the image's targets in order, then padding."""
+    group_size = num_queries // groups
+    matches = []
+    for target in targets:
+        count = len(target["labels"])
+        queries = (torch.arange(groups)[:, None] * group_size + torch.arange(count)[None]).flatten()
+        matches.append((queries, torch.arange(count).repeat(groups)))
+    return matches
 
 
 def _matched_positions(matches: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:

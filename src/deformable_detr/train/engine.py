@@ -52,7 +52,7 @@ def train_step(
     Raises :class:`NonFiniteLossError` before the backward pass, leaving gradients and weights as they were.
     """
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        outputs = model(images, padding_mask)
+        outputs = model(images, padding_mask, targets=targets)  # the targets feed denoising queries, if any
     losses = criterion(_to_float(outputs), targets)
     loss = criterion.total_loss(losses)
     if not math.isfinite(loss.item()):

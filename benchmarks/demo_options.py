@@ -17,15 +17,16 @@ from pathlib import Path
 from deformable_detr.demo import EPOCHS, run_demo
 
 # name -> (ModelConfig changes, TrainConfig changes), on top of the demo's own recipe (which has
-# mixed query selection and IoU-aware classification).
+# denoising, mixed query selection and IoU-aware classification).
+NO_DENOISING = {"denoising_groups": 0}
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "demo": ({}, {}),
-    "no_options": ({"mixed_query_selection": False}, {"iou_aware_classification": False}),
-    "mqs_only": ({}, {"iou_aware_classification": False}),
-    "iou_aware_only": ({"mixed_query_selection": False}, {}),
+    "no_options": ({**NO_DENOISING, "mixed_query_selection": False}, {"iou_aware_classification": False}),
+    "mqs_only": (NO_DENOISING, {"iou_aware_classification": False}),
+    "iou_aware_only": ({**NO_DENOISING, "mixed_query_selection": False}, {}),
+    "without_denoising": (NO_DENOISING, {}),
     "lft": ({"look_forward_twice": True}, {}),
     "hybrid": ({"one_to_many_queries": 100}, {"one_to_many_repeats": 5}),
-    "denoising": ({"denoising_groups": 5}, {}),
 }
 
 

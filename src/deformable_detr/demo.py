@@ -48,9 +48,9 @@ def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCH
     """The demo's training recipe on ``data``."""
     # Each choice is measured in the README's demo section. From scratch the published lr (2e-4,
     # backbone 2e-5) is too timid for minutes of training. Two-stage queries (from the encoder's
-    # proposals) learn faster than learned ones, and mixed query selection (one learned content
-    # query) and IoU-aware classification (scores that rank boxes by fit), both training-only,
-    # faster still. Dropout's random masks only cost time in a run this short; bfloat16 autocast
+    # proposals) learn faster than learned ones, and three training-only options faster still:
+    # denoising queries (five groups of noised targets to restore), mixed query selection (one
+    # learned content query) and IoU-aware classification (scores that rank boxes by fit). Dropout's random masks only cost time in a run this short; bfloat16 autocast
     # is faster where the hardware has it.
     # Batches padded to a multiple of 32 come in a few shapes instead of one new shape a step, whose
     # kernels would overflow oneDNN's cache. Loading in the training process leaves both cores of a
@@ -60,7 +60,7 @@ def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCH
         data=str(data), output_dir=str(output_dir), preset="tiny", epochs=epochs, batch_size=8, lr=5e-4,
         lr_backbone=5e-4, lr_drop_epoch=max(epochs - 1, 1), image_size=IMAGE_SIZE, pad_to_multiple=32, workers=0,
         bf16=native_bf16(device),
-        model_overrides={"two_stage": True, "mixed_query_selection": True, "dropout": 0.0},
+        model_overrides={"two_stage": True, "mixed_query_selection": True, "denoising_groups": 5, "dropout": 0.0},
         iou_aware_classification=True,
     )
 

@@ -156,6 +156,13 @@ def test_denoising_queries_are_noised_copies_of_the_targets_restored_in_order():
             restored["pred_boxes"][image, group * 2 : group * 2 + len(target["boxes"])] = target["boxes"]
     exact = SetCriterion()({**restored, "denoising": {**restored, "aux_outputs": [], "groups": 3}}, targets())
     assert exact["loss_bbox_dn"] == 0 and exact["loss_giou_dn"].abs() < 1e-6
+    # Images without objects: one padding query a group, trained as background, so the label
+    # embedding still takes part in the step.
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    outputs = model(images(), targets=empty)
+    assert outputs["denoising"]["pred_logits"].shape == (2, 3, 4)
+    SetCriterion().total_loss(SetCriterion()(outputs, empty)).backward()
+    assert model.denoising_label_embed.weight.grad.abs().sum() > 0
 
 
 def test_no_attention_flows_between_denoising_groups_and_the_other_queries():

@@ -208,14 +208,13 @@ class DeformableDETR(nn.Module):
         """The state dict without training-only tensors: the published architecture's entries."""
         return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith(TRAINING_ONLY)}
 
-    def _denoising_queries(self, targets: Sequence[dict[str, Tensor]], device: torch.device) -> DenoisingQueries | None:
+    def _denoising_queries(self, targets: Sequence[dict[str, Tensor]], device: torch.device) -> DenoisingQueries:
         """``denoising_groups`` groups of every image's targets, noised (``DENOISING_BOX_NOISE``,
         ``DENOISING_LABEL_NOISE``). Groups
-        are as long as the batch's longest target list; shorter lists are padded with boxes no loss
-        looks at. None for a batch without targets."""
-        longest = max(len(target["labels"]) for target in targets)
-        if longest == 0:
-            return None
+        are as long as the batch's longest target list; shorter lists are padded with boxes that only
+        the class loss sees, as background. A batch without targets still gets one padding query a
+        group, so that every parameter takes part in every step (DistributedDataParallel needs that)."""
+        longest = max(1, *(len(target["labels"]) for target in targets))
         groups = self.config.denoising_groups
         boxes = torch.full((len(targets), longest, 4), 0.5, device=device)
         labels = torch.zeros((len(targets), longest), dtype=torch.int64, device=device)

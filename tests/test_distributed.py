@@ -79,6 +79,36 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             torch.testing.assert_close(results[rank][1][name], gradient, rtol=1e-3, atol=1e-6)
 
 
+def denoising_worker(rank: int, rendezvous: str, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(build_model("tiny", num_classes=4, dropout=0.0, two_stage=True, denoising_groups=2))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        images, targets = global_batch()
+        # Process 1 sees only an image without objects, twice: its denoising queries are padding.
+        batch = slice(0, 2) if rank == 0 else slice(3, 4)
+        criterion = SetCriterion()
+        for _ in range(2):  # DDP reports a parameter left out of a step at the next one
+            optimizer.zero_grad()
+            criterion.total_loss(criterion(model(images[batch], targets=targets[batch]), targets[batch])).backward()
+            optimizer.step()
+        results[rank] = model.module.denoising_label_embed.weight.grad.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_denoising_trains_under_ddp_when_a_process_has_no_objects(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(denoising_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
+        results = dict(results)
+    # Both processes took part in every step and hold the same averaged gradient.
+    assert results[0].abs().sum() > 0
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_sync_batch_norm_checkpoints_load_as_batch_norm(tmp_path):
     # Under DDP on CUDA the trainer converts trainable batch norm to SyncBatchNorm before saving.
     model = build_model("tiny", num_classes=4, backbone_norm="batch")

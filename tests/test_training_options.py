@@ -136,6 +136,11 @@ def test_denoising_queries_are_noised_copies_of_the_targets_restored_in_order():
                 assert ((noised[:2] - box[:2]).abs() <= 0.2 * box[2:] + 1e-6).all()  # centre within 0.4 / 2 of the size
                 assert ((noised[2:] / box[2:] - 1).abs() <= 0.4 + 1e-6).all()  # sides scaled by 1 +- 0.4
     assert not torch.equal(queries.boxes[0, :2], queries.boxes[0, 2:4])  # every group noised anew
+    exact = options_model(**TWO_STAGE, denoising_box_noise=0.0, denoising_label_noise=0.0)
+    copies = exact._denoising_queries(targets(), torch.device("cpu"))
+    assert torch.equal(copies.boxes[0], targets()[0]["boxes"].repeat(3, 1))  # no noise: the targets themselves
+    labels = targets()[0]["labels"].repeat(3)
+    assert torch.equal(copies.content[0], exact.denoising_label_embed(labels))
 
     calls = []
 
@@ -292,6 +297,7 @@ def test_checkpoint_with_options_round_trips_through_the_reference_layout(option
         ({"mixed_query_selection": True}, "requires two_stage"),
         ({"one_to_many_queries": -1}, "0 or more"),
         ({"denoising_groups": 2}, "denoising_groups requires two_stage"),
+        ({"denoising_box_noise": 1.0}, "denoising_box_noise must be in"),
     ],
 )
 def test_options_need_the_architecture_they_train(options, message):

@@ -51,6 +51,10 @@ class ModelConfig:
     # Denoising (DN-DETR, two-stage only): this many groups of noised ground-truth boxes, decoded in
     # training only; each query learns to restore its box and class.
     denoising_groups: int = 0
+    # DN-DETR's noise: box centres move by up to half this fraction of the box's size and sides scale
+    # by up to 1 +- it; this fraction of the classes is redrawn at random.
+    denoising_box_noise: float = 0.4
+    denoising_label_noise: float = 0.2
 
     def __post_init__(self) -> None:
         if self.position_embedding not in ("sine", "learned"):
@@ -76,6 +80,8 @@ class ModelConfig:
             raise ValueError("mixed_query_selection requires two_stage (it selects positions from the proposals)")
         if self.denoising_groups < 0:
             raise ValueError(f"denoising_groups must be 0 or more, got {self.denoising_groups}")
+        if not (0 <= self.denoising_box_noise < 1 and 0 <= self.denoising_label_noise <= 1):
+            raise ValueError("denoising_box_noise must be in [0, 1) and denoising_label_noise in [0, 1]")
         if self.denoising_groups and not self.two_stage:
             raise ValueError("denoising_groups requires two_stage (its queries' positions come from boxes, as proposals' do)")
         if self.one_to_many_queries < 0:

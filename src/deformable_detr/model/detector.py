@@ -18,10 +18,6 @@ from .transformer import DeformableTransformer, DenoisingQueries, refine_boxes
 
 # Prefixes of the training-only parameters: the published architecture has none of them.
 TRAINING_ONLY = ("one_to_many_", "denoising_")
-# DN-DETR's noise: box centres move by up to this fraction of half the box, sides scale by up to
-# 1 +- it; and this fraction of the classes are redrawn at random.
-DENOISING_BOX_NOISE = 0.4
-DENOISING_LABEL_NOISE = 0.2
 
 
 class MLP(nn.Module):
@@ -209,8 +205,8 @@ class DeformableDETR(nn.Module):
         return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith(TRAINING_ONLY)}
 
     def _denoising_queries(self, targets: Sequence[dict[str, Tensor]], device: torch.device) -> DenoisingQueries:
-        """``denoising_groups`` groups of every image's targets, noised (``DENOISING_BOX_NOISE``,
-        ``DENOISING_LABEL_NOISE``). Groups
+        """``denoising_groups`` groups of every image's targets, noised (``denoising_box_noise``,
+        ``denoising_label_noise``). Groups
         are as long as the batch's longest target list; shorter lists are padded with boxes that only
         the class loss sees, as background. A batch without targets still gets one padding query a
         group, so that every parameter takes part in every step (DistributedDataParallel needs that)."""
@@ -222,10 +218,10 @@ class DeformableDETR(nn.Module):
             boxes[index, : len(target["boxes"])] = target["boxes"]
             labels[index, : len(target["labels"])] = target["labels"]
         boxes, labels = boxes.repeat(1, groups, 1), labels.repeat(1, groups)
-        size = boxes[..., 2:]
-        centre = boxes[..., :2] + (torch.rand_like(size) * 2 - 1) * size * DENOISING_BOX_NOISE / 2
-        size = size * (1 + (torch.rand_like(size) * 2 - 1) * DENOISING_BOX_NOISE)
-        redrawn = torch.rand(labels.shape, device=device) < DENOISING_LABEL_NOISE
+        size, box_noise = boxes[..., 2:], self.config.denoising_box_noise
+        centre = boxes[..., :2] + (torch.rand_like(size) * 2 - 1) * size * box_noise / 2
+        size = size * (1 + (torch.rand_like(size) * 2 - 1) * box_noise)
+        redrawn = torch.rand(labels.shape, device=device) < self.config.denoising_label_noise
         labels = torch.where(redrawn, torch.randint_like(labels, self.config.num_classes), labels)
         noised = torch.cat([centre.clamp(0, 1), size.clamp(1e-3, 1)], -1)
         return DenoisingQueries(noised, self.denoising_label_embed(labels), groups)

@@ -54,6 +54,11 @@ class Checkpoint:
     image_size: int | None = None  # the shorter side the model was trained for, where the file tells
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # training state, if any
 
+    @property
+    def input_size(self) -> int:
+        """The shorter side inputs are resized to: the size it was trained for, else the published one."""
+        return self.image_size or PUBLISHED_IMAGE_SIZE
+
     def build_model(self, *, device: torch.device | str | None = None) -> DeformableDETR:
         """The model with these weights, on ``device``, in eval mode.
 

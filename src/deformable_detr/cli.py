@@ -51,7 +51,7 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"  {field}: {value}")
     names = checkpoint.class_names
     print(f"  class names: {', '.join(names[i] for i in sorted(names)) if names else 'none (labels print as ids)'}")
-    print(f"  image size: {checkpoint.image_size or 'not recorded (800 is assumed)'}")
+    print(f"  image size: {checkpoint.image_size or f'not recorded ({checkpoint.input_size} is assumed)'}")
 
 
 def _detect(args: argparse.Namespace) -> int:

@@ -50,8 +50,9 @@ def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCH
     # backbone 2e-5) is too timid for minutes of training. Two-stage queries (from the encoder's
     # proposals) learn faster than learned ones, and three training-only options faster still:
     # denoising queries (five groups of noised targets to restore), mixed query selection (one
-    # learned content query) and IoU-aware classification (scores that rank boxes by fit). Dropout's random masks only cost time in a run this short; bfloat16 autocast
-    # is faster where the hardware has it.
+    # learned content query) and IoU-aware classification (scores that rank boxes by fit).
+    # Dropout's random masks only cost time in a run this short; bfloat16 autocast is faster where
+    # the hardware has it.
     # Batches padded to a multiple of 32 come in a few shapes instead of one new shape a step, whose
     # kernels would overflow oneDNN's cache. Loading in the training process leaves both cores of a
     # small machine to the training threads.

@@ -29,7 +29,6 @@ from .data.coco import coco_index
 from .distributed import gather_objects, is_main_process, setup_distributed
 from .files import atomic_write
 from .model import evaluating, postprocess
-from .reference import PUBLISHED_IMAGE_SIZE
 
 # Names of COCOeval.stats, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -159,8 +158,7 @@ def evaluate_checkpoint(
     device = setup_distributed()
     read = read_checkpoint(checkpoint)
     model = read.build_model(device=device)
-    size = image_size or read.image_size or PUBLISHED_IMAGE_SIZE
-    dataset, _ = load_split(data, split, recipe(size)[1], format=format)
+    dataset, _ = load_split(data, split, recipe(image_size or read.input_size)[1], format=format)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     return evaluate(model, loader, device=device, coco=dataset.coco)
 

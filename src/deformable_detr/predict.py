@@ -69,8 +69,7 @@ class Detector:
         ``image_size`` is given. ``device`` defaults to CUDA where there is one."""
         checkpoint = read_checkpoint(path)
         model = checkpoint.build_model(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        size = image_size or checkpoint.image_size or PUBLISHED_IMAGE_SIZE
-        return cls(model, class_names=checkpoint.class_names, image_size=size)
+        return cls(model, class_names=checkpoint.class_names, image_size=image_size or checkpoint.input_size)
 
     @property
     def device(self) -> torch.device:

@@ -206,9 +206,8 @@ class DeformableDETR(nn.Module):
 
     def _denoising_queries(self, targets: Sequence[dict[str, Tensor]], device: torch.device) -> DenoisingQueries:
         """``denoising_groups`` groups of every image's targets, noised (``denoising_box_noise``,
-        ``denoising_label_noise``). Groups
-        are as long as the batch's longest target list; shorter lists are padded with boxes that only
-        the class loss sees, as background. A batch without targets still gets one padding query a
+        ``denoising_label_noise``). Groups are as long as the batch's longest target list; shorter
+        lists are padded with boxes that only the class loss sees, as background. A batch without targets still gets one padding query a
         group, so that every parameter takes part in every step (DistributedDataParallel needs that)."""
         longest = max(1, *(len(target["labels"]) for target in targets))
         groups = self.config.denoising_groups

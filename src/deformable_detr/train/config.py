@@ -49,7 +49,6 @@ class TrainConfig:
     # The class loss's target for a matched query is its box's IoU with the target's (varifocal loss).
     iou_aware_classification: bool = False
 
-
     def model_config(self, num_classes: int) -> ModelConfig:
         """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.
 
@@ -68,4 +67,3 @@ class TrainConfig:
 # its data, not what it trains. (The optimiser and scheduler states come from the checkpoint, so a
 # new lr or lr drop would not even apply.)
 RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir")
-

@@ -88,20 +88,13 @@ class SetCriterion(nn.Module):
         losses["class_error"] = _class_error(outputs["pred_logits"], targets, matches)
         losses.update(self._layer_losses(outputs.get("aux_outputs", []), targets, num_boxes))
         if "one_to_many" in outputs:
-            group = outputs["one_to_many"]
             repeated = repeat_targets(targets, self.one_to_many_repeats)
-            group_losses = {
-                **self._losses(group, repeated, self.matcher(group, repeated), num_boxes * self.one_to_many_repeats),
-                **self._layer_losses(group["aux_outputs"], repeated, num_boxes * self.one_to_many_repeats),
-            }
+            group_losses = self._group_losses(outputs["one_to_many"], repeated, num_boxes * self.one_to_many_repeats)
             losses.update({f"{name}{ONE_TO_MANY}": value for name, value in group_losses.items()})
         if "denoising" in outputs:
             group = outputs["denoising"]
             matches = _denoising_matches(targets, group["groups"], group["pred_logits"].shape[1])
-            group_losses = {
-                **self._losses(group, targets, matches, num_boxes * group["groups"]),
-                **self._layer_losses(group["aux_outputs"], targets, num_boxes * group["groups"], matches=matches),
-            }
+            group_losses = self._group_losses(group, targets, num_boxes * group["groups"], matches=matches)
             losses.update({f"{name}{DENOISING}": value for name, value in group_losses.items()})
         if "enc_outputs" in outputs:
             # The encoder proposes class-agnostic boxes: every target counts as class 0.
@@ -122,6 +115,14 @@ class SetCriterion(nn.Module):
                 total = total + group_weight * self.weight_dict[base] * value
         return total
 
+    def _group_losses(
+        self, group: dict[str, Any], targets: Sequence[dict[str, Tensor]], num_boxes: float,
+        *, matches: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """The losses of an extra query group's last layer and, suffixed, of its earlier layers."""
+        losses = self._losses(group, targets, matches if matches is not None else self.matcher(group, targets), num_boxes)
+        return {**losses, **self._layer_losses(group["aux_outputs"], targets, num_boxes, matches=matches)}
+
     def _layer_losses(
         self, aux_outputs: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]], num_boxes: float,
         *, matches: list[tuple[Tensor, Tensor]] | None = None,
@@ -130,7 +131,8 @@ class SetCriterion(nn.Module):
         unless ``matches`` are given."""
         losses = {}
         for index, aux in enumerate(aux_outputs):
-            aux_losses = self._losses(aux, targets, matches if matches is not None else self.matcher(aux, targets), num_boxes)
+            layer_matches = matches if matches is not None else self.matcher(aux, targets)
+            aux_losses = self._losses(aux, targets, layer_matches, num_boxes)
             losses.update({f"{name}_{index}": value for name, value in aux_losses.items()})
         return losses
 

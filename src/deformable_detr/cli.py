@@ -20,8 +20,9 @@ from .data.formats import FORMATS
 from .data.synthetic import OBJECT_SIZES
 from .distributed import is_main_process
 from .evaluation import evaluate_checkpoint, format_metrics
+from .explore import explore
 from .model import build_model
-from .train import TrainConfig, TrainingError
+from .train import TrainConfig, TrainingError, TrainingStopped
 
 
 def _presets(_: argparse.Namespace) -> None:
@@ -73,6 +74,17 @@ def _explain(args: argparse.Namespace) -> None:
                       encoder_point=args.encoder_point, encoder_level=args.encoder_level)
     save_image(picture, args.out)
     print(f"{args.out}: sampling points of the top {args.top_k} detections and one encoder query")
+
+
+def _explore(args: argparse.Namespace) -> None:
+    from .predict import Detector
+
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
+    page = explore(detector, args.images, **{key: getattr(args, key) for key in _keyword_defaults(explore)})
+    for warning in page.warnings:
+        print(warning, file=sys.stderr)
+    page.save(args.out)
+    print(f"{args.out}: where the model looks in {len(args.images)} image(s), {page.size / 1e6:.1f} MB; open it in a browser")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -161,7 +173,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int,
                         help="data-loading processes; on a machine with few cores 0 can be faster (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="default: %(default)s")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    parser.add_argument("--resume", nargs="?", const=True, choices=["auto"],
+                        help="continue the run in --output-dir; `--resume auto` continues it if there is one, else "
+                             "starts it (requeued jobs, torchrun --max-restarts)")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="also write checkpoint.pt every N optimiser updates (default: after every epoch only)")
+    parser.add_argument("--checkpoint-minutes", type=float, metavar="M",
+                        help="also write checkpoint.pt once M minutes have passed since the last one")
     parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")
     parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
     parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this much training time")
@@ -266,6 +284,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
     explain.set_defaults(run=_explain)
 
+    explorer = commands.add_parser("explore", help="an interactive page of where the model looks (one HTML file, no network)")
+    explorer.add_argument("checkpoint")
+    explorer.add_argument("images", nargs="+", metavar="image", help="image files; several get a picker")
+    explorer.add_argument("--out", required=True, help="the page to write (.html)")
+    explorer.add_argument("--encoder-layers", choices=["last", "all"], help="encoder layers embedded (default: %(default)s)")
+    explorer.add_argument("--max-bytes", type=int,
+                          help="page budget; above it encoder queries are subsampled (default: %(default)s)")
+    explorer.add_argument("--pad-to-multiple", type=int,
+                          help="pad the model input to a multiple of this, as training batches are (default: %(default)s)")
+    explorer.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
+    explorer.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
+    explorer.set_defaults(run=_explore, **_keyword_defaults(explore))
+
     export = commands.add_parser("export", help="export the inference forward (ONNX), dynamic batch and image size")
     export.add_argument("checkpoint")
     export.add_argument("--format", default="onnx", choices=["onnx"])
@@ -319,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TrainingError, OSError) as error:  # bad files and arguments; CheckpointError and DatasetError are ValueErrors
         print(f"deformable-detr: error: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as stopped:  # a signal stopped training; it printed where and how to resume
+        return stopped.status
     except KeyboardInterrupt:
         print("deformable-detr: interrupted", file=sys.stderr)
         return 130

@@ -73,6 +73,28 @@ def main_process_decides(value: T) -> T:
     return decision[0]
 
 
+def any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true where it is true on any process (collective): for a stop that one process's
+    signal asks of all of them, and a choice only the main process's clock makes."""
+    if not is_distributed():
+        return flags
+    values = torch.tensor(flags, dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(value) for value in values.tolist())
+
+
+def wait_for_all() -> None:
+    """Return once every process has called this (collective): a process must not exit while the main
+    one still writes the checkpoint, or torchrun would stop the group midway through the write."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    # nccl reduces CUDA tensors only; gloo reduces CPU tensors.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def share_buffers(model: nn.Module) -> None:
     """Give every process the main process's buffers (batch-norm running statistics), so that all of
     them evaluate the model it saves: DDP broadcasts buffers before each forward, and each process's

@@ -40,7 +40,13 @@ class TrainConfig:
     finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads re-initialised if needed
     backbone_weights: str | None = None
     max_minutes: float | None = None  # stop after the epoch during which this much training time has passed
-    resume: bool = False  # continue the run whose checkpoint.pt is in output_dir
+    # Continue the run whose checkpoint.pt is in output_dir: True, False (start one) or "auto" (continue
+    # it if there is one, else start it: what a requeued job or a torchrun restart wants).
+    resume: bool | str = False
+    # checkpoint.pt is also written within epochs: every this many optimiser updates of the run,
+    # and once this many minutes have passed since the last one (either, both or neither).
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = None
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Hybrid matching (with the model option one_to_many_queries): the one-to-many group is matched
     # against every target repeated this many times, and its loss is added with this weight (H-DETR's k, lambda).
@@ -63,7 +69,8 @@ class TrainConfig:
                           **{**from_scratch, **self.model_overrides})
 
 
-# What a resumed run may change: how long it runs, where its files are and how many workers load
-# its data, not what it trains. (The optimiser and scheduler states come from the checkpoint, so a
-# new lr or lr drop would not even apply.)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir")
+# What a resumed run may change: how long it runs, where its files are, how often it writes a
+# checkpoint and how many workers load its data (each sample's augmentation follows from its index,
+# whichever worker reads it), not what it trains. (The optimiser and scheduler states come from the
+# checkpoint, so a new lr or lr drop would not even apply.)
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir", "checkpoint_every", "checkpoint_minutes")

@@ -1,10 +1,11 @@
-"""One training step and one epoch of them: forward, the set loss, backward, the optimiser update."""
+"""One training step and an epoch of them: forward, the set loss, backward, the optimiser update."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
-from ..distributed import is_main_process
+from ..data.loader import TRAINING_STEP, derived_seed
+from ..distributed import is_main_process, rank
 from .config import TrainConfig
 from .criterion import SetCriterion
 
@@ -66,7 +68,28 @@ def train_step(
     return {name: value.detach() for name, value in {"loss": loss, **losses}.items()}
 
 
-def train_one_epoch(
+@dataclass
+class EpochProgress:
+    """How far an epoch has gone, as a checkpoint within it saves it: the batches trained (those a
+    resumed run skips) and what the epoch's log record averages."""
+
+    batches: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    lr: float | None = None  # the learning rate of the epoch's first update
+    totals: dict[str, float] = field(default_factory=dict)  # each loss summed over the batches trained
+
+    def record(self) -> dict[str, float]:
+        """The epoch's learning rate, mean losses (``train_*``) and images/s."""
+        means = {f"train_{key}": value / max(self.batches, 1) for key, value in self.totals.items()}
+        return {"lr": self.lr, **means, "images_per_s": self.images / max(self.seconds, 1e-9)}
+
+
+# The losses logged for every optimiser update (the epoch's record has them all).
+UPDATE_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
+
+
+def train_updates(
     model: nn.Module,
     criterion: SetCriterion,
     loader: Iterable,
@@ -75,38 +98,56 @@ def train_one_epoch(
     *,
     device: torch.device,
     epoch: int,
+    batches: int,
     config: TrainConfig,
-) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean weighted loss, its parts and images/s."""
+    progress: EpochProgress,
+) -> Iterator[dict[str, float]]:
+    """Train on ``loader``, the batches of epoch ``epoch`` (``batches`` in all) after the
+    ``progress.batches`` already trained; after each optimiser update, with ``progress`` counting it,
+    yield its learning rate and its :data:`UPDATE_LOSSES` averaged over its batches.
+
+    A batch's random draws in the model (dropout, denoising noise) come from torch's generator
+    seeded by (seed, epoch, batch, process), so that a resumed run draws what an uninterrupted one does.
+    """
     model.train()
-    totals: dict[str, float] = {}
-    steps = images_seen = 0
-    start = time.perf_counter()
-    progress = tqdm(_batches(loader, device), total=len(loader), desc=f"epoch {epoch}",
-                    disable=not is_main_process(), dynamic_ncols=True)
+    bar = tqdm(_batches(loader, device), initial=progress.batches, total=batches, desc=f"epoch {epoch}",
+               disable=not is_main_process(), dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
-    for step, (images, padding_mask, targets) in enumerate(progress):
-        update = (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader)
+    update_totals: dict[str, float] = {}
+    update_batches = 0
+    last = time.perf_counter()
+    for images, padding_mask, targets in bar:
+        index = progress.batches
+        update = (index + 1) % config.accumulation_steps == 0 or index + 1 == batches
+        lr = optimizer.param_groups[0]["lr"]
+        torch.manual_seed(derived_seed(TRAINING_STEP, config.seed, epoch, index, rank()))
         try:
             losses = train_step(model, criterion, optimizer, images, padding_mask, targets, bf16=config.bf16,
                                 clip_max_norm=config.clip_max_norm, accumulation_steps=config.accumulation_steps,
                                 update=update)
         except NonFiniteLossError as error:
             raise TrainingError(
-                f"{error} at epoch {epoch}, step {step}: stopping; the last good checkpoint is kept in "
+                f"{error} at epoch {epoch}, step {index}: stopping; the last good checkpoint is kept in "
                 f"{config.output_dir}"
             ) from None
         if update:
             scheduler.step()
-        steps += 1
-        images_seen += len(images)
+        now = time.perf_counter()
+        progress.batches += 1
+        progress.images += len(images)
+        progress.seconds += now - last
+        progress.lr = lr if progress.lr is None else progress.lr
+        last = now
         for key, value in losses.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-        rate = images_seen / (time.perf_counter() - start)
-        progress.set_postfix(loss=f"{totals['loss'] / steps:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
-                             images_s=f"{rate:.1f}")
-    return {**{f"train_{key}": value / max(steps, 1) for key, value in totals.items()},
-            "images_per_s": images_seen / (time.perf_counter() - start)}
+            progress.totals[key] = progress.totals.get(key, 0.0) + float(value)
+            if key in UPDATE_LOSSES:
+                update_totals[key] = update_totals.get(key, 0.0) + float(value)
+        update_batches += 1
+        bar.set_postfix(loss=f"{progress.totals['loss'] / progress.batches:.3f}", lr=f"{lr:.1e}",
+                        images_s=f"{progress.images / progress.seconds:.1f}")
+        if update:
+            yield {"lr": lr, **{key: value / update_batches for key, value in update_totals.items()}}
+            update_totals, update_batches = {}, 0
 
 
 def _to_float(value: Any) -> Any:

@@ -3,7 +3,6 @@ checkpoints, logs and resumption (DETR's ``main.py``; one epoch is :mod:`.engine
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import shutil
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoints import read_checkpoint, save_checkpoint
+from ..checkpoints import read_checkpoint
 from ..data import (
     CocoDataset,
     ImageProbe,
@@ -29,38 +28,25 @@ from ..data import (
     split_names,
 )
 from ..distributed import (
+    any_process,
     is_distributed,
     is_main_process,
     main_process_decides,
     rank,
     setup_distributed,
     share_buffers,
+    wait_for_all,
 )
 from ..evaluation import evaluate, format_metrics
 from ..files import atomic_write
 from ..model import DeformableDETR, build_model
-from .config import RESUMABLE_FIELDS, TrainConfig
+from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
+from .config import TrainConfig
 from .criterion import SetCriterion
-from .engine import TrainingError, train_one_epoch
+from .engine import EpochProgress, TrainingError, train_updates
 from .logger import Logger
 from .optim import build_lr_scheduler, build_optimizer
-
-
-def _rng_state() -> dict[str, Any]:
-    numpy_kind, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        # As a tensor and plain values: weights-only loading accepts those, not numpy arrays.
-        "numpy": (numpy_kind, torch.from_numpy(numpy_keys.astype(np.int64)), numpy_position, numpy_has_gauss, numpy_gauss),
-    }
-
-
-def _restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+from .preemption import REQUEUE_STATUS, StopSignals, TrainingStopped
 
 
 def _seed_everything(seed: int) -> None:
@@ -94,13 +80,18 @@ def _finetune(model: DeformableDETR, path: str) -> str:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) as ``config`` says; returns the last epoch's log record.
 
-    ``output_dir`` receives ``checkpoint.pt`` (every epoch, atomically; what ``resume`` reads),
-    ``best.pt`` (best validation AP), ``log.jsonl`` and ``tensorboard/``.
+    ``output_dir`` receives ``checkpoint.pt`` (atomically, after every epoch and, as
+    ``checkpoint_every`` and ``checkpoint_minutes`` say, within epochs; what ``resume`` reads),
+    ``best.pt`` (best validation AP), ``log.jsonl`` (a record per epoch), ``steps.jsonl`` (one per
+    optimiser update) and ``tensorboard/``. SIGTERM, SIGUSR1 or SIGINT stops it after the current
+    update with the checkpoint written, raising :class:`TrainingStopped` (docs/preemption.md).
     """
     device = setup_distributed()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = output_dir / "checkpoint.pt", output_dir / "best.pt"
+    schedule = CheckpointSchedule(every=config.checkpoint_every, minutes=config.checkpoint_minutes)
+    resuming = _resuming(config, last_path)
     _seed_everything(config.seed + rank())
 
     train_set, val_set = _datasets(config)
@@ -113,59 +104,83 @@ def train(config: TrainConfig) -> dict[str, Any]:
     criterion = SetCriterion(one_to_many_repeats=config.one_to_many_repeats, one_to_many_weight=config.one_to_many_weight,
                              iou_aware=config.iou_aware_classification)
     optimizer = build_optimizer(model, lr=config.lr, lr_backbone=config.lr_backbone, weight_decay=config.weight_decay)
-    updates_per_epoch = math.ceil(batches_per_epoch(len(train_set), config.batch_size) / config.accumulation_steps)
+    batches = batches_per_epoch(len(train_set), config.batch_size)
+    updates_per_epoch = math.ceil(batches / config.accumulation_steps)
     scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch, warmup_updates=config.warmup_steps,
                                    updates_per_epoch=updates_per_epoch)
 
-    start_epoch, best_ap, best, record = 0, -1.0, {}, {}
-    if last_path.is_file() and not config.resume:
-        raise TrainingError(f"{last_path} exists: pass resume=True (--resume) to continue that run, or use another output directory")
-    if config.resume:
-        if not last_path.is_file():
-            raise TrainingError(f"{last_path}: no checkpoint to resume from")
-        checkpoint = read_checkpoint(last_path)
-        check_resumable(last_path, checkpoint.extra["train_config"], config)
-        model.load_state_dict(checkpoint.state_dict)
-        optimizer.load_state_dict(checkpoint.extra["optimizer"])
-        scheduler.load_state_dict(checkpoint.extra["scheduler"])
-        _restore_rng_state(checkpoint.extra["rng"])
-        start_epoch, best = checkpoint.extra["epoch"] + 1, checkpoint.extra.get("best", {})
-        # Runs saved before the best epoch's record was stored kept only its AP.
-        best_ap = best.get("AP", checkpoint.extra.get("best_ap", -1.0))
-        _print(f"resuming from {last_path} at epoch {start_epoch}")
+    def updates_before(epoch: int, progress: EpochProgress) -> int:
+        """The run's optimiser updates before ``progress`` into ``epoch``: the step of its logs."""
+        return epoch * updates_per_epoch + math.ceil(progress.batches / config.accumulation_steps)
+
+    def save(epoch: int, progress: EpochProgress | None) -> None:
+        if is_main_process():
+            save_training_checkpoint(last_path, model, config=config, class_names=train_set.category_names,
+                                     optimizer=optimizer, scheduler=scheduler, epoch=epoch, progress=progress, best=best)
+        schedule.written()
+
+    start = ResumePoint()
+    if resuming:
+        start = resume_from(last_path, config, model=model, optimizer=optimizer, scheduler=scheduler)
+        if start.epoch >= config.epochs:
+            _print(f"{last_path}: nothing to train: the run is at {start.describe(batches)} and --epochs is "
+                   f"{config.epochs} (a larger --epochs trains on)")
+            return {}
+        _print(f"resuming from {last_path} at {start.describe(batches)}")
     elif config.finetune_from:
         _print(_finetune(model, config.finetune_from))
+    if is_main_process():
+        _remove_abandoned_writes(output_dir)
 
     trained = DistributedDataParallel(model) if is_distributed() else model
-    logger = Logger(output_dir)
+    logger = Logger(output_dir, since_update=updates_before(start.epoch, start.progress))
+    best, best_ap, record = start.best, start.best_ap, {}
     training_seconds = 0.0
     try:
-        for epoch in range(start_epoch, config.epochs):
-            loader = data_loader(train_set, batch_size=config.batch_size, train=True, workers=config.workers,
-                                 seed=config.seed, epoch=epoch, pad_to_multiple=config.pad_to_multiple)
-            epoch_start = time.perf_counter()
-            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                      **train_one_epoch(trained, criterion, loader, optimizer, scheduler, device=device, epoch=epoch,
-                                        config=config)}
-            share_buffers(model)
-            training_seconds += time.perf_counter() - epoch_start
-            if val_set is not None:
-                val_loader = data_loader(val_set, batch_size=config.batch_size, train=False, workers=config.workers,
-                                         seed=config.seed, epoch=epoch)
-                record.update(evaluate(model, val_loader, device=device, coco=val_set.coco))
-            if is_main_process():
+        with StopSignals(last_path) as signals:
+            for epoch in range(start.epoch, config.epochs):
+                progress = start.progress if epoch == start.epoch else EpochProgress()
+                loader = data_loader(train_set, batch_size=config.batch_size, train=True, workers=config.workers,
+                                     seed=config.seed, epoch=epoch, pad_to_multiple=config.pad_to_multiple,
+                                     skip_batches=progress.batches)
+                epoch_start = time.perf_counter()
+                for update in train_updates(trained, criterion, loader, optimizer, scheduler, device=device,
+                                            epoch=epoch, batches=batches, config=config, progress=progress):
+                    count = updates_before(epoch, progress)
+                    logger.log_update({"epoch": epoch, "batch": progress.batches, **update}, count)
+                    if progress.batches == batches:
+                        continue  # the epoch's own checkpoint follows its evaluation
+                    stop, due = any_process(signals.received is not None, schedule.due(count))
+                    if stop or due:
+                        save(epoch, progress)
+                    if stop:
+                        raise _stopped(signals, f"epoch {epoch}, batch {progress.batches} of {batches}", last_path)
+                share_buffers(model)
+                training_seconds += time.perf_counter() - epoch_start
+                record = {"epoch": epoch, **progress.record()}
+                if val_set is not None:
+                    val_loader = data_loader(val_set, batch_size=config.batch_size, train=False,
+                                             workers=config.workers, seed=config.seed, epoch=epoch)
+                    record.update(evaluate(model, val_loader, device=device, coco=val_set.coco))
                 improved = record.get("AP", -1.0) > best_ap
-                best_ap = max(best_ap, record.get("AP", -1.0))
-                best = record if improved else best
-                save_checkpoint(last_path, model, class_names=train_set.category_names, image_size=config.image_size,
-                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                                best=best, rng=_rng_state(), train_config=dataclasses.asdict(config))
                 if improved:
+                    best_ap, best = record["AP"], record
+                # Logged before the checkpoint is written: a run resumed from an earlier one drops it.
+                logger.log_epoch({**record, "training_minutes": training_seconds / 60},
+                                 updates_before(epoch + 1, EpochProgress()))
+                save(epoch, None)
+                if improved and is_main_process():
                     _copy_atomically(last_path, best_path)
-            logger.log({**record, "training_minutes": training_seconds / 60}, step=epoch)
-            if _out_of_time(training_seconds, config.max_minutes):
-                _print(f"stopping after epoch {epoch}: {training_seconds / 60:.1f} training minutes")
-                break
+                stop, out_of_time = any_process(signals.received is not None,
+                                                _out_of_time(training_seconds, config.max_minutes))
+                if stop:
+                    raise _stopped(signals, f"the end of epoch {epoch}", last_path)
+                if out_of_time:
+                    _print(f"stopping after epoch {epoch}: {training_seconds / 60:.1f} training minutes")
+                    break
+    except TrainingStopped as stopped:
+        _print(str(stopped))
+        raise
     finally:
         logger.close()
     if val_set is None:
@@ -173,6 +188,37 @@ def train(config: TrainConfig) -> dict[str, Any]:
     elif best:
         _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
     return record
+
+
+def _resuming(config: TrainConfig, last_path: Path) -> bool:
+    """Whether the run goes on from ``last_path``, as ``config.resume`` says: True (it must exist),
+    False (it must not) or ``"auto"`` (if it exists, as a requeued or restarted job wants)."""
+    if config.resume not in (True, False, "auto"):
+        raise TrainingError(f"resume is True, False or 'auto', not {config.resume!r}")
+    saved = main_process_decides(last_path.is_file())
+    if config.resume is True and not saved:
+        raise TrainingError(f"{last_path}: no checkpoint to resume from")
+    if config.resume is False and saved:
+        raise TrainingError(f"{last_path} exists: pass resume=True (--resume) to continue that run, or use "
+                            f"another output directory")
+    return saved
+
+
+def _stopped(signals: StopSignals, where: str, last_path: Path) -> TrainingStopped:
+    """The clean stop after a signal, once every process is past the checkpoint's writing."""
+    wait_for_all()
+    return TrainingStopped(
+        f"stopped by {signals.received or 'a signal to another process'} at {where}: {last_path} is written; the "
+        f"same command with --resume (or --resume auto) goes on from there; exit status {REQUEUE_STATUS}: requeue",
+        REQUEUE_STATUS,
+    )
+
+
+def _remove_abandoned_writes(output_dir: Path) -> None:
+    """Temporary files of writes a killed run left unfinished (files.atomic_write's names)."""
+    for name in ("checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl"):
+        for abandoned in output_dir.glob(f".{name}.*.tmp"):
+            abandoned.unlink(missing_ok=True)
 
 
 def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
@@ -198,27 +244,10 @@ def _report_problems(report: SplitReport, data: str) -> None:
                f"the first: {report.problems[0]} (deformable-detr check-data {data} lists them)")
 
 
-def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:
-    """Refuse to resume the run saved in ``path`` (its ``stored`` TrainConfig) with settings that change
-    what it trains; only :data:`RESUMABLE_FIELDS` may differ. A field the run does not store (added
-    to TrainConfig after it was saved) counts as its default, which is how the run trained."""
-    defaults = dataclasses.asdict(TrainConfig(data="", output_dir=""))
-    differing = [
-        f"{name} {stored.get(name, defaults[name])!r} (now {value!r})"
-        for name, value in dataclasses.asdict(config).items()
-        if name not in (*RESUMABLE_FIELDS, "resume") and stored.get(name, defaults[name]) != value
-    ]
-    if differing:
-        raise TrainingError(
-            f"{path}: the run was trained with other settings: {', '.join(differing)}; resume with its settings "
-            f"(only {', '.join(RESUMABLE_FIELDS)} may change) or start a new run in another output directory"
-        )
-
-
 def _out_of_time(training_seconds: float, max_minutes: float | None) -> bool:
-    """Whether ``max_minutes`` of training have passed, by the main process's clock: all processes
-    must stop after the same epoch, or those going on would wait for the others forever."""
-    return main_process_decides(max_minutes is not None and training_seconds / 60 >= max_minutes)
+    """Whether ``max_minutes`` of training have passed by the main process's clock: all processes must
+    stop after the same epoch, or those going on would wait for the others forever."""
+    return is_main_process() and max_minutes is not None and training_seconds / 60 >= max_minutes
 
 
 def _copy_atomically(source: Path, destination: Path) -> None:

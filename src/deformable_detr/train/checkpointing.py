@@ -1,0 +1,133 @@
+"""The training checkpoint: what it holds beyond the model, when one is due within an epoch, and
+continuing a run from it exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from ..checkpoints import read_checkpoint, save_checkpoint
+from ..distributed import is_main_process, world_size
+from ..model import DeformableDETR
+from .config import RESUMABLE_FIELDS, TrainConfig
+from .engine import EpochProgress, TrainingError
+
+
+def save_training_checkpoint(
+    path: Path,
+    model: DeformableDETR,
+    *,
+    config: TrainConfig,
+    class_names: dict[int, str],
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    epoch: int,
+    progress: EpochProgress | None,
+    best: dict[str, Any],
+) -> None:
+    """Write ``model`` and all a resumed run needs to go on as if never stopped, atomically: the
+    optimiser and learning-rate schedule, where the run is (``epoch``, and ``progress`` into it, or
+    None once it has ended), the best epoch's record, the config and the number of processes.
+
+    Nothing random is saved: the order of an epoch's samples, their augmentation and a step's draws
+    in the model all follow from the seed and the position.
+    """
+    save_checkpoint(path, model, class_names=class_names, image_size=config.image_size,
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    epoch=epoch if progress is None else epoch - 1,  # the last epoch finished
+                    epoch_progress=None if progress is None else dataclasses.asdict(progress),
+                    best=best, world_size=world_size(), train_config=dataclasses.asdict(config))
+
+
+@dataclass
+class ResumePoint:
+    """Where a run goes on: ``epoch`` (the first not finished) after ``progress`` into it."""
+
+    epoch: int = 0
+    progress: EpochProgress = dataclasses.field(default_factory=EpochProgress)
+    best: dict[str, Any] = dataclasses.field(default_factory=dict)  # the best epoch's log record
+    best_ap: float = -1.0
+
+    def describe(self, batches: int) -> str:
+        """``epoch 3`` or ``epoch 3, batch 40 of 100``, for messages."""
+        within = f", batch {self.progress.batches} of {batches}" if self.progress.batches else ""
+        return f"epoch {self.epoch}{within}"
+
+
+def resume_from(
+    path: Path, config: TrainConfig, *, model: DeformableDETR, optimizer: Optimizer, scheduler: LRScheduler
+) -> ResumePoint:
+    """Load the run saved in ``path`` into ``model``, ``optimizer`` and ``scheduler`` (the schedule as
+    saved, never overridden); where it goes on.
+
+    Raises:
+        TrainingError: ``config`` changes what the run trains (see :func:`check_resumable`), or the
+            number of processes is not the run's.
+    """
+    checkpoint = read_checkpoint(path)
+    extra = checkpoint.extra
+    check_resumable(path, extra["train_config"], config)
+    # The global batch, the learning-rate schedule's updates per epoch and each process's share of
+    # an epoch's samples all follow from it: a run on another number would be no continuation.
+    processes = extra.get("world_size", world_size())  # runs saved before it was stored: not checked
+    if processes != world_size():
+        raise TrainingError(
+            f"{path}: the run was trained by {processes} process(es), now {world_size()}: resume it with "
+            f"{processes} (torchrun --nproc-per-node {processes}), as its batches, learning-rate schedule and "
+            f"order depend on it; or start a new run from its weights (--finetune-from {path})"
+        )
+    model.load_state_dict(checkpoint.state_dict)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    best = extra.get("best", {})
+    # Runs saved before the best epoch's record was stored kept only its AP.
+    best_ap = best.get("AP", extra.get("best_ap", -1.0))
+    progress = extra.get("epoch_progress")
+    return ResumePoint(extra["epoch"] + 1, EpochProgress(**progress) if progress else EpochProgress(), best, best_ap)
+
+
+def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume the run saved in ``path`` (its ``stored`` TrainConfig) with settings that change
+    what it trains; only :data:`RESUMABLE_FIELDS` may differ. A field the run does not store (added
+    to TrainConfig after it was saved) counts as its default, which is how the run trained."""
+    defaults = dataclasses.asdict(TrainConfig(data="", output_dir=""))
+    differing = [
+        f"{name} {stored.get(name, defaults[name])!r} (now {value!r})"
+        for name, value in dataclasses.asdict(config).items()
+        if name not in (*RESUMABLE_FIELDS, "resume") and stored.get(name, defaults[name]) != value
+    ]
+    if differing:
+        raise TrainingError(
+            f"{path}: the run was trained with other settings: {', '.join(differing)}; resume with its settings "
+            f"(only {', '.join(RESUMABLE_FIELDS)} may change) or start a new run in another output directory"
+        )
+
+
+class CheckpointSchedule:
+    """When a checkpoint within an epoch is due: every ``every`` optimiser updates of the run, and
+    once ``minutes`` have passed since the last checkpoint by the main process's clock (either, both
+    or neither)."""
+
+    def __init__(self, *, every: int | None, minutes: float | None) -> None:
+        if every is not None and every < 1 or minutes is not None and minutes <= 0:
+            raise TrainingError(f"checkpoint_every ({every}) and checkpoint_minutes ({minutes}) must be positive")
+        self.every = every
+        self.minutes = minutes
+        self.written()
+
+    def due(self, update: int) -> bool:
+        """Whether a checkpoint is due after the run's ``update``-th update (on this process: the
+        main process's answer is the one all must follow)."""
+        by_count = self.every is not None and update % self.every == 0
+        by_time = self.minutes is not None and is_main_process() and time.monotonic() - self._last >= self.minutes * 60
+        return by_count or by_time
+
+    def written(self) -> None:
+        """A checkpoint has just been written."""
+        self._last = time.monotonic()

@@ -1,4 +1,4 @@
-"""The demo end to end, on a handful of images: data, training, metrics, the picture."""
+"""The demo end to end, on a handful of images: data, training, metrics, the picture, the explore page."""
 
 from __future__ import annotations
 
@@ -13,3 +13,5 @@ def test_demo_trains_evaluates_and_draws(tmp_path):
     assert (tmp_path / "train" / "best.pt").is_file()
     picture = Image.open(tmp_path / "detections.png")
     assert picture.height >= 100 and picture.width > 3 * picture.height  # four images side by side
+    page = (tmp_path / "explore.html").read_text()  # where the model looks in the four images drawn
+    assert all(f'"name":"{path.name}"' in page for path in sorted((tmp_path / "data" / "val").iterdir())[:4])

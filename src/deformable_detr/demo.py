@@ -1,4 +1,5 @@
-"""`make demo`: synthesise data, train the tiny model on the CPU for a bounded time, evaluate, draw."""
+"""`make demo`: synthesise data, train the tiny model on the CPU for a bounded time, evaluate, draw, and
+write the page that shows where the model looks (`explore`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from .data import read_image, synthesize
 from .environment import native_bf16
+from .explore import explore
 from .predict import Detector
 from .train import TrainConfig, train
 from .visualize import save_image
@@ -39,8 +41,12 @@ def run_demo(
     config = demo_config(data, run, epochs=epochs)
     model_overrides = {**config.model_overrides, **(model_options or {})}
     record = train(dataclasses.replace(config, model_overrides=model_overrides, **train_options))
-    _draw_examples(run / "best.pt", data, output_dir / "detections.png")
-    print(f"detections drawn in {output_dir / 'detections.png'}; training log in {run / 'log.jsonl'}")
+    detector = Detector.from_checkpoint(run / "best.pt", device="cpu")
+    examples = sorted((data / "val").iterdir())[:4]
+    _draw_examples(detector, examples, output_dir / "detections.png")
+    page = explore(detector, examples).save(output_dir / "explore.html")
+    print(f"detections drawn in {output_dir / 'detections.png'}; where the model looks: {page} (open it in a "
+          f"browser); training log in {run / 'log.jsonl'}")
     return record
 
 
@@ -66,9 +72,8 @@ def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCH
     )
 
 
-def _draw_examples(checkpoint: Path, data: Path, out: Path, count: int = 4) -> None:
-    detector = Detector.from_checkpoint(checkpoint, device="cpu")
-    images = [read_image(path).as_subclass(torch.Tensor) for path in sorted((data / "val").iterdir())[:count]]
+def _draw_examples(detector: Detector, paths: list[Path], out: Path) -> None:
+    images = [read_image(path).as_subclass(torch.Tensor) for path in paths]
     # A few minutes of training gives modest scores: a low threshold still shows what it finds.
     drawn = [detections.draw(image) for image, detections in zip(images, detector.predict(images, threshold=0.25))]
     height = max(d.shape[-2] for d in drawn)

@@ -2,7 +2,8 @@
 
 Every call in the model goes through :func:`ms_deform_attn`, which dispatches by device: the fused
 kernel on the CPU (``cpu.py``, compiled on first use), the fused Triton kernels on CUDA
-(``triton_kernel.py``, imported on first use), the reference elsewhere.
+(``triton_kernel.py``, imported on first use and checked on each device and dtype before it is
+trusted), the reference elsewhere.
 :func:`ms_deform_attn_reference` is the specification. ``DEFORMABLE_DETR_OP=reference|cpu|triton|auto``
 (or :func:`use_implementation`) forces a path.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "load_triton_kernel",
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    "triton_runs_on",
     "use_implementation",
 ]
 
@@ -43,6 +45,7 @@ def _checked(name: str) -> str:
 _implementation = _checked(os.environ.get("DEFORMABLE_DETR_OP", "auto"))
 _triton_kernel: ModuleType | None = None
 _triton_failure: str | None = None
+_triton_checks: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 @contextlib.contextmanager
@@ -79,21 +82,65 @@ def load_triton_kernel() -> ModuleType | None:
     return _triton_kernel
 
 
-def implementation_for(device: torch.device | str) -> str:
-    """What :func:`ms_deform_attn` runs for tensors on ``device``: ``"cpu"`` (the fused CPU kernel),
-    ``"triton"`` or ``"reference"``. Builds the CPU kernel or imports Triton where it must know
-    whether they work; raises where a forced one does not."""
+def _describe(device: torch.device) -> str:
+    if device.type != "cuda":
+        return str(device)
+    properties = torch.cuda.get_device_properties(device)
+    # ROCm builds name the architecture (gfx942); CUDA ones give the compute capability.
+    architecture = getattr(properties, "gcnArchName", "") or f"sm_{properties.major}{properties.minor}"
+    return f"{device} ({properties.name}, {architecture})"
+
+
+def triton_runs_on(device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the Triton kernels compile, launch and agree with the reference on ``device`` in
+    ``dtype``: checked once per device and dtype, on a tiny input, the first time it is asked.
+    Where they do not (an architecture or driver Triton does not support), warns once, naming the
+    device, its architecture and the error. False where Triton cannot be imported.
+
+    Under ``torch.compile`` the check cannot launch kernels: an unchecked pair counts as working
+    there, and the compiled kernels fail loudly if it does not.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, dtype)
+    if torch.compiler.is_compiling() or key in _triton_checks:
+        return _triton_checks.get(key, True)
+    kernels = load_triton_kernel()
+    if kernels is None:
+        return False
+    try:
+        kernels.check(device, dtype)
+        _triton_checks[key] = True
+    except Exception as error:  # any failure to compile, launch or agree means: do not use it here
+        _triton_checks[key] = False
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(
+            f"deformable_detr: the Triton kernels failed their first-use check on {_describe(device)} in {dtype} "
+            f"({type(error).__name__}: {message}); using the reference implementation there instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _triton_checks[key]
+
+
+def implementation_for(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """What :func:`ms_deform_attn` runs for tensors of ``dtype`` on ``device``: ``"cpu"`` (the
+    fused CPU kernel), ``"triton"`` or ``"reference"``. Builds the CPU kernel, or imports Triton
+    and checks it on the device (:func:`triton_runs_on`), where it must know whether they work;
+    raises where a forced one does not."""
     device_type = torch.device(device).type
     if _implementation in ("cpu", "auto") and device_type == "cpu":
         if cpu.load_extension() is not None:
             return "cpu"
         if _implementation == "cpu":
             raise RuntimeError(f"the fused CPU kernel was requested but could not be built: {cpu.build_failure()}")
-    if _implementation == "triton" or (_implementation == "auto" and device_type == "cuda"):
+    if _implementation == "triton":
         if load_triton_kernel() is not None:
             return "triton"
-        if _implementation == "triton":
-            raise RuntimeError(f"the Triton kernels were requested but Triton could not be imported: {_triton_failure}")
+        raise RuntimeError(f"the Triton kernels were requested but Triton could not be imported: {_triton_failure}")
+    if _implementation == "auto" and device_type == "cuda" and triton_runs_on(device, dtype):
+        return "triton"
     return "reference"
 
 
@@ -111,7 +158,7 @@ def ms_deform_attn(
     -> (N, Lq, M * D). Differentiable with respect to value, sampling_locations and
     attention_weights; any floating dtype, any device.
     """
-    implementation = implementation_for(value.device)
+    implementation = implementation_for(value.device, value.dtype)
     if implementation == "cpu":
         function = cpu.ms_deform_attn_cpu
     elif implementation == "triton":

@@ -225,6 +225,19 @@ def test_the_heat_map_is_the_weight_all_encoder_queries_put_on_each_pixel(page, 
     close_within(heat, expected, maximum / 65535)
 
 
+def test_without_refinement_the_decoder_starts_from_points(images):
+    detector = Detector(build_model("tiny", num_classes=6, with_box_refine=False).eval(), image_size=HEIGHT)
+    meta, data = page_data(explore(detector, images[0]).html)
+    image = meta["images"][0]
+    records = captured(detector, images[0])[0]
+    assert image["referenceIsBox"] == [False] * meta["decoderLayerCount"] and not meta["twoStage"]
+    assert not any(name.startswith("proposals.") for name in image["arrays"])
+    references = decoded(meta, "coordinate", embedded(image, data, "decoder.references"), (meta["decoderLayerCount"], -1, 4))
+    for layer in range(meta["decoderLayerCount"]):
+        close_within(references[layer, :, :2], records[decoder(layer)].reference_points[0, :, 0], COORDINATES.step)
+    close_within(references[..., 2:], torch.zeros_like(references[..., 2:]), COORDINATES.step)  # no size
+
+
 def test_a_page_over_its_budget_subsamples_encoder_queries_and_says_so(page, detector, images):
     budget = page.size - 1
     smaller = explore(detector, images, max_bytes=budget)

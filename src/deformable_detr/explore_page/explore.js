@@ -12,7 +12,7 @@
   const buffer = decodeBase64(document.getElementById("explore-data").textContent).buffer;
   const TYPES = { Uint8Array, Uint16Array, Uint32Array };
   const DOT_RADIUS = 24;  // CSS pixels of a dot of weight 1 at dot size 1: area proportional to weight
-  const PANEL_WIDTH = 260;
+  const PANEL_WIDTH = 250;
   const HEAT_STOPS = [[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]];
   const $ = (id) => document.getElementById(id);
   const pictures = meta.images.map(() => null);  // decoded lazily, one per image
@@ -230,13 +230,16 @@
 
   // ---- drawing ----
 
-  // A canvas sized to `cssWidth` and the frame's aspect, and the transform from image pixels to it.
-  function prepare(canvas, image, cssWidth) {
+  // A canvas at most `maxWidth` x `maxHeight` CSS pixels in the frame's aspect, and the scale from
+  // image pixels to it.
+  function prepare(canvas, image, maxWidth, maxHeight = Infinity) {
     const frame = frameSize(image);
     const ratio = window.devicePixelRatio || 1;
+    const cssWidth = Math.min(maxWidth, maxHeight * frame.width / frame.height);
     const cssHeight = cssWidth * frame.height / frame.width;
     canvas.width = Math.round(cssWidth * ratio);
     canvas.height = Math.round(cssHeight * ratio);
+    canvas.style.width = `${cssWidth}px`;
     canvas.style.height = `${cssHeight}px`;
     const context = canvas.getContext("2d");
     context.setTransform(ratio, 0, 0, ratio, 0, 0);
@@ -377,13 +380,17 @@
     const image = meta.images[state.image];
     const picture = pictures[state.image];
     if (!picture || !picture.complete) return;
-    const main = prepare($("picture"), image, $("stage").clientWidth);
-    drawBackground(main, image, picture, null);
     const panels = [...$("panels").querySelectorAll("canvas")].map((canvas, level) => {
       const view = prepare(canvas, image, PANEL_WIDTH);
       drawBackground(view, image, picture, { level });
       return view;
     });
+    // The picture takes the width the panels leave (all of it where they wrap below) and fits the
+    // window's height, so that the controls stay in view.
+    const width = $("main").clientWidth;
+    const beside = width - $("panels").offsetWidth - 12;
+    const main = prepare($("picture"), image, beside >= 320 ? beside : width, Math.max(320, window.innerHeight - 230));
+    drawBackground(main, image, picture, null);
     const record = { view: state.view, image: state.image, frame: main.frame, scale: main.scale, queries: [], references: [], points: [], boxes: [], heat: null };
     const info = { encoder: renderEncoder, decoder: renderDecoder, heat: renderHeat }[state.view](image, main, panels, record);
     $("info").textContent = info;
@@ -467,30 +474,38 @@
   }
 
   function renderHeat(image, main, panels, record) {
-    // On the picture: weight per image pixel summed over the levels shown, at the finest level's grid.
-    const shownLevels = range(meta.levels).filter((level) => state.levels[level]);
+    // On the picture: the weight per image pixel summed over the levels shown, each level's
+    // interpolated bilinearly between its cell centres, on a grid 4 times finer than the first level's.
     const maps = range(meta.levels).map((level) => heat(image, level));
-    const finest = shownLevels.length ? shownLevels[0] : 0;
-    const [height, width] = image.shapes[finest];
+    const [height, width] = image.shapes[0].map((size) => 4 * size);
     const density = new Float32Array(height * width);
     const frame = main.frame;
-    for (const level of shownLevels) {
+    range(meta.levels).filter((level) => state.levels[level]).forEach((level) => {
       const [levelHeight, levelWidth] = image.shapes[level];
       const cellArea = (frame.width / levelWidth) * (frame.height / levelHeight);
+      const at = (row, column) => maps[level][
+        Math.min(Math.max(row, 0), levelHeight - 1) * levelWidth + Math.min(Math.max(column, 0), levelWidth - 1)];
       for (let row = 0; row < height; row++) {
-        const levelRow = Math.floor((row + 0.5) / height * levelHeight);
+        const y = (row + 0.5) / height * levelHeight - 0.5;
+        const top = Math.floor(y);
+        const dy = y - top;
         for (let column = 0; column < width; column++) {
-          const levelColumn = Math.floor((column + 0.5) / width * levelWidth);
-          density[row * width + column] += maps[level][levelRow * levelWidth + levelColumn] / cellArea;
+          const x = (column + 0.5) / width * levelWidth - 0.5;
+          const left = Math.floor(x);
+          const dx = x - left;
+          const value = (1 - dy) * ((1 - dx) * at(top, left) + dx * at(top, left + 1))
+            + dy * ((1 - dx) * at(top + 1, left) + dx * at(top + 1, left + 1));
+          density[row * width + column] += value / cellArea;
         }
       }
-    }
+    });
     drawHeat(main, density, width, height, true);
-    const maxima = panels.map((panel, level) => drawHeat(panel, maps[level], image.shapes[level][1], image.shapes[level][0], false));
+    const maxima = panels.map((panel, level) => (state.levels[level]
+      ? drawHeat(panel, maps[level], image.shapes[level][1], image.shapes[level][0], false) : 0));
     record.heat = { maxima, totals: maps.map((values) => values.reduce((a, b) => a + b, 0)) };
     const layer = `Encoder layer ${state.encoderLayer + 1} of ${meta.encoderLayerCount}: the attention weight all ` +
       `${levelStart(image, meta.levels)} encoder queries put on each cell.`;
-    if (!hovered) return `${layer} Hover over a level panel to read a cell's value.`;
+    if (!hovered) return `${layer} Hover to read a cell's value.`;
     const { level, row, column } = encoderPixel(image, hovered.query);
     const value = maps[level][row * image.shapes[level][1] + column];
     return `${layer}\nLevel ${level}, row ${row}, column ${column}: ${value.toFixed(3)} (panel maximum ${maxima[level].toFixed(3)})`;
@@ -551,7 +566,6 @@
       $("notices").append(item);
     }
     const panels = $("panels");
-    const image = meta.images[0];
     range(meta.levels).forEach((level) => {
       const figure = document.createElement("figure");
       const caption = document.createElement("figcaption");
@@ -562,9 +576,7 @@
       canvas.addEventListener("click", (event) => click(event, canvas, level));
       figure.append(canvas, caption);
       panels.append(figure);
-      caption.textContent = `level ${level}`;
     });
-    updateCaptions(image);
 
     document.querySelectorAll("#views button").forEach((button) => {
       button.addEventListener("click", () => { state.view = button.dataset.view; hovered = null; sync(); });
@@ -590,9 +602,11 @@
     on("dot-size", "input", (e) => { state.dotSize = Number(e.value); });
     $("controls").addEventListener("submit", (event) => event.preventDefault());
     const picture = $("picture");
-    picture.addEventListener("mousemove", (event) => hover(event, picture, state.queryLevel));
+    // The picture's level: the encoder view's chosen one; in the heat map the finest level shown.
+    const pictureLevel = () => (state.view === "heat" ? Math.max(0, state.levels.indexOf(true)) : state.queryLevel);
+    picture.addEventListener("mousemove", (event) => hover(event, picture, pictureLevel()));
     picture.addEventListener("mouseleave", () => { hovered = null; render(); });
-    picture.addEventListener("click", (event) => click(event, picture, state.queryLevel));
+    picture.addEventListener("click", (event) => click(event, picture, pictureLevel()));
     $("save").addEventListener("click", savePicture);
     window.addEventListener("resize", render);
     window.addEventListener("hashchange", () => { readFragment(); sync(); });

@@ -586,8 +586,6 @@
       state.image = Number(e.value);
       state.pins = [];
       state.query = -1;
-      loadPicture(state.image);
-      updateCaptions(meta.images[state.image]);
     });
     on("encoder-layer", "change", (e) => { state.encoderLayer = Number(e.value); });
     on("query-level", "change", (e) => { state.queryLevel = Number(e.value); });
@@ -621,9 +619,11 @@
     });
   }
 
-  // The controls show the state; then the picture is drawn again.
+  // The controls show the state; then the picture is drawn again (once loaded).
   function sync() {
     const image = meta.images[state.image];
+    loadPicture(state.image);
+    updateCaptions(image);
     $("image").value = state.image;
     document.querySelectorAll("#views button").forEach((button) => button.setAttribute("aria-pressed", button.dataset.view === state.view));
     document.querySelectorAll("[data-views]").forEach((element) => { element.hidden = !element.dataset.views.split(" ").includes(state.view); });
@@ -752,7 +752,5 @@
   });
   buildControls();
   readFragment();
-  loadPicture(state.image);
-  updateCaptions(meta.images[state.image]);
   sync();
 })();

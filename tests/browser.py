@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,3 +43,17 @@ def chromium(executable: Path, *, width: int = 1400, height: int = 1000) -> Iter
             yield context
         finally:
             context.close()
+
+
+def screenshot(url: str, out: str | os.PathLike) -> None:
+    """Save a PNG of the page at ``url`` (an explore page, with its view in the fragment) once drawn."""
+    with chromium(find_chromium()) as context:
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_function("window.explore && window.explore.drawn !== null")
+        page.screenshot(path=str(out), full_page=True)
+
+
+if __name__ == "__main__":
+    # python tests/browser.py file:///.../explore.html#view=decoder&query=12 docs/explore.png
+    screenshot(sys.argv[1], sys.argv[2])

@@ -542,3 +542,23 @@ def test_the_image_picker_and_the_heat_map(open_page, page, detector, images):
     sizes = [h * w for h, w in image["shapes"]]
     totals = [part.sum() for part in np.split(heat.sum(0), np.cumsum(sizes)[:-1])]
     assert drawn["heat"]["totals"] == pytest.approx(totals, rel=1e-4)
+
+
+def test_the_notebook_frame_runs_the_page_in_its_sandbox(browser, page, tmp_path):
+    host = tmp_path / "notebook.html"
+    host.write_text(f"<!DOCTYPE html><html><body><p>a notebook cell</p>{page._repr_html_()}</body></html>")
+    tab = browser.new_page()
+    errors = []
+    tab.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.goto(host.as_uri())
+    frame = tab.frames[1]
+    frame.wait_for_function("window.explore && window.explore.drawn !== null")
+    # Its script is its own: the notebook's window has no explore object, and the frame cannot reach the notebook.
+    assert tab.evaluate("typeof window.explore") == "undefined"
+    assert frame.evaluate("(() => { try { return window.parent.document.title; } catch { return 'refused'; } })()") == "refused"
+    box = tab.locator("iframe").bounding_box()
+    tab.mouse.move(box["x"] + 100, box["y"] + 250)
+    assert len(frame.evaluate("window.explore.drawn.points")) == 8 * 4 * 4
+    tab.close()
+    assert errors == []

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from test_ops_cpu import with_borders
 
 from deformable_detr import ops
@@ -29,13 +32,14 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 triton_kernel = ops.load_triton_kernel()
 assert triton_kernel.INTERPRETED == (DEVICE == "cpu")
 
-# Small but awkward: head widths that are not powers of two, one level and five, one point and
-# four, query counts over one block (64 queries at D=32), no queries at all.
+# Small but awkward: head widths that are not powers of two or span several channel blocks, one
+# level and five, one point and four, query counts over one block (32 queries at D=32), no queries.
 CASES = {
     "D=1": dict(shapes=[(6, 7), (3, 4)], channels=1),
     "D=30": dict(shapes=[(6, 7), (3, 4), (2, 2)], channels=30, heads=3, batch=1),
     "D=32 P=4": dict(shapes=[(8, 9), (4, 5), (2, 3), (1, 2)], channels=32, heads=2, points=4, queries=7, batch=1),
     "D=71": dict(shapes=[(5, 5)], channels=71, heads=1),
+    "D=130 (three channel blocks)": dict(shapes=[(4, 5), (2, 3)], channels=130, heads=2, queries=5, batch=1),
     "L=1 P=1": dict(shapes=[(9, 4)], points=1, channels=8),
     "L=5 P=4": dict(shapes=[(7, 5), (4, 3), (2, 2), (1, 3), (1, 1)], points=4, heads=1, channels=4, batch=1),
     "two query blocks": dict(shapes=[(5, 6)], queries=70, heads=1, channels=32, points=1, batch=1),
@@ -95,9 +99,10 @@ def test_forward_on_borders_and_pixel_centres(dtype, tolerance):
     torch.testing.assert_close(on_device(*inputs).double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("channels", [32, 96], ids=["one channel block", "two channel blocks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_half_precision_follows_float64(dtype):
-    case = away_from_kinks(random_case([(8, 10), (4, 5), (2, 3)], channels=32, points=4, queries=20, seed=2))
+def test_half_precision_follows_float64(dtype, channels):
+    case = away_from_kinks(random_case([(8, 10), (4, 5), (2, 3)], channels=channels, points=4, queries=20, seed=2))
     # Two units of the dtype's precision: the kernel accumulates in float32 and rounds once.
     assert_follows_float64_reference(cast(case, dtype), 2 * torch.finfo(dtype).eps)
 
@@ -131,6 +136,70 @@ def test_non_contiguous_inputs():
     actual = forward_and_gradients(on_device, (value_t, spatial_shapes, level_start_index, locations_t, weights_t))
     for name, got, want in zip(NAMES, actual, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_64_bit_offsets_give_the_same_results(monkeypatch):
+    # The path for images whose tensors hold 2**31 elements or more, on a small one.
+    case = away_from_kinks(random_case([(6, 7), (3, 4)], channels=40, points=3, queries=9))
+    narrow = forward_and_gradients(on_device, case)
+    monkeypatch.setattr(triton_kernel, "offset_dtype", lambda *shapes: tl.int64)
+    wide = forward_and_gradients(on_device, case)
+    for name, got, want in zip(NAMES, wide, narrow):
+        assert torch.equal(got, want), name
+
+
+def test_tuning_runs_leave_the_gradients_right(monkeypatch):
+    # The autotuner times each configuration by running it, into the same gradient buffers the
+    # backward adds into: each run and the final one must start from zero. Timings are made up
+    # (the interpreter's would mean nothing): the last configuration wins.
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        timed.append(kernel_call)
+        return [1.0 / len(timed)] * 3
+
+    monkeypatch.setattr(triton_kernel, "TUNED", True)
+    for tuner in (triton_kernel._tuned_forward, triton_kernel._tuned_backward):
+        monkeypatch.setitem(tuner.__dict__, "do_bench", bench)  # what the do_bench property would cache
+        monkeypatch.setattr(tuner, "cache", {})
+    case = away_from_kinks(random_case([(4, 5), (2, 3)], channels=96, heads=2, queries=30, batch=1))
+    assert_follows_float64_reference(cast(case, torch.float32), 1e-5)
+    configs = triton_kernel.configs_for(96, torch.float32)
+    assert len(timed) == 2 * len(configs) > 2
+    assert triton_kernel._tuned_backward.best_config == configs[-1]
+
+
+def broken_forward_kernel(
+    value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr, output_ptr,
+    num_positions, num_queries, num_heads, num_channels, num_levels, num_points, work,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
+):
+    tl.static_assert(BLOCK_Q < 0, "this kernel does not compile")
+
+
+def test_a_kernel_that_fails_its_first_use_check_falls_back_once(monkeypatch):
+    monkeypatch.setattr(ops, "_triton_checks", {})
+    monkeypatch.setattr(triton_kernel._tuned_forward, "fn", triton.jit(broken_forward_kernel))
+    with pytest.warns(RuntimeWarning, match=r"failed their first-use check on cpu in torch.float32 \(.*does not compile"):
+        assert not ops.triton_runs_on("cpu", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not ops.triton_runs_on("cpu", torch.float32)  # checked once: no second warning
+    monkeypatch.setattr(triton_kernel._tuned_forward, "fn", triton_kernel._forward_kernel)
+    assert ops.triton_runs_on("cpu", torch.float64)  # each dtype has its own check
+
+
+@pytest.mark.parametrize("runs", [True, False])
+def test_auto_uses_the_triton_kernels_where_they_passed_their_check(monkeypatch, runs):
+    checked = []
+    monkeypatch.setattr(ops, "triton_runs_on", lambda device, dtype: checked.append((device, dtype)) or runs)
+    with use_implementation("auto"):
+        assert ops.implementation_for("cuda", torch.bfloat16) == ("triton" if runs else "reference")
+    with use_implementation("triton"):  # forced: no check
+        assert ops.implementation_for("cuda", torch.bfloat16) == "triton"
+    assert checked == [("cuda", torch.bfloat16)]
 
 
 def test_custom_op_registration():

@@ -244,6 +244,10 @@ def _backward_kernel(
 INTERPRETED: bool = isinstance(_forward_kernel, InterpretedFunction)
 """Whether the kernels run in Triton's interpreter (the process started with TRITON_INTERPRET=1)."""
 
+TUNED: bool = not INTERPRETED
+"""Whether a launch without a configuration is tuned; the interpreter runs the default, since
+timing it would mean nothing."""
+
 # Tuned once per process and key: the head width, levels and points, the inputs' dtypes (the
 # autotuner adds those) and the amount of work (``work``), so that the encoder's tens of thousands
 # of queries and the decoder's few hundred get blocks of their own. The backward's tuning runs add
@@ -288,8 +292,7 @@ def _launch(
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(queries, meta["BLOCK_Q"]), batch * heads, triton.cdiv(channels, block_d)
 
-    # The interpreter runs one configuration: timing it there would mean nothing.
-    if config is None and INTERPRETED:
+    if config is None and not TUNED:
         config = configs_for(channels, value.dtype)[0]
     if config is None:
         kernel[grid](*arguments, **meta)

@@ -191,10 +191,18 @@ def test_a_kernel_that_fails_its_first_use_check_falls_back_once(monkeypatch):
     assert ops.triton_runs_on("cpu", torch.float64)  # each dtype has its own check
 
 
+def test_the_check_catches_a_kernel_that_computes_wrong(monkeypatch):
+    correct = triton_kernel.forward
+    monkeypatch.setattr(triton_kernel, "forward", lambda *args, **kwargs: correct(*args, **kwargs) * 1.01)
+    with pytest.raises(RuntimeError, match="the output differs from the reference's"):
+        triton_kernel.check(torch.device(DEVICE), torch.float32)
+
+
 @pytest.mark.parametrize("runs", [True, False])
 def test_auto_uses_the_triton_kernels_where_they_passed_their_check(monkeypatch, runs):
     checked = []
     monkeypatch.setattr(ops, "triton_runs_on", lambda device, dtype: checked.append((device, dtype)) or runs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with use_implementation("auto"):
         assert ops.implementation_for("cuda", torch.bfloat16) == ("triton" if runs else "reference")
     with use_implementation("triton"):  # forced: no check

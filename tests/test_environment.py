@@ -7,7 +7,7 @@ import importlib.metadata
 import pytest
 import torch
 
-from deformable_detr import environment
+from deformable_detr import environment, ops
 from deformable_detr.cli import main
 from deformable_detr.ops import cpu, use_implementation
 
@@ -59,3 +59,12 @@ def test_machine_summary_names_the_processor_and_its_matrix_unit(monkeypatch):
     assert ("no AMX" not in summary) == environment.cpu_extensions()["AMX"]
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert "oneDNN limited to AVX512_CORE_BF16" in environment.machine_summary()
+
+
+def test_fused_gpu_kernel_status_per_visible_gpu(monkeypatch):
+    assert dict(environment.report())["fused gpu kernel"] == "no GPU visible" or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # The first GPU passes the check in float32 only, the second in neither.
+    monkeypatch.setattr(ops, "triton_runs_on", lambda device, dtype: device.index == 0 and dtype == torch.float32)
+    assert environment._fused_gpu_kernel() == "cuda:0 runs in float32; cuda:1 fails its check: the reference runs there"

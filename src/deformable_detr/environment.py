@@ -72,15 +72,31 @@ def _version(package: str) -> str:
 
 
 def _cuda() -> str:
-    if torch.version.cuda is None:
+    # ROCm builds of torch report AMD GPUs as cuda devices too.
+    platform = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}" if torch.version.hip else None
+    if platform is None:
         return "none (a CPU build of torch)"
     if not torch.cuda.is_available():
-        return f"CUDA {torch.version.cuda} build, no CUDA device"
+        return f"{platform} build, no GPU"
     devices = ", ".join(
         f"{torch.cuda.get_device_name(index)} (compute {'.'.join(map(str, torch.cuda.get_device_capability(index)))})"
         for index in range(torch.cuda.device_count())
     )
-    return f"CUDA {torch.version.cuda}: {devices}"
+    return f"{platform}: {devices}"
+
+
+def _fused_gpu_kernel() -> str:
+    """Per visible GPU, whether the Triton kernels pass their first-use check there (a failure's
+    reason comes as the check's warning)."""
+    if not torch.cuda.is_available():
+        return "no GPU visible"
+    verdicts = []
+    for index in range(torch.cuda.device_count()):
+        passed = [str(dtype).removeprefix("torch.") for dtype in (torch.float32, torch.bfloat16)
+                  if ops.triton_runs_on(torch.device("cuda", index), dtype)]
+        verdict = f"runs in {' and '.join(passed)}" if passed else "fails its check: the reference runs there"
+        verdicts.append(f"cuda:{index} {verdict}")
+    return "; ".join(verdicts)
 
 
 def _fused_cpu_kernel() -> str:
@@ -127,5 +143,6 @@ def report() -> list[tuple[str, str]]:
         ("ms_deform_attn", "; ".join(f"{device} tensors -> {_implementation(device)}" for device in ("cpu", "cuda"))
          + f" (DEFORMABLE_DETR_OP={os.environ.get('DEFORMABLE_DETR_OP', 'auto')})"),
         ("fused cpu kernel", _fused_cpu_kernel()),
+        ("fused gpu kernel", _fused_gpu_kernel()),
         ("training", f"on {training_device}, {_training_precision(training_device)}"),
     ]

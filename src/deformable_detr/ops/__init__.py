@@ -139,8 +139,10 @@ def implementation_for(device: torch.device | str, dtype: torch.dtype = torch.fl
         if load_triton_kernel() is not None:
             return "triton"
         raise RuntimeError(f"the Triton kernels were requested but Triton could not be imported: {_triton_failure}")
-    if _implementation == "auto" and device_type == "cuda" and triton_runs_on(device, dtype):
-        return "triton"
+    if _implementation == "auto" and device_type == "cuda" and load_triton_kernel() is not None:
+        # Where no GPU is visible (asked by `deformable-detr info`): what one gets if it passes the check.
+        if not torch.cuda.is_available() or triton_runs_on(device, dtype):
+            return "triton"
     return "reference"
 
 

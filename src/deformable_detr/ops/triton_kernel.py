@@ -359,10 +359,12 @@ def ms_deform_attn_triton_backward(
 register_fused_op(ms_deform_attn_triton, ms_deform_attn_triton_backward)
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()
 def check(device: torch.device, dtype: torch.dtype) -> None:
     """Compile and run the forward and backward for ``dtype`` on ``device`` on a tiny input, at the
     launcher's default configuration, and compare them with the reference; raises where they do
-    not compile, do not launch or disagree."""
+    not compile, do not launch or disagree. Whatever the caller's grad mode or autocast."""
     generator = torch.Generator().manual_seed(0)
     spatial_shapes = torch.tensor([[5, 6], [3, 3]])
     level_start_index = torch.tensor([0, 30])
@@ -373,19 +375,19 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
     pixels = torch.floor(torch.rand(1, 7, 2, 2, 3, 2, generator=generator) * (sizes + 2)) - 1
     locations = (pixels + 0.75 + 0.5 * torch.rand(pixels.shape, generator=generator)) / sizes
     weights = torch.rand(1, 7, 2, 2, 3, generator=generator)
-    inputs = [t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in
-              (value, spatial_shapes, level_start_index, locations, weights)]
+    inputs = [value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype)]
     config = configs_for(value.shape[-1], dtype)[0]
-    output = forward(*inputs, config=config)
-    gradients = backward(torch.ones_like(output), *inputs, config=config)
-    # The reference in float64, on the same (rounded) inputs.
-    exact = [t.double().requires_grad_() if t.is_floating_point() else t for t in inputs]
-    expected_output = ms_deform_attn_reference(*exact)
-    expected_output.sum().backward()
+    with torch.autocast(device.type, enabled=False):
+        on_device = [t.to(device) for t in inputs]
+        output = forward(*on_device, config=config)
+        results = (output, *backward(torch.ones_like(output), *on_device, config=config))
+        # The reference in float64 on the CPU, on the same (rounded) inputs.
+        exact = [t.double().requires_grad_() if t.is_floating_point() else t for t in inputs]
+        expected = ms_deform_attn_reference(*exact)
+        expected = (expected, *torch.autograd.grad(expected.sum(), [exact[0], exact[3], exact[4]]))
     tolerance = 8 * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
-    for name, got, want in zip(("output", "value gradient", "location gradient", "weight gradient"),
-                               (output, *gradients), (expected_output, exact[0].grad, exact[3].grad, exact[4].grad)):
-        scale = want.abs().max().item()
-        error = (got.double().cpu() - want.detach().cpu()).abs().max().item()
-        if not error <= tolerance * max(scale, 1.0):
-            raise RuntimeError(f"the {name} differs from the reference's by {error:.3g} (allowed {tolerance * scale:.3g})")
+    for name, got, want in zip(("output", "value gradient", "location gradient", "weight gradient"), results, expected):
+        allowed = tolerance * max(want.abs().max().item(), 1.0)
+        error = (got.cpu().double() - want.detach()).abs().max().item()
+        if not error <= allowed:
+            raise RuntimeError(f"the {name} differs from the reference's by {error:.3g} (allowed {allowed:.3g})")

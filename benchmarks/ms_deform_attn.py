@@ -7,7 +7,9 @@ median of the repeats is reported, with the peak memory each path allocates.
 On the CPU the fused path is the CPU kernel. With ``--device cuda`` it is the Triton kernels, and
 the reference also runs under ``torch.compile``; so it does on CPU tensors under
 ``TRITON_INTERPRET=1`` (with ``--tiny`` sizes: the interpreter is slow), to check this script
-without a GPU.
+without a GPU. On a GPU each row also gives the fused path's first call (compiling and tuning the
+kernels for that shape class) and its share of the bandwidth floor: the time the op's compulsory
+DRAM traffic (``compulsory_bytes``) takes at the GPU's peak memory bandwidth, over the time measured.
 
 Sampling locations: "local" (default) places each query's points a few pixels around its
 reference point, as the model does (encoder: the query's own position); "uniform" spreads them
@@ -66,6 +68,36 @@ def make_inputs(
 def _pixel_centres(height: int, width: int) -> torch.Tensor:
     y, x = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
     return torch.stack([x.flatten() / width, y.flatten() / height], -1)
+
+
+def compulsory_bytes(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor, backward: bool) -> int:
+    """Bytes the op must move between DRAM and the GPU at least: each input read and each output
+    written once. The backward (timed after its forward) also reads the upstream gradient, zeroes
+    and writes back its float32 value-gradient buffer, and casts it to the value's dtype."""
+    batch, _, heads, channels = value.shape
+    output = batch * locations.shape[1] * heads * channels * value.element_size()
+    inputs = sum(tensor.numel() * tensor.element_size() for tensor in (value, locations, weights))
+    forward = inputs + output
+    if not backward:
+        return forward
+    accumulation = value.numel() * 4
+    cast = 0 if value.dtype == torch.float32 else value.numel() * (4 + value.element_size())
+    return forward + inputs + output + 2 * accumulation + cast
+
+
+def gather_bytes(value: torch.Tensor, locations: torch.Tensor, backward: bool) -> int:
+    """Bytes the samples' corners read (and the backward's atomics add), each sample touching four
+    rows of its head's channels: what goes through the caches, most of it served by L2 and L1."""
+    samples = locations[..., 0].numel()
+    corners = 4 * samples * value.shape[-1]
+    return corners * value.element_size() * (2 if backward else 1) + (corners * 4 if backward else 0)
+
+
+def peak_bandwidth() -> float:
+    """The current GPU's peak DRAM bandwidth in bytes a second: memory clock (double data rate)
+    times bus width."""
+    properties = torch.cuda.get_device_properties()
+    return properties.memory_clock_rate * 1e3 * 2 * properties.memory_bus_width / 8
 
 
 def run(function, inputs, backward: bool) -> None:
@@ -137,6 +169,10 @@ def main() -> None:
     baselines = [name for name in paths if name != "fused"]
     labels = [f"{name} ms" for name in paths] + [f"fused vs {name}" for name in baselines]
     labels += [f"{name} peak MB" for name in paths]
+    on_gpu = args.device == "cuda" and torch.cuda.is_available()
+    if on_gpu:
+        labels += ["fused 1st call s", "floor us", "of floor"]
+        print(f"peak DRAM bandwidth {peak_bandwidth() / 1e12:.2f} TB/s")
     widths = [len(label) + 2 for label in labels]
     print(f"{'case':38s}" + "".join(f"{label:>{width}}" for label, width in zip(labels, widths)))
     encoder_queries = sum(h * w for h, w in sizes["spatial"])
@@ -145,8 +181,11 @@ def main() -> None:
             for backward in (False, True):
                 inputs = make_inputs(queries, backward, args.locations, getattr(torch, dtype), args.device, **sizes)
                 times = {name: [] for name in paths}
-                for function in paths.values():  # warm-up (and compilation)
+                first_call = {}
+                for name, function in paths.items():  # warm-up (and compilation, tuning)
+                    start = time.perf_counter()
                     run(function, inputs, backward)
+                    first_call[name] = time.perf_counter() - start
                 for _ in range(args.repeats):
                     for name, function in paths.items():
                         start = time.perf_counter()
@@ -157,6 +196,10 @@ def main() -> None:
                 cells = [f"{median[name]:.2f}" for name in paths]
                 cells += [f"{median[name] / median['fused']:.1f}x" for name in baselines]
                 cells += [f"{peaks[name]:.1f}" for name in paths]
+                if on_gpu:
+                    value, _, _, locations, weights = inputs
+                    floor = compulsory_bytes(value, locations, weights, backward) / peak_bandwidth() * 1e3
+                    cells += [f"{first_call['fused']:.2f}", f"{floor * 1e3:.0f}", f"{floor / median['fused']:.0%}"]
                 label = f"{case} (Lq={queries}) {dtype} {'fwd+bwd' if backward else 'fwd'}"
                 print(f"{label:38s}" + "".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
 

@@ -6,6 +6,7 @@ Every function works unchanged in a single process, where the collectives are no
 from __future__ import annotations
 
 import os
+import sys
 from typing import TypeVar
 
 import torch
@@ -39,11 +40,21 @@ def setup_distributed() -> torch.device:
     """Join the torchrun process group if there is one; the device this process runs on."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if rank() == 0 and _restarts_share_a_stale_store():
+            print("warning: a group torchrun restarts may hang or fail on the failed group's addresses left in the "
+                  "store they share (pytorch#135712): run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set",
+                  file=sys.stderr, flush=True)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _restarts_share_a_stale_store() -> bool:
+    # torchrun --max-restarts K sets TORCHELASTIC_MAX_RESTARTS; its workers use the agent's store,
+    # shared across restarts without a prefix per attempt, unless the variable turns the sharing off.
+    return os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def mean_over_processes(value: Tensor) -> Tensor:

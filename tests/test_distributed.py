@@ -193,3 +193,17 @@ def test_torchrun_trains_and_evaluates_like_one_process(shapes, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     by_rank = {result.pop("rank"): result for result in map(json.loads, evaluated.stdout.splitlines())}
     assert by_rank == {0: expected, 1: expected}
+
+
+def test_a_warning_when_torchrun_restarts_would_share_the_failed_groups_store(monkeypatch):
+    from deformable_detr.distributed import _restarts_share_a_stale_store
+
+    # What torchrun --max-restarts 1 gives its workers, and the same with the sharing turned off.
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert _restarts_share_a_stale_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert not _restarts_share_a_stale_store()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert not _restarts_share_a_stale_store()

@@ -328,20 +328,30 @@ def worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_a_group_whose_worker_died_and_the_run_ends_as_the_uninterrupted_one(data, tmp_path, capsys):
+def test_torchrun_stops_cleanly_restarts_a_group_whose_worker_died_and_ends_as_the_uninterrupted_run(
+    data, tmp_path, capsys
+):
     straight_run = tmp_path / "straight"
     uninterrupted = torchrun(straight_run, data)
     _, err = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, err[-3000:]
 
-    # A worker killed in epoch 1: torchrun restarts the group, which goes on from the last checkpoint.
+    # SIGTERM to torchrun, which passes it on to both workers: they stop after the same update.
     run = tmp_path / "run"
+    launcher = torchrun(run, data, "--resume", "auto")
+    wait_for(lambda: updates_logged(run) > 1, launcher)
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=600)
+    assert out.count("stopped by SIGTERM at epoch 0, batch ") == 1  # the main process's line
+    assert position(run)[0] == 0 and 1 < position(run)[1] < BATCHES
+
+    # A worker killed in epoch 1: torchrun restarts the group, which goes on from the last checkpoint.
     launcher = torchrun(run, data, "--resume", "auto", "--checkpoint-every", "1", restarts=1)
     wait_for(lambda: updates_logged(run) > BATCHES + 1, launcher)
     os.kill(worker_of_rank(launcher, 1), signal.SIGKILL)
     out, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, err[-3000:]
-    assert "at epoch 1, batch " in out, out
+    assert "resuming from" in out and "at epoch 1, batch " in out, out
     assert_same_run(run, straight_run)
 
     # The two-process run resumed by one process: refused in one line.

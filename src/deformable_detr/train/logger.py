@@ -32,8 +32,11 @@ class Logger:
 
     def log_epoch(self, record: dict[str, Any], update: int) -> None:
         self._log(self.epochs_path, record, update, tag="")
+        if self.enabled:
+            self.writer.flush()
 
     def log_update(self, record: dict[str, Any], update: int) -> None:
+        # TensorBoard's writer flushes the updates' scalars by itself, every two minutes.
         self._log(self.steps_path, record, update, tag="step/")
 
     def _log(self, path: Path, record: dict[str, Any], update: int, *, tag: str) -> None:
@@ -44,7 +47,6 @@ class Logger:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "batch"):
                 self.writer.add_scalar(tag + key, value, update)
-        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

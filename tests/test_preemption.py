@@ -5,6 +5,7 @@ each get their one line."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -259,6 +260,22 @@ def test_cli_resume_and_checkpoint_flags(monkeypatch, capsys):
 # Slow: each test starts training processes, and each process spends seconds importing torch.
 
 
+@pytest.fixture
+def started():
+    """The processes a test starts (append them): those still running at its end are killed, with their
+    children (torchrun's workers), so that a failed test leaves none behind."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            for pid in map(int, children):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.kill()
+            process.communicate()
+
+
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -274,12 +291,15 @@ def updates_logged(run: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_and_kill_9_within_an_epoch_then_the_resumed_run_is_the_uninterrupted_one(data, straight, tmp_path, workers):
+def test_sigterm_and_kill_9_within_an_epoch_then_the_resumed_run_is_the_uninterrupted_one(
+    data, straight, tmp_path, started, workers
+):
     expected, _ = straight
     run = tmp_path / "run"
     command = [sys.executable, "-m", "deformable_detr.cli", "train", *arguments(data, run, "--workers", str(workers))]
     # A SIGTERM after the first update of epoch 1.
     process = subprocess.Popen(command, env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started.append(process)
     wait_for(lambda: updates_logged(run) > BATCHES, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
@@ -291,6 +311,7 @@ def test_sigterm_and_kill_9_within_an_epoch_then_the_resumed_run_is_the_uninterr
     # Resumed with a checkpoint every update, and killed outright after the first one it writes.
     process = subprocess.Popen([*command, "--resume", "auto", "--checkpoint-every", "1"], env=ENVIRONMENT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started.append(process)
     written = (run / "checkpoint.pt").stat().st_mtime_ns
     wait_for(lambda: (run / "checkpoint.pt").stat().st_mtime_ns != written, process)
     process.kill()
@@ -329,16 +350,18 @@ def worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
 
 @pytest.mark.slow
 def test_torchrun_stops_cleanly_restarts_a_group_whose_worker_died_and_ends_as_the_uninterrupted_run(
-    data, tmp_path, capsys
+    data, tmp_path, capsys, started
 ):
     straight_run = tmp_path / "straight"
     uninterrupted = torchrun(straight_run, data)
+    started.append(uninterrupted)
     _, err = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, err[-3000:]
 
     # SIGTERM to torchrun, which passes it on to both workers: they stop after the same update.
     run = tmp_path / "run"
     launcher = torchrun(run, data, "--resume", "auto")
+    started.append(launcher)
     wait_for(lambda: updates_logged(run) > 1, launcher)
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=600)
@@ -347,6 +370,7 @@ def test_torchrun_stops_cleanly_restarts_a_group_whose_worker_died_and_ends_as_t
 
     # A worker killed in epoch 1: torchrun restarts the group, which goes on from the last checkpoint.
     launcher = torchrun(run, data, "--resume", "auto", "--checkpoint-every", "1", restarts=1)
+    started.append(launcher)
     wait_for(lambda: updates_logged(run) > BATCHES + 1, launcher)
     os.kill(worker_of_rank(launcher, 1), signal.SIGKILL)
     out, err = launcher.communicate(timeout=600)

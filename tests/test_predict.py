@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
+from deformable_detr import precision
 from deformable_detr.checkpoints import save_reference_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 from deformable_detr.model import build_model
+from deformable_detr.precision import forward
 from deformable_detr.predict import Detector
 from deformable_detr.train import TrainConfig, train
 
@@ -169,3 +175,69 @@ def test_evaluate_resizes_to_the_checkpoints_image_size_unless_told(trained, mon
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--image-size", "128"]) == 0
     assert sizes == [IMAGE_SIZE, 128]
     assert capsys.readouterr().out.count("AP50") == 2
+
+
+# --------------------------------------------------------------------------- precision
+
+# bfloat16 keeps 8 significant bits: a logit near -2.6 moves by up to 2^-7, its score by about 1e-3,
+# and boxes by a fraction of a pixel of the 96-pixel images. Bounds with a few times that margin.
+BF16_SCORE_TOLERANCE = 5e-3
+BF16_MIN_IOU = 0.85
+BEST = 10  # the float32 detections compared, per image
+
+
+def test_bf16_detections_match_float32_ones_by_iou(detector, trained):
+    bf16 = Detector(detector.model, class_names=detector.class_names, image_size=detector.image_size, dtype=torch.bfloat16)
+    images = val_images(trained[1])
+    for reference, detections in zip(detector.predict(images, threshold=0.0), bf16.predict(images, threshold=0.0)):
+        assert detections.boxes.dtype == detections.scores.dtype == torch.float32  # post-processed in float32
+        # Near-equal scores may swap ranks in bfloat16, so each of the best float32 detections is
+        # matched to the bfloat16 detection of its class that overlaps it most, wherever it ranks.
+        overlaps = box_iou(reference.boxes[:BEST], detections.boxes)
+        overlaps[reference.labels[:BEST, None] != detections.labels[None]] = 0
+        best_overlap, match = overlaps.max(1)
+        assert best_overlap.min() >= BF16_MIN_IOU
+        torch.testing.assert_close(detections.scores[match], reference.scores[:BEST], rtol=0, atol=BF16_SCORE_TOLERANCE)
+        assert not torch.equal(detections.scores[match], reference.scores[:BEST]), "bfloat16 ran: scores differ a little"
+
+
+def test_float32_is_the_default_and_the_plain_forward(detector, trained):
+    assert detector.dtype == torch.float32
+    inputs = [detector.prepare(path) for path in val_images(trained[1])[:2]]
+    with torch.no_grad():
+        plain = detector.model(inputs)
+        through = forward(detector.model, inputs)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(through[key], plain[key])
+
+
+def test_emulated_bf16_is_said_in_one_line_and_other_dtypes_are_refused(detector, trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    with pytest.warns(RuntimeWarning, match=r"^bfloat16 is emulated on this cpu \(it needs a CPU with AVX512-BF16 or AMX\)"):
+        Detector(detector.model, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="unsupported inference dtype torch.float64"):
+        Detector(detector.model, dtype=torch.float64)
+
+    # The command prints it as one line of its own and runs on, in bfloat16.
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+    image = val_images(trained[1])[0]
+    assert main(["detect", str(trained[0]), str(image), "--out", str(tmp_path / "out"), "--bf16"]) == 0
+    warning_lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning_lines == ["deformable-detr: warning: bfloat16 is emulated on this cpu (it needs a CPU with "
+                             "AVX512-BF16 or AMX): slower than float32"]  # fmt: skip
+
+
+def test_evaluate_and_explain_take_bf16(trained, tmp_path, monkeypatch):
+    dtypes = []
+    for name in ("deformable_detr.evaluation", "deformable_detr.explain"):  # the package exports explain(), a function
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "forward", lambda *args, dtype, run=module.forward: dtypes.append(dtype) or run(*args, dtype=dtype))
+    checkpoint, data = trained
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--bf16"]) == 0
+    assert main(["explain", str(checkpoint), str(val_images(data)[0]), "--out", str(tmp_path / "x.png"), "--bf16"]) == 0
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0"]) == 0
+    # evaluate: two batches of two images; explain: one forward.
+    assert dtypes == [torch.bfloat16] * 3 + [torch.float32] * 2

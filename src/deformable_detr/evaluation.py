@@ -29,6 +29,7 @@ from .data.coco import coco_index
 from .distributed import gather_objects, is_main_process, setup_distributed
 from .files import atomic_write
 from .model import evaluating, postprocess
+from .precision import check_dtype, forward
 
 # Names of COCOeval.stats, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -121,9 +122,11 @@ def evaluate(
     coco: COCO,
     top_k: int = 100,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """COCO box metrics of ``model`` over ``data_loader`` (batches as
-    :func:`~deformable_detr.data.collate` makes them), against the ground truth ``coco``.
+    :func:`~deformable_detr.data.collate` makes them), against the ground truth ``coco``, the model
+    computing in ``dtype`` (:mod:`deformable_detr.precision`).
 
     When distributed, each process runs its share of the loader and all return the same metrics.
     The model is left in the mode it was in.
@@ -132,7 +135,7 @@ def evaluate(
     show = progress and is_main_process()
     with evaluating(model):
         for images, padding_mask, targets in tqdm(data_loader, desc="evaluate", disable=not show):
-            outputs = model(images.to(device), padding_mask.to(device))
+            outputs = forward(model, images.to(device), padding_mask.to(device), dtype=dtype)
             # Boxes are relative to the image, so scaling by its original size undoes any resizing.
             original_sizes = torch.stack([target["orig_size"] for target in targets])
             detections = postprocess(outputs, original_sizes, top_k=top_k)
@@ -149,18 +152,19 @@ def write_results_json(path: str | os.PathLike, results: list[dict[str, Any]]) -
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", batch_size: int = 2,
-    image_size: int | None = None, workers: int = 2, format: str | None = None,
+    image_size: int | None = None, workers: int = 2, format: str | None = None, dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """COCO metrics of any checkpoint :func:`~deformable_detr.load_pretrained` reads on ``data``'s
     ``split`` (also under torchrun). ``data`` is a COCO, VOC or YOLO data set (``format`` forces one);
     images are resized as in validation to ``image_size``, by default the size the checkpoint was
-    trained for."""
+    trained for. The model computes in ``dtype`` (:mod:`deformable_detr.precision`)."""
     device = setup_distributed()
+    check_dtype(dtype, device)
     read = read_checkpoint(checkpoint)
     model = read.build_model(device=device)
     dataset, _ = load_split(data, split, recipe(image_size or read.input_size)[1], format=format)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
-    return evaluate(model, loader, device=device, coco=dataset.coco)
+    return evaluate(model, loader, device=device, coco=dataset.coco, dtype=dtype)
 
 
 def format_metrics(record: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from torchvision.ops import nms
 from torchvision.transforms.v2 import functional as F
 
 from .model import AttentionRecord, capture_attention, evaluating, postprocess
+from .precision import forward
 from .predict import Detector, ImageInput
 from .visualize import draw_sampling_points, head_colours, to_uint8
 
@@ -64,7 +65,7 @@ def explain(
         raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level}")
     inputs = detector.prepare(image)
     with evaluating(model), capture_attention(model) as records:
-        outputs = model(inputs[None])
+        outputs = forward(model, inputs[None], dtype=detector.dtype)
     by_name = {record.name: record for record in records}
     decoder = by_name[f"transformer.decoder.layers.{model.config.decoder_layers - 1}.cross_attn"]
     encoder = by_name[f"transformer.encoder.layers.{model.config.encoder_layers - 1}.self_attn"]

@@ -21,6 +21,7 @@ from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
 from .evaluation import coco_results, write_results_json
 from .model import DeformableDETR, postprocess
+from .precision import check_dtype, forward
 from .reference import PUBLISHED_IMAGE_SIZE
 from .visualize import draw_detections, save_image
 
@@ -51,25 +52,32 @@ class Detector:
         model: the detector; used in eval mode on its current device.
         class_names: category id -> name.
         image_size: the shorter side inputs are resized to (the size the model was trained for).
+        dtype: the precision the model computes in: ``torch.float32`` (outputs equal to the
+            reference code's), or ``torch.bfloat16`` / ``torch.float16`` autocast, about twice as
+            fast where the hardware computes it (a warning says where it does not); scores and
+            boxes are post-processed in float32 (:mod:`deformable_detr.precision`).
     """
 
     def __init__(self, model: DeformableDETR, *, class_names: dict[int, str] | None = None,
-                 image_size: int = PUBLISHED_IMAGE_SIZE) -> None:  # fmt: skip
+                 image_size: int = PUBLISHED_IMAGE_SIZE, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
         self.model = model.eval()
         self.class_names = class_names or {}
         self.image_size = image_size
+        check_dtype(dtype, self.device)
+        self.dtype = dtype
         self._transforms = inference_transforms(image_size)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, *, device: torch.device | str | None = None, image_size: int | None = None
+        cls, path: str | os.PathLike, *, device: torch.device | str | None = None, image_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> Detector:
         """Any checkpoint :func:`~deformable_detr.load_pretrained` reads, with its class names
         (COCO's for the released models) and the image size it was trained for, unless
         ``image_size`` is given. ``device`` defaults to CUDA where there is one."""
         checkpoint = read_checkpoint(path)
         model = checkpoint.build_model(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model, class_names=checkpoint.class_names, image_size=image_size or checkpoint.input_size)
+        return cls(model, class_names=checkpoint.class_names, image_size=image_size or checkpoint.input_size, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
@@ -106,7 +114,7 @@ class Detector:
         return self._transforms(as_image_tensor(image).to(self.device))
 
     def _predict_batch(self, images: list[Tensor], threshold: float) -> list[Detections]:
-        outputs = self.model([self.prepare(image) for image in images])
+        outputs = forward(self.model, [self.prepare(image) for image in images], dtype=self.dtype)
         # Boxes are relative to each image, so scaling by the input's size undoes the resize.
         sizes = [image.shape[-2:] for image in images]
         results = []

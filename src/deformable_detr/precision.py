@@ -1,0 +1,53 @@
+"""The precision inference computes in: float32 by default (outputs equal to the reference code's),
+or bfloat16 / float16 autocast, asked for by ``dtype`` (the name transformers' ``from_pretrained``
+and ``torch.autocast`` use).
+
+Under autocast the convolutions and linear layers run in the low precision, where a CPU with
+AVX512-BF16 or AMX, or a recent GPU, computes them about twice as fast, and so does what follows
+them inside a layer (layer and group norms accumulate in float32 but return the low precision; the
+sampling locations and attention weights the deformable attention op reads; the heads' boxes). The
+backbone's frozen batch norms and the position embeddings stay float32. The outputs are handed to
+post-processing in float32: scores through the sigmoid and the top-k, boxes scaled to pixels.
+bfloat16 keeps 8 significant bits, so what it costs is measured: the README's Performance section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .environment import native_bf16
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device | str) -> None:
+    """Raise for a ``dtype`` inference cannot run in; warn (one line) where ``device`` only emulates
+    bfloat16, which is then slower than float32, not faster."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported inference dtype {dtype}: choose torch.float32, torch.bfloat16 or torch.float16")
+    device = torch.device(device)
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        hardware = "a CPU with AVX512-BF16 or AMX" if device.type == "cpu" else "an Ampere or later GPU"
+        warnings.warn(f"bfloat16 is emulated on this {device.type} (it needs {hardware}): slower than float32",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
+@contextlib.contextmanager
+def autocast(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Autocast to ``dtype`` on ``device``'s type inside the block; float32 is plain float32 (no autocast)."""
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        yield
+
+
+def forward(model: nn.Module, *inputs: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """``model(*inputs)`` computed in ``dtype``, with its detections (``pred_logits``, ``pred_boxes``)
+    in float32 for post-processing."""
+    with autocast(dtype, next(model.parameters()).device):
+        outputs = model(*inputs)
+    return {key: value.float() if isinstance(value, Tensor) else value for key, value in outputs.items()}

@@ -79,7 +79,7 @@ def page_data(text: str) -> tuple[dict, bytes]:
 
 def embedded(image: dict, data: bytes, name: str) -> np.ndarray:
     spec = image["arrays"][name]
-    dtype = {"Uint8Array": "<u1", "Uint16Array": "<u2", "Uint32Array": "<u4"}[spec["type"]]
+    dtype = {"Uint8Array": "<u1", "Uint16Array": "<u2"}[spec["type"]]
     return np.frombuffer(data, dtype, spec["length"], spec["offset"])
 
 

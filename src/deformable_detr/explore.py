@@ -65,7 +65,7 @@ class _Scale:
         return {"low": self.low, "step": self.step}
 
 
-# Normalised coordinates: 1/32768 of the input, a twentieth of a pixel at 1333 pixels. A bilinear
+# Normalised coordinates: 1/32768 of the input's side, 0.04 pixels at 1333 pixels. A bilinear
 # sample at -0.5 or 1.5 reads only the zero padding around a level, as any point beyond does:
 # clamping there changes nothing the model computed.
 COORDINATES = _Scale(-0.5, 1.5, np.uint16)
@@ -74,7 +74,7 @@ COORDINATES = _Scale(-0.5, 1.5, np.uint16)
 WEIGHTS = _Scale(0.0, 1.0, np.uint8)
 SCORES = _Scale(0.0, 1.0, np.uint16)
 
-_TYPED_ARRAYS = {np.uint8: "Uint8Array", np.uint16: "Uint16Array", np.uint32: "Uint32Array"}
+_TYPED_ARRAYS = {np.uint8: "Uint8Array", np.uint16: "Uint16Array"}
 _PAGE = resources.files(__package__) / "explore_page"
 
 
@@ -253,7 +253,7 @@ def _page(
     if stride > 1:
         strides = ", ".join(str(s) for s in images[0]["strides"])
         warnings.append(f"explore: encoder queries subsampled to keep the page within {max_bytes / 1e6:g} MB "
-                        f"(levels 1 to {len(images[0]['strides'])} keep one row and column in {strides})")
+                        f"(levels 0 to {len(images[0]['strides']) - 1} keep one row and column in {strides})")
     if over_budget:
         warnings.append(f"explore: the page is over its budget of {max_bytes / 1e6:g} MB even at the coarsest "
                         "subsampling")

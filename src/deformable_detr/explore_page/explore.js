@@ -10,7 +10,7 @@
 (() => {
   const meta = JSON.parse(document.getElementById("explore-meta").textContent);
   const buffer = decodeBase64(document.getElementById("explore-data").textContent).buffer;
-  const TYPES = { Uint8Array, Uint16Array, Uint32Array };
+  const TYPES = { Uint8Array, Uint16Array };
   const DOT_RADIUS = 24;  // CSS pixels of a dot of weight 1 at dot size 1: area proportional to weight
   const PANEL_WIDTH = 250;
   const HEAT_STOPS = [[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]];

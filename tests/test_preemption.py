@@ -23,7 +23,16 @@ import deformable_detr.train
 from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
-from deformable_detr.train import REQUEUE_STATUS, TrainConfig, TrainingError, TrainingStopped, engine, preemption, train
+from deformable_detr.train import (
+    REQUEUE_STATUS,
+    TrainConfig,
+    TrainingError,
+    TrainingStopped,
+    checkpointing,
+    engine,
+    preemption,
+    train,
+)
 from deformable_detr.train.logger import Logger
 
 BATCHES = 6  # per epoch: 12 training images in batches of 2
@@ -233,6 +242,22 @@ def test_checkpoints_within_an_epoch_every_n_updates(data, tmp_path, monkeypatch
     train(config(data, tmp_path / "run", epochs=1, val_split="none", accumulation_steps=2, checkpoint_every=2))
     # Every second update (of 2 batches each); the last update's is the epoch's own, after it.
     assert written == [(-1, 4), (0, None)]
+
+
+def test_a_checkpoint_is_due_every_n_updates_and_m_minutes_after_the_last(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(checkpointing.time, "monotonic", lambda: now[0])
+    schedule = checkpointing.CheckpointSchedule(every=3, minutes=0.5)
+    assert [schedule.due(update) for update in (1, 2, 3, 4, 6)] == [False, False, True, False, True]
+    now[0] += 29
+    assert not schedule.due(4)
+    now[0] += 2
+    assert schedule.due(4)
+    schedule.written()
+    assert not schedule.due(4)
+    assert not checkpointing.CheckpointSchedule(every=None, minutes=None).due(3)
+    with pytest.raises(TrainingError, match=r"checkpoint_every \(0\) and checkpoint_minutes \(None\) must be positive"):
+        checkpointing.CheckpointSchedule(every=0, minutes=None)
 
 
 def test_the_log_of_a_killed_run_is_cut_back_to_its_checkpoint(tmp_path):

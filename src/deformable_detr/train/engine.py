@@ -132,11 +132,12 @@ def train_updates(
             ) from None
         if update:
             scheduler.step()
+        if progress.lr is None:
+            progress.lr = lr
         now = time.perf_counter()
         progress.batches += 1
         progress.images += len(images)
         progress.seconds += now - last
-        progress.lr = lr if progress.lr is None else progress.lr
         last = now
         for key, value in losses.items():
             progress.totals[key] = progress.totals.get(key, 0.0) + float(value)

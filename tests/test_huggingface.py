@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from choices import TopKReplay
@@ -34,8 +35,14 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 from deformable_detr import ModelConfig, build_model, get_config, load_pretrained  # noqa: E402
-from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint  # noqa: E402
-from deformable_detr.huggingface import config_from_huggingface, state_dict_from_huggingface  # noqa: E402
+from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
+from deformable_detr.cli import main  # noqa: E402
+from deformable_detr.data import inference_transforms  # noqa: E402
+from deformable_detr.huggingface import (  # noqa: E402
+    config_from_huggingface,
+    save_huggingface,
+    state_dict_from_huggingface,
+)
 
 # Small transformer (d_model 128, 2 + 3 layers, 30 queries) on a random timm ResNet-50, so a
 # forward pass takes well under a second; everything else is the published structure.
@@ -433,3 +440,89 @@ def test_num_batches_tracked_is_dropped(small_base):
     extra = {"model.backbone.model.layer2.0.downsample.1.num_batches_tracked": torch.tensor(5)}
     converted = state_dict_from_huggingface({**state_dict, **extra}, config)
     assert_identical(converted, state_dict_from_huggingface(state_dict, config))
+
+
+# --------------------------------------------------------------------------- writing
+
+# Ours, small, on a ResNet-18 (timm has the same one); the three published architectures.
+OURS_SMALL = dict(backbone="resnet18", num_classes=5, d_model=64, encoder_layers=2, decoder_layers=2,
+                  dim_feedforward=128, num_queries=20, dropout=0.0)  # fmt: skip
+ARCHITECTURES = {
+    "plain": {"with_box_refine": False},
+    "box_refine": {"with_box_refine": True},
+    "two_stage": {"with_box_refine": True, "two_stage": True},
+}
+NAMES = {1: "circle", 2: "square", 4: "triangle"}
+
+
+def build_ours(architecture: str) -> nn.Module:
+    model = build_model("tiny", **OURS_SMALL, **ARCHITECTURES[architecture])
+    randomise(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def written(request, tmp_path_factory) -> tuple[nn.Module, object]:
+    """(ours, its Hugging Face folder)."""
+    ours = build_ours(request.param)
+    folder = tmp_path_factory.mktemp(request.param) / "hf"
+    save_huggingface(folder, ours, class_names=NAMES, image_size=96)
+    return ours, folder
+
+
+def test_transformers_loads_the_folder_with_the_same_outputs(written):
+    ours, folder = written
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    loaded, info = transformers.DeformableDetrForObjectDetection.from_pretrained(folder, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    case = Case(loaded.eval())
+    assert case.config == ours.config  # the config reads back to ours
+    case.assert_same_outputs(ours)
+    assert loaded.config.id2label == {0: "LABEL_0", 1: "circle", 2: "square", 3: "LABEL_3", 4: "triangle"}
+
+
+def test_ours_to_transformers_to_ours_is_bit_for_bit(written, tmp_path):
+    ours, folder = written
+    transformers.DeformableDetrForObjectDetection.from_pretrained(folder).save_pretrained(tmp_path)
+    back = read_checkpoint(tmp_path)
+    assert back.config == ours.config
+    assert_identical(back.state_dict, ours.state_dict())
+    assert {index: name for index, name in back.class_names.items() if not name.startswith("LABEL_")} == NAMES
+
+
+def test_the_object_detection_pipeline_runs_on_an_image(written):
+    ours, folder = written
+    detect = transformers.pipeline("object-detection", model=str(folder), device="cpu")
+    image = Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy())
+    detections = detect(image, threshold=0.0)
+    assert detections, "threshold 0 keeps every query's best class"
+    labels = transformers.AutoConfig.from_pretrained(folder).id2label.values()
+    for detection in detections:  # random weights: boxes anywhere (transformers does not clip them)
+        box = detection["box"]
+        assert detection["label"] in labels and 0 <= detection["score"] <= 1
+        assert box["xmin"] <= box["xmax"] and box["ymin"] <= box["ymax"]
+
+
+def test_preprocessor_resizes_as_validation_does(written):
+    _, folder = written
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    for width, height in [(300, 150), (150, 200)]:  # the longer side's limit, and the shorter side's size
+        pixels = processor(Image.new("RGB", (width, height)), return_tensors="pt")["pixel_values"]
+        ours = inference_transforms(96)(torch.zeros(3, height, width, dtype=torch.uint8))
+        assert pixels.shape[-2:] == ours.shape[-2:]
+
+
+def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_hold(tmp_path, capsys):
+    ours = build_ours("plain")
+    save_checkpoint(tmp_path / "ours.pt", ours, class_names=NAMES, image_size=96)
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "hf"), "--to", "huggingface"]) == 0
+    assert_identical(read_checkpoint(tmp_path / "hf").state_dict, ours.state_dict())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["id2label"]["4"] == "triangle"
+
+    mixed = build_model("tiny", **OURS_SMALL, two_stage=True, mixed_query_selection=True)
+    save_checkpoint(tmp_path / "mixed.pt", mixed)
+    assert main(["convert", str(tmp_path / "mixed.pt"), str(tmp_path / "mixed"), "--to", "huggingface"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == f"deformable-detr: error: {tmp_path / 'mixed.pt'}: mixed_query_selection (a learned content query " \
+                    "for two-stage) has no transformers equivalent"  # fmt: skip
+    assert not (tmp_path / "mixed").exists()

@@ -102,7 +102,12 @@ def _export(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoints import convert_checkpoint
+    from .huggingface import convert_to_huggingface
 
+    if args.to == "huggingface":
+        convert_to_huggingface(args.source, args.destination)
+        print(f"{args.destination}: config.json, model.safetensors and preprocessor_config.json for transformers")
+        return
     layout = convert_checkpoint(args.source, args.destination, layout=args.to)
     print(f"{args.destination}: written in the {layout} layout")
 
@@ -318,10 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--opset", type=int, help="ONNX opset, at least 18 (default: the exporter's)")
     export.set_defaults(run=_export)
 
-    convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference")
+    convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference "
+                                                  "or Hugging Face")
     convert.add_argument("source")
-    convert.add_argument("destination", help="ours: .safetensors (weights) or .pt; reference: .pth")
-    convert.add_argument("--to", choices=["ours", "reference"], help="default: ours, or reference when the source is ours")
+    convert.add_argument("destination", help="ours: .safetensors (weights) or .pt; reference: .pth; huggingface: a folder")
+    convert.add_argument("--to", choices=["ours", "reference", "huggingface"],
+                         help="default: ours, or reference when the source is ours")
     convert.set_defaults(run=_convert)
 
     synthesize = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format")

@@ -1,7 +1,11 @@
-"""Conversion from Hugging Face ``DeformableDetrForObjectDetection`` checkpoints to our model.
+"""Hugging Face ``DeformableDetrForObjectDetection`` checkpoints to our model and back, through one
+name table (``_NAMES``) read both ways.
 
-Pure functions, no I/O: :func:`config_from_huggingface` reads a parsed ``config.json`` and
+Reading is pure: :func:`config_from_huggingface` reads a parsed ``config.json`` and
 :func:`state_dict_from_huggingface` renames a state dict to the reference checkpoint names.
+Writing: :func:`config_to_huggingface` and :func:`state_dict_to_huggingface` are their inverses,
+and :func:`save_huggingface` writes the folder transformers' ``from_pretrained`` and
+``pipeline("object-detection")`` read (``convert --to huggingface``).
 
 Both transformers name layouts are accepted: the one written to files (``save_pretrained`` of
 v4 and v5 alike, and the released hub checkpoints) and the v5 in-memory ``model.state_dict()``
@@ -13,16 +17,37 @@ The backbone may be timm's ResNet (the released checkpoints) or transformers' ow
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import string
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import ModelConfig
+from .data import inference_transforms
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .files import atomic_write
+from .reference import PUBLISHED_IMAGE_SIZE
 
-__all__ = ["config_from_huggingface", "state_dict_from_huggingface"]
+if TYPE_CHECKING:
+    import os
+
+    from .model import DeformableDETR
+
+__all__ = [
+    "config_from_huggingface",
+    "config_to_huggingface",
+    "convert_to_huggingface",
+    "save_huggingface",
+    "state_dict_from_huggingface",
+    "state_dict_to_huggingface",
+]
 
 
 # --------------------------------------------------------------------------- config
@@ -188,72 +213,114 @@ def _hf_resnet_backbone(backbone_config: Mapping[str, Any], *, multi_scale: bool
 
 # --------------------------------------------------------------------------- state dict
 
-_Target = str | Callable[[re.Match[str]], str]
-
-# transformers' ResNet (backbone_config model_type "resnet"): stages 0..3 are torchvision's
-# layer1..4 and ``layer.i`` of a block is conv{i+1}/bn{i+1}.
+# transformers' ResNet (backbone_config model_type "resnet"), read only: stages 0..3 are
+# torchvision's layer1..4 and ``layer.i`` of a block is conv{i+1}/bn{i+1}.
 _HF_RESNET = r"model\.backbone\.(?:conv_encoder\.)?model\."
 _BODY = "backbone.0.body."
+_BLOCK = rf"{_HF_RESNET}encoder\.stages\.(?P<stage>\d+)\.layers\.(?P<block>\d+)\."
 
 
 def _stage_block(match: re.Match[str]) -> str:
     return f"{_BODY}layer{int(match['stage']) + 1}.{match['block']}"
 
 
-_BLOCK = rf"{_HF_RESNET}encoder\.stages\.(?P<stage>\d+)\.layers\.(?P<block>\d+)\."
-_ENCODER = r"model\.encoder\.layers\.(\d+)\."
-_DECODER = r"model\.decoder\.layers\.(\d+)\."
-_MLP = r"(?:mlp\.)?"  # v5 in-memory names put the feed-forward under ``mlp``
-
-# (HF key regex, reference name). First full match wins; \1 etc. are regex groups. A ":q", ":k"
-# or ":v" suffix marks a third of a fused nn.MultiheadAttention in_proj tensor (see _fuse_qkv).
-_RENAMES: list[tuple[str, _Target]] = [
-    # Backbone: timm's ResNet has torchvision's module names.
-    (r"model\.backbone\.(?:conv_encoder\.)?model\.((?:conv1|bn1|layer\d+)\..+)", rf"{_BODY}\1"),
-    (rf"{_HF_RESNET}embedder\.embedder\.convolution\.weight", f"{_BODY}conv1.weight"),
-    (rf"{_HF_RESNET}embedder\.embedder\.normalization\.(\w+)", rf"{_BODY}bn1.\1"),
-    (rf"{_BLOCK}shortcut\.convolution\.weight", lambda m: f"{_stage_block(m)}.downsample.0.weight"),
-    (rf"{_BLOCK}shortcut\.normalization\.(?P<p>\w+)", lambda m: f"{_stage_block(m)}.downsample.1.{m['p']}"),
-    (rf"{_BLOCK}layer\.(?P<i>\d)\.convolution\.weight", lambda m: f"{_stage_block(m)}.conv{int(m['i']) + 1}.weight"),
-    (
-        rf"{_BLOCK}layer\.(?P<i>\d)\.normalization\.(?P<p>\w+)",
-        lambda m: f"{_stage_block(m)}.bn{int(m['i']) + 1}.{m['p']}",
-    ),
-    # Learned position embedding (v4 under model.backbone, v5 under model); index 1 of the Joiner.
-    (r"model\.(?:backbone\.)?position_embedding\.row_embeddings\.weight", "backbone.1.row_embed.weight"),
-    (r"model\.(?:backbone\.)?position_embedding\.column_embeddings\.weight", "backbone.1.col_embed.weight"),
-    (r"model\.input_proj\.(.+)", r"input_proj.\1"),
-    (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
-    (r"model\.(level_embed|(?:reference_points|enc_output(?:_norm)?|pos_trans(?:_norm)?)\..+)", r"transformer.\1"),
-    # Encoder layers.
-    (rf"{_ENCODER}self_attn\.(.+)", r"transformer.encoder.layers.\1.self_attn.\2"),
-    (rf"{_ENCODER}self_attn_layer_norm\.(.+)", r"transformer.encoder.layers.\1.norm1.\2"),
-    (rf"{_ENCODER}{_MLP}fc1\.(.+)", r"transformer.encoder.layers.\1.linear1.\2"),
-    (rf"{_ENCODER}{_MLP}fc2\.(.+)", r"transformer.encoder.layers.\1.linear2.\2"),
-    (rf"{_ENCODER}final_layer_norm\.(.+)", r"transformer.encoder.layers.\1.norm2.\2"),
-    # Decoder layers. q/k/v projections are fused into in_proj_* by _fuse_qkv.
-    (rf"{_DECODER}self_attn\.(?:out_proj|o_proj)\.(.+)", r"transformer.decoder.layers.\1.self_attn.out_proj.\2"),
-    (rf"{_DECODER}self_attn\.([qkv])_proj\.(weight|bias)", r"transformer.decoder.layers.\1.self_attn.in_proj_\3:\2"),
-    (rf"{_DECODER}self_attn_layer_norm\.(.+)", r"transformer.decoder.layers.\1.norm2.\2"),
-    (rf"{_DECODER}encoder_attn\.(.+)", r"transformer.decoder.layers.\1.cross_attn.\2"),
-    (rf"{_DECODER}encoder_attn_layer_norm\.(.+)", r"transformer.decoder.layers.\1.norm1.\2"),
-    (rf"{_DECODER}{_MLP}fc1\.(.+)", r"transformer.decoder.layers.\1.linear1.\2"),
-    (rf"{_DECODER}{_MLP}fc2\.(.+)", r"transformer.decoder.layers.\1.linear2.\2"),
-    (rf"{_DECODER}final_layer_norm\.(.+)", r"transformer.decoder.layers.\1.norm3.\2"),
-    # Prediction heads; the decoder's copies exist with box refinement / two-stage.
-    (r"model\.decoder\.((?:class|bbox)_embed\..+)", r"transformer.decoder.\1"),
-    (r"((?:class|bbox)_embed\..+)", r"\1"),
+_HF_RESNET_NAMES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+    (re.compile(pattern), target)
+    for pattern, target in [
+        (rf"{_HF_RESNET}embedder\.embedder\.convolution\.weight", lambda m: f"{_BODY}conv1.weight"),
+        (rf"{_HF_RESNET}embedder\.embedder\.normalization\.(?P<p>\w+)", lambda m: f"{_BODY}bn1.{m['p']}"),
+        (rf"{_BLOCK}shortcut\.convolution\.weight", lambda m: f"{_stage_block(m)}.downsample.0.weight"),
+        (rf"{_BLOCK}shortcut\.normalization\.(?P<p>\w+)", lambda m: f"{_stage_block(m)}.downsample.1.{m['p']}"),
+        (rf"{_BLOCK}layer\.(?P<i>\d)\.convolution\.weight", lambda m: f"{_stage_block(m)}.conv{int(m['i']) + 1}.weight"),
+        (rf"{_BLOCK}layer\.(?P<i>\d)\.normalization\.(?P<p>\w+)", lambda m: f"{_stage_block(m)}.bn{int(m['i']) + 1}.{m['p']}"),
+    ]
 ]
-_COMPILED = [(re.compile(pattern), target) for pattern, target in _RENAMES]
+
+# What each {placeholder} of the name table matches.
+_FIELDS = {
+    "body": r"(?:conv1|bn1|layer\d+)\..+",  # timm's ResNet has torchvision's module names
+    "own": r"level_embed|(?:reference_points|enc_output(?:_norm)?|pos_trans(?:_norm)?)\..+",
+    "head": r"class_embed|bbox_embed",
+    "layer": r"\d+",
+    "qkv": r"[qkv]",
+    "param": r"weight|bias",
+    "rest": r".+",
+}
+
+
+@dataclass(frozen=True)
+class _Name:
+    """One row of the table both ways: transformers' name as ``save_pretrained`` writes it (v4 and
+    v5 alike, the released hub files too), the reference name, and other spellings transformers
+    uses that are read too (v5's in-memory names). A ":q", ":k" or ":v" suffix marks a third of
+    a fused nn.MultiheadAttention in_proj tensor (see _fuse_qkv and _split_qkv)."""
+
+    huggingface: str
+    ours: str
+    also: tuple[str, ...] = ()
+
+
+_ENCODER = "model.encoder.layers.{layer}."
+_DECODER = "model.decoder.layers.{layer}."
+_OUR_ENCODER = "transformer.encoder.layers.{layer}."
+_OUR_DECODER = "transformer.decoder.layers.{layer}."
+_NAMES = [
+    _Name("model.backbone.conv_encoder.model.{body}", _BODY + "{body}", also=("model.backbone.model.{body}",)),
+    # Learned position embedding (v4 and files under model.backbone, v5 in memory under model).
+    _Name("model.backbone.position_embedding.row_embeddings.weight", "backbone.1.row_embed.weight",
+          also=("model.position_embedding.row_embeddings.weight",)),
+    _Name("model.backbone.position_embedding.column_embeddings.weight", "backbone.1.col_embed.weight",
+          also=("model.position_embedding.column_embeddings.weight",)),
+    _Name("model.input_proj.{rest}", "input_proj.{rest}"),
+    _Name("model.query_position_embeddings.weight", "query_embed.weight"),
+    _Name("model.{own}", "transformer.{own}"),
+    _Name(_ENCODER + "self_attn.{rest}", _OUR_ENCODER + "self_attn.{rest}"),
+    _Name(_ENCODER + "self_attn_layer_norm.{rest}", _OUR_ENCODER + "norm1.{rest}"),
+    _Name(_ENCODER + "fc1.{rest}", _OUR_ENCODER + "linear1.{rest}", also=(_ENCODER + "mlp.fc1.{rest}",)),
+    _Name(_ENCODER + "fc2.{rest}", _OUR_ENCODER + "linear2.{rest}", also=(_ENCODER + "mlp.fc2.{rest}",)),
+    _Name(_ENCODER + "final_layer_norm.{rest}", _OUR_ENCODER + "norm2.{rest}"),
+    _Name(_DECODER + "self_attn.out_proj.{rest}", _OUR_DECODER + "self_attn.out_proj.{rest}",
+          also=(_DECODER + "self_attn.o_proj.{rest}",)),
+    _Name(_DECODER + "self_attn.{qkv}_proj.{param}", _OUR_DECODER + "self_attn.in_proj_{param}:{qkv}"),
+    _Name(_DECODER + "self_attn_layer_norm.{rest}", _OUR_DECODER + "norm2.{rest}"),
+    _Name(_DECODER + "encoder_attn.{rest}", _OUR_DECODER + "cross_attn.{rest}"),
+    _Name(_DECODER + "encoder_attn_layer_norm.{rest}", _OUR_DECODER + "norm1.{rest}"),
+    _Name(_DECODER + "fc1.{rest}", _OUR_DECODER + "linear1.{rest}", also=(_DECODER + "mlp.fc1.{rest}",)),
+    _Name(_DECODER + "fc2.{rest}", _OUR_DECODER + "linear2.{rest}", also=(_DECODER + "mlp.fc2.{rest}",)),
+    _Name(_DECODER + "final_layer_norm.{rest}", _OUR_DECODER + "norm3.{rest}"),
+    # Prediction heads; the decoder's copies exist with box refinement / two-stage.
+    _Name("model.decoder.{head}.{rest}", "transformer.decoder.{head}.{rest}"),
+    _Name("{head}.{rest}", "{head}.{rest}"),
+]  # fmt: skip
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """The regex of a name template: literal text, and a named group per {placeholder}."""
+    parts = [re.escape(literal) + (f"(?P<{field}>{_FIELDS[field]})" if field else "")
+             for literal, field, _, _ in string.Formatter().parse(template)]  # fmt: skip
+    return re.compile("".join(parts))
+
+
+# (pattern, the template a match is written into), each way; first full match wins.
+_FROM_HF = [(_pattern(source), name.ours) for name in _NAMES for source in (name.huggingface, *name.also)]
+_TO_HF = [(_pattern(name.ours), name.huggingface) for name in _NAMES]
 _QKV = "qkv"  # nn.MultiheadAttention's in_proj order
 
 
-def _rename(key: str) -> str | None:
-    for pattern, target in _COMPILED:
+def _translate(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, template in table:
         match = pattern.fullmatch(key)
         if match:
-            return target(match) if callable(target) else match.expand(target)
+            return template.format(**match.groupdict())
     return None
+
+
+def _rename(key: str) -> str | None:
+    for pattern, target in _HF_RESNET_NAMES:
+        match = pattern.fullmatch(key)
+        if match:
+            return target(match)
+    return _translate(key, _FROM_HF)
 
 
 def state_dict_from_huggingface(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -379,3 +446,134 @@ def _tied_to_first(name: str, config: ModelConfig) -> str | None:
     head = match[1]
     owned_by_decoder = config.two_stage if head == "class_embed" else config.with_box_refine
     return None if owned_by_decoder else f"{head}.0.{match[3]}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def config_to_huggingface(config: ModelConfig, *, class_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """The ``config.json`` transformers builds ``config``'s model from (:func:`config_from_huggingface`
+    reads it back to ``config``, less the training-only settings), ``id2label`` from ``class_names``
+    (transformers' ``LABEL_<id>`` for ids without a name)."""
+    _require_published(config)
+    labels = {index: (class_names or {}).get(index, f"LABEL_{index}") for index in range(config.num_classes)}
+    return {
+        "architectures": ["DeformableDetrForObjectDetection"],
+        "model_type": "deformable_detr",
+        # A timm ResNet in the form of transformers v4, which v4 and v5 both read (the released
+        # hub configs have it); the weights come with the folder.
+        "use_timm_backbone": True,
+        "backbone": config.backbone,
+        "use_pretrained_backbone": False,
+        "dilation": config.dilation,
+        "num_channels": 3,
+        "num_feature_levels": config.num_feature_levels,
+        "position_embedding_type": config.position_embedding,
+        "d_model": config.d_model,
+        "encoder_layers": config.encoder_layers,
+        "decoder_layers": config.decoder_layers,
+        "encoder_attention_heads": config.num_heads,
+        "decoder_attention_heads": config.num_heads,
+        "encoder_ffn_dim": config.dim_feedforward,
+        "decoder_ffn_dim": config.dim_feedforward,
+        "encoder_n_points": config.encoder_points,
+        "decoder_n_points": config.decoder_points,
+        "activation_function": "relu",
+        "dropout": config.dropout,
+        "num_queries": config.num_queries,
+        "two_stage_num_proposals": config.num_queries,
+        "with_box_refine": config.with_box_refine,
+        "two_stage": config.two_stage,
+        # Every head keeps its own tensors, as in the reference: transformers would otherwise tie a
+        # box-refining model's class heads into one (and save_pretrained would write one).
+        "tie_word_embeddings": False,
+        "id2label": {str(index): name for index, name in labels.items()},
+        "label2id": {name: index for index, name in labels.items()},
+    }
+
+
+def state_dict_to_huggingface(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Our inference state dict (reference names, no training-only tensors) in the names and
+    layout ``save_pretrained`` writes for :func:`config_to_huggingface`'s config: every tensor its
+    own copy, the decoder's self-attention projections split into q, k and v.
+
+    Raises ``ValueError`` naming an entry transformers has no place for.
+    """
+    _require_published(config)
+    # transformers' decoder holds copies of the heads only where it uses them itself.
+    decoder_owns = {"bbox_embed": config.with_box_refine, "class_embed": config.two_stage}
+    result: dict[str, Tensor] = {}
+    for name, tensor in state_dict.items():
+        head = re.match(r"transformer\.decoder\.(class_embed|bbox_embed)\.", name)
+        if head and not decoder_owns[head[1]]:
+            continue
+        parts = _split_qkv(name, tensor) if ".self_attn.in_proj_" in name else {name: tensor}
+        for key, part in parts.items():
+            huggingface_name = _translate(key, _TO_HF)
+            if huggingface_name is None:
+                raise ValueError(f"{name} has no place in transformers' DeformableDetrForObjectDetection")
+            # safetensors refuses tensors that share memory, or are not contiguous.
+            result[huggingface_name] = part.clone(memory_format=torch.contiguous_format)
+    return result
+
+
+def _split_qkv(name: str, tensor: Tensor) -> dict[str, Tensor]:
+    """An nn.MultiheadAttention in_proj tensor as its q, k and v thirds (the inverse of _fuse_qkv)."""
+    return {f"{name}:{part}": third for part, third in zip(_QKV, tensor.chunk(len(_QKV)))}
+
+
+def _require_published(config: ModelConfig) -> None:
+    if config.mixed_query_selection:
+        raise ValueError("mixed_query_selection (a learned content query for two-stage) has no transformers equivalent")
+    if config.backbone not in _TIMM_RESNETS:
+        raise ValueError(f"backbone {config.backbone} has no timm equivalent: expected one of {', '.join(sorted(_TIMM_RESNETS))}")
+
+
+def preprocessor_config(image_size: int) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` of transformers' image processor that resizes and
+    normalises as validation does (:func:`~deformable_detr.data.inference_transforms`)."""
+    resize = inference_transforms(image_size).transforms[0]
+    return {
+        "image_processor_type": "DeformableDetrImageProcessor",
+        "format": "coco_detection",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size, "longest_edge": resize.max_size},
+        "resample": 2,  # bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_annotations": True,
+        "do_pad": True,
+    }
+
+
+def save_huggingface(
+    folder: str | os.PathLike, model: DeformableDETR, *, class_names: Mapping[int, str] | None = None,
+    image_size: int = PUBLISHED_IMAGE_SIZE,
+) -> None:
+    """Write ``model`` as the folder transformers' ``save_pretrained`` writes (``config.json``,
+    ``model.safetensors``) and ``preprocessor_config.json`` for inputs resized to ``image_size``,
+    each file atomically, the config last."""
+    folder = Path(folder)
+    tensors = state_dict_to_huggingface(model.inference_state_dict(), model.config)
+    with atomic_write(folder / "model.safetensors") as temporary:
+        save_file(tensors, temporary, metadata={"format": "pt"})
+    for name, content in [("preprocessor_config.json", preprocessor_config(image_size)),
+                          ("config.json", config_to_huggingface(model.config, class_names=class_names))]:  # fmt: skip
+        with atomic_write(folder / name) as temporary:
+            temporary.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def convert_to_huggingface(source: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Write any checkpoint :func:`~deformable_detr.checkpoints.read_checkpoint` reads as a Hugging
+    Face folder (:func:`save_huggingface`), with its class names and the image size it was trained for."""
+    from .checkpoints import read_checkpoint  # deferred: checkpoints reads through this module
+
+    checkpoint = read_checkpoint(source)
+    try:
+        save_huggingface(folder, checkpoint.build_model(), class_names=checkpoint.class_names,
+                         image_size=checkpoint.input_size)  # fmt: skip
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None

@@ -13,9 +13,8 @@ The checkpoint goes to ``--folder`` (default: a temporary folder) through the pa
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,22 +30,14 @@ from deformable_detr.train.checkpointing import save_training_checkpoint
 from deformable_detr.train.engine import EpochProgress
 from deformable_detr.train.logger import Logger
 
+from model import median_times  # benchmarks/model.py
+
 # (preset, overrides, classes): the demo's model, and r50 as fine-tuned from ImageNet weights on COCO
 # (frozen batch norm, the stem and layer1 frozen: they have no optimiser state).
 MODELS = {"demo (tiny)": ("tiny", {**DEMO, "denoising_groups": 5, "mixed_query_selection": True}, 6),
           "r50": ("r50", {}, 91)}
 EVERY = (100, 500)  # --checkpoint-every values reported
 MINUTES = (10, 30)  # --checkpoint-minutes values reported
-
-
-def median_time(function: Callable[[], None], repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def trained_state(preset: str, overrides: dict, classes: int):
@@ -65,8 +56,9 @@ def trained_state(preset: str, overrides: dict, classes: int):
     return model, optimizer, build_lr_scheduler(optimizer, updates_per_epoch=1000)
 
 
-def checkpoint_costs(name: str, folder: Path, repeats: int) -> tuple[float, float, float]:
-    """(megabytes, write seconds, read seconds) of the checkpoint of model ``name``."""
+def checkpoint_costs(name: str, folder: Path, repeats: int, **contenders: Callable[[], None]) -> dict[str, float]:
+    """Seconds to write and to read the checkpoint of model ``name``, and of ``contenders``, interleaved
+    (so that all see the same machine), and the checkpoint's megabytes."""
     preset, overrides, classes = MODELS[name]
     model, optimizer, scheduler = trained_state(preset, overrides, classes)
     path = folder / "checkpoint.pt"
@@ -77,32 +69,31 @@ def checkpoint_costs(name: str, folder: Path, repeats: int) -> tuple[float, floa
                                  optimizer=optimizer, scheduler=scheduler, epoch=3,
                                  progress=EpochProgress(batches=100, images=200, seconds=60.0, lr=2e-4), best={})
 
-    write_seconds = median_time(write, repeats)
-    read_seconds = median_time(lambda: read_checkpoint(path), repeats)
-    return path.stat().st_size / 1e6, write_seconds, read_seconds
+    write()
+    times = median_times({"write": write, "read": lambda: read_checkpoint(path), **contenders}, repeats)
+    return {**times, "megabytes": path.stat().st_size / 1e6}
 
 
-def demo_step_seconds(repeats: int) -> float:
+def demo_step() -> Callable[[], None]:
+    """One training step of the demo's model on a batch of the demo's data, in float32."""
     preset, overrides, _ = MODELS["demo (tiny)"]
     images, padding_mask, targets, classes = demo_batch(8, 192)
     model = build_model(preset, num_classes=classes, **overrides).train()
     criterion, optimizer = SetCriterion(iou_aware=True), build_optimizer(model, lr=5e-4, lr_backbone=5e-4)
-    return median_time(lambda: train_step(model, criterion, optimizer, images, padding_mask, targets), repeats)
+    return lambda: train_step(model, criterion, optimizer, images, padding_mask, targets)
 
 
-def bookkeeping_seconds(folder: Path, repeats: int) -> float:
-    """An update's log line (steps.jsonl and TensorBoard) and the seeding of its random draws."""
+def bookkeeping(folder: Path) -> tuple[Callable[[], None], Logger]:
+    """100 updates' log lines (steps.jsonl and TensorBoard) and seedings of their random draws."""
     logger = Logger(folder)
     record = {"epoch": 0, "batch": 1, "lr": 2e-4, "loss": 20.0, "loss_ce": 1.0, "loss_bbox": 0.5, "loss_giou": 0.5}
 
-    def update() -> None:
-        torch.manual_seed(derived_seed(TRAINING_STEP, 42, 3, 100, 0))
-        logger.log_update(record, 1)
+    def updates() -> None:
+        for update in range(100):
+            torch.manual_seed(derived_seed(TRAINING_STEP, 42, 3, update, 0))
+            logger.log_update(record, update)
 
-    try:
-        return median_time(lambda: [update() for _ in range(100)], repeats) / 100
-    finally:
-        logger.close()
+    return updates, logger
 
 
 def main() -> None:
@@ -115,17 +106,22 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         folder = Path(folder)
-        print(f"{machine_summary()}; median of {args.repeats}; written to {folder}")
-        step = demo_step_seconds(args.repeats)
-        print(f"\ndemo training step (8 x 192 px, float32): {step:.3f} s; the bookkeeping of an update: "
-              f"{bookkeeping_seconds(folder, args.repeats) * 1e6:.0f} us")
+        print(f"{machine_summary()}; median of {args.repeats}; written to {folder}; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        updates, logger = bookkeeping(folder)
+        demo = checkpoint_costs("demo (tiny)", folder, args.repeats, step=demo_step(), updates=updates)
+        logger.close()
+        step = demo["step"]
+        print(f"\ndemo training step (8 x 192 px, float32): {step:.3f} s; "
+              f"the bookkeeping of an update: {demo['updates'] * 1e4:.0f} us ({demo['updates'] / 100 / step:.3%})")
         print(f"\n{'model':12s} {'checkpoint':>10s} {'write':>8s} {'read':>8s}   share of training time")
-        for name in MODELS:
-            megabytes, write, read = checkpoint_costs(name, folder, args.repeats)
+        for name, costs in (("demo (tiny)", demo), ("r50", checkpoint_costs("r50", folder, args.repeats))):
+            write = costs["write"]
             shares = [f"every {minutes} min: {write / (minutes * 60):.2%}" for minutes in MINUTES]
             if name.startswith("demo"):
-                shares += [f"every {every} demo steps: {write / (every * step):.2%}" for every in EVERY]
-            print(f"{name:12s} {megabytes:7.0f} MB {write:6.2f} s {read:6.2f} s   {'; '.join(shares)}")
+                shares += [f"every {every} steps: {write / (every * step):.2%}" for every in EVERY]
+            print(f"{name:12s} {costs['megabytes']:7.0f} MB {write:6.2f} s {costs['read']:6.2f} s   {'; '.join(shares)}")
+        print(f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -245,8 +245,9 @@ INTERPRETED: bool = isinstance(_forward_kernel, InterpretedFunction)
 """Whether the kernels run in Triton's interpreter (the process started with TRITON_INTERPRET=1)."""
 
 TUNED: bool = not INTERPRETED
-"""Whether a launch without a configuration is tuned; the interpreter runs the default, since
-timing it would mean nothing."""
+"""Whether a launch without a configuration is tuned. The interpreter's timings would mean
+nothing: it runs the configuration of the most queries a program, its fastest (it computes a
+program's whole tile at once, with numpy)."""
 
 # Tuned once per process and key: the head width, levels and points, the inputs' dtypes (the
 # autotuner adds those) and the amount of work (``work``), so that the encoder's tens of thousands
@@ -293,7 +294,7 @@ def _launch(
         return triton.cdiv(queries, meta["BLOCK_Q"]), batch * heads, triton.cdiv(channels, block_d)
 
     if config is None and not TUNED:
-        config = configs_for(channels, value.dtype)[0]
+        config = max(configs_for(channels, value.dtype), key=lambda config: config.kwargs["BLOCK_Q"])
     if config is None:
         kernel[grid](*arguments, **meta)
     else:

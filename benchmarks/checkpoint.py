@@ -90,7 +90,7 @@ def bookkeeping(folder: Path) -> tuple[Callable[[], None], Logger]:
 
     def updates() -> None:
         for update in range(100):
-            torch.manual_seed(derived_seed(TRAINING_STEP, 42, 3, update, 0))
+            torch.default_generator.manual_seed(derived_seed(TRAINING_STEP, 42, 3, update, 0))  # as engine does
             logger.log_update(record, update)
 
     return updates, logger

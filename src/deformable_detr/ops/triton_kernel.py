@@ -59,6 +59,12 @@ def channel_block(channels: int, dtype: torch.dtype) -> int:
     return min(triton.next_power_of_2(channels), limit // _registers(dtype))
 
 
+def splits_channels(channels: int, dtype: torch.dtype) -> bool:
+    """Whether a head's channels span several programs: then each adds its share of the location
+    and weight gradients (the backward's ``SUMMED``)."""
+    return channels > channel_block(channels, dtype)
+
+
 def elements_per_thread(channels: int, dtype: torch.dtype) -> int:
     """The largest tile (queries x channels) a thread may hold: what leaves ptxas room to keep
     every configuration free of spills on sm_80, sm_90 and sm_100 (``triton_resources`` checks it)."""
@@ -318,7 +324,7 @@ def backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_s
     # Gradients summed atomically are summed in float32 (float64 for float64 inputs): half-precision
     # atomics would round every one of the many additions into a pixel.
     accumulation = torch.float64 if value.dtype == torch.float64 else torch.float32
-    summed = value.shape[-1] > channel_block(value.shape[-1], value.dtype)
+    summed = splits_channels(value.shape[-1], value.dtype)
     grad_value = torch.zeros(value.shape, dtype=accumulation, device=value.device)
     grad_locations, grad_weights = (
         tensor.new_zeros(tensor.shape, dtype=accumulation) if summed else tensor.new_empty(tensor.shape)

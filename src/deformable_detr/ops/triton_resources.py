@@ -85,7 +85,7 @@ def _arguments(kernel: str, dtype: torch.dtype, head_width: int) -> list:
         pointers.append(data)  # output
     else:
         accumulation = MockTensor(torch.float64 if dtype == torch.float64 else torch.float32)
-        summed = head_width > triton_kernel.channel_block(head_width, dtype)
+        summed = triton_kernel.splits_channels(head_width, dtype)
         sample_gradients = accumulation if summed else data
         pointers += [data, accumulation, sample_gradients, sample_gradients]  # grad output, value, locations, weights
     work = (2 * QUERIES * HEADS).bit_length()
@@ -104,7 +104,7 @@ def compile_kernel(
         **config.all_kwargs(),
     )
     if kernel == "backward":
-        meta["SUMMED"] = head_width > meta["BLOCK_D"]
+        meta["SUMMED"] = triton_kernel.splits_channels(head_width, dtype)
     backend = make_backend(TARGETS[target])
     # The JIT's own binder and packing (private to Triton 3.8, which torch 2.14.1 pins): the same
     # signature, constants and alignment attributes as a launch with these arguments.

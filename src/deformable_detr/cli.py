@@ -102,12 +102,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoints import convert_checkpoint
-    from .huggingface import convert_to_huggingface
 
-    if args.to == "huggingface":
-        convert_to_huggingface(args.source, args.destination)
-        print(f"{args.destination}: config.json, model.safetensors and preprocessor_config.json for transformers")
-        return
     layout = convert_checkpoint(args.source, args.destination, layout=args.to)
     print(f"{args.destination}: written in the {layout} layout")
 
@@ -267,8 +262,10 @@ def _keyword_defaults(function: Callable[..., Any]) -> dict[str, Any]:
     return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.kind == p.KEYWORD_ONLY}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR object detection.")
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its flags: what `main` parses, and what the docs' commands are checked against."""
+    parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR object detection.",
+                                     epilog="Guides for each command: docs/README.md in the repository.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, processor, kernels and precision: paste it into bug reports").set_defaults(run=_info)
@@ -366,7 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data").set_defaults(run=_demo)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         status = args.run(args)

@@ -211,7 +211,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", dest="dtype", action="store_const", const=torch.bfloat16,
                         help="compute in bfloat16 autocast, post-process in float32: about twice as fast where the "
-                             "hardware has it (AMX or AVX512-BF16 CPUs, Ampere+ GPUs); its AP cost is in the README")
+                             "hardware has it (AMX or AVX512-BF16 CPUs, Ampere+ GPUs); its AP cost: docs/performance.md")
 
 
 def _add_format_argument(parser: argparse.ArgumentParser) -> None:
@@ -265,17 +265,20 @@ def _keyword_defaults(function: Callable[..., Any]) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     """Every command and its flags: what `main` parses, and what the docs' commands are checked against."""
     parser = argparse.ArgumentParser(prog="deformable-detr", description="Deformable DETR object detection.",
-                                     epilog="Guides for each command: docs/README.md in the repository.")
+                                     epilog="Guides: README.md and docs/ in the repository.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, processor, kernels and precision: paste it into bug reports").set_defaults(run=_info)
+    commands.add_parser("info", help="versions, processor, kernels and precision: paste it into bug reports",
+                        epilog="What decides the kernels and the figures: docs/performance.md").set_defaults(run=_info)
     commands.add_parser("presets", help="list the model presets").set_defaults(run=_presets)
 
-    inspect = commands.add_parser("inspect", help="read a checkpoint (ours, reference or Hugging Face) and describe it")
+    inspect = commands.add_parser("inspect", help="read a checkpoint (ours, reference or Hugging Face) and describe it",
+                                  epilog="The checkpoint formats: docs/checkpoints.md")
     inspect.add_argument("checkpoint")
     inspect.set_defaults(run=_inspect)
 
-    detect = commands.add_parser("detect", help="detect objects in images; write annotated copies and COCO results")
+    detect = commands.add_parser("detect", help="detect objects in images; write annotated copies and COCO results",
+                                 epilog="Outputs, batches and padding, the Python Detector: docs/detect.md")
     detect.add_argument("checkpoint")
     detect.add_argument("inputs", nargs="+", help="image files and folders of images")
     detect.add_argument("--out", required=True, help="folder for the annotated images and detections.json")
@@ -286,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_argument(detect)
     detect.set_defaults(run=_detect, dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
 
-    explain = commands.add_parser("explain", help="draw where the model looks: sampling points and attention weights")
+    explain = commands.add_parser("explain", help="draw where the model looks: sampling points and attention weights",
+                                  epilog="What the picture shows: docs/explain.md")
     explain.add_argument("checkpoint")
     explain.add_argument("image")
     explain.add_argument("--out", required=True, help="picture to write (.png, .jpg)")
@@ -300,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_argument(explain)
     explain.set_defaults(run=_explain, dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
 
-    explorer = commands.add_parser("explore", help="an interactive page of where the model looks (one HTML file, no network)")
+    explorer = commands.add_parser("explore", help="an interactive page of where the model looks (one HTML file, no network)",
+                                   epilog="What the page shows, its size budget and security: docs/explore.md")
     explorer.add_argument("checkpoint")
     explorer.add_argument("images", nargs="+", metavar="image", help="image files; several get a picker")
     explorer.add_argument("--out", required=True, help="the page to write (.html)")
@@ -313,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     explorer.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
     explorer.set_defaults(run=_explore, **_keyword_defaults(explore))
 
-    export = commands.add_parser("export", help="export the inference forward (ONNX), dynamic batch and image size")
+    export = commands.add_parser("export", help="export the inference forward (ONNX), dynamic batch and image size",
+                                 epilog="The graph's inputs, outputs and limits: docs/export.md")
     export.add_argument("checkpoint")
     export.add_argument("--format", default="onnx", choices=["onnx"])
     export.add_argument("--out", required=True)
@@ -321,14 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference "
-                                                  "or Hugging Face")
+                                                  "or Hugging Face",
+                                      epilog="The formats and what survives each: docs/checkpoints.md; the transformers "
+                                             "folder: docs/export.md")
     convert.add_argument("source")
     convert.add_argument("destination", help="ours: .safetensors (weights) or .pt; reference: .pth; huggingface: a folder")
     convert.add_argument("--to", choices=["ours", "reference", "huggingface"],
                          help="default: ours, or reference when the source is ours")
     convert.set_defaults(run=_convert)
 
-    synthesize = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format")
+    synthesize = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format",
+                                     epilog="A first run on it: docs/training.md")
     synthesize.add_argument("out")
     synthesize.add_argument("--train", type=int, default=800)
     synthesize.add_argument("--val", type=int, default=100)
@@ -338,13 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(run=_synthesize)
 
-    train = commands.add_parser("train", help="train on a COCO, Pascal VOC or YOLO data set")
+    train = commands.add_parser("train", help="train on a COCO, Pascal VOC or YOLO data set",
+                                epilog="Data formats, the recipe, torchrun: docs/training.md; stopping and resuming: "
+                                       "docs/preemption.md; the training-only options: docs/training-options.md")
     _add_training_arguments(train)
     _add_format_argument(train)
     _add_model_arguments(train)
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("evaluate", help="COCO AP of a checkpoint on a data set")
+    evaluate = commands.add_parser("evaluate", help="COCO AP of a checkpoint on a data set",
+                                   epilog="Data formats and torchrun: docs/training.md")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set")
     _add_format_argument(evaluate)
@@ -355,13 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_argument(evaluate)
     evaluate.set_defaults(run=_evaluate, **_keyword_defaults(evaluate_checkpoint))
 
-    check = commands.add_parser("check-data", help="what a data set holds and every problem in it, one line each")
+    check = commands.add_parser("check-data", help="what a data set holds and every problem in it, one line each",
+                                epilog="The formats and the problems it finds: docs/training.md")
     check.add_argument("data", help="a COCO, Pascal VOC or YOLO data set")
     _add_format_argument(check)
     check.add_argument("--split", action="append", help="a split to check (repeatable; default: all)")
     check.set_defaults(run=_check_data)
 
-    commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data").set_defaults(run=_demo)
+    commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data",
+                        epilog="What it trains, its measured curve and how it was tuned: docs/demo.md").set_defaults(run=_demo)
 
     return parser
 

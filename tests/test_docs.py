@@ -139,11 +139,14 @@ def parse_error(argv: list[str]) -> str | None:
     return None
 
 
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def unknown_flags(argv: list[str]) -> list[str]:
     """For a command with elided arguments (``train ... --resume``): its subcommand if unknown, and
     every flag its subcommand does not take."""
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    command = subparsers.choices.get(argv[0]) if argv else None
+    command = subcommands().get(argv[0]) if argv else None
     if command is None:
         return argv[:1] or ["(no command)"]
     flags = (token.partition("=")[0] for token in argv[1:] if token.startswith("-"))
@@ -180,6 +183,13 @@ def test_readme_commands_parse() -> None:
     assert {"detect", "check-data", "train", "evaluate", "inspect", "convert"} <= {argv[0] for argv in commands}
     failures = [f"deformable-detr {shlex.join(argv)}: {error}" for argv in commands if (error := parse_error(argv))]
     assert failures == []
+
+
+def test_readme_lists_every_command() -> None:
+    listed = re.findall(r"^\| `deformable-detr ([\w-]+)` \|", README.read_text(), flags=re.M)
+    commands = subcommands()
+    assert {"missing": sorted(set(commands) - set(listed)), "not commands": sorted(set(listed) - set(commands))} == {
+        "missing": [], "not commands": []}
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda page: page.name)

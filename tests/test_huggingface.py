@@ -516,8 +516,14 @@ def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_
     ours = build_ours("plain")
     save_checkpoint(tmp_path / "ours.pt", ours, class_names=NAMES, image_size=96)
     assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "hf"), "--to", "huggingface"]) == 0
-    assert_identical(read_checkpoint(tmp_path / "hf").state_dict, ours.state_dict())
+    back = read_checkpoint(tmp_path / "hf")
+    assert_identical(back.state_dict, ours.state_dict())
+    assert back.image_size == 96, "the image size travels in preprocessor_config.json"
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["id2label"]["4"] == "triangle"
+    (tmp_path / "hf" / "preprocessor_config.json").write_text('{"size": 640}')  # older processors' bare number
+    assert read_checkpoint(tmp_path / "hf").image_size == 640
+    (tmp_path / "hf" / "preprocessor_config.json").unlink()
+    assert read_checkpoint(tmp_path / "hf").image_size == 800, "without a processor: the published size"
 
     mixed = build_model("tiny", **OURS_SMALL, two_stage=True, mixed_query_selection=True)
     save_checkpoint(tmp_path / "mixed.pt", mixed)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .files import atomic_write
-from .huggingface import config_from_huggingface, state_dict_from_huggingface
+from .huggingface import config_from_huggingface, save_huggingface, state_dict_from_huggingface
 from .model import DeformableDETR, build_model
 from .reference import PUBLISHED_IMAGE_SIZE, config_from_reference, reference_payload, released_class_names
 
@@ -130,12 +130,18 @@ def load_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *, layout: str | None = None) -> str:
-    """Rewrite any checkpoint :func:`read_checkpoint` reads as ours (``layout="ours"``) or in the
-    reference layout (``"reference"``); returns the layout written.
+    """Rewrite any checkpoint :func:`read_checkpoint` reads as ours (``layout="ours"``), in the
+    reference layout (``"reference"``) or as a Hugging Face folder (``"huggingface"``: the files
+    transformers' ``save_pretrained`` writes, see :func:`~deformable_detr.huggingface.save_huggingface`);
+    returns the layout written.
 
     By default the reference and Hugging Face formats become ours, and ours becomes the
-    reference layout. Ours keeps class names and image size; with a ``.safetensors`` destination
-    it holds the weights only, without training state.
+    reference layout. Ours and Hugging Face folders keep the class names and image size; ours with
+    a ``.safetensors`` destination holds the weights only, without training state.
+
+    Raises:
+        CheckpointError: the source cannot be read, or the layout cannot hold its model (a
+            training option transformers has no equivalent for, say).
     """
     checkpoint = read_checkpoint(source)
     model = checkpoint.build_model()
@@ -144,8 +150,13 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         save_reference_checkpoint(destination, model)
     elif layout == "ours":
         save_checkpoint(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.image_size)
+    elif layout == "huggingface":
+        try:
+            save_huggingface(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.input_size)
+        except ValueError as error:
+            raise CheckpointError(f"{source}: {error}") from None
     else:
-        raise ValueError(f"unknown checkpoint layout {layout!r}; choose 'ours' or 'reference'")
+        raise ValueError(f"unknown checkpoint layout {layout!r}; choose 'ours', 'reference' or 'huggingface'")
     return layout
 
 
@@ -191,14 +202,27 @@ def _read_huggingface(folder: Path, path: Path) -> Checkpoint:
     weights = path if path.name in HF_WEIGHT_FILES else next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: config.json found but no {' or '.join(HF_WEIGHT_FILES)} beside it")
-    try:
-        hf_config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{folder / 'config.json'}: not readable JSON ({error})") from None
+    hf_config = _read_json(folder / "config.json")
     config = config_from_huggingface(hf_config)
     state_dict = _load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
     return Checkpoint(path, config, state_dict_from_huggingface(state_dict, config), "huggingface",
-                      class_names=_huggingface_class_names(hf_config), image_size=PUBLISHED_IMAGE_SIZE)
+                      class_names=_huggingface_class_names(hf_config), image_size=_huggingface_image_size(folder))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not readable JSON ({error})") from None
+
+
+def _huggingface_image_size(folder: Path) -> int:
+    """The shorter side the folder's image processor resizes to: the size the model was trained at."""
+    processor = folder / "preprocessor_config.json"
+    size = _read_json(processor).get("size") if processor.is_file() else None
+    # Older processors wrote the shorter side as a bare number.
+    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) else size
+    return shortest_edge if isinstance(shortest_edge, int) else PUBLISHED_IMAGE_SIZE
 
 
 def _huggingface_class_names(hf_config: Mapping[str, Any]) -> dict[int, str] | None:

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = [
     "config_from_huggingface",
     "config_to_huggingface",
-    "convert_to_huggingface",
     "save_huggingface",
     "state_dict_from_huggingface",
     "state_dict_to_huggingface",
@@ -564,16 +563,3 @@ def save_huggingface(
                           ("config.json", config_to_huggingface(model.config, class_names=class_names))]:  # fmt: skip
         with atomic_write(folder / name) as temporary:
             temporary.write_text(json.dumps(content, indent=2) + "\n")
-
-
-def convert_to_huggingface(source: str | os.PathLike, folder: str | os.PathLike) -> None:
-    """Write any checkpoint :func:`~deformable_detr.checkpoints.read_checkpoint` reads as a Hugging
-    Face folder (:func:`save_huggingface`), with its class names and the image size it was trained for."""
-    from .checkpoints import read_checkpoint  # deferred: checkpoints reads through this module
-
-    checkpoint = read_checkpoint(source)
-    try:
-        save_huggingface(folder, checkpoint.build_model(), class_names=checkpoint.class_names,
-                         image_size=checkpoint.input_size)  # fmt: skip
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None

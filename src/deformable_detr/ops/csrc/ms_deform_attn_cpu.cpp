@@ -107,15 +107,18 @@ struct Kernels {
                       int64_t runtime_channels, int64_t queries, int64_t samples) {
     const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
     const int64_t row_stride = heads * channels;
-    // One task per (batch, query, head) row owns its output: no synchronisation needed. The heads
-    // of a query, adjacent in memory, run one after another.
-    at::parallel_for(0, batch * queries * heads, 64, [&](int64_t begin, int64_t end) {
+    // One task per (batch, query, head) row owns its output: no synchronisation needed. Tasks run
+    // head by head, not query by query, so that a thread gathers from one head's slice of one
+    // image's values (S x D: 2.3 MB at COCO scale in float32) rather than from all of them at
+    // once (18 MB an image): what the threads read together then stays in cache.
+    at::parallel_for(0, batch * heads * queries, 64, [&](int64_t begin, int64_t end) {
       Corners<acc_t> corners(samples);
       std::vector<acc_t> runtime_accumulator(kChannels > 0 ? 0 : channels);
       acc_t fixed_accumulator[kChannels > 0 ? kChannels : 1];
       acc_t* __restrict__ accumulator = kChannels > 0 ? fixed_accumulator : runtime_accumulator.data();
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / (queries * heads), head = row % heads;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / (heads * queries), head = task / queries % heads, query = task % queries;
+        const int64_t row = (n * queries + query) * heads + head;
         const scalar_t* head_values = value + (n * num_values * heads + head) * channels;
         const scalar_t* row_weights = weights + row * samples;
         corners.compute(locations + row * samples * 2, sample_levels);
@@ -142,9 +145,11 @@ struct Kernels {
                        scalar_t* grad_weights, int64_t batch, int64_t num_values, int64_t heads, int64_t runtime_channels,
                        int64_t queries, int64_t samples) {
     const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
-    const int64_t row_stride = heads * channels;
     // One task per (batch, head): it alone writes that slice of grad_value, so the scattered
-    // accumulation is race-free without atomics; per-sample gradients belong to their row.
+    // accumulation is race-free without atomics; per-sample gradients belong to their row. value
+    // and grad_value come head-major, (N, M, S, D): with the model's (N, S, M, D) a head's rows lie
+    // M * D apart (1 kB at D = 32, M = 8), which maps them onto an eighth of the cache's sets.
+    const int64_t row_stride = channels;
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       Corners<acc_t> corners(samples);
       std::vector<acc_t> runtime_grad(kChannels > 0 ? 0 : channels);
@@ -152,7 +157,7 @@ struct Kernels {
       acc_t* __restrict__ grad_row = kChannels > 0 ? fixed_grad : runtime_grad.data();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / heads, head = task % heads;
-        const int64_t head_offset = (n * num_values * heads + head) * channels;
+        const int64_t head_offset = (n * heads + head) * num_values * channels;
         for (int64_t query = 0; query < queries; ++query) {
           const int64_t row = (n * queries + query) * heads + head;  // (n, query, head)
           const scalar_t* grad_out = grad_output + row * channels;
@@ -275,7 +280,8 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
   const auto dtype = in.value.scalar_type();
   // Low-precision gradients of value accumulate in float, then round once.
   const bool reduced_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
-  auto grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(reduced_precision ? at::kFloat : dtype));
+  const auto value_by_head = in.value.transpose(1, 2).contiguous();
+  auto grad_value = at::zeros(value_by_head.sizes(), in.value.options().dtype(reduced_precision ? at::kFloat : dtype));
   auto grad_locations = at::zeros(in.sampling_locations.sizes(), in.sampling_locations.options());
   auto grad_weights = at::zeros(in.attention_weights.sizes(), in.attention_weights.options());
   if (grad_output.numel() > 0 && in.levels * in.points > 0) {
@@ -284,14 +290,14 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
       using acc_t = at::opmath_type<scalar_t>;
       dispatch_channels(in.channels, [&](auto fixed) {
         Kernels<scalar_t, decltype(fixed)::value>::backward(
-            grad_output.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(), sample_levels,
+            grad_output.data_ptr<scalar_t>(), value_by_head.data_ptr<scalar_t>(), sample_levels,
             in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
             grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>(),
             in.batch, in.num_values, in.heads, in.channels, in.queries, in.levels * in.points);
       });
     });
   }
-  return {grad_value.to(dtype), grad_locations, grad_weights};
+  return {grad_value.transpose(1, 2).to(dtype, false, false, at::MemoryFormat::Contiguous), grad_locations, grad_weights};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -29,6 +29,9 @@ CASES = {
     "D=30": dict(shapes=[(6, 7), (3, 4), (2, 2)], channels=30, heads=3),
     "D=32": dict(shapes=[(8, 9), (4, 5), (2, 3), (1, 2)], channels=32, heads=2, points=4, queries=7),
     "D=71": dict(shapes=[(5, 5)], channels=71, heads=1),
+    # More samples than positions: the backward runs on head-major copies (as in the encoder; D=32
+    # too), where the other cases keep value's layout (as in the decoder).
+    "head-major D=30": dict(shapes=[(3, 4), (2, 2)], channels=30, heads=3, queries=12),
     "L=1 P=1": dict(shapes=[(9, 4)], points=1, channels=8),
     "batch 3": dict(shapes=[(4, 6), (2, 3)], batch=3, channels=4),
     "no queries": dict(shapes=[(4, 6), (2, 3)], queries=0, channels=4),

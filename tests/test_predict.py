@@ -105,7 +105,7 @@ def test_equal_sizes_are_batched_together_and_results_keep_the_input_order(detec
 
 def test_a_padded_batch_stays_close_to_one_by_one(detector, trained):
     # Padding changes the backbone's borders and the input projections' GroupNorm statistics, as in
-    # the reference implementation, so padded images score a little differently (README, Usage).
+    # the reference implementation, so padded images score a little differently (docs/detect.md#batches-and-padding).
     images = [Image.open(path).convert("RGB") for path in val_images(trained[1])]
     images[1] = images[1].crop((0, 0, 80, 96))
     images[2] = images[2].crop((0, 0, 96, 60))

@@ -40,7 +40,7 @@ class ModelConfig:
     two_stage: bool = False
     num_classes: int = 91
     # Training-only improvements from later DETRs, off in the published models. None of them
-    # changes the inference forward or the checkpoint (see README, Design).
+    # changes the inference forward or the checkpoint (docs/design.md#training-only-options-leave-the-published-model).
     # Look forward twice (DINO): layer i's box loss also trains layer i-1's box (refinement only).
     look_forward_twice: bool = False
     # Mixed query selection (DINO, two-stage only): proposals give the queries' positions, the content

@@ -18,7 +18,7 @@ from .train import TrainConfig, train
 from .visualize import save_image
 
 IMAGE_SIZE = 192
-# Ten epochs fit the demo's 10 training minutes on 2 cores (README, The demo); the learning rate
+# Ten epochs fit the demo's 10 training minutes on 2 cores (docs/demo.md); the learning rate
 # drops tenfold for the last one, the published step drop, compressed.
 EPOCHS = 10
 
@@ -52,7 +52,7 @@ def run_demo(
 
 def demo_config(data: str | Path, output_dir: str | Path, *, epochs: int = EPOCHS) -> TrainConfig:
     """The demo's training recipe on ``data``."""
-    # Each choice is measured in the README's demo section. From scratch the published lr (2e-4,
+    # Each choice is measured in docs/demo.md#how-it-was-tuned. From scratch the published lr (2e-4,
     # backbone 2e-5) is too timid for minutes of training. Two-stage queries (from the encoder's
     # proposals) learn faster than learned ones, and three training-only options faster still:
     # denoising queries (five groups of noised targets to restore), mixed query selection (one

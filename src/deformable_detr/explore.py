@@ -36,7 +36,7 @@ from .model import AttentionRecord, capture_attention, evaluating, pad_images
 from .predict import Detector, ImageInput, as_image_tensor
 from .visualize import head_colours, to_uint8
 
-# The page budget (README): above it, encoder queries are subsampled until the page fits.
+# The page budget (docs/explore.md#size): above it, encoder queries are subsampled until the page fits.
 MAX_BYTES = 15_000_000
 # The score slider's starting position.
 SCORE_THRESHOLD = 0.3

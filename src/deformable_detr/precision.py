@@ -8,7 +8,7 @@ them inside a layer (layer and group norms accumulate in float32 but return the 
 sampling locations and attention weights the deformable attention op reads; the heads' boxes). The
 backbone's frozen batch norms and the position embeddings stay float32. The outputs are handed to
 post-processing in float32: scores through the sigmoid and the top-k, boxes scaled to pixels.
-bfloat16 keeps 8 significant bits, so what it costs is measured: the README's Performance section.
+bfloat16 keeps 8 significant bits, so what it costs is measured: docs/performance.md#bfloat16-inference.
 """
 
 from __future__ import annotations

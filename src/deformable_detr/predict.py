@@ -98,7 +98,7 @@ class Detector:
             isinstance(images, Tensor) and images.dim() == 3
         )
         pixels = [as_image_tensor(images)] if single else [as_image_tensor(image) for image in images]
-        # Batched by size, so that equal sizes share batches: padding is not neutral (see README).
+        # Batched by size, so that equal sizes share batches: padding is not neutral (docs/detect.md#batches-and-padding).
         order = sorted(range(len(pixels)), key=lambda index: tuple(pixels[index].shape[-2:]))
         by_index: dict[int, Detections] = {}
         for start in range(0, len(order), batch_size):

@@ -29,8 +29,8 @@ class TrainConfig:
     bf16: bool = False
     image_size: int = 800  # the augmentation recipe, scaled so that its largest short side is this
     # Training batches padded to a multiple of this. The recipe makes almost every batch a new
-    # shape, and on the CPU the kernels oneDNN builds per shape overflow its cache (README,
-    # Performance). The published recipe pads to the largest image only (1).
+    # shape, and on the CPU the kernels oneDNN builds per shape overflow its cache
+    # (docs/performance.md#training-batches). The published recipe pads to the largest image only (1).
     pad_to_multiple: int = 1
     workers: int = 2
     seed: int = 42

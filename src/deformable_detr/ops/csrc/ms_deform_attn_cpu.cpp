@@ -143,13 +143,13 @@ struct Kernels {
   static void backward(const scalar_t* grad_output, const scalar_t* value, const SampleLevels& sample_levels,
                        const scalar_t* locations, const scalar_t* weights, acc_t* grad_value, scalar_t* grad_locations,
                        scalar_t* grad_weights, int64_t batch, int64_t num_values, int64_t heads, int64_t runtime_channels,
-                       int64_t queries, int64_t samples) {
+                       int64_t queries, int64_t samples, bool head_major) {
     const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
+    // value and grad_value are (N, S, M, D), or (N, M, S, D) where head_major.
+    const int64_t head_stride = head_major ? num_values * channels : channels;
+    const int64_t row_stride = head_major ? channels : heads * channels;
     // One task per (batch, head): it alone writes that slice of grad_value, so the scattered
-    // accumulation is race-free without atomics; per-sample gradients belong to their row. value
-    // and grad_value come head-major, (N, M, S, D): with the model's (N, S, M, D) a head's rows lie
-    // M * D apart (1 kB at D = 32, M = 8), which maps them onto an eighth of the cache's sets.
-    const int64_t row_stride = channels;
+    // accumulation is race-free without atomics; per-sample gradients belong to their row.
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       Corners<acc_t> corners(samples);
       std::vector<acc_t> runtime_grad(kChannels > 0 ? 0 : channels);
@@ -157,7 +157,7 @@ struct Kernels {
       acc_t* __restrict__ grad_row = kChannels > 0 ? fixed_grad : runtime_grad.data();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / heads, head = task % heads;
-        const int64_t head_offset = (n * heads + head) * num_values * channels;
+        const int64_t head_offset = n * num_values * heads * channels + head * head_stride;
         for (int64_t query = 0; query < queries; ++query) {
           const int64_t row = (n * queries + query) * heads + head;  // (n, query, head)
           const scalar_t* grad_out = grad_output + row * channels;
@@ -280,8 +280,14 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
   const auto dtype = in.value.scalar_type();
   // Low-precision gradients of value accumulate in float, then round once.
   const bool reduced_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
-  const auto value_by_head = in.value.transpose(1, 2).contiguous();
-  auto grad_value = at::zeros(value_by_head.sizes(), in.value.options().dtype(reduced_precision ? at::kFloat : dtype));
+  // A head's rows lie M * D apart in (N, S, M, D) (1 kB at D = 32, M = 8), which maps them onto an
+  // eighth of the cache's sets. Where the samples outnumber the positions (the encoder: every
+  // position is sampled L * P times a head), the backward runs on head-major copies of value and of
+  // its gradient; where they do not (the decoder's 300 queries), the copies would cost more than
+  // they save.
+  const bool head_major = in.queries * in.levels * in.points >= in.num_values;
+  const auto gathered = head_major ? in.value.transpose(1, 2).contiguous() : in.value;
+  auto grad_value = at::zeros(gathered.sizes(), in.value.options().dtype(reduced_precision ? at::kFloat : dtype));
   auto grad_locations = at::zeros(in.sampling_locations.sizes(), in.sampling_locations.options());
   auto grad_weights = at::zeros(in.attention_weights.sizes(), in.attention_weights.options());
   if (grad_output.numel() > 0 && in.levels * in.points > 0) {
@@ -290,14 +296,15 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
       using acc_t = at::opmath_type<scalar_t>;
       dispatch_channels(in.channels, [&](auto fixed) {
         Kernels<scalar_t, decltype(fixed)::value>::backward(
-            grad_output.data_ptr<scalar_t>(), value_by_head.data_ptr<scalar_t>(), sample_levels,
+            grad_output.data_ptr<scalar_t>(), gathered.data_ptr<scalar_t>(), sample_levels,
             in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
             grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>(),
-            in.batch, in.num_values, in.heads, in.channels, in.queries, in.levels * in.points);
+            in.batch, in.num_values, in.heads, in.channels, in.queries, in.levels * in.points, head_major);
       });
     });
   }
-  return {grad_value.transpose(1, 2).to(dtype, false, false, at::MemoryFormat::Contiguous), grad_locations, grad_weights};
+  const auto grad_value_out = head_major ? grad_value.transpose(1, 2) : grad_value;
+  return {grad_value_out.to(dtype, false, false, at::MemoryFormat::Contiguous), grad_locations, grad_weights};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

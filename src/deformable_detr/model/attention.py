@@ -106,13 +106,19 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = F.softmax(weights, -1).view(batch, num_queries, heads, levels, points)
 
+        # The sampling locations are at least float32 in every precision: in bfloat16's 8
+        # significant bits a location near the far side of a map moves in steps of 1/256 of it (half
+        # a pixel of COCO's largest level), which cost the demo model 0.007 AP in bfloat16 inference,
+        # against 0.003 with float32 locations. The op then runs in their precision, on values and
+        # weights cast up.
         location_shape = (batch, num_queries, heads, levels, points, 2)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divided by (W, H), which is folded into the
             # layer's (small) weights rather than applied to its (large) output.
             normaliser = spatial_shapes.flip(-1).to(query.dtype)[None, :, None, :].expand(heads, -1, points, -1).reshape(-1)
-            offsets = F.linear(query.reshape(-1, query.shape[-1]), self.sampling_offsets.weight / normaliser[:, None],
-                               self.sampling_offsets.bias / normaliser)
+            offsets = _at_least_float32(F.linear(query.reshape(-1, query.shape[-1]),
+                                                 self.sampling_offsets.weight / normaliser[:, None],
+                                                 self.sampling_offsets.bias / normaliser))
             # Every head's and point's offset starts from the query's reference point on its level.
             # Broadcast, that addition is a slow loop over rows two wide on the CPU (a third of the
             # module's forward); as a product with the 0/1 matrix that places each (level, x | y)
@@ -125,14 +131,18 @@ class MSDeformAttn(nn.Module):
             # Offsets are relative to the box: P points span half its width and height.
             centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
             # Out of place: the offsets are a view, and these tensors are small (decoder queries).
-            locations = self.sampling_offsets(query).view(location_shape) * (size * (0.5 / points)) + centre
+            locations = _at_least_float32(self.sampling_offsets(query).view(location_shape)) * (size * (0.5 / points)) + centre
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
 
         if self._capture is not None:
             self._capture(locations, weights, reference_points, spatial_shapes)
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        output = ms_deform_attn(value.to(locations.dtype), spatial_shapes, level_start_index, locations, weights.to(locations.dtype))
         return self.output_proj(output)
+
+
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 @contextmanager

@@ -44,6 +44,7 @@ def test_fused_equals_reference_forward_and_gradients(case, dtype, tolerance):
     inputs = [t.to(dtype) if t.is_floating_point() else t for t in with_borders(random_case(**case))]
     fused = forward_and_gradients(cpu.ms_deform_attn_cpu, inputs)
     reference = forward_and_gradients(ms_deform_attn_reference, inputs)
+    assert all(t.is_contiguous() for t in fused), "laid out as the fake implementation says (torch.compile relies on it)"
     for name, actual, expected in zip(["output", "grad value", "grad locations", "grad weights"], fused, reference):
         torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance, msg=name)
 
@@ -76,6 +77,22 @@ def test_bfloat16_follows_float64():
     for got, want in zip(actual, expected):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("channels", [16, 5], ids=["D=16", "D=5"])
+def test_float32_locations_beside_bfloat16_values(channels):
+    # Under autocast the model keeps its sampling locations float32 beside bfloat16 values.
+    case = random_case([(6, 5), (3, 3)], channels=channels, queries=12)  # 12 x 4 samples > 39 positions: head-major
+    value, spatial_shapes, level_start_index, locations, weights = case
+    mixed = [value.to(torch.bfloat16), spatial_shapes, level_start_index, locations.float(), weights.to(torch.bfloat16)]
+    expected = forward_and_gradients(ms_deform_attn_reference, [t.double() if t.is_floating_point() else t for t in mixed])
+    actual = forward_and_gradients(cpu.ms_deform_attn_cpu, mixed)
+    for name, dtype, got, want in zip(["output", "grad value", "grad locations", "grad weights"],
+                                      [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16], actual, expected):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2, msg=name)
+    with pytest.raises(RuntimeError, match="sampling_locations too or be float32"):
+        cpu.ms_deform_attn_cpu(value.float(), spatial_shapes, level_start_index, locations, weights.float())
 
 
 def test_custom_op_registration():

@@ -109,8 +109,8 @@ class MSDeformAttn(nn.Module):
         # The sampling locations are at least float32 in every precision: in bfloat16's 8
         # significant bits a location near the far side of a map moves in steps of 1/256 of it (half
         # a pixel of COCO's largest level), which cost the demo model 0.007 AP in bfloat16 inference,
-        # against 0.003 with float32 locations. The op then runs in their precision, on values and
-        # weights cast up.
+        # against 0.003 with float32 locations. The op reads them so beside values and weights in the
+        # low precision.
         location_shape = (batch, num_queries, heads, levels, points, 2)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divided by (W, H), which is folded into the
@@ -137,7 +137,7 @@ class MSDeformAttn(nn.Module):
 
         if self._capture is not None:
             self._capture(locations, weights, reference_points, spatial_shapes)
-        output = ms_deform_attn(value.to(locations.dtype), spatial_shapes, level_start_index, locations, weights.to(locations.dtype))
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)
 
 

@@ -6,8 +6,9 @@
 // contributes zero. Arithmetic runs in float for float/bfloat16/half inputs and in double for double.
 //
 // Layouts (all contiguous): value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2),
-// attention_weights (N, Lq, M, L, P), output (N, Lq, M * D). A "row" is the D channels of one head
-// at one position; the rows of one position's heads are adjacent, M * D apart.
+// attention_weights (N, Lq, M, L, P), output (N, Lq, M * D). All share one dtype, except that the
+// locations may be float32 beside bfloat16 or float16 values and weights. A "row" is the D channels
+// of one head at one position; the rows of one position's heads are adjacent, M * D apart.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -98,11 +100,11 @@ struct Corners {
 // The loops take the channel count D as a template argument where it is a common value (16: the
 // tiny preset, 32: the published models), so the compiler unrolls them and keeps the accumulators
 // in vector registers; kChannels = 0 handles any other D at run time.
-template <typename scalar_t, int64_t kChannels>
+template <typename scalar_t, typename location_t, int64_t kChannels>
 struct Kernels {
   using acc_t = at::opmath_type<scalar_t>;
 
-  static void forward(const scalar_t* value, const SampleLevels& sample_levels, const scalar_t* locations,
+  static void forward(const scalar_t* value, const SampleLevels& sample_levels, const location_t* locations,
                       const scalar_t* weights, scalar_t* output, int64_t batch, int64_t num_values, int64_t heads,
                       int64_t runtime_channels, int64_t queries, int64_t samples) {
     const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
@@ -141,7 +143,7 @@ struct Kernels {
   }
 
   static void backward(const scalar_t* grad_output, const scalar_t* value, const SampleLevels& sample_levels,
-                       const scalar_t* locations, const scalar_t* weights, acc_t* grad_value, scalar_t* grad_locations,
+                       const location_t* locations, const scalar_t* weights, acc_t* grad_value, location_t* grad_locations,
                        scalar_t* grad_weights, int64_t batch, int64_t num_values, int64_t heads, int64_t runtime_channels,
                        int64_t queries, int64_t samples, bool head_major) {
     const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
@@ -164,7 +166,7 @@ struct Kernels {
           for (int64_t c = 0; c < channels; ++c) grad_row[c] = static_cast<acc_t>(grad_out[c]);
           const scalar_t* row_weights = weights + row * samples;
           corners.compute(locations + row * samples * 2, sample_levels);
-          scalar_t* row_grad_locations = grad_locations + row * samples * 2;
+          location_t* row_grad_locations = grad_locations + row * samples * 2;
           scalar_t* row_grad_weights = grad_weights + row * samples;
           for (int64_t s = 0; s < samples; ++s) {
             const acc_t attention = static_cast<acc_t>(row_weights[s]);
@@ -192,8 +194,8 @@ struct Kernels {
             }
             row_grad_weights[s] = static_cast<scalar_t>(grad_s);
             // The pixel coordinates are x * W - 0.5 and y * H - 0.5.
-            row_grad_locations[2 * s] = static_cast<scalar_t>(attention * grad_ws * sample_levels.width[s]);
-            row_grad_locations[2 * s + 1] = static_cast<scalar_t>(attention * grad_hs * sample_levels.height[s]);
+            row_grad_locations[2 * s] = static_cast<location_t>(attention * grad_ws * sample_levels.width[s]);
+            row_grad_locations[2 * s + 1] = static_cast<location_t>(attention * grad_hs * sample_levels.height[s]);
           }
         }
       }
@@ -216,6 +218,19 @@ void dispatch_channels(int64_t channels, const Body& body) {
   }
 }
 
+// Calls body(location) with a value of the locations' C++ type: value's own, or float beside a
+// bfloat16 or float16 value (autocast keeps the model's locations in float32).
+template <typename scalar_t, typename Body>
+void dispatch_locations(at::ScalarType locations, const Body& body) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, scalar_t>) {
+    body(scalar_t{});
+  } else if (locations == at::kFloat) {
+    body(float{});
+  } else {
+    body(scalar_t{});
+  }
+}
+
 struct Inputs {
   at::Tensor value, spatial_shapes, level_start_index, sampling_locations, attention_weights;
   int64_t batch, num_values, heads, channels, queries, levels, points;
@@ -231,9 +246,13 @@ struct Inputs {
     TORCH_CHECK(spatial_shapes_in.size(0) == sampling_locations_in.size(3) &&
                     level_start_index_in.size(0) == spatial_shapes_in.size(0),
                 "spatial_shapes, level_start_index and sampling_locations disagree on the number of levels");
-    TORCH_CHECK(sampling_locations_in.scalar_type() == value_in.scalar_type() &&
-                    attention_weights_in.scalar_type() == value_in.scalar_type(),
-                "value, sampling_locations and attention_weights must share one dtype");
+    const auto dtype = value_in.scalar_type();
+    const bool reduced_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
+    TORCH_CHECK(attention_weights_in.scalar_type() == dtype &&
+                    (sampling_locations_in.scalar_type() == dtype ||
+                     (reduced_precision && sampling_locations_in.scalar_type() == at::kFloat)),
+                "value and attention_weights must share one dtype, and sampling_locations too or be float32 "
+                "beside bfloat16 or float16");
     TORCH_CHECK(value_in.size(1) < (int64_t(1) << 31), "ms_deform_attn_cpu: at most 2^31 - 1 positions");
     value = value_in.contiguous();
     spatial_shapes = spatial_shapes_in.to(at::kLong).contiguous();
@@ -260,11 +279,14 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor&
   if (in.levels * in.points == 0) return output.zero_();
   const auto sample_levels = in.sample_levels();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.value.scalar_type(), "ms_deform_attn_cpu_forward", [&] {
-    dispatch_channels(in.channels, [&](auto fixed) {
-      Kernels<scalar_t, decltype(fixed)::value>::forward(
-          in.value.data_ptr<scalar_t>(), sample_levels, in.sampling_locations.data_ptr<scalar_t>(),
-          in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), in.batch, in.num_values, in.heads,
-          in.channels, in.queries, in.levels * in.points);
+    dispatch_locations<scalar_t>(in.sampling_locations.scalar_type(), [&](auto location) {
+      using location_t = decltype(location);
+      dispatch_channels(in.channels, [&](auto fixed) {
+        Kernels<scalar_t, location_t, decltype(fixed)::value>::forward(
+            in.value.data_ptr<scalar_t>(), sample_levels, in.sampling_locations.data_ptr<location_t>(),
+            in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), in.batch, in.num_values, in.heads,
+            in.channels, in.queries, in.levels * in.points);
+      });
     });
   });
   return output;
@@ -294,17 +316,23 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
     const auto sample_levels = in.sample_levels();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ms_deform_attn_cpu_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      dispatch_channels(in.channels, [&](auto fixed) {
-        Kernels<scalar_t, decltype(fixed)::value>::backward(
-            grad_output.data_ptr<scalar_t>(), gathered.data_ptr<scalar_t>(), sample_levels,
-            in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
-            grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>(),
-            in.batch, in.num_values, in.heads, in.channels, in.queries, in.levels * in.points, head_major);
+      dispatch_locations<scalar_t>(in.sampling_locations.scalar_type(), [&](auto location) {
+        using location_t = decltype(location);
+        dispatch_channels(in.channels, [&](auto fixed) {
+          Kernels<scalar_t, location_t, decltype(fixed)::value>::backward(
+              grad_output.data_ptr<scalar_t>(), gathered.data_ptr<scalar_t>(), sample_levels,
+              in.sampling_locations.data_ptr<location_t>(), in.attention_weights.data_ptr<scalar_t>(),
+              grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<location_t>(), grad_weights.data_ptr<scalar_t>(),
+              in.batch, in.num_values, in.heads, in.channels, in.queries, in.levels * in.points, head_major);
+        });
       });
     });
   }
-  const auto grad_value_out = head_major ? grad_value.transpose(1, 2) : grad_value;
-  return {grad_value_out.to(dtype, false, false, at::MemoryFormat::Contiguous), grad_locations, grad_weights};
+  if (!head_major && dtype == grad_value.scalar_type()) return {grad_value, grad_locations, grad_weights};
+  // Back to value's layout and dtype in one pass (.to() would return the transposed view as it is).
+  auto grad_value_out = at::empty(in.value.sizes(), in.value.options());
+  grad_value_out.copy_(head_major ? grad_value.transpose(1, 2) : grad_value);
+  return {grad_value_out, grad_locations, grad_weights};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

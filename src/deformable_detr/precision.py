@@ -6,8 +6,8 @@ Under autocast the convolutions and linear layers run in the low precision, wher
 AVX512-BF16 or AMX, or a recent GPU, computes them about twice as fast, and so does what follows
 them inside a layer (layer and group norms accumulate in float32 but return the low precision; the
 attention weights; the heads' boxes). The backbone's frozen batch norms, the position embeddings
-and the deformable attention's sampling locations stay float32, and that op runs in float32: 8
-significant bits would misplace the samples by up to half a pixel of the largest level. The outputs are handed to
+and the deformable attention's sampling locations stay float32 (the op reads them beside bfloat16
+values): 8 significant bits would misplace the samples by up to half a pixel of the largest level. The outputs are handed to
 post-processing in float32: scores through the sigmoid and the top-k, boxes scaled to pixels.
 bfloat16 keeps 8 significant bits, so what it costs is measured: docs/performance.md#bfloat16-inference.
 """

@@ -107,12 +107,15 @@ def test_half_precision_follows_float64(dtype, channels):
     assert_follows_float64_reference(cast(case, dtype), 2 * torch.finfo(dtype).eps)
 
 
-def test_autocast_mix_of_dtypes():
-    # Under bfloat16 autocast the model's values and locations are bfloat16, its softmax weights float32.
+@pytest.mark.parametrize("locations_dtype, weights_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["float32 locations (the model under autocast)", "float32 weights"])
+def test_a_mix_of_dtypes(locations_dtype, weights_dtype):
+    # Each input is read in its own dtype: under bfloat16 autocast the model hands over bfloat16
+    # values and weights beside float32 sampling locations.
     value, spatial_shapes, level_start_index, locations, weights = away_from_kinks(
         random_case([(8, 10), (4, 5)], channels=16, points=4, queries=10, seed=3)
     )
-    inputs = (value.bfloat16(), spatial_shapes, level_start_index, locations.bfloat16(), weights.float())
+    inputs = (value.bfloat16(), spatial_shapes, level_start_index, locations.to(locations_dtype), weights.to(weights_dtype))
     assert_follows_float64_reference(inputs, 2 * torch.finfo(torch.bfloat16).eps)
 
 

@@ -7,8 +7,9 @@ AVX512-BF16 or AMX, or a recent GPU, computes them about twice as fast, and so d
 them inside a layer (layer and group norms accumulate in float32 but return the low precision; the
 attention weights; the heads' boxes). The backbone's frozen batch norms, the position embeddings
 and the deformable attention's sampling locations stay float32 (the op reads them beside bfloat16
-values): 8 significant bits would misplace the samples by up to half a pixel of the largest level. The outputs are handed to
-post-processing in float32: scores through the sigmoid and the top-k, boxes scaled to pixels.
+values): 8 significant bits would misplace the samples by up to half a pixel of the largest level.
+The outputs are handed to post-processing in float32: scores through the sigmoid and the top-k,
+boxes scaled to pixels.
 bfloat16 keeps 8 significant bits, so what it costs is measured: docs/performance.md#bfloat16-inference.
 """
 

@@ -108,9 +108,8 @@ class MSDeformAttn(nn.Module):
 
         # The sampling locations are at least float32 in every precision: in bfloat16's 8
         # significant bits a location near the far side of a map moves in steps of 1/256 of it (half
-        # a pixel of COCO's largest level), which cost the demo model 0.007 AP in bfloat16 inference,
-        # against 0.003 with float32 locations. The op reads them so beside values and weights in the
-        # low precision.
+        # a pixel of COCO's largest level), which costs AP (docs/performance.md#bfloat16-inference).
+        # The op reads them so beside values and weights in the low precision.
         location_shape = (batch, num_queries, heads, levels, points, 2)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divided by (W, H), which is folded into the

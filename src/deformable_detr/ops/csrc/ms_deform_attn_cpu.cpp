@@ -231,6 +231,9 @@ void dispatch_locations(at::ScalarType locations, const Body& body) {
   }
 }
 
+// bfloat16 and float16: computed in float, and may come with float32 sampling locations.
+inline bool is_reduced_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
+
 struct Inputs {
   at::Tensor value, spatial_shapes, level_start_index, sampling_locations, attention_weights;
   int64_t batch, num_values, heads, channels, queries, levels, points;
@@ -247,10 +250,9 @@ struct Inputs {
                     level_start_index_in.size(0) == spatial_shapes_in.size(0),
                 "spatial_shapes, level_start_index and sampling_locations disagree on the number of levels");
     const auto dtype = value_in.scalar_type();
-    const bool reduced_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
     TORCH_CHECK(attention_weights_in.scalar_type() == dtype &&
                     (sampling_locations_in.scalar_type() == dtype ||
-                     (reduced_precision && sampling_locations_in.scalar_type() == at::kFloat)),
+                     (is_reduced_precision(dtype) && sampling_locations_in.scalar_type() == at::kFloat)),
                 "value and attention_weights must share one dtype, and sampling_locations too or be float32 "
                 "beside bfloat16 or float16");
     TORCH_CHECK(value_in.size(1) < (int64_t(1) << 31), "ms_deform_attn_cpu: at most 2^31 - 1 positions");
@@ -301,7 +303,7 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
   const auto grad_output = grad_output_in.contiguous();
   const auto dtype = in.value.scalar_type();
   // Low-precision gradients of value accumulate in float, then round once.
-  const bool reduced_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const auto accumulation = is_reduced_precision(dtype) ? at::kFloat : dtype;
   // A head's rows lie M * D apart in (N, S, M, D) (1 kB at D = 32, M = 8), which maps them onto an
   // eighth of the cache's sets. Where the samples outnumber the positions (the encoder: every
   // position is sampled L * P times a head), the backward runs on head-major copies of value and of
@@ -309,7 +311,7 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
   // they save.
   const bool head_major = in.queries * in.levels * in.points >= in.num_values;
   const auto gathered = head_major ? in.value.transpose(1, 2).contiguous() : in.value;
-  auto grad_value = at::zeros(gathered.sizes(), in.value.options().dtype(reduced_precision ? at::kFloat : dtype));
+  auto grad_value = at::zeros(gathered.sizes(), in.value.options().dtype(accumulation));
   auto grad_locations = at::zeros(in.sampling_locations.sizes(), in.sampling_locations.options());
   auto grad_weights = at::zeros(in.attention_weights.sizes(), in.attention_weights.options());
   if (grad_output.numel() > 0 && in.levels * in.points > 0) {

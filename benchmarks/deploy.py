@@ -1,7 +1,7 @@
 """CPU inference of r50 at 1 x 800 x 1066 on the paths users deploy a detector with, in one run,
 interleaved, median of the repeats, with the largest logit difference of each from ours in float32:
 
-- ours in float32 and in bfloat16 autocast (``Detector(dtype=...)``'s forward);
+- ours in float32 and in bfloat16 autocast (``Detector(dtype=...)``'s model and forward);
 - transformers in float32, loading the folder ``save_huggingface`` writes (same random weights);
 - with ``--onnx GRAPH`` (what ``deformable-detr export`` writes for the same weights, see
   ``--save``): ONNX Runtime, and OpenVINO in f32 and with its bf16 precision hint where installed
@@ -24,7 +24,7 @@ import torch
 from deformable_detr import build_model, load_pretrained, save_checkpoint
 from deformable_detr.environment import machine_summary
 from deformable_detr.huggingface import save_huggingface
-from deformable_detr.precision import forward
+from deformable_detr.precision import forward, inference_model
 
 from model import median_times
 
@@ -36,7 +36,8 @@ def contenders(model: torch.nn.Module, images: torch.Tensor, onnx: str | None) -
     """Name -> a function returning the logits (1, Q, C) of one forward."""
 
     def ours(dtype: torch.dtype) -> Callable[[], np.ndarray]:
-        return lambda: forward(model, images, dtype=dtype)["pred_logits"].numpy()
+        runner = inference_model(model, dtype)
+        return lambda: forward(runner, images, dtype=dtype)["pred_logits"].numpy()
 
     runs = {BASELINE: ours(torch.float32), "ours, bfloat16": ours(torch.bfloat16)}
     import transformers

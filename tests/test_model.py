@@ -11,6 +11,7 @@ from conftest import R50_PRESETS, reference_state_dict_entries
 
 from deformable_detr import PRESETS, build_model, postprocess
 from deformable_detr.model import MSDeformAttn, pad_images
+from deformable_detr.model.backbone import fold_batch_norms
 
 
 def _entry(name: str, tensor: torch.Tensor) -> str:
@@ -285,3 +286,25 @@ def test_from_scratch_backbone_has_trainable_batch_norm_in_every_stage():
     before = body.bn1.running_mean.clone()
     model([torch.randn(3, 64, 64), torch.randn(3, 64, 80)])
     assert not torch.equal(body.bn1.running_mean, before)  # statistics are learned
+
+
+@pytest.mark.parametrize("norm", ["frozen", "batch"])
+def test_folding_the_batch_norms_keeps_the_outputs_and_leaves_no_norm(norm):
+    torch.manual_seed(0)
+    model = build_model("tiny", backbone_norm=norm).eval()
+    norms = [m for m in model.backbone.modules() if isinstance(m, (torchvision.ops.FrozenBatchNorm2d, torch.nn.BatchNorm2d))]
+    for module in norms:  # statistics far from the identity, so that a norm left out shows
+        for buffer in (module.weight, module.bias, module.running_mean):
+            buffer.data.uniform_(-0.5, 1.5)
+        module.running_var.data.uniform_(0.5, 2.0)
+    images = [torch.randn(3, 64, 80), torch.randn(3, 72, 64)]
+    with torch.no_grad():
+        expected = model(images)
+        folded = fold_batch_norms(model)
+        actual = folded(images)
+    assert folded is model and norms
+    assert not any(isinstance(m, (torchvision.ops.FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.modules())
+    body = model.backbone[0].body
+    assert body.conv1.bias is not None and body.layer2[0].downsample[0].bias is not None
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from deformable_detr import precision
 from deformable_detr.checkpoints import save_reference_checkpoint
@@ -201,8 +201,18 @@ def test_bf16_detections_match_float32_ones_by_iou(detector, trained):
         assert not torch.equal(detections.scores[match], reference.scores[:BEST]), "bfloat16 ran: scores differ a little"
 
 
+def test_bf16_runs_a_copy_with_folded_batch_norms_and_leaves_the_model_as_it_was(detector):
+    before = {key: value.clone() for key, value in detector.model.state_dict().items()}
+    bf16 = Detector(detector.model, dtype=torch.bfloat16)
+    assert bf16.model is not detector.model
+    assert not any(isinstance(module, FrozenBatchNorm2d) for module in bf16.model.modules())
+    after = detector.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+
+
 def test_float32_is_the_default_and_the_plain_forward(detector, trained):
     assert detector.dtype == torch.float32
+    assert Detector(detector.model).model is detector.model
     inputs = [detector.prepare(path) for path in val_images(trained[1])[:2]]
     with torch.no_grad():
         plain = detector.model(inputs)

@@ -29,7 +29,7 @@ from .data.coco import coco_index
 from .distributed import gather_objects, is_main_process, setup_distributed
 from .files import atomic_write
 from .model import evaluating, postprocess
-from .precision import check_dtype, forward
+from .precision import check_dtype, forward, inference_model
 
 # Names of COCOeval.stats, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -161,7 +161,7 @@ def evaluate_checkpoint(
     device = setup_distributed()
     check_dtype(dtype, device)
     read = read_checkpoint(checkpoint)
-    model = read.build_model(device=device)
+    model = inference_model(read.build_model(device=device), dtype)
     dataset, _ = load_split(data, split, recipe(image_size or read.input_size)[1], format=format)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     return evaluate(model, loader, device=device, coco=dataset.coco, dtype=dtype)

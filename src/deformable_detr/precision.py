@@ -5,9 +5,12 @@ and ``torch.autocast`` use).
 Under autocast the convolutions and linear layers run in the low precision, where a CPU with
 AVX512-BF16 or AMX, or a recent GPU, computes them about twice as fast, and so does what follows
 them inside a layer (layer and group norms accumulate in float32 but return the low precision; the
-attention weights; the heads' boxes). The backbone's frozen batch norms, the position embeddings
-and the deformable attention's sampling locations stay float32 (the op reads them beside bfloat16
-values): 8 significant bits would misplace the samples by up to half a pixel of the largest level.
+attention weights; the heads' boxes). The backbone's frozen batch norms are folded into the
+convolutions before them (:func:`inference_model`): left in float32 between two low-precision
+convolutions, they and autocast's casts around them kept the r50 forward from its 2x. The position
+embeddings and the deformable attention's sampling locations stay float32 (the op reads them beside
+bfloat16 values): 8 significant bits would misplace the samples by up to half a pixel of the
+largest level.
 The outputs are handed to post-processing in float32: scores through the sigmoid and the top-k,
 boxes scaled to pixels.
 bfloat16 keeps 8 significant bits, so what it costs is measured: docs/performance.md#bfloat16-inference.
@@ -16,6 +19,7 @@ bfloat16 keeps 8 significant bits, so what it costs is measured: docs/performanc
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .environment import native_bf16
+from .model.backbone import fold_batch_norms
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -38,6 +43,16 @@ def check_dtype(dtype: torch.dtype, device: torch.device | str) -> None:
         hardware = "a CPU with AVX512-BF16 or AMX" if device.type == "cpu" else "an Ampere or later GPU"
         warnings.warn(f"bfloat16 is emulated on this {device.type} (it needs {hardware}): slower than float32",
                       RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
+def inference_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model that runs inference in ``dtype``: ``model`` itself in float32 (outputs equal to the
+    reference code's); in a low precision an eval-mode copy with its batch norms folded into the
+    convolutions before them (:func:`~deformable_detr.model.backbone.fold_batch_norms`), a copy so
+    that ``model`` and its state dict stay as they are."""
+    if dtype == torch.float32:
+        return model
+    return fold_batch_norms(copy.deepcopy(model).eval())
 
 
 @contextlib.contextmanager

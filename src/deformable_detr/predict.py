@@ -21,7 +21,7 @@ from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
 from .evaluation import coco_results, write_results_json
 from .model import DeformableDETR, postprocess
-from .precision import check_dtype, forward
+from .precision import check_dtype, forward, inference_model
 from .reference import PUBLISHED_IMAGE_SIZE
 from .visualize import draw_detections, save_image
 
@@ -49,7 +49,8 @@ class Detector:
     labelled boxes in the input's pixels.
 
     Args:
-        model: the detector; used in eval mode on its current device.
+        model: the detector; used in eval mode on its current device (in bfloat16 or float16, a
+            copy of it, :func:`~deformable_detr.precision.inference_model`).
         class_names: category id -> name.
         image_size: the shorter side inputs are resized to (the size the model was trained for).
         dtype: the precision the model computes in: ``torch.float32`` (outputs equal to the
@@ -60,10 +61,10 @@ class Detector:
 
     def __init__(self, model: DeformableDETR, *, class_names: dict[int, str] | None = None,
                  image_size: int = PUBLISHED_IMAGE_SIZE, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
-        self.model = model.eval()
+        check_dtype(dtype, next(model.parameters()).device)
+        self.model = inference_model(model.eval(), dtype)
         self.class_names = class_names or {}
         self.image_size = image_size
-        check_dtype(dtype, self.device)
         self.dtype = dtype
         self._transforms = inference_transforms(image_size)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import ops
 from torchvision.models._utils import IntermediateLayerGetter
 
@@ -46,6 +47,22 @@ def load_resnet(name: str, *, weights: str | None = None, dilation: bool = False
     if local_file:
         resnet.load_state_dict(_read_state_dict(Path(weights)))
     return resnet
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """``module`` (in eval mode) with each batch norm folded into the convolution just before it, in
+    place: the convolution takes the norm's scale into its weights and its shift as its bias, and the
+    norm becomes an identity. Outputs are unchanged up to float rounding; the state dict is not the
+    published one. torchvision's ResNets register each convolution just before its norm
+    (``conv1``, ``bn1``, ...; ``downsample``'s ``0``, ``1``), the order this relies on.
+    """
+    for parent in module.modules():
+        children = list(parent.named_children())
+        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, (ops.FrozenBatchNorm2d, nn.BatchNorm2d)):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
+                setattr(parent, norm_name, nn.Identity())
+    return module
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

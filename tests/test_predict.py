@@ -184,8 +184,11 @@ def test_evaluate_resizes_to_the_checkpoints_image_size_unless_told(trained, mon
 BF16_SCORE_TOLERANCE = 5e-3
 BF16_MIN_IOU = 0.85
 BEST = 10  # the float32 detections compared, per image
+# Where bfloat16 is emulated the Detector warns that it is slow; these tests check its numbers.
+SPEED_WARNING_IGNORED = pytest.mark.filterwarnings("ignore:bfloat16 is emulated:RuntimeWarning")
 
 
+@SPEED_WARNING_IGNORED
 def test_bf16_detections_match_float32_ones_by_iou(detector, trained):
     bf16 = Detector(detector.model, class_names=detector.class_names, image_size=detector.image_size, dtype=torch.bfloat16)
     images = val_images(trained[1])
@@ -201,6 +204,7 @@ def test_bf16_detections_match_float32_ones_by_iou(detector, trained):
         assert not torch.equal(detections.scores[match], reference.scores[:BEST]), "bfloat16 ran: scores differ a little"
 
 
+@SPEED_WARNING_IGNORED
 def test_bf16_runs_a_copy_with_folded_batch_norms_and_leaves_the_model_as_it_was(detector):
     before = {key: value.clone() for key, value in detector.model.state_dict().items()}
     bf16 = Detector(detector.model, dtype=torch.bfloat16)
@@ -240,6 +244,7 @@ def test_emulated_bf16_is_said_in_one_line_and_other_dtypes_are_refused(detector
                              "AVX512-BF16 or AMX): slower than float32"]  # fmt: skip
 
 
+@SPEED_WARNING_IGNORED
 def test_evaluate_and_explain_take_bf16(trained, tmp_path, monkeypatch):
     dtypes = []
     for name in ("deformable_detr.evaluation", "deformable_detr.explain"):  # the package exports explain(), a function

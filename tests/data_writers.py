@@ -70,3 +70,10 @@ def write_yolo(root: Path, images: dict = IMAGES, split: str = "train") -> Path:
 
 
 WRITERS = {"coco": write_coco, "voc": write_voc, "yolo": write_yolo}
+
+
+def write_decompression_bomb(path: Path) -> Path:
+    """A valid PNG of 20000 x 20000 pixels in a few kilobytes: above Pillow's limit, which refuses it
+    as a decompression bomb (one in a folder of millions would take 400 MB to decode)."""
+    Image.new("1", (20000, 20000)).save(path)
+    return path

@@ -17,7 +17,7 @@ from deformable_detr.cli import main
 from deformable_detr.data import ImageProbe, check_data, synthesize
 from deformable_detr.data import images as images_module
 
-from data_writers import write_coco, write_voc, write_yolo
+from data_writers import write_coco, write_decompression_bomb, write_voc, write_yolo
 
 
 def run(capsys, *argv):
@@ -86,10 +86,14 @@ def fatal_cases(tmp_path):
     (unknown_class / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n")
     not_json = write_coco(tmp_path / "not-json")
     (not_json / "annotations" / "instances_train.json").write_text("[1, 2")
+    bomb = write_coco(tmp_path / "bomb")
+    write_decompression_bomb(bomb / "train" / "a.jpg")
     bad_line = write_yolo(tmp_path / "bad-line")
     (bad_line / "labels" / "train" / "b.txt").write_text("1 0.5 0.5\n")
     return {
         "corrupt image": (corrupt, f"{corrupt / 'train' / 'b.jpg'}: cannot read image (JPEG cut short: no end-of-image marker)"),
+        "decompression bomb": (bomb, f"{bomb / 'train' / 'a.jpg'}: cannot read image (Image size (400000000 pixels) "
+                                     "exceeds limit of 178956970 pixels, could be decompression bomb DOS attack.)"),
         "unreadable image": (unreadable, f"{unreadable / 'train' / 'c.jpg'}: cannot read image (not an image format Pillow knows)"),
         "missing image": (missing, f"{missing / 'JPEGImages' / 'a.jpg'}: image file not found"),
         "image of another size": (resized, f"{resized / 'JPEGImages' / 'a.jpg'}: image is 48x64 but a.xml says 64x48"),
@@ -102,7 +106,7 @@ def fatal_cases(tmp_path):
     }  # fmt: skip
 
 
-FATAL = ["corrupt image", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
+FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line"]  # fmt: skip
 
 

@@ -260,6 +260,6 @@ def read_image(path: str | Path) -> tv_tensors.Image:
             return tv_tensors.Image(file.convert("RGB"))
     except UnidentifiedImageError:
         raise DatasetError(f"{path}: cannot read image (not an image format Pillow knows)") from None
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:  # the bomb: a small file that declares billions of pixels
         raise DatasetError(f"{path}: cannot read image ({error})") from None
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
+import subprocess
 import sys
 import warnings
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_check_data import truncate
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from deformable_detr import precision
@@ -19,8 +23,10 @@ from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 from deformable_detr.model import build_model
 from deformable_detr.precision import forward
-from deformable_detr.predict import Detector
+from deformable_detr.predict import Detector, detect_files
 from deformable_detr.train import TrainConfig, train
+
+from data_writers import write_decompression_bomb
 
 IMAGE_SIZE = 96
 
@@ -256,3 +262,110 @@ def test_evaluate_and_explain_take_bf16(trained, tmp_path, monkeypatch):
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0"]) == 0
     # evaluate: two batches of two images; explain: one forward.
     assert dtypes == [torch.bfloat16] * 3 + [torch.float32] * 2
+
+
+@pytest.fixture(scope="module")
+def image_folder(trained, tmp_path_factory):
+    """Twelve images of several sizes, and among them a decompression bomb, a JPEG cut short and an
+    empty file: (folder, the bad files)."""
+    _, data = trained
+    folder = tmp_path_factory.mktemp("images")
+    for path in [*val_images(data), *sorted((data / "train").iterdir())]:
+        shutil.copyfile(path, folder / f"{path.parent.name}-{path.name}")
+    bad = [write_decompression_bomb(folder / "train-000003x.png"), folder / "val-000002x.jpg", folder / "zz-empty.jpg"]
+    shutil.copyfile(folder / "val-000002.jpg", bad[1])
+    truncate(bad[1])
+    bad[2].touch()
+    return folder, bad
+
+
+def detect_command(checkpoint, folder, out) -> list[str]:
+    return ["detect", str(checkpoint), str(folder), "--out", str(out), "--threshold", "0.05", "--batch-size", "2",
+            "--device", "cpu"]
+
+
+def assert_one_line_each(error: str, bad_files) -> None:
+    # (Anywhere in a line: under torchrun one process's line may follow the other's progress bar.)
+    assert error.count("skipped: ") == len(bad_files), error
+    for path in bad_files:
+        assert error.count(f"skipped: {path}: cannot read image (") == 1, error
+
+
+def test_detect_under_torchrun_shares_the_images_and_writes_what_one_process_writes(trained, image_folder, tmp_path,
+                                                                                     capsys):
+    checkpoint, _ = trained
+    folder, bad = image_folder
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "deformable_detr.cli", *detect_command(checkpoint, folder, tmp_path / "two")]
+    two = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 1 and "ChildFailedError" in two.stderr  # the bad files: status 1, from the main process
+    assert two.stdout.count("annotated images and detections.json; 3 file(s) failed") == 1
+    assert_one_line_each(two.stderr, bad)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process
+    try:
+        assert main(detect_command(checkpoint, folder, tmp_path / "one")) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert_one_line_each(capsys.readouterr().err, bad)
+    one = json.loads((tmp_path / "one" / "detections.json").read_text())
+    assert len({result["image_id"] for result in one}) == 12
+    assert json.loads((tmp_path / "two" / "detections.json").read_text()) == one
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def count_predictions(monkeypatch, interrupt_at: int | None = None) -> list[int]:
+    """The size of each batch Detector.predict gets from now on; a KeyboardInterrupt at call ``interrupt_at``."""
+    predicted = []
+    predict = Detector.predict
+
+    def counted(self, images, **options):
+        if len(predicted) == interrupt_at:
+            raise KeyboardInterrupt
+        predicted.append(len(images))
+        return predict(self, images, **options)
+
+    monkeypatch.setattr(Detector, "predict", counted)
+    return predicted
+
+
+def test_an_interrupted_detect_run_again_detects_only_the_batches_not_done(trained, image_folder, tmp_path,
+                                                                           monkeypatch, capsys):
+    checkpoint, _ = trained
+    folder, _ = image_folder
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    expected, out = tmp_path / "expected", tmp_path / "out"
+    assert len(detect_files(detector, [folder], expected, threshold=0.05, batch_size=2, progress=False)) == 3
+
+    with monkeypatch.context() as interrupted:
+        count_predictions(interrupted, interrupt_at=3)
+        with pytest.raises(KeyboardInterrupt):
+            detect_files(detector, [folder], out, threshold=0.05, batch_size=2, progress=False)
+    assert not (out / "detections.json").exists()
+    drawn = {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")}
+    assert len(drawn) == 5  # batches 0 to 2 (the bomb is batch 1's other file)
+
+    predicted = count_predictions(monkeypatch)
+    capsys.readouterr()
+    failures = detect_files(detector, [folder], out, threshold=0.05, batch_size=2, progress=False)
+    assert f"{out}: 3 of 8 batches done by an earlier run; detecting the rest" in capsys.readouterr().out
+    assert len(failures) == 3 and len(predicted) == 4  # batches 3 to 6; batch 7 is the empty file alone
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.png") if path.name in drawn} == drawn
+    assert json.loads((out / "detections.json").read_text()) == json.loads((expected / "detections.json").read_text())
+    assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in expected.iterdir())
+
+
+def test_batches_done_by_a_run_with_other_settings_are_not_taken(trained, image_folder, tmp_path, monkeypatch, capsys):
+    checkpoint, _ = trained
+    folder, _ = image_folder
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    with monkeypatch.context() as interrupted:
+        count_predictions(interrupted, interrupt_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            detect_files(detector, [folder], tmp_path, threshold=0.05, batch_size=2, progress=False)
+    predicted = count_predictions(monkeypatch)
+    capsys.readouterr()
+    detect_files(detector, [folder], tmp_path, threshold=0.3, batch_size=2, progress=False)
+    assert "done by an earlier run" not in capsys.readouterr().out and len(predicted) == 7

@@ -19,7 +19,7 @@ from .checkpoints import load_pretrained, read_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .data.formats import FORMATS
 from .data.synthetic import OBJECT_SIZES
-from .distributed import is_main_process
+from .distributed import is_main_process, setup_distributed
 from .evaluation import evaluate_checkpoint, format_metrics
 from .explore import explore
 from .model import build_model
@@ -65,9 +65,11 @@ def _detector(args: argparse.Namespace) -> Detector:
 def _detect(args: argparse.Namespace) -> int:
     from .predict import detect_files
 
+    setup_distributed()  # under torchrun: the processes share the images, and each its own GPU
     detector = _detector(args)
     failures = detect_files(detector, args.inputs, args.out, threshold=args.threshold, batch_size=args.batch_size)
-    print(f"{args.out}: annotated images and detections.json" + (f"; {len(failures)} file(s) failed" if failures else ""))
+    if is_main_process():
+        print(f"{args.out}: annotated images and detections.json" + (f"; {len(failures)} file(s) failed" if failures else ""))
     return 1 if failures else 0
 
 
@@ -131,6 +133,8 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     options = {key: getattr(args, key) for key in _keyword_defaults(evaluate_checkpoint)}
     _print_metrics(evaluate_checkpoint(args.checkpoint, args.data, **options))
+    if args.report is not None and is_main_process():
+        print(f"{args.report}/report.md: per-class AP, precision-recall curves, confusion matrix, errors")
 
 
 def _check_data(args: argparse.Namespace) -> int:
@@ -356,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="COCO AP of a checkpoint on a data set",
-                                   epilog="Data formats and torchrun: docs/training.md")
+                                   epilog="Data formats and torchrun: docs/training.md; the report: docs/report.md")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set")
     _add_format_argument(evaluate)
@@ -364,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, help="default: %(default)s")
     evaluate.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
     evaluate.add_argument("--workers", type=int, help="data-loading processes (default: %(default)s)")
+    evaluate.add_argument("--report", metavar="DIR", help="also write a report: per-class AP, precision-recall "
+                                                          "curves, confusion matrix, errors, worst images")
     _add_precision_argument(evaluate)
     evaluate.set_defaults(run=_evaluate, **_keyword_defaults(evaluate_checkpoint))
 

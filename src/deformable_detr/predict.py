@@ -3,7 +3,10 @@ the ``detect`` command."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +22,9 @@ from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
+from .distributed import is_main_process, rank, wait_for_all, world_size
 from .evaluation import coco_results, write_results_json
+from .files import atomic_write
 from .model import DeformableDETR, postprocess
 from .precision import check_dtype, forward, inference_model
 from .reference import PUBLISHED_IMAGE_SIZE
@@ -176,16 +181,26 @@ def detect_files(
     each image and ``detections.json``, the run's detections in the COCO results format (with
     ``file_name``; ``image_id`` numbers the inputs in order).
 
-    A file that cannot be read is reported on stderr and skipped. Returns those reports.
+    Under torchrun the processes share the work: the inputs are cut into batches of ``batch_size``,
+    batch k goes to process k mod N, and the main process merges their detections, so that
+    ``detections.json`` is what one process writes (the same batches, so the same padding; in the
+    same order). ``out`` must be one folder all processes reach. Each batch done is kept in
+    ``out/.detect-progress/`` until the merge: the same command run again after an interruption
+    detects only the batches not done.
+
+    A file that cannot be read is reported on stderr and skipped. Returns those reports: all of them
+    in the main process, none in the others (so that a command's status says it once).
     """
     out = Path(out)
     files = image_files(inputs)
-    failures: list[str] = []
-    results: list[dict] = []
-    output_names: set[str] = set()
-    with tqdm(total=len(files), desc="detect", unit="image", disable=not progress) as bar:
-        for start in range(0, len(files), batch_size):
-            readable = []
+    output_names = _output_names(files)
+    batches = range(0, len(files), batch_size)
+    done = _DetectProgress.open(out, _fingerprint(detector, files, threshold, batch_size), len(batches))
+    mine = [start for index, start in enumerate(batches) if index % world_size() == rank() and start not in done]
+    with tqdm(total=sum(len(files[start : start + batch_size]) for start in mine), desc="detect", unit="image",
+              disable=not progress or not is_main_process()) as bar:  # fmt: skip
+        for start in mine:
+            results, failures, readable = [], [], []
             for image_id, path in enumerate(files[start : start + batch_size], start=start):
                 try:
                     readable.append((image_id, path, read_image(path).as_subclass(Tensor)))
@@ -195,19 +210,85 @@ def detect_files(
             if readable:
                 batch = detector.predict([image for _, _, image in readable], threshold=threshold, batch_size=batch_size)
                 for (image_id, path, image), detections in zip(readable, batch):
-                    save_image(detections.draw(image), out / _unique_name(path, output_names))
+                    save_image(detections.draw(image), out / output_names[image_id])
                     results += [dict(result, file_name=str(path)) for result in
                                 coco_results(image_id, detections.boxes, detections.scores, detections.labels)]
+            done.record(start, results, failures)
             bar.update(len(files[start : start + batch_size]))
+    wait_for_all()
+    if not is_main_process():
+        return []
+    results, failures = done.merge(batches)
     write_results_json(out / "detections.json", results)
+    done.remove()
     return failures
 
 
-def _unique_name(path: Path, taken: set[str]) -> str:
-    # Inputs from different folders may share a name; annotated copies must not overwrite each other.
-    name, number = f"{path.stem}.png", 1
-    while name in taken:
-        name, number = f"{path.stem}_{number}.png", number + 1
-    taken.add(name)
-    return name
+def _output_names(files: list[Path]) -> list[str]:
+    """The annotated copy's name of each file: its stem, numbered where inputs from different folders
+    share one, so that no copy overwrites another."""
+    names, taken = [], set()
+    for path in files:
+        name, number = f"{path.stem}.png", 1
+        while name in taken:
+            name, number = f"{path.stem}_{number}.png", number + 1
+        taken.add(name)
+        names.append(name)
+    return names
 
+
+def _fingerprint(detector: Detector, files: list[Path], threshold: float, batch_size: int) -> str:
+    """What the detections depend on: the weights, the settings and the inputs. Batches done by
+    another run are only reused when it matches."""
+    digest = hashlib.sha256(json.dumps([str(detector.dtype), detector.image_size, threshold, batch_size,
+                                        [str(path) for path in files]]).encode())  # fmt: skip
+    for name, tensor in detector.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _DetectProgress:
+    """The batches of one ``detect`` run that are done, each in a file of its own in
+    ``out/.detect-progress/`` with its detections and failures, until the main process merges them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @classmethod
+    def open(cls, out: Path, fingerprint: str, batches: int) -> _DetectProgress:
+        """The progress of the run ``fingerprint`` names: the main process removes another run's, and
+        says how much of this one is done (collective)."""
+        progress = cls(out / ".detect-progress")
+        if is_main_process():
+            stamp = progress.folder / "fingerprint"
+            if not stamp.is_file() or stamp.read_text() != fingerprint:
+                shutil.rmtree(progress.folder, ignore_errors=True)
+                with atomic_write(stamp) as temporary:
+                    temporary.write_text(fingerprint)
+            elif done := len(list(progress.folder.glob("batch-*.json"))):
+                print(f"{out}: {done} of {batches} batches done by an earlier run; detecting the rest", flush=True)
+        wait_for_all()
+        return progress
+
+    def __contains__(self, start: int) -> bool:
+        return self._path(start).is_file()
+
+    def record(self, start: int, results: list[dict], failures: list[str]) -> None:
+        with atomic_write(self._path(start)) as temporary:
+            temporary.write_text(json.dumps({"results": results, "failures": failures}))
+
+    def merge(self, batches: Sequence[int]) -> tuple[list[dict], list[str]]:
+        """Every batch's detections and failures, in the order of the batches."""
+        results, failures = [], []
+        for start in batches:
+            part = json.loads(self._path(start).read_text())
+            results += part["results"]
+            failures += part["failures"]
+        return results, failures
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder)
+
+    def _path(self, start: int) -> Path:
+        return self.folder / f"batch-{start:010d}.json"

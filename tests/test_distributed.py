@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from deformable_detr.evaluation import METRICS, evaluate_checkpoint
 from deformable_detr.train import SetCriterion
 
 from choices import MatchReplay
+from slurm_cluster import free_port
 
 
 def global_batch():
@@ -207,3 +209,22 @@ def test_a_warning_when_torchrun_restarts_would_share_the_failed_groups_store(mo
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     assert not _restarts_share_a_stale_store()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rendezvous_that_never_completes_fails_in_one_line_naming_it_within_its_timeout(tmp_path, rank):
+    # What torchrun gives each process of a two-process world, on a port nobody else serves: rank 0
+    # serves the rendezvous and waits for rank 1, and rank 1 finds no one to join.
+    port = free_port()
+    environment = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "deformable_detr.cli", "train", "--data", str(tmp_path / "data"), "--output-dir",
+               str(tmp_path / "run"), "--rendezvous-timeout", "3"]
+    started = time.monotonic()
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"deformable-detr: error: rendezvous at 127.0.0.1:{port}: not every process "
+                                    "joined within 3 s (")
+    assert elapsed < 3 + 60, "slower than the timeout and the start of a Python process with torch"
+    assert not (tmp_path / "run").exists()

@@ -193,6 +193,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")
     parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
     parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this much training time")
+    parser.add_argument("--rendezvous-timeout", type=float, metavar="SECONDS",
+                        help="under torchrun: how long the processes wait for each other to join (default: %(default)s)")
     options = parser.add_argument_group("training-only options (off by default; the model trained keeps the published architecture)")
     options.add_argument("--look-forward-twice", action="store_true", default=None,
                          help="DINO: layer i's box loss also trains layer i-1's box (needs box refinement)")

@@ -5,8 +5,12 @@ Every function works unchanged in a single process, where the collectives are no
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -36,10 +40,23 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def setup_distributed() -> torch.device:
-    """Join the torchrun process group if there is one; the device this process runs on."""
+# torchrun's own wait for the nodes of a rendezvous (its c10d join_timeout).
+RENDEZVOUS_TIMEOUT = 600.0
+
+
+class RendezvousError(ConnectionError):
+    """The processes did not all meet at the rendezvous endpoint in time."""
+
+
+def setup_distributed(rendezvous_timeout: float = RENDEZVOUS_TIMEOUT) -> torch.device:
+    """Join the torchrun process group if there is one; the device this process runs on.
+
+    Raises:
+        RendezvousError: naming the endpoint (``MASTER_ADDR:MASTER_PORT``), when not every process
+            has joined within ``rendezvous_timeout`` seconds: a world that cannot form fails, not hangs.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _join(rendezvous_timeout)
         if rank() == 0 and _restarts_share_a_stale_store():
             print("warning: a group torchrun restarts may hang or fail on the failed group's addresses left in the "
                   "store they share (pytorch#135712): run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set",
@@ -49,6 +66,45 @@ def setup_distributed() -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _join(rendezvous_timeout: float) -> None:
+    endpoint = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    try:
+        # The rendezvous init_process_group makes, with a timeout of its own: the group's timeout is
+        # its collectives', which must allow for an evaluation on one process while others wait.
+        with _native_stderr_silenced():
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=rendezvous_timeout)))
+        # (Wrapped as init_process_group wraps the store it makes itself.)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.PrefixStore("default_pg", store),
+                                rank=rank, world_size=world_size)  # fmt: skip
+    except (dist.DistNetworkError, dist.DistStoreError) as error:
+        raise RendezvousError(f"rendezvous at {endpoint}: not every process joined within {rendezvous_timeout:g} s "
+                              f"({str(error).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    # c10d's C++ code logs every failed attempt to reach the endpoint on the process's stderr, at a
+    # level read from the environment when torch starts: silenced, for the one error said after them.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def describe_world() -> str:
+    """One line: the nodes, the processes, the backend and the host of rank 0 (collective)."""
+    hosts = gather_objects(socket.gethostname())
+    # torchrun's agents are its nodes; without torchrun, the hosts are.
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", len(set(hosts))))
+    backend = dist.get_backend() if is_distributed() else "no process group"
+    return f"world: {nodes} node(s), {world_size()} process(es), {backend}, rank 0 on {hosts[0]}"
 
 
 def _restarts_share_a_stale_store() -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelConfig, get_config
+from ..distributed import RENDEZVOUS_TIMEOUT
 
 
 @dataclass
@@ -47,6 +48,8 @@ class TrainConfig:
     # and once this many minutes have passed since the last one (either, both or neither).
     checkpoint_every: int | None = None
     checkpoint_minutes: float | None = None
+    # Under torchrun: how long the processes wait for each other to join before giving up, in seconds.
+    rendezvous_timeout: float = RENDEZVOUS_TIMEOUT
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Hybrid matching (with the model option one_to_many_queries): the one-to-many group is matched
     # against every target repeated this many times, and its loss is added with this weight (H-DETR's k, lambda).
@@ -73,4 +76,5 @@ class TrainConfig:
 # checkpoint and how many workers load its data (each sample's augmentation follows from its index,
 # whichever worker reads it), not what it trains. (The optimiser and scheduler states come from the
 # checkpoint, so a new lr or lr drop would not even apply.)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir", "checkpoint_every", "checkpoint_minutes")
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir", "checkpoint_every", "checkpoint_minutes",
+                    "rendezvous_timeout")

@@ -29,6 +29,7 @@ from ..data import (
 )
 from ..distributed import (
     any_process,
+    describe_world,
     is_distributed,
     is_main_process,
     main_process_decides,
@@ -86,7 +87,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     optimiser update) and ``tensorboard/``. SIGTERM, SIGUSR1 or SIGINT stops it after the current
     update with the checkpoint written, raising :class:`TrainingStopped` (docs/preemption.md).
     """
-    device = setup_distributed()
+    device = setup_distributed(config.rendezvous_timeout)
+    if is_distributed():
+        _print(describe_world())
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = output_dir / "checkpoint.pt", output_dir / "best.pt"

@@ -1,9 +1,13 @@
+import contextlib
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
 from deformable_detr import build_model
@@ -58,6 +62,34 @@ def test_shifted_boxes_score_by_overlap(data_root):
     metrics = _evaluate_ground_truth(coco, sorted(coco.imgs), shift=0.2).summarize()
     assert metrics["AP50"] == 1.0 and metrics["AP75"] == 0.0
     assert metrics["AP"] == pytest.approx(0.4)
+
+
+def test_metrics_are_pycocotools_to_a_millionth(data_root):
+    coco = coco_split(data_root, "val").coco
+    generator = torch.Generator().manual_seed(0)
+    detections = []
+    for image_id in sorted(coco.imgs):
+        found = _ground_truth_detections(coco, image_id)
+        # Corners moved by a few pixels, a class in five wrong, two boxes on nothing.
+        boxes = torch.cat([found["boxes"] + torch.randn(len(found["boxes"]), 4, generator=generator) * 2,
+                           torch.rand(2, 2, generator=generator).mul(60).repeat(1, 2) + torch.tensor([0, 0, 20, 20])])
+        labels = torch.cat([found["labels"], torch.tensor([1, 2])])
+        wrong = torch.rand(len(labels), generator=generator) < 0.2
+        labels[wrong] = labels[wrong] % 5 + 1
+        detections.append({"boxes": boxes, "labels": labels, "scores": torch.rand(len(labels), generator=generator)})
+    evaluator = CocoEvaluator(coco)
+    evaluator.update(detections, sorted(coco.imgs))
+    ours = evaluator.evaluation()
+
+    reference = COCOeval(coco, coco.loadRes(evaluator.results()), "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    assert 0.1 < reference.stats[0] < 0.9  # neither extreme: the comparison can tell them apart
+    np.testing.assert_allclose(ours.stats, reference.stats, rtol=0, atol=1e-6)
+    for array in ("precision", "recall", "scores"):
+        np.testing.assert_allclose(ours.eval[array], reference.eval[array], rtol=0, atol=1e-6, err_msg=array)
 
 
 def test_evaluates_only_the_images_seen(data_root):

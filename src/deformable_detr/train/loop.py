@@ -38,7 +38,7 @@ from ..distributed import (
     share_buffers,
     wait_for_all,
 )
-from ..evaluation import evaluate, format_metrics
+from ..evaluation import evaluate, evaluate_checkpoint, format_metrics
 from ..files import atomic_write
 from ..model import DeformableDETR, build_model
 from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
@@ -84,7 +84,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ``output_dir`` receives ``checkpoint.pt`` (atomically, after every epoch and, as
     ``checkpoint_every`` and ``checkpoint_minutes`` say, within epochs; what ``resume`` reads),
     ``best.pt`` (best validation AP), ``log.jsonl`` (a record per epoch), ``steps.jsonl`` (one per
-    optimiser update) and ``tensorboard/``. SIGTERM, SIGUSR1 or SIGINT stops it after the current
+    optimiser update), ``tensorboard/``, ``curves.png`` (the losses and AP so far, after every epoch)
+    and, at the end, ``report/``: the evaluation report of ``best.pt`` (docs/report.md). SIGTERM, SIGUSR1 or SIGINT stops it after the current
     update with the checkpoint written, raising :class:`TrainingStopped` (docs/preemption.md).
     """
     device = setup_distributed(config.rendezvous_timeout)
@@ -171,6 +172,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 # Logged before the checkpoint is written: a run resumed from an earlier one drops it.
                 logger.log_epoch({**record, "training_minutes": training_seconds / 60},
                                  updates_before(epoch + 1, EpochProgress()))
+                if is_main_process():
+                    _draw_curves(logger.epochs_path, output_dir / "curves.png")
                 save(epoch, None)
                 if improved and is_main_process():
                     _copy_atomically(last_path, best_path)
@@ -190,6 +193,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _print(f"no validation split, so no best.pt; the last epoch's model is {last_path}")
     elif best:
         _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
+        # Evaluated anew, as `evaluate` would: the model in memory is the last epoch's.
+        evaluate_checkpoint(best_path, config.data, split=config.val_split, batch_size=config.batch_size,
+                            image_size=config.image_size, workers=config.workers, format=config.format,
+                            report=output_dir / "report")
+        _print(f"evaluation report of best.pt: {output_dir / 'report' / 'report.md'}; curves: {output_dir / 'curves.png'}")
     return record
 
 
@@ -219,7 +227,7 @@ def _stopped(signals: StopSignals, where: str, last_path: Path) -> TrainingStopp
 
 def _remove_abandoned_writes(output_dir: Path) -> None:
     """Temporary files of writes a killed run left unfinished (files.atomic_write's names)."""
-    for name in ("checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl"):
+    for name in ("checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"):
         for abandoned in output_dir.glob(f".{name}.*.tmp"):
             abandoned.unlink(missing_ok=True)
 
@@ -251,6 +259,12 @@ def _out_of_time(training_seconds: float, max_minutes: float | None) -> bool:
     """Whether ``max_minutes`` of training have passed by the main process's clock: all processes must
     stop after the same epoch, or those going on would wait for the others forever."""
     return is_main_process() and max_minutes is not None and training_seconds / 60 >= max_minutes
+
+
+def _draw_curves(log_path: Path, out: Path) -> None:
+    from ..report import write_training_curves  # matplotlib is loaded only to draw
+
+    write_training_curves(log_path, out)
 
 
 def _copy_atomically(source: Path, destination: Path) -> None:

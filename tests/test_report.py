@@ -1,0 +1,287 @@
+"""The evaluation report and the training curves, on constructed detections: per-class metrics against
+pycocotools, each error in its bin with the AP its fix gives, the confusion matrix's counts, the
+files and their links, class names escaped."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.cocoeval import COCOeval
+
+from deformable_detr.checkpoints import save_checkpoint
+from deformable_detr.cli import main
+from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
+from deformable_detr.data.coco import coco_index
+from deformable_detr.evaluation import CocoEvaluator, results_index
+from deformable_detr.model import build_model
+from deformable_detr.report import write_report, write_training_curves
+from deformable_detr.report.confusion import confusion_matrix
+from deformable_detr.report.document import escape
+from deformable_detr.report.errors import ERROR_KINDS, TRUE_POSITIVE, error_breakdown
+from deformable_detr.report.per_class import PER_CLASS_AP, per_class_metrics
+
+# Two classes; class 3 has no object (its detections are COCO's to ignore: no AP to score).
+CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "unseen"}]
+
+
+def _object(number, image_id, category, box, crowd=0):
+    return {"id": number, "image_id": image_id, "category_id": category, "bbox": box, "area": box[2] * box[3],
+            "iscrowd": crowd}
+
+
+def _detection(image_id, category, box, score):
+    return {"image_id": image_id, "category_id": category, "bbox": box, "score": score}
+
+
+# One image, one error of each kind, each one ranked above a true positive of its class, so that each
+# costs AP50; the objects, by name:
+OBJECTS = {
+    "A": _object(1, 1, 1, [10, 10, 40, 40]),    # found, and found again (a duplicate)
+    "B": _object(2, 1, 2, [100, 10, 40, 40]),   # boxed right, called a circle (classification)
+    "C": _object(3, 1, 1, [10, 100, 40, 40]),   # boxed 25 px off (localisation)
+    "D": _object(4, 1, 2, [100, 100, 40, 40]),  # a circle 25 px off (both), so missed
+    "E": _object(5, 1, 2, [200, 200, 30, 30]),  # nothing near it (missed)
+    "F": _object(6, 1, 1, [200, 10, 40, 40]),   # found, late
+    "G": _object(7, 1, 2, [200, 100, 40, 40]),  # found, late
+    "H": _object(8, 1, 1, [10, 200, 60, 60], crowd=1),  # a crowd: its detection is ignored
+}
+DETECTIONS = {
+    "background": _detection(1, 1, [150, 250, 30, 30], 0.95),
+    "true A": _detection(1, 1, [10, 10, 40, 40], 0.9),
+    "duplicate": _detection(1, 1, [12, 10, 40, 40], 0.8),
+    "classification": _detection(1, 1, [100, 10, 40, 40], 0.7),
+    "localisation": _detection(1, 1, [35, 100, 40, 40], 0.6),
+    "both": _detection(1, 1, [125, 100, 40, 40], 0.5),
+    "true F": _detection(1, 1, [200, 10, 40, 40], 0.3),
+    "true G": _detection(1, 2, [200, 100, 40, 40], 0.3),
+    "on the crowd": _detection(1, 1, [15, 205, 30, 30], 0.4),
+}
+
+
+def _ground_truth(objects=None):
+    objects = OBJECTS.values() if objects is None else objects
+    images = [{"id": 1, "width": 320, "height": 320, "file_name": "1.png"}]
+    return coco_index({"images": images, "categories": CATEGORIES, "annotations": [dict(o) for o in objects]})
+
+
+def _ap50(truth, detections):
+    """AP50 by pycocotools itself: the reference the breakdown's gains are checked against."""
+    evaluation = COCOeval(truth, results_index(truth, detections), "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return evaluation.stats[1]
+
+
+def test_each_error_lands_in_its_bin_and_gains_what_its_fix_gives():
+    truth = _ground_truth()
+    detections = results_index(truth, list(DETECTIONS.values()))
+    breakdown = error_breakdown(truth, detections, [1])
+
+    kinds = {name: breakdown.detection_kinds.get(number) for number, name in enumerate(DETECTIONS, start=1)}
+    assert kinds == {"background": "background", "true A": TRUE_POSITIVE, "duplicate": "duplicate",
+                     "classification": "classification", "localisation": "localisation", "both": "both",
+                     "true F": TRUE_POSITIVE, "true G": TRUE_POSITIVE, "on the crowd": None}
+    assert breakdown.missed == {OBJECTS["D"]["id"], OBJECTS["E"]["id"]}
+    assert breakdown.counts == {kind: 2 if kind == "missed" else 1 for kind in ERROR_KINDS}
+
+    original = list(DETECTIONS.values())
+    assert breakdown.ap50 == pytest.approx(_ap50(truth, original), abs=1e-12)
+    without = {name: [d for key, d in DETECTIONS.items() if key != name] for name in DETECTIONS}
+    fixed = {
+        "classification": [*without["classification"], {**DETECTIONS["classification"], "category_id": 2}],
+        "localisation": [*without["localisation"], {**DETECTIONS["localisation"], "bbox": OBJECTS["C"]["bbox"]}],
+        "both": without["both"], "duplicate": without["duplicate"], "background": without["background"],
+    }
+    for kind, corrected in fixed.items():
+        expected = _ap50(truth, corrected) - _ap50(truth, original)
+        assert expected > 1e-3, kind  # the set is built so that every error costs AP
+        assert breakdown.ap_gains[kind] == pytest.approx(expected, abs=1e-12), kind
+    found_only = _ground_truth(o for name, o in OBJECTS.items() if name not in "DE")
+    expected = _ap50(found_only, original) - _ap50(truth, original)
+    assert expected > 1e-3 and breakdown.ap_gains["missed"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_fix_onto_an_object_found_already_drops_the_detection():
+    truth = _ground_truth()
+    # A second classification error on B, lower: once the first takes B, it is a duplicate to drop.
+    second = _detection(1, 1, [101, 10, 40, 40], 0.65)
+    detections = results_index(truth, [*DETECTIONS.values(), second])
+    breakdown = error_breakdown(truth, detections, [1])
+    assert breakdown.counts["classification"] == 2
+    corrected = [*[d for key, d in DETECTIONS.items() if key != "classification"],
+                 {**DETECTIONS["classification"], "category_id": 2}]
+    expected = _ap50(truth, corrected) - _ap50(truth, [*DETECTIONS.values(), second])
+    assert breakdown.ap_gains["classification"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_confusion_matrix_counts_at_its_thresholds():
+    truth = _ground_truth()
+    detections = results_index(truth, list(DETECTIONS.values()))
+    # Rows: circle, square, unseen, background (true); columns the same (predicted). The detections on
+    # nothing at IoU 0.5 (background, duplicate, localisation, both) are all circles; the crowd is not counted.
+    assert confusion_matrix(truth, detections, [1], score_threshold=0.0).tolist() == [
+        [2, 0, 0, 1],  # A and F found; C not
+        [1, 1, 0, 2],  # B called a circle; G found; D and E not
+        [0, 0, 0, 0],
+        [4, 0, 0, 0],
+    ]
+    assert confusion_matrix(truth, detections, [1], score_threshold=0.85).tolist() == [
+        [1, 0, 0, 2],
+        [0, 0, 0, 4],
+        [0, 0, 0, 0],
+        [1, 0, 0, 0],
+    ]
+
+
+def _random_set(seed=0, images=12):
+    """Objects of three classes (one class rare, with crowds) and noisy detections of them."""
+    rng = np.random.default_rng(seed)
+    image_entries, objects, detections = [], [], []
+    for image_id in range(1, images + 1):
+        image_entries.append({"id": image_id, "width": 320, "height": 240, "file_name": f"{image_id}.png"})
+        for _ in range(rng.integers(0, 6)):
+            w, h = rng.uniform(8, 150, 2)
+            box = [float(rng.uniform(0, 320 - w)), float(rng.uniform(0, 240 - h)), float(w), float(h)]
+            category = int(rng.choice([1, 2, 3], p=[0.45, 0.45, 0.1]))
+            objects.append(_object(len(objects) + 1, image_id, category, box, crowd=int(rng.random() < 0.05)))
+            for _ in range(rng.integers(0, 3)):
+                jitter = rng.normal(0, 0.12, 4) * [w, h, w, h]
+                noisy = [max(float(v), 1.0) for v in np.add(box, jitter)]
+                label = category if rng.random() < 0.8 else int(rng.integers(1, 4))
+                detections.append(_detection(image_id, label, noisy, float(rng.random())))
+        for _ in range(rng.integers(0, 4)):
+            detections.append(_detection(image_id, int(rng.integers(1, 5)), [*rng.uniform(0, 200, 2), 30.0, 30.0],
+                                         float(rng.random() * 0.6)))
+    categories = [*CATEGORIES, {"id": 4, "name": "never"}]
+    return coco_index({"images": image_entries, "categories": categories, "annotations": objects}), detections
+
+
+def _evaluator(truth, detections):
+    evaluator = CocoEvaluator(truth)
+    for image_id in truth.imgs:
+        rows = [d for d in detections if d["image_id"] == image_id]
+        boxes = torch.tensor([d["bbox"] for d in rows], dtype=torch.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        evaluator.update([{"boxes": boxes, "scores": torch.tensor([d["score"] for d in rows]),
+                           "labels": torch.tensor([d["category_id"] for d in rows])}], [image_id])
+    return evaluator
+
+
+def test_per_class_metrics_are_pycocotools_per_category_and_average_to_ap():
+    truth, detections = _random_set()
+    evaluation = _evaluator(truth, detections).evaluation()
+    classes = per_class_metrics(evaluation, {c["id"]: c["name"] for c in truth.dataset["categories"]})
+    assert [row["id"] for row in classes] == [1, 2, 3, 4]
+
+    stats = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
+    for row in classes:
+        reference = COCOeval(truth, results_index(truth, detections), "bbox")
+        reference.params.catIds = [row["id"]]
+        with contextlib.redirect_stdout(io.StringIO()):
+            reference.evaluate()
+            reference.accumulate()
+            reference.summarize()
+        for name, index in stats.items():
+            expected = reference.stats[index]
+            assert (row[name] is None) == (expected == -1), (row["name"], name)
+            if row[name] is not None:
+                assert row[name] == pytest.approx(expected, abs=1e-6), (row["name"], name)
+        assert row["objects"] == sum(a["category_id"] == row["id"] and not a["iscrowd"] for a in truth.anns.values())
+
+    scored = [row for row in classes if row["objects"]]
+    assert len(scored) == 3 and classes[3]["AP"] is None
+    for name in PER_CLASS_AP:
+        defined = [row[name] for row in scored if row[name] is not None]
+        headline = dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), evaluation.stats))[name]
+        assert np.mean(defined) == pytest.approx(headline, abs=1e-12), name
+
+
+NASTY_NAME = "<img src=x onerror=alert(1)> | *bold* [link](http://x) `code` $x$"
+
+
+@pytest.fixture
+def report(tmp_path):
+    truth, detections = _random_set(seed=1, images=8)
+    for image in truth.dataset["images"]:
+        Image.new("RGB", (image["width"], image["height"]), (90, 120, 150)).save(tmp_path / image["file_name"])
+    names = {1: "circle", 2: NASTY_NAME, 3: "triangle"}
+    path = write_report(_evaluator(truth, detections).evaluation(), tmp_path / "report", class_names=names,
+                        image_path=lambda image_id: tmp_path / truth.imgs[image_id]["file_name"],
+                        title="model.pt on shapes (val)", score_threshold=0.3, worst_images=3)
+    return path
+
+
+def test_report_writes_its_pictures_and_every_link_resolves(report):
+    text = report.read_text()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    pictures = [link for link in links if link.endswith(".png")]
+    assert {"pr_curves.png", "confusion_matrix.png"} <= set(pictures) and len(pictures) == 5  # 3 worst images
+    for link in links:
+        assert (report.parent / link).is_file(), link
+    for link in pictures:
+        with Image.open(report.parent / link) as picture:
+            assert picture.format == "PNG" and picture.width >= 400 and picture.height >= 300, link
+    errors = json.loads((report.parent / "errors.json").read_text())
+    assert set(errors["errors"]) == set(ERROR_KINDS)
+    assert all(f"| {kind} | {errors['errors'][kind]['count']} |" in text for kind in ERROR_KINDS)
+    confusion = json.loads((report.parent / "confusion_matrix.json").read_text())
+    assert np.asarray(confusion["counts"]).shape == (5, 5) and confusion["classes"][1] == NASTY_NAME
+
+
+def test_class_names_appear_escaped(report):
+    text = report.read_text()
+    assert NASTY_NAME not in text and "<img" not in text
+    assert f"| {escape(NASTY_NAME)} |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| " + escape(NASTY_NAME)))
+    assert len(re.findall(r"(?<!\\)\|", row)) == 10  # nine cells: the name's pipe does not split the row
+    assert escape(NASTY_NAME) == (r"&lt;img src=x onerror=alert\(1\)&gt; \| \*bold\* \[link\]\(http://x\) "
+                                  r"\`code\` $x$")
+    assert json.loads((report.parent / "per_class.json").read_text())["classes"][1]["name"] == NASTY_NAME
+
+
+def _log(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_training_curves_are_drawn(tmp_path):
+    losses = {"train_loss": 9.0, "train_loss_ce": 1.0, "train_loss_bbox": 0.3, "train_loss_giou": 0.5,
+              "train_loss_ce_0": 1.1, "train_loss_ce_enc": 1.3}
+    records = [
+        {"epoch": 0, **losses, "AP": 0.1, "AP50": 0.2, "training_minutes": 1.0},
+        {"epoch": 1, **losses, "AP": 0.3, "AP50": 0.5, "training_minutes": 2.0},
+        {"epoch": 2, **losses, "AP": 0.25, "AP50": 0.5, "training_minutes": 2.9},
+    ]
+    _log(tmp_path / "log.jsonl", records)
+    write_training_curves(tmp_path / "log.jsonl", tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as picture:
+        assert picture.format == "PNG" and picture.width >= 800 and picture.height >= 800
+    _log(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="empty.jsonl: no epoch logged yet"):
+        write_training_curves(tmp_path / "empty.jsonl", tmp_path / "none.png")
+
+
+def test_evaluate_command_writes_the_report(tmp_path, capsys):
+    data = synthesize(tmp_path / "shapes", train=0, val=3, image_size=96)
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, build_model("tiny", num_classes=6), class_names=dict(enumerate(SYNTHETIC_CLASSES, 1)),
+                    image_size=96)
+    out = tmp_path / "report"
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--report", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{out}/report.md: per-class AP")
+    text = (out / "report.md").read_text()
+    assert text.startswith(f"# Evaluation report: {escape(f'{checkpoint} on {data} (val)')}")
+    assert all(f"| {name} |" in text for name in SYNTHETIC_CLASSES)
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--report", str(blocked)]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {blocked}: not a folder, so the report cannot go there\n"

@@ -192,12 +192,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if val_set is None:
         _print(f"no validation split, so no best.pt; the last epoch's model is {last_path}")
     elif best:
-        _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
         # Evaluated anew, as `evaluate` would: the model in memory is the last epoch's.
         evaluate_checkpoint(best_path, config.data, split=config.val_split, batch_size=config.batch_size,
                             image_size=config.image_size, workers=config.workers, format=config.format,
                             report=output_dir / "report")
-        _print(f"evaluation report of best.pt: {output_dir / 'report' / 'report.md'}; curves: {output_dir / 'curves.png'}")
+        _print(f"report of best.pt: {output_dir / 'report' / 'report.md'}; training curves: {output_dir / 'curves.png'}")
+        _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
     return record
 
 

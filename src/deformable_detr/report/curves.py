@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from .figures import new_figure, save_figure
@@ -15,45 +17,56 @@ from .figures import new_figure, save_figure
 # Loss terms by their base name: the last decoder layer's is ``train_<base>``; the other decoder
 # layers', the encoder's proposals' and the denoising queries' add a suffix (``train_<base>_0``).
 LOSS_TERMS = {"loss_ce": "classification", "loss_bbox": "box L1", "loss_giou": "box GIoU"}
+X_AXES = {"epochs": "epochs trained", "minutes": "training minutes"}
 
 
 def write_training_curves(log_path: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Draw the curves of the run logged in ``log_path`` (``log.jsonl``) into the PNG ``out``."""
+    """Draw the curves of the run logged in ``log_path`` (``log.jsonl``) into the PNG ``out``: a
+    column against epochs and one against training minutes, a row per loss and one of the validation
+    AP, the best epoch (``best.pt``'s) marked by a dashed line."""
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
     if not records:
         raise ValueError(f"{log_path}: no epoch logged yet")
     evaluated = [record for record in records if "AP" in record]
-    best = max(evaluated, key=lambda record: record["AP"]) if evaluated else None
     panels = [("total loss (weighted)", "train_loss", [])]
     for base, title in LOSS_TERMS.items():
         key = f"train_{base}"
         panels.append((title, key, sorted(name for name in records[-1] if name.startswith(key + "_"))))
-    figure = new_figure(11, 2.3 * (len(panels) + bool(evaluated)) + 0.6)
-    grid = figure.subplots(len(panels) + bool(evaluated), 2, sharex="col", squeeze=False)
-    for column, (axis, label) in enumerate((("epochs", "epochs trained"), ("minutes", "training minutes"))):
-        x = [_position(record, axis) for record in records]
-        for axes, (title, key, others) in zip(grid[:, column], panels):
-            for other in others:  # earlier layers, encoder proposals, denoising queries: thin, behind
-                axes.plot(x, [record.get(other) for record in records], color="0.75", linewidth=0.8)
-            axes.plot(x, [record.get(key) for record in records], marker="o", markersize=3, color="C0")
-            axes.set_title(title + (f": last layer, {len(others)} other terms in grey" if others else ""),
-                           fontsize="medium")
-        if best is not None:
-            axes = grid[-1, column]
-            x = [_position(record, axis) for record in evaluated]
-            for key, colour in (("AP", "C3"), ("AP50", "C1")):
-                axes.plot(x, [record[key] for record in evaluated], marker="o", markersize=3, color=colour, label=key)
-            axes.set(title="validation COCO AP", ylim=(0, 1))
-            for axes in grid[:, column]:
-                axes.axvline(_position(best, axis), color="C3", linestyle="--", linewidth=1,
-                             label=f"best: after {best['epoch'] + 1} epochs, AP {best['AP']:.3f}")
-            grid[-1, column].legend(loc="upper left", fontsize="small")
-        grid[-1, column].set_xlabel(label)
+    rows = len(panels) + bool(evaluated)
+    figure = new_figure(11, 2.3 * rows + 0.6)
+    grid = figure.subplots(rows, 2, sharex="col", squeeze=False)
+    for column, axis in zip(grid.T, X_AXES):
+        for axes, (title, key, others) in zip(column, panels):
+            _draw_loss(axes, records, axis, title, key, others)
+        if evaluated:
+            _draw_ap(column, evaluated, axis)
+        column[-1].set_xlabel(X_AXES[axis])
         if axis == "epochs":
-            grid[-1, column].xaxis.set_major_locator(MaxNLocator(integer=True))
-        for axes in grid[:, column]:
+            column[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        for axes in column:
             axes.grid(alpha=0.3)
     save_figure(figure, out)
+
+
+def _draw_loss(axes: Axes, records: list[dict[str, Any]], axis: str, title: str, key: str, others: list[str]) -> None:
+    x = [_position(record, axis) for record in records]
+    for other in others:  # earlier layers, encoder proposals, denoising queries: thin, behind
+        axes.plot(x, [record.get(other) for record in records], color="0.75", linewidth=0.8)
+    axes.plot(x, [record.get(key) for record in records], marker="o", markersize=3, color="C0")
+    axes.set_title(title + (f": last layer, {len(others)} other terms in grey" if others else ""), fontsize="medium")
+
+
+def _draw_ap(column: Sequence[Axes], evaluated: list[dict[str, Any]], axis: str) -> None:
+    """AP and AP50 in the column's last panel, the best epoch marked in all of them."""
+    x = [_position(record, axis) for record in evaluated]
+    for key, colour in (("AP", "C3"), ("AP50", "C1")):
+        column[-1].plot(x, [record[key] for record in evaluated], marker="o", markersize=3, color=colour, label=key)
+    column[-1].set(title="validation COCO AP", ylim=(0, 1))
+    best = max(evaluated, key=lambda record: record["AP"])
+    for axes in column:
+        axes.axvline(_position(best, axis), color="C3", linestyle="--", linewidth=1,
+                     label=f"best: after {best['epoch'] + 1} epochs, AP {best['AP']:.3f}")
+    column[-1].legend(loc="upper left", fontsize="small")
 
 
 def _position(record: dict[str, Any], axis: str) -> float:

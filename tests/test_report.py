@@ -62,6 +62,7 @@ DETECTIONS = {
     "true F": _detection(1, 1, [200, 10, 40, 40], 0.3),
     "true G": _detection(1, 2, [200, 100, 40, 40], 0.3),
     "on the crowd": _detection(1, 1, [15, 205, 30, 30], 0.4),
+    "no class": _detection(1, 9, [10, 10, 40, 40], 0.99),  # an id the data does not name: COCO ignores it
 }
 
 
@@ -89,7 +90,7 @@ def test_each_error_lands_in_its_bin_and_gains_what_its_fix_gives():
     kinds = {name: breakdown.detection_kinds.get(number) for number, name in enumerate(DETECTIONS, start=1)}
     assert kinds == {"background": "background", "true A": TRUE_POSITIVE, "duplicate": "duplicate",
                      "classification": "classification", "localisation": "localisation", "both": "both",
-                     "true F": TRUE_POSITIVE, "true G": TRUE_POSITIVE, "on the crowd": None}
+                     "true F": TRUE_POSITIVE, "true G": TRUE_POSITIVE, "on the crowd": None, "no class": None}
     assert breakdown.missed == {OBJECTS["D"]["id"], OBJECTS["E"]["id"]}
     assert breakdown.counts == {kind: 2 if kind == "missed" else 1 for kind in ERROR_KINDS}
 

@@ -26,8 +26,12 @@ def confusion_matrix(
     The detections scoring at least ``score_threshold`` are matched to objects regardless of class
     (COCO's matching at ``iou``, best-scoring first): a matched pair counts at (its object's class,
     its class), a detection on nothing in the background row, an object nothing found in the
-    background column. Crowd (and difficult) objects and the detections on them are not counted."""
-    kept = results_index(ground_truth, [d for d in detections.dataset["annotations"] if d["score"] >= score_threshold])
+    background column. Crowd (and difficult) objects and the detections on them are not counted, nor,
+    as in COCO's AP, detections of ids that name no class."""
+    kept = results_index(ground_truth, [
+        d for d in detections.dataset["annotations"]
+        if d["score"] >= score_threshold and d["category_id"] in ground_truth.cats
+    ])
     found = matches(evaluate_at(ground_truth, kept, image_ids, iou=iou, by_class=False))
     found_objects = set(found.values())
     index = {category: row for row, category in enumerate(sorted(ground_truth.cats))}

@@ -58,7 +58,8 @@ class ErrorBreakdown:
 
 def error_breakdown(ground_truth: COCO, detections: COCO, image_ids: Sequence[int]) -> ErrorBreakdown:
     """Every detection in ``detections`` (a results index, as ``COCOeval.cocoDt``) on ``image_ids``
-    given its kind, and each kind's AP50 gain."""
+    given its kind, and each kind's AP50 gain. Detections of ids that name no class are left out, as
+    COCO leaves them out of AP."""
     evaluation = evaluate_at(ground_truth, detections, image_ids, iou=FOREGROUND_IOU)
     found = matches(evaluation)
     kinds, targets = {}, {}
@@ -66,6 +67,8 @@ def error_breakdown(ground_truth: COCO, detections: COCO, image_ids: Sequence[in
         unmatched = []
         for detection in detections.imgToAnns[image_id]:
             target = found.get(detection["id"])
+            if detection["category_id"] not in ground_truth.cats:
+                continue
             if target is None:
                 unmatched.append(detection)
             elif not ground_truth.anns[target].get("iscrowd", 0):

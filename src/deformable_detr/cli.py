@@ -19,7 +19,7 @@ from .checkpoints import load_pretrained, read_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .data.formats import FORMATS
 from .data.synthetic import OBJECT_SIZES
-from .distributed import is_main_process, setup_distributed
+from .distributed import is_main_process, setup_distributed, wait_for_all
 from .evaluation import evaluate_checkpoint, format_metrics
 from .explore import explore
 from .model import build_model
@@ -70,6 +70,9 @@ def _detect(args: argparse.Namespace) -> int:
     failures = detect_files(detector, args.inputs, args.out, threshold=args.threshold, batch_size=args.batch_size)
     if is_main_process():
         print(f"{args.out}: annotated images and detections.json" + (f"; {len(failures)} file(s) failed" if failures else ""))
+    # Under torchrun all processes end alike, and after that line: torchrun stops the others as soon
+    # as one fails, and each node's torchrun waits for every other to succeed before its own ends.
+    wait_for_all()
     return 1 if failures else 0
 
 

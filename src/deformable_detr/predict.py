@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
-from .distributed import is_main_process, rank, wait_for_all, world_size
+from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
 from .evaluation import coco_results, write_results_json
 from .files import atomic_write
 from .model import DeformableDETR, postprocess
@@ -188,8 +188,8 @@ def detect_files(
     ``out/.detect-progress/`` until the merge: the same command run again after an interruption
     detects only the batches not done.
 
-    A file that cannot be read is reported on stderr and skipped. Returns those reports: all of them
-    in the main process, none in the others (so that a command's status says it once).
+    A file that cannot be read is reported on stderr and skipped. Returns those reports (every
+    process returns them all).
     """
     out = Path(out)
     files = image_files(inputs)
@@ -216,12 +216,12 @@ def detect_files(
             done.record(start, results, failures)
             bar.update(len(files[start : start + batch_size]))
     wait_for_all()
-    if not is_main_process():
-        return []
-    results, failures = done.merge(batches)
-    write_results_json(out / "detections.json", results)
-    done.remove()
-    return failures
+    failures: list[str] = []
+    if is_main_process():
+        results, failures = done.merge(batches)
+        write_results_json(out / "detections.json", results)
+        done.remove()
+    return main_process_decides(failures)
 
 
 def _output_names(files: list[Path]) -> list[str]:

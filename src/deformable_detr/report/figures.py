@@ -17,8 +17,10 @@ from ..files import atomic_write
 
 # A legend with more classes than this would hide the curves: the curves are drawn without names.
 MOST_NAMED_CURVES = 12
-# Above this many classes, a confusion matrix's cells are too small for their counts.
+# Above this many classes, a confusion matrix's cells are too small for their counts (and its labels
+# are set small); it grows with the classes up to LARGEST_MATRIX inches (COCO's 80 fit at 1,500 pixels).
 MOST_COUNTED_CELLS = 20
+LARGEST_MATRIX = 15.0
 KIND_COLOURS = {
     "true positive": "#2ca02c", "classification": "#d62728", "localisation": "#ff7f0e", "both": "#9467bd",
     "duplicate": "#e377c2", "background": "#8c564b", "missed": "#d62728", "object": "#ffffff",
@@ -77,7 +79,7 @@ def confusion_figure(counts: np.ndarray, names: Sequence[str], title: str) -> Fi
     """``counts`` ((K + 1)², rows true, columns predicted, background last) coloured by the share of
     each row, with the counts written in the cells where they fit."""
     labels = [plain(name) for name in names] + ["background"]
-    size = max(5.0, 0.45 * len(labels) + 2.5)
+    size = min(max(5.0, 0.45 * len(labels) + 2.5), LARGEST_MATRIX)
     figure = new_figure(size + 1, size)
     axes = figure.subplots()
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -88,9 +90,10 @@ def confusion_figure(counts: np.ndarray, names: Sequence[str], title: str) -> Fi
             if count:
                 colour = "white" if shares[row, column] > 0.5 else "black"
                 axes.text(column, row, str(count), ha="center", va="center", color=colour, fontsize="small")
-    ticks = np.arange(len(labels))
-    axes.set_xticks(ticks, labels, rotation=45, ha="right", rotation_mode="anchor")
-    axes.set_yticks(ticks, labels)
+    ticks, fontsize = np.arange(len(labels)), "medium" if len(labels) <= MOST_COUNTED_CELLS else "xx-small"
+    axes.set_xticks(ticks, labels, rotation=45 if len(labels) <= MOST_COUNTED_CELLS else 90, ha="right",
+                    rotation_mode="anchor", fontsize=fontsize)
+    axes.set_yticks(ticks, labels, fontsize=fontsize)
     axes.set(xlabel="predicted class", ylabel="true class", title=title)
     return figure
 

@@ -15,17 +15,16 @@ import torch
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
-from deformable_detr.checkpoints import save_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 from deformable_detr.data.coco import coco_index
 from deformable_detr.evaluation import CocoEvaluator, results_index
-from deformable_detr.model import build_model
 from deformable_detr.report import write_report, write_training_curves
 from deformable_detr.report.confusion import confusion_matrix
 from deformable_detr.report.document import escape
 from deformable_detr.report.errors import ERROR_KINDS, TRUE_POSITIVE, error_breakdown
 from deformable_detr.report.per_class import PER_CLASS_AP, per_class_metrics
+from deformable_detr.train import TrainConfig, loop, train
 
 # Two classes; class 3 has no object (its detections are COCO's to ignore: no AP to score).
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "unseen"}]
@@ -270,14 +269,28 @@ def test_training_curves_are_drawn(tmp_path):
         write_training_curves(tmp_path / "empty.jsonl", tmp_path / "none.png")
 
 
-def test_evaluate_command_writes_the_report(tmp_path, capsys):
-    data = synthesize(tmp_path / "shapes", train=0, val=3, image_size=96)
-    checkpoint = tmp_path / "model.pt"
-    save_checkpoint(checkpoint, build_model("tiny", num_classes=6), class_names=dict(enumerate(SYNTHETIC_CLASSES, 1)),
-                    image_size=96)
-    out = tmp_path / "report"
+def test_training_draws_curves_every_epoch_and_reports_on_best_pt_as_evaluate_does(tmp_path, monkeypatch, capsys):
+    data = synthesize(tmp_path / "shapes", train=2, val=2, image_size=64)
+    drawn = []
+    draw = loop._draw_curves
+    monkeypatch.setattr(loop, "_draw_curves", lambda log, out: drawn.append(len(log.read_text().splitlines())) or draw(log, out))
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(data), output_dir=str(run), preset="tiny", epochs=2, batch_size=2, image_size=64, workers=0))
+    assert drawn == [1, 2]  # after each epoch, with its record
+    with Image.open(run / "curves.png") as picture:
+        assert picture.format == "PNG" and picture.width >= 800
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda record: record["AP"])
+    reported = json.loads((run / "report" / "per_class.json").read_text())
+    assert reported["metrics"] == pytest.approx({key: best[key] for key in reported["metrics"]}, abs=1e-9)  # best.pt's
+
+    out = tmp_path / "evaluated"
+    checkpoint = run / "best.pt"
+    capsys.readouterr()
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--report", str(out)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{out}/report.md: per-class AP")
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{out}/report.md: per-class AP, precision-recall curves, confusion matrix, errors")
+    assert json.loads((out / "per_class.json").read_text()) == reported
     text = (out / "report.md").read_text()
     assert text.startswith(f"# Evaluation report: {escape(f'{checkpoint} on {data} (val)')}")
     assert all(f"| {name} |" in text for name in SYNTHETIC_CLASSES)

@@ -33,7 +33,9 @@ def write_training_curves(log_path: str | os.PathLike, out: str | os.PathLike) -
         key = f"train_{base}"
         panels.append((title, key, sorted(name for name in records[-1] if name.startswith(key + "_"))))
     rows = len(panels) + bool(evaluated)
-    figure = new_figure(11, 2.3 * rows + 0.6)
+    height = 2.3 * rows + 0.6
+    figure = new_figure(11, height, constrained=False)
+    figure.subplots_adjust(left=0.06, right=0.99, top=1 - 0.35 / height, bottom=0.55 / height, hspace=0.38, wspace=0.12)
     grid = figure.subplots(rows, 2, sharex="col", squeeze=False)
     for column, axis in zip(grid.T, X_AXES):
         for axes, (title, key, others) in zip(column, panels):

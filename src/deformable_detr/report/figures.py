@@ -36,8 +36,11 @@ class LabelledBox:
     kind: str
 
 
-def new_figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+def new_figure(width: float, height: float, *, constrained: bool = True) -> Figure:
+    """A figure of ``width`` x ``height`` inches at 100 pixels an inch, on an Agg canvas. Constrained
+    layout fits the panels around their labels; it costs about as much as drawing them, so a figure
+    drawn often (the training curves) sets its margins itself."""
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained" if constrained else None)
     FigureCanvasAgg(figure)
     return figure
 

@@ -208,8 +208,9 @@ def test_per_class_metrics_are_pycocotools_per_category_and_average_to_ap():
 NASTY_NAME = "<img src=x onerror=alert(1)> | *bold* [link](http://x) `code` $x$"
 
 
-@pytest.fixture
-def report(tmp_path):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
     truth, detections = _random_set(seed=1, images=8)
     for image in truth.dataset["images"]:
         Image.new("RGB", (image["width"], image["height"]), (90, 120, 150)).save(tmp_path / image["file_name"])

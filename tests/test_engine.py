@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -106,3 +107,25 @@ def test_cli_evaluates_a_checkpoint(data, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "run" / "best.pt"), "--data", str(data), "--image-size", "96", "--workers", "0"]) == 0
     assert capsys.readouterr().out.strip().startswith("AP ")
     assert main(["evaluate", str(tmp_path / "missing.pt"), "--data", str(data)]) == 1
+
+
+def test_a_time_budget_stops_within_the_epoch_and_drops_the_learning_rate_at_its_share(data, tmp_path, monkeypatch):
+    # Every update takes half a minute by this clock.
+    ticks = iter(range(0, 10**6, 30))
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: float(next(ticks)))
+    # 8 batches an epoch; the drop at 6 of 10 epochs, i.e. at 60 % of the budget: 1.2 minutes.
+    run = config(data, tmp_path / "run", epochs=10, lr_drop_epoch=6, batch_size=1, lr=1e-3, max_minutes=2.0)
+    train(run)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [step["lr"] for step in steps] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])  # 2 minutes: the end
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert record["batches"] == 4 and record["training_minutes"] == 2 and "AP" in record
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+    assert train(dataclasses.replace(run, resume=True)) == {}  # the budget is spent
+    # Twice the budget: the run is at its half, before the drop again, and goes on to the end.
+    train(dataclasses.replace(run, resume=True, max_minutes=4.0))
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [(step["epoch"], step["batch"]) for step in steps] == [(0, batch) for batch in range(1, 9)]
+    assert [step["lr"] for step in steps[4:]] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-4])
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt").extra["training_seconds"] == 240

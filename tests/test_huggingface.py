@@ -444,8 +444,8 @@ def test_num_batches_tracked_is_dropped(small_base):
 
 # --------------------------------------------------------------------------- writing
 
-# Ours, small, on a ResNet-18 (timm has the same one); the three published architectures.
-OURS_SMALL = dict(backbone="resnet18", num_classes=5, d_model=64, encoder_layers=2, decoder_layers=2,
+# Ours, small, on a full-width ResNet-18 (timm has the same one); the three published architectures.
+OURS_SMALL = dict(backbone="resnet18", backbone_width=64, num_classes=5, d_model=64, encoder_layers=2, decoder_layers=2,
                   dim_feedforward=128, num_queries=20, dropout=0.0)  # fmt: skip
 ARCHITECTURES = {
     "plain": {"with_box_refine": False},
@@ -532,3 +532,9 @@ def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_
     assert error == f"deformable-detr: error: {tmp_path / 'mixed.pt'}: mixed_query_selection (a learned content query " \
                     "for two-stage) has no transformers equivalent"  # fmt: skip
     assert not (tmp_path / "mixed").exists()
+
+    save_checkpoint(tmp_path / "narrow.pt", build_model("tiny", **{**OURS_SMALL, "backbone_width": 32}))
+    assert main(["convert", str(tmp_path / "narrow.pt"), str(tmp_path / "narrow"), "--to", "huggingface"]) == 1
+    assert capsys.readouterr().err.strip().endswith("narrow.pt: backbone width 32 has no timm equivalent: timm's "
+                                                    "ResNets have width 64")
+    assert not (tmp_path / "narrow").exists()

@@ -175,11 +175,36 @@ def test_backbone_frozen_stages():
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
 
 
-@pytest.mark.parametrize("name, channels", [("resnet18", [128, 256, 512]), ("resnet34", [128, 256, 512]), ("resnet101", [512, 1024, 2048])])
-def test_backbone_channels_come_from_the_network(name, channels):
-    model = build_model("tiny", backbone=name)
+@pytest.mark.parametrize("name, width, channels", [("resnet18", 64, [128, 256, 512]), ("resnet18", 32, [64, 128, 256]),
+                                                  ("resnet34", 64, [128, 256, 512]), ("resnet101", 64, [512, 1024, 2048]),
+                                                  ("resnet50", 16, [128, 256, 512])])
+def test_backbone_channels_come_from_the_network(name, width, channels):
+    model = build_model("tiny", backbone=name, backbone_width=width)
     assert model.backbone.num_channels == channels
     assert [p[0].in_channels for p in model.input_proj] == [*channels, channels[-1]]
+
+
+def test_a_narrow_resnet_is_torchvisions_with_fewer_channels():
+    torch.manual_seed(0)
+    narrow = build_model("tiny", backbone_width=32, backbone_norm="batch").backbone[0].body
+    full = torchvision.models.resnet18()
+    # The same blocks, each convolution with half the channels, initialised as torchvision does
+    # (He, fan out), its norms at weight 1 and bias 0.
+    narrow_convs = [m for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)]
+    full_convs = [m for m in full.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(narrow_convs) == len(full_convs) == 20
+    for mine, theirs in zip(narrow_convs, full_convs):
+        assert mine.out_channels * 2 == theirs.out_channels and mine.kernel_size == theirs.kernel_size
+        assert mine.stride == theirs.stride and mine.bias is None
+        fan_out = mine.out_channels * mine.kernel_size[0] * mine.kernel_size[1]
+        assert mine.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.2)
+    norms = [m for m in narrow.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
+
+
+def test_a_narrow_resnet_refuses_pretrained_weights():
+    with pytest.raises(ValueError, match="weights 'IMAGENET1K_V1' are for width 64, not 32"):
+        build_model("tiny", backbone_weights="IMAGENET1K_V1")
 
 
 def test_dc5_halves_the_last_stride():
@@ -201,7 +226,7 @@ def test_backbone_weights_from_a_local_file(tmp_path):
     resnet = torchvision.models.resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(resnet.state_dict(), path)
-    model = build_model("tiny", backbone_weights=str(path))
+    model = build_model("tiny", backbone_width=64, backbone_weights=str(path))
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, resnet.conv1.weight)
     torch.testing.assert_close(model.backbone[0].body.layer1[0].bn1.running_var, resnet.layer1[0].bn1.running_var)
 
@@ -215,14 +240,14 @@ def test_backbone_weights_through_torchvision_weights_api(monkeypatch):
         return expected
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", fake_download)
-    model = build_model("tiny", backbone_weights="IMAGENET1K_V1")
+    model = build_model("tiny", backbone_width=64, backbone_weights="IMAGENET1K_V1")
     assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, expected["conv1.weight"])
 
 
 def test_missing_backbone_weights_file_is_reported():
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_model("tiny", backbone_weights="missing.pth")
+        build_model("tiny", backbone_width=64, backbone_weights="missing.pth")
 
 
 def test_postprocess_top_k_labels_and_absolute_boxes():

@@ -19,6 +19,7 @@ from .checkpoints import load_pretrained, read_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .data.formats import FORMATS
 from .data.synthetic import OBJECT_SIZES
+from .demo import EPOCHS, MINUTES, run_demo
 from .distributed import is_main_process, setup_distributed, wait_for_all
 from .evaluation import evaluate_checkpoint, format_metrics
 from .explore import explore
@@ -154,10 +155,8 @@ def _print_metrics(record: dict) -> None:
         print(line)
 
 
-def _demo(_: argparse.Namespace) -> None:
-    from .demo import run_demo
-
-    _print_metrics(run_demo())
+def _demo(args: argparse.Namespace) -> None:
+    _print_metrics(run_demo(minutes=None if args.epochs else args.minutes, epochs=args.epochs or EPOCHS))
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +194,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write checkpoint.pt once M minutes have passed since the last one")
     parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")
     parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
-    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this much training time")
+    parser.add_argument("--max-minutes", type=float,
+                        help="a training-time budget: stop once it has passed (within an epoch if need be); the "
+                             "learning-rate drop falls at its share of it (--lr-drop-epoch of --epochs) or of the epochs")
     parser.add_argument("--rendezvous-timeout", type=float, metavar="SECONDS",
                         help="under torchrun: how long the processes wait for each other to join (default: %(default)s)")
     options = parser.add_argument_group("training-only options (off by default; the model trained keeps the published architecture)")
@@ -385,8 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", action="append", help="a split to check (repeatable; default: all)")
     check.set_defaults(run=_check_data)
 
-    commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data",
-                        epilog="What it trains, its measured curve and how it was tuned: docs/demo.md").set_defaults(run=_demo)
+    demo = commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data",
+                               epilog="What it trains, its measured curve and how it was tuned: docs/demo.md")
+    budget = demo.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=MINUTES,
+                        help="training minutes, the learning rate dropping at 90%% of them (default: %(default)s)")
+    budget.add_argument("--epochs", type=int, help="train this many epochs instead, however long they take")
+    demo.set_defaults(run=_demo)
 
     return parser
 

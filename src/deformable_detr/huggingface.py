@@ -526,6 +526,8 @@ def _require_published(config: ModelConfig) -> None:
         raise ValueError("mixed_query_selection (a learned content query for two-stage) has no transformers equivalent")
     if config.backbone not in _TIMM_RESNETS:
         raise ValueError(f"backbone {config.backbone} has no timm equivalent: expected one of {', '.join(sorted(_TIMM_RESNETS))}")
+    if config.backbone_width != 64:
+        raise ValueError(f"backbone width {config.backbone_width} has no timm equivalent: timm's ResNets have width 64")
 
 
 def preprocessor_config(image_size: int) -> dict[str, Any]:

@@ -84,6 +84,7 @@ def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, A
         with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in state_dict,
         two_stage=two_stage,
         num_classes=state_dict["class_embed.0.weight"].shape[0],
+        backbone_width=state_dict["backbone.0.body.conv1.weight"].shape[0],
         # Two-stage queries come from proposals: only the flag says how many.
         num_queries=values.get("num_queries", 300) if two_stage else state_dict["query_embed.weight"].shape[0],
     )

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import ops
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import ResNet
 
 from .position import build_position_embedding
 
@@ -28,15 +29,21 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
 
-def load_resnet(name: str, *, weights: str | None = None, dilation: bool = False, frozen_norm: bool = True) -> nn.Module:
+def load_resnet(
+    name: str, *, weights: str | None = None, dilation: bool = False, frozen_norm: bool = True, width: int = 64
+) -> nn.Module:
     """A torchvision ResNet with frozen (or, ``frozen_norm=False``, trainable) batch norm.
 
     ``weights`` is None (random init), a torchvision weights name of that model ("DEFAULT",
     "IMAGENET1K_V1", ...), resolved through torchvision's weights API, or the path of a local file
-    holding a torchvision ResNet state dict (.pth/.pt or .safetensors).
+    holding a torchvision ResNet state dict (.pth/.pt or .safetensors). ``width`` is the channels of
+    the stem and the first stage, each later stage doubling them: torchvision's ResNets have 64, the
+    only width with pretrained weights.
     """
     if not name.startswith(("resnet", "resnext", "wide_resnet")):
         raise ValueError(f"unsupported backbone {name!r}: expected a torchvision ResNet such as 'resnet50'")
+    if width != 64 and weights is not None:
+        raise ValueError(f"backbone weights {weights!r} are for width 64, not {width}: a narrower ResNet trains from scratch")
     local_file = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".safetensors"} or Path(weights).exists())
     resnet = torchvision.models.get_model(
         name,
@@ -46,7 +53,26 @@ def load_resnet(name: str, *, weights: str | None = None, dilation: bool = False
     )
     if local_file:
         resnet.load_state_dict(_read_state_dict(Path(weights)))
+    if width != 64:
+        _rebuild_with_width(resnet, width, dilation=dilation)
     return resnet
+
+
+def _rebuild_with_width(resnet: ResNet, width: int, *, dilation: bool) -> None:
+    """Replace ``resnet``'s stem and stages with ones of ``width`` channels in the first stage (each
+    later stage doubling them), built and initialised as torchvision builds its ResNets."""
+    block = type(resnet.layer1[0])
+    resnet.inplanes, resnet.dilation = width, 1
+    resnet.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    resnet.bn1 = resnet._norm_layer(width)
+    for index in range(4):
+        name = f"layer{index + 1}"
+        blocks = len(getattr(resnet, name))
+        setattr(resnet, name, resnet._make_layer(block, width * 2**index, blocks, stride=1 if index == 0 else 2,
+                                                 dilate=dilation and index == 3))
+    for module in resnet.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
 def fold_batch_norms(module: nn.Module) -> nn.Module:
@@ -131,7 +157,8 @@ def build_backbone(
     multi_scale: bool = True,
     position_embedding: str = "sine",
     norm: str = "frozen",
+    width: int = 64,
 ) -> Joiner:
-    resnet = load_resnet(name, weights=weights, dilation=dilation, frozen_norm=norm == "frozen")
+    resnet = load_resnet(name, weights=weights, dilation=dilation, frozen_norm=norm == "frozen", width=width)
     backbone = Backbone(resnet, train_backbone=train_backbone, return_interm_layers=multi_scale, train_all_stages=norm == "batch")
     return Joiner(backbone, build_position_embedding(position_embedding, d_model))

@@ -253,6 +253,7 @@ def build_model(config: str | ModelConfig = "r50", *, num_classes: int | None = 
         multi_scale=config.num_feature_levels > 1,
         position_embedding=config.position_embedding,
         norm=config.backbone_norm,
+        width=config.backbone_width,
     )
     transformer = DeformableTransformer(
         d_model=config.d_model,

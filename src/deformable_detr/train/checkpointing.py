@@ -30,10 +30,12 @@ def save_training_checkpoint(
     epoch: int,
     progress: EpochProgress | None,
     best: dict[str, Any],
+    training_seconds: float,
 ) -> None:
     """Write ``model`` and all a resumed run needs to go on as if never stopped, atomically: the
     optimiser and learning-rate schedule, where the run is (``epoch``, and ``progress`` into it, or
-    None once it has ended), the best epoch's record, the config and the number of processes.
+    None once it has ended), the training time of the epochs finished (``progress`` has the rest), the
+    best epoch's record, the config and the number of processes.
 
     Nothing random is saved: the order of an epoch's samples, their augmentation and a step's draws
     in the model all follow from the seed and the position.
@@ -42,7 +44,8 @@ def save_training_checkpoint(
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     epoch=epoch if progress is None else epoch - 1,  # the last epoch finished
                     epoch_progress=None if progress is None else dataclasses.asdict(progress),
-                    best=best, world_size=world_size(), train_config=dataclasses.asdict(config))
+                    best=best, training_seconds=training_seconds, world_size=world_size(),
+                    train_config=dataclasses.asdict(config))
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ResumePoint:
     progress: EpochProgress = dataclasses.field(default_factory=EpochProgress)
     best: dict[str, Any] = dataclasses.field(default_factory=dict)  # the best epoch's log record
     best_ap: float = -1.0
+    training_seconds: float = 0.0  # of the epochs finished
 
     def describe(self, batches: int) -> str:
         """``epoch 3`` or ``epoch 3, batch 40 of 100``, for messages."""
@@ -89,7 +93,9 @@ def resume_from(
     # Runs saved before the best epoch's record was stored kept only its AP.
     best_ap = best.get("AP", extra.get("best_ap", -1.0))
     progress = extra.get("epoch_progress")
-    return ResumePoint(extra["epoch"] + 1, EpochProgress(**progress) if progress else EpochProgress(), best, best_ap)
+    # Runs saved before the training time was stored start their clock anew.
+    return ResumePoint(extra["epoch"] + 1, EpochProgress(**progress) if progress else EpochProgress(), best, best_ap,
+                       extra.get("training_seconds", 0.0))
 
 
 def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:

@@ -40,7 +40,9 @@ class TrainConfig:
     format: str | None = None  # "coco", "voc" or "yolo"; detected from the files when None
     finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads re-initialised if needed
     backbone_weights: str | None = None
-    max_minutes: float | None = None  # stop after the epoch during which this much training time has passed
+    # A training-time budget: the run stops at the first update past it (evaluated and checkpointed
+    # there), and the learning-rate schedule counts the share of it spent as that share of the epochs.
+    max_minutes: float | None = None
     # Continue the run whose checkpoint.pt is in output_dir: True, False (start one) or "auto" (continue
     # it if there is one, else start it: what a requeued job or a torchrun restart wants).
     resume: bool | str = False

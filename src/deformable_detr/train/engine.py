@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from ..data.loader import TRAINING_STEP, derived_seed
@@ -94,7 +93,6 @@ def train_updates(
     criterion: SetCriterion,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
     *,
     device: torch.device,
     epoch: int,
@@ -104,7 +102,8 @@ def train_updates(
 ) -> Iterator[dict[str, float]]:
     """Train on ``loader``, the batches of epoch ``epoch`` (``batches`` in all) after the
     ``progress.batches`` already trained; after each optimiser update, with ``progress`` counting it,
-    yield its learning rate and its :data:`UPDATE_LOSSES` averaged over its batches.
+    yield its learning rate and its :data:`UPDATE_LOSSES` averaged over its batches (the caller steps
+    the learning-rate schedule).
 
     A batch's random draws in the model (dropout, denoising noise) come from torch's generator
     seeded by (seed, epoch, batch, process), so that a resumed run draws what an uninterrupted one does.
@@ -130,8 +129,6 @@ def train_updates(
                 f"{error} at epoch {epoch}, step {index}: stopping; the last good checkpoint is kept in "
                 f"{config.output_dir}"
             ) from None
-        if update:
-            scheduler.step()
         if progress.lr is None:
             progress.lr = lr
         now = time.perf_counter()

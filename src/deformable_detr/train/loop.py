@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..checkpoints import read_checkpoint
 from ..data import (
@@ -120,7 +120,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     def save(epoch: int, progress: EpochProgress | None) -> None:
         if is_main_process():
             save_training_checkpoint(last_path, model, config=config, class_names=train_set.category_names,
-                                     optimizer=optimizer, scheduler=scheduler, epoch=epoch, progress=progress, best=best)
+                                     optimizer=optimizer, scheduler=scheduler, epoch=epoch, progress=progress, best=best,
+                                     training_seconds=training_seconds)
         schedule.written()
 
     start = ResumePoint()
@@ -130,6 +131,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
             _print(f"{last_path}: nothing to train: the run is at {start.describe(batches)} and --epochs is "
                    f"{config.epochs} (a larger --epochs trains on)")
             return {}
+        minutes_trained = (start.training_seconds + start.progress.seconds) / 60
+        if config.max_minutes is not None and minutes_trained >= config.max_minutes:
+            _print(f"{last_path}: nothing to train: the run has trained {minutes_trained:.1f} minutes and "
+                   f"--max-minutes is {config.max_minutes:g} (a larger --max-minutes trains on)")
+            return {}
+        if config.max_minutes is not None:
+            # The learning rate of the next update as this budget has it (a resumed run may change it).
+            _follow_the_clock(scheduler, minutes_trained, config)
+            for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base_lr * factor(scheduler.last_epoch)
         _print(f"resuming from {last_path} at {start.describe(batches)}")
     elif config.finetune_from:
         _print(_finetune(model, config.finetune_from))
@@ -139,7 +150,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trained = DistributedDataParallel(model) if is_distributed() else model
     logger = Logger(output_dir, since_update=updates_before(start.epoch, start.progress))
     best, best_ap, record = start.best, start.best_ap, {}
-    training_seconds = 0.0
+    # The training time of the epochs finished; the current one's is its progress.seconds.
+    training_seconds = start.training_seconds
     try:
         with StopSignals(last_path) as signals:
             for epoch in range(start.epoch, config.epochs):
@@ -147,21 +159,30 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 loader = data_loader(train_set, batch_size=config.batch_size, train=True, workers=config.workers,
                                      seed=config.seed, epoch=epoch, pad_to_multiple=config.pad_to_multiple,
                                      skip_batches=progress.batches)
-                epoch_start = time.perf_counter()
-                for update in train_updates(trained, criterion, loader, optimizer, scheduler, device=device,
+                out_of_time = False
+                for update in train_updates(trained, criterion, loader, optimizer, device=device,
                                             epoch=epoch, batches=batches, config=config, progress=progress):
                     count = updates_before(epoch, progress)
+                    if config.max_minutes is not None:
+                        # The main process's clock, so that every process steps the same schedule.
+                        minutes = main_process_decides((training_seconds + progress.seconds) / 60)
+                        _follow_the_clock(scheduler, minutes, config)
+                        out_of_time = minutes >= config.max_minutes
+                    scheduler.step()
                     logger.log_update({"epoch": epoch, "batch": progress.batches, **update}, count)
-                    if progress.batches == batches:
-                        continue  # the epoch's own checkpoint follows its evaluation
+                    if progress.batches == batches or out_of_time:
+                        break  # the epoch's (or the budget's) last checkpoint follows its evaluation
                     stop, due = any_process(signals.received is not None, schedule.due(count))
                     if stop or due:
                         save(epoch, progress)
                     if stop:
                         raise _stopped(signals, f"epoch {epoch}, batch {progress.batches} of {batches}", last_path)
                 share_buffers(model)
-                training_seconds += time.perf_counter() - epoch_start
-                record = {"epoch": epoch, **progress.record()}
+                finished = progress.batches == batches
+                minutes_trained = (training_seconds + progress.seconds) / 60
+                if finished:
+                    training_seconds += progress.seconds
+                record = {"epoch": epoch, **({} if finished else {"batches": progress.batches}), **progress.record()}
                 if val_set is not None:
                     val_loader = data_loader(val_set, batch_size=config.batch_size, train=False,
                                              workers=config.workers, seed=config.seed, epoch=epoch)
@@ -170,19 +191,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if improved:
                     best_ap, best = record["AP"], record
                 # Logged before the checkpoint is written: a run resumed from an earlier one drops it.
-                logger.log_epoch({**record, "training_minutes": training_seconds / 60},
-                                 updates_before(epoch + 1, EpochProgress()))
+                logger.log_epoch({**record, "training_minutes": minutes_trained},
+                                 updates_before(epoch, progress))
                 if is_main_process():
                     _draw_curves(logger.epochs_path, output_dir / "curves.png")
-                save(epoch, None)
+                # Where the budget ran out, a resumed run with a larger one goes on from within the epoch.
+                save(epoch, None if finished else progress)
                 if improved and is_main_process():
                     _copy_atomically(last_path, best_path)
-                stop, out_of_time = any_process(signals.received is not None,
-                                                _out_of_time(training_seconds, config.max_minutes))
+                (stop,) = any_process(signals.received is not None)
                 if stop:
                     raise _stopped(signals, f"the end of epoch {epoch}", last_path)
                 if out_of_time:
-                    _print(f"stopping after epoch {epoch}: {training_seconds / 60:.1f} training minutes")
+                    _print(f"stopping at epoch {epoch}, batch {progress.batches} of {batches}: the "
+                           f"{config.max_minutes:g} training minutes of --max-minutes have passed")
                     break
     except TrainingStopped as stopped:
         _print(str(stopped))
@@ -255,16 +277,15 @@ def _report_problems(report: SplitReport, data: str) -> None:
                f"the first: {report.problems[0]} (deformable-detr check-data {data} lists them)")
 
 
-def _out_of_time(training_seconds: float, max_minutes: float | None) -> bool:
-    """Whether ``max_minutes`` of training have passed by the main process's clock: all processes must
-    stop after the same epoch, or those going on would wait for the others forever."""
-    return is_main_process() and max_minutes is not None and training_seconds / 60 >= max_minutes
-
-
 def _draw_curves(log_path: Path, out: Path) -> None:
     from ..report import write_training_curves  # matplotlib is loaded only to draw
 
     write_training_curves(log_path, out)
+
+
+def _follow_the_clock(scheduler: LambdaLR, minutes: float, config: TrainConfig) -> None:
+    """Tell a time-budgeted run's :class:`~.optim.StepSchedule` how far along its budget it is."""
+    scheduler.lr_lambdas[0].epochs_by_time = minutes / config.max_minutes * config.epochs
 
 
 def _copy_atomically(source: Path, destination: Path) -> None:

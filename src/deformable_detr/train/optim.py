@@ -1,10 +1,13 @@
-"""The published optimiser recipe: AdamW with three parameter groups, and a step learning-rate drop."""
+"""The published optimiser recipe: AdamW with three parameter groups, and a step learning-rate drop
+(by epochs, or by the share of a training-time budget)."""
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 from torch.optim import AdamW, Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LambdaLR
 
 # Parameters whose learning rate is scaled: the backbone's, and the layers that place sampling
 # points, whose small changes move every sample (the reference's lr_linear_proj_names).
@@ -47,6 +50,28 @@ def build_optimizer(
     return AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+class StepSchedule:
+    """The learning-rate factor of the ``update``-th optimiser update (``LambdaLR``'s ``lr_lambda``):
+    a linear rise over the first ``warmup_updates`` updates, then ``gamma`` for each ``lr_drop_epoch``
+    epochs passed.
+
+    A run with a training-time budget also counts epochs by its clock, ``epochs_by_time`` (the share of
+    the budget spent, times the run's epochs), which the training loop sets before each step; the
+    further along of the two counts: the drop then falls at the same share of the budget on any
+    machine. ``LambdaLR`` saves ``epochs_by_time`` with its state, so a resumed run keeps its clock.
+    """
+
+    def __init__(self, *, lr_drop_epoch: int, gamma: float, updates_per_epoch: int, warmup_updates: int) -> None:
+        self.lr_drop_epoch, self.gamma, self.updates_per_epoch = lr_drop_epoch, gamma, updates_per_epoch
+        self.warmup_updates = warmup_updates
+        self.epochs_by_time = 0.0
+
+    def __call__(self, update: int) -> float:
+        warmup = min(1.0, (update + 1) / self.warmup_updates) if self.warmup_updates else 1.0
+        epochs_passed = max(update // self.updates_per_epoch, math.floor(self.epochs_by_time))
+        return warmup * self.gamma ** (epochs_passed // self.lr_drop_epoch)
+
+
 def build_lr_scheduler(
     optimizer: Optimizer,
     *,
@@ -54,16 +79,11 @@ def build_lr_scheduler(
     gamma: float = 0.1,
     updates_per_epoch: int = 1,
     warmup_updates: int = 0,
-) -> LRScheduler:
-    """Stepped after every optimiser update: every group's learning rate rises linearly over the
-    first ``warmup_updates`` updates, then is multiplied by ``gamma`` every ``lr_drop_epoch`` epochs.
+) -> LambdaLR:
+    """:class:`StepSchedule` over every group's learning rate, stepped after every optimiser update.
 
     The published recipe has no warm-up; a short one lets a model trained from scratch take a
     higher learning rate.
     """
-
-    def factor(update: int) -> float:
-        warmup = min(1.0, (update + 1) / warmup_updates) if warmup_updates else 1.0
-        return warmup * gamma ** (update // updates_per_epoch // lr_drop_epoch)
-
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, StepSchedule(lr_drop_epoch=lr_drop_epoch, gamma=gamma, updates_per_epoch=updates_per_epoch,
+                                            warmup_updates=warmup_updates))

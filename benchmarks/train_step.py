@@ -37,7 +37,7 @@ from deformable_detr.train import SetCriterion, build_optimizer, native_bf16, tr
 from model import median_times, ours_with, report  # benchmarks/model.py, beside this script
 
 # The tiny preset's model before it was sized for the demo (docs/performance.md#the-demos-model).
-PREVIOUS_TINY = {"backbone_width": 64, "d_model": 128, "dim_feedforward": 512}
+PREVIOUS_TINY = {"backbone_width": 64, "encoder_layers": 3, "dim_feedforward": 512}
 DEMO_RECIPE = demo_config("data", "run")
 # The demo's model options, as its run builds the model: from scratch, with trainable batch norm.
 DEMO = {**DEMO_RECIPE.model_overrides, "backbone_norm": "batch"}

@@ -61,6 +61,15 @@ def test_machine_summary_names_the_processor_and_its_matrix_unit(monkeypatch):
     assert "oneDNN limited to AVX512_CORE_BF16" in environment.machine_summary()
 
 
+def test_bfloat16_is_emulated_where_the_instruction_set_is_limited_below_it(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert environment.native_bf16(torch.device("cpu"))
+    for variable, limit in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2")):
+        with monkeypatch.context() as limited:
+            limited.setenv(variable, limit)
+            assert not environment.native_bf16(torch.device("cpu"))
+
+
 def test_fused_gpu_kernel_status_per_visible_gpu(monkeypatch):
     assert dict(environment.report())["fused gpu kernel"] == "no GPU visible" or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

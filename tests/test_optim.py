@@ -75,3 +75,16 @@ def test_fused_update_matches_torchs_reference_adamw():
         reference.step()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter, reference_parameters[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_time_budget_drops_the_rate_at_its_share_or_at_the_epoch_whichever_comes_first():
+    optimizer = build_optimizer(build_model("tiny"), lr=1e-3, lr_backbone=1e-4)
+    scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=9, updates_per_epoch=100)
+    schedule = scheduler.lr_lambdas[0]
+    assert schedule(50) == 1.0
+    schedule.epochs_by_time = 8.99  # 89.9 % of the budget of a 10-epoch run
+    assert schedule(50) == 1.0
+    schedule.epochs_by_time = 9.0  # 90 %: the drop, in epoch 0 by the updates
+    assert schedule(50) == pytest.approx(0.1)
+    schedule.epochs_by_time = 2.0  # a slower clock than the updates: the epochs decide
+    assert schedule(899) == 1.0 and schedule(900) == pytest.approx(0.1)

@@ -197,6 +197,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float,
                         help="a training-time budget: stop once it has passed (within an epoch if need be); the "
                              "learning-rate drop falls at its share of it (--lr-drop-epoch of --epochs) or of the epochs")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="at the end, no evaluation report of best.pt in OUTPUT_DIR/report (docs/report.md)")
     parser.add_argument("--rendezvous-timeout", type=float, metavar="SECONDS",
                         help="under torchrun: how long the processes wait for each other to join (default: %(default)s)")
     options = parser.add_argument_group("training-only options (off by default; the model trained keeps the published architecture)")

@@ -41,12 +41,20 @@ def cpu_extensions() -> dict[str, bool]:
     }
 
 
+# oneDNN's instruction-set limits (ONEDNN_MAX_CPU_ISA) below bfloat16 arithmetic: under them it emulates bfloat16.
+_ISA_LIMITS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 in hardware (CUDA GPUs from Ampere on; CPUs with AMX
-    or AVX512-BF16), where bf16 autocast makes training faster; elsewhere it is emulated, and slower."""
+    or AVX512-BF16, unless ``ONEDNN_MAX_CPU_ISA`` or ``ATEN_CPU_CAPABILITY`` keeps torch from using
+    them), where bf16 autocast makes training faster; elsewhere it is emulated, and slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    limited = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISA_LIMITS_WITHOUT_BF16
+               or os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"))
+    hardware = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return device.type == "cpu" and hardware and not limited
 
 
 def _cores() -> int:

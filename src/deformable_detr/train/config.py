@@ -43,6 +43,8 @@ class TrainConfig:
     # A training-time budget: the run stops at the first update past it (evaluated and checkpointed
     # there), and the learning-rate schedule counts the share of it spent as that share of the epochs.
     max_minutes: float | None = None
+    # At the end, the evaluation report of best.pt in output_dir/report (docs/report.md).
+    report: bool = True
     # Continue the run whose checkpoint.pt is in output_dir: True, False (start one) or "auto" (continue
     # it if there is one, else start it: what a requeued job or a torchrun restart wants).
     resume: bool | str = False
@@ -78,5 +80,5 @@ class TrainConfig:
 # checkpoint and how many workers load its data (each sample's augmentation follows from its index,
 # whichever worker reads it), not what it trains. (The optimiser and scheduler states come from the
 # checkpoint, so a new lr or lr drop would not even apply.)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "workers", "output_dir", "checkpoint_every", "checkpoint_minutes",
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "report", "workers", "output_dir", "checkpoint_every", "checkpoint_minutes",
                     "rendezvous_timeout")

@@ -38,7 +38,7 @@ from ..distributed import (
     share_buffers,
     wait_for_all,
 )
-from ..evaluation import evaluate, evaluate_checkpoint, format_metrics
+from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics
 from ..files import atomic_write
 from ..model import DeformableDETR, build_model
 from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
@@ -150,6 +150,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trained = DistributedDataParallel(model) if is_distributed() else model
     logger = Logger(output_dir, since_update=updates_before(start.epoch, start.progress))
     best, best_ap, record = start.best, start.best_ap, {}
+    best_detections = None  # of the best epoch, where this process trained it
     # The training time of the epochs finished; the current one's is its progress.seconds.
     training_seconds = start.training_seconds
     try:
@@ -186,10 +187,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if val_set is not None:
                     val_loader = data_loader(val_set, batch_size=config.batch_size, train=False,
                                              workers=config.workers, seed=config.seed, epoch=epoch)
-                    record.update(evaluate(model, val_loader, device=device, coco=val_set.coco))
+                    detections = detect_all(model, val_loader, device=device, coco=val_set.coco)
+                    record.update(detections.summarize())
                 improved = record.get("AP", -1.0) > best_ap
                 if improved:
-                    best_ap, best = record["AP"], record
+                    best_ap, best, best_detections = record["AP"], record, detections
                 # Logged before the checkpoint is written: a run resumed from an earlier one drops it.
                 logger.log_epoch({**record, "training_minutes": minutes_trained},
                                  updates_before(epoch, progress))
@@ -214,11 +216,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if val_set is None:
         _print(f"no validation split, so no best.pt; the last epoch's model is {last_path}")
     elif best:
-        # Evaluated anew, as `evaluate` would: the model in memory is the last epoch's.
-        evaluate_checkpoint(best_path, config.data, split=config.val_split, batch_size=config.batch_size,
-                            image_size=config.image_size, workers=config.workers, format=config.format,
-                            report=output_dir / "report")
-        _print(f"report of best.pt: {output_dir / 'report' / 'report.md'}; training curves: {output_dir / 'curves.png'}")
+        if config.report:
+            _report(best_detections, val_set, config, best_path, output_dir / "report")
+            _print(f"report of best.pt: {output_dir / 'report' / 'report.md'}; training curves: {output_dir / 'curves.png'}")
         _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
     return record
 
@@ -281,6 +281,22 @@ def _draw_curves(log_path: Path, out: Path) -> None:
     from ..report import write_training_curves  # matplotlib is loaded only to draw
 
     write_training_curves(log_path, out)
+
+
+def _report(detections: CocoEvaluator | None, val_set: CocoDataset, config: TrainConfig, best_path: Path,
+            folder: Path) -> None:
+    """The evaluation report of ``best_path`` into ``folder`` (what ``evaluate --report`` writes), from the
+    best epoch's ``detections``, or where a resumed run trained that epoch before, evaluated anew."""
+    if detections is None:
+        evaluate_checkpoint(best_path, config.data, split=config.val_split, batch_size=config.batch_size,
+                            image_size=config.image_size, workers=config.workers, format=config.format, report=folder)
+        return
+    evaluation = detections.evaluation()  # collective when distributed
+    if is_main_process():
+        from ..report import write_report  # matplotlib is loaded only to draw
+
+        write_report(evaluation, folder, class_names=val_set.category_names, image_path=val_set.image_path,
+                     title=f"{best_path} on {config.data} ({config.val_split})")
 
 
 def _follow_the_clock(scheduler: LambdaLR, minutes: float, config: TrainConfig) -> None:

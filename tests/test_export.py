@@ -84,6 +84,8 @@ def session(exported):
     return onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
 
 
+# The export takes most of a minute, so the tests of its graph are slow ones (CI runs them).
+@pytest.mark.slow
 @pytest.mark.parametrize("size", INPUT_SIZES, ids=lambda size: "x".join(map(str, size)))
 def test_onnxruntime_matches_pytorch(exported, session, size):
     logits_difference, boxes_difference = max_differences(exported.model, session, size)
@@ -91,6 +93,7 @@ def test_onnxruntime_matches_pytorch(exported, session, size):
     assert boxes_difference < 1e-4
 
 
+@pytest.mark.slow
 def test_batch_size_height_and_width_are_dynamic(exported, session):
     graph = onnx.load(exported.path).graph
     dims = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.input}
@@ -101,6 +104,7 @@ def test_batch_size_height_and_width_are_dynamic(exported, session):
     assert logits.shape == (3, 50, 91) and boxes.shape == (3, 50, 4)
 
 
+@pytest.mark.slow
 def test_graph_uses_standard_onnx_ops_and_grid_sample(exported):
     model_proto = onnx.load(exported.path)
     onnx.checker.check_model(model_proto, full_check=True)

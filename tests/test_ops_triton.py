@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 CHECKS = Path(__file__).with_name("ops_triton_checks.py")
 
 
+# Under the interpreter the checks take most of a minute: a slow test (CI runs it); on a GPU, seconds.
+@pytest.mark.slow
 def test_triton_kernels_equal_the_reference():
     environment = dict(os.environ)
     if not torch.cuda.is_available():

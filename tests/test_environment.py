@@ -63,6 +63,8 @@ def test_machine_summary_names_the_processor_and_its_matrix_unit(monkeypatch):
 
 def test_bfloat16_is_emulated_where_the_instruction_set_is_limited_below_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    for variable in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(variable, raising=False)
     assert environment.native_bf16(torch.device("cpu"))
     for variable, limit in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2")):
         with monkeypatch.context() as limited:

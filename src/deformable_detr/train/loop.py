@@ -131,12 +131,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             _print(f"{last_path}: nothing to train: the run is at {start.describe(batches)} and --epochs is "
                    f"{config.epochs} (a larger --epochs trains on)")
             return {}
-        minutes_trained = (start.training_seconds + start.progress.seconds) / 60
-        if config.max_minutes is not None and minutes_trained >= config.max_minutes:
-            _print(f"{last_path}: nothing to train: the run has trained {minutes_trained:.1f} minutes and "
-                   f"--max-minutes is {config.max_minutes:g} (a larger --max-minutes trains on)")
-            return {}
         if config.max_minutes is not None:
+            minutes_trained = (start.training_seconds + start.progress.seconds) / 60
+            if minutes_trained >= config.max_minutes:
+                _print(f"{last_path}: nothing to train: the run has trained {minutes_trained:.1f} minutes and "
+                       f"--max-minutes is {config.max_minutes:g} (a larger --max-minutes trains on)")
+                return {}
             # The learning rate of the next update as this budget has it (a resumed run may change it).
             _follow_the_clock(scheduler, minutes_trained, config)
             for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -1,5 +1,5 @@
 """COCO box AP of detections, over one process or all of them: of a model on a data loader
-(:func:`evaluate`, after every training epoch) or of a checkpoint on a data set
+(:func:`detect_all`, after every training epoch) or of a checkpoint on a data set
 (:func:`evaluate_checkpoint`, the ``evaluate`` command, which can also write a report).
 
 The evaluation is faster-coco-eval's: pycocotools' algorithm with its per-image matching and
@@ -127,27 +127,6 @@ def results_index(coco: COCO, results: list[dict[str, Any]]) -> COCO:
     return coco_index({"images": coco.dataset["images"], "categories": coco.dataset["categories"], "annotations": annotations})
 
 
-def evaluate(
-    model: nn.Module,
-    data_loader: Iterable[tuple[Tensor, Tensor, list[dict[str, Any]]]],
-    *,
-    device: torch.device | str,
-    coco: COCO,
-    top_k: int = 100,
-    progress: bool = True,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, float]:
-    """COCO box metrics of ``model`` over ``data_loader`` (batches as
-    :func:`~deformable_detr.data.collate` makes them), against the ground truth ``coco``, the model
-    computing in ``dtype`` (:mod:`deformable_detr.precision`).
-
-    When distributed, each process runs its share of the loader and all return the same metrics.
-    The model is left in the mode it was in.
-    """
-    return detect_all(model, data_loader, device=device, coco=coco, top_k=top_k, progress=progress,
-                      dtype=dtype).summarize()
-
-
 @torch.no_grad()
 def detect_all(
     model: nn.Module,
@@ -159,7 +138,14 @@ def detect_all(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> CocoEvaluator:
-    """:func:`evaluate`'s detections, in the evaluator that scores them."""
+    """The detections of ``model`` over ``data_loader`` (batches as :func:`~deformable_detr.data.collate`
+    makes them), in the evaluator that scores them against the ground truth ``coco``
+    (:meth:`CocoEvaluator.summarize`: the COCO metrics), the model computing in ``dtype``
+    (:mod:`deformable_detr.precision`).
+
+    When distributed, each process runs its share of the loader, and the evaluator's results are
+    every process's. The model is left in the mode it was in.
+    """
     evaluator = CocoEvaluator(coco)
     show = progress and is_main_process()
     with evaluating(model):

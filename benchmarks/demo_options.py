@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from deformable_detr.demo import EPOCHS, run_demo
+from deformable_detr.demo import run_demo
 
 # name -> (ModelConfig changes, TrainConfig changes), on top of the demo's own recipe (which has
 # denoising, mixed query selection and IoU-aware classification).
@@ -38,14 +38,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+", choices=list(VARIANTS))
     parser.add_argument("--out", required=True, help="folder for the data and every variant's run")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of each run, however long (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="training seed (default: the demo's); the data stay the demo's")
     args = parser.parse_args()
     out = Path(args.out)
     for name in args.variants:
         model_options, train_options = VARIANTS[name]
         seed = {} if args.seed is None else {"seed": args.seed}
-        run_demo(out / name, epochs=args.epochs, model_options=model_options, **train_options, **seed)
+        run_demo(out / name, minutes=None, epochs=args.epochs, model_options=model_options, **train_options, **seed)
     for name in args.variants:
         records = curve(out / name / "train" / "log.jsonl")
         aps = " ".join(f"{r['AP']:.3f}" for r in records)

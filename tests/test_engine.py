@@ -1,4 +1,5 @@
-"""The training loop: exact resumption, fine-tuning to new classes, stopping on a non-finite loss."""
+"""The training loop: exact resumption, fine-tuning to new classes, stopping on a non-finite loss,
+early stopping, and the checkpoint of a run that averages its weights."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import pytest
 import torch
 
-from deformable_detr.checkpoints import read_checkpoint
+from deformable_detr import evaluation, export
+from deformable_detr.checkpoints import load_pretrained, read_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
-from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, engine, train
+from deformable_detr.predict import Detector
+from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, engine, loop, train
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +132,70 @@ def test_a_time_budget_stops_within_the_epoch_and_drops_the_learning_rate_at_its
     assert [(step["epoch"], step["batch"]) for step in steps] == [(0, batch) for batch in range(1, 9)]
     assert [step["lr"] for step in steps[4:]] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-4])
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pt").extra["training_seconds"] == 240
+
+
+def test_early_stopping_stops_at_the_evaluation_its_patience_predicts_and_keeps_the_best(data, tmp_path, monkeypatch,
+                                                                                        capsys):
+    aps = iter([0.2, 0.5, 0.4, 0.45, 0.9])  # with patience 2: epochs 2 and 3 are not better than epoch 1
+
+    class ScriptedEvaluation:
+        def __init__(self, *_, **__):
+            self.ap = next(aps)
+
+        def summarize(self):
+            return {"AP": self.ap, "AP50": self.ap}
+
+    monkeypatch.setattr(loop, "detect_all", ScriptedEvaluation)
+    run = config(data, tmp_path / "run", epochs=5, patience=2, report=False)
+    train(run)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [record["AP"] for record in records] == [0.2, 0.5, 0.4, 0.45]
+    assert records[-1]["stopped_early"] and not any("stopped_early" in record for record in records[:-1])
+    out = capsys.readouterr().out
+    assert ("stopping early after epoch 3: no AP above 0.5000 by more than 0 in the last 2 evaluations (--patience 2); "
+            "best.pt is the best") in out
+    best = read_checkpoint(tmp_path / "run" / "best.pt")
+    assert best.extra["epoch"] == 1 and best.extra["best"]["AP"] == 0.5
+
+    assert train(dataclasses.replace(run, resume=True)) == {}
+    assert "nothing to train: the run stopped early" in capsys.readouterr().out
+    train(dataclasses.replace(run, resume=True, patience=3))  # more patience: on to the better epoch 4
+    assert read_checkpoint(tmp_path / "run" / "best.pt").extra["epoch"] == 4
+
+
+def test_with_an_average_the_checkpoint_is_evaluated_detected_exported_and_converted_from_it(
+    data, tmp_path, monkeypatch, capsys
+):
+    train(config(data, tmp_path / "run", epochs=1, ema=0.5, ema_warmup=0))
+    best = tmp_path / "run" / "best.pt"
+    checkpoint = read_checkpoint(best)
+    average, trained = checkpoint.extra["ema"]["model"], checkpoint.extra["model"]
+    assert checkpoint.state_dict is average and checkpoint.extra["ema"]["updates"] == 2
+    assert any(not torch.equal(average[name], trained[name]) for name in average)
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "raw_AP" in record and "AP" in record
+
+    def assert_the_average(model):
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, average[name], rtol=0, atol=0, msg=name)
+
+    assert_the_average(Detector.from_checkpoint(best, device="cpu").model)
+    evaluated = []
+    detect_all = evaluation.detect_all
+
+    def recording_detect_all(model, *args, **kwargs):
+        evaluated.append(model)
+        return detect_all(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "detect_all", recording_detect_all)
+    assert main(["evaluate", str(best), "--data", str(data), "--image-size", "96", "--workers", "0"]) == 0
+    assert_the_average(evaluated[0])
+    exported = []
+    monkeypatch.setattr(export, "export_model", lambda model, *args, **kwargs: exported.append(model))
+    assert main(["export", str(best), "--out", str(tmp_path / "model.onnx")]) == 0
+    assert_the_average(exported[0])
+    assert main(["convert", str(best), str(tmp_path / "weights.safetensors"), "--to", "ours"]) == 0
+    assert_the_average(load_pretrained(tmp_path / "weights.safetensors"))
+    capsys.readouterr()
+    assert main(["inspect", str(best)]) == 0
+    assert "weights: the average of the weights (EMA, 2 updates" in capsys.readouterr().out

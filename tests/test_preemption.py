@@ -1,6 +1,6 @@
 """Training that survives preemption: a run stopped anywhere within an epoch, by a signal or by
-``kill -9``, and resumed ends with the uninterrupted run's weights bit for bit, in one process, with
-loader workers and under torchrun; a finished run, another number of processes and a second signal
+``kill -9``, and resumed ends with the uninterrupted run's weights and their average (EMA) bit for
+bit, in one process, with loader workers and under torchrun; a finished run, another number of processes and a second signal
 each get their one line."""
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from deformable_detr.train.logger import Logger
 
 BATCHES = 6  # per epoch: 12 training images in batches of 2
 # Every source of randomness in training: dropout, denoising noise (two-stage), the augmentation
-# recipe; and a warm-up, so that each update has its own learning rate.
+# recipe; and a warm-up and a cosine, so that each update has its own learning rate, and the
+# average of the weights, its own decay.
 MODEL = {"two_stage": True, "denoising_groups": 2}
+RECIPE = {"warmup_epochs": 0.5, "lr_schedule": "flat-cosine", "lr_drop_epoch": 1, "ema": 0.9, "ema_warmup": 1}
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -48,15 +50,16 @@ def data(tmp_path_factory):
 
 
 def config(data, output_dir, **overrides) -> TrainConfig:
-    settings = dict(preset="tiny", epochs=2, batch_size=2, image_size=96, workers=0, seed=3, warmup_steps=4,
-                    model_overrides=MODEL)
+    settings = dict(preset="tiny", epochs=2, batch_size=2, image_size=96, workers=0, seed=3, model_overrides=MODEL,
+                    **RECIPE)
     return TrainConfig(data=str(data), output_dir=str(output_dir), **{**settings, **overrides})
 
 
 def arguments(data, output_dir, *extra: str) -> list[str]:
     """The command line of :func:`config`."""
     return ["--data", str(data), "--output-dir", str(output_dir), "--preset", "tiny", "--epochs", "2",
-            "--batch-size", "2", "--image-size", "96", "--workers", "0", "--seed", "3", "--warmup-steps", "4",
+            "--batch-size", "2", "--image-size", "96", "--workers", "0", "--seed", "3", "--warmup-epochs", "0.5",
+            "--lr-schedule", "flat-cosine", "--lr-drop-epoch", "1", "--ema", "0.9", "--ema-warmup", "1",
             "--two-stage", "--denoising-groups", "2", *extra]
 
 
@@ -102,11 +105,15 @@ def straight(data, tmp_path_factory):
 
 
 def assert_same_run(run: Path, expected: Path) -> None:
-    """The same weights bit for bit, the same log of every update, the same epoch records (but the timings)."""
-    weights, expected_weights = (read_checkpoint(path / "checkpoint.pt").state_dict for path in (run, expected))
-    assert weights.keys() == expected_weights.keys()
-    for name in weights:
-        torch.testing.assert_close(weights[name], expected_weights[name], rtol=0, atol=0, msg=name)
+    """The same weights and average bit for bit, the same log of every update, the same epoch records (but
+    the timings)."""
+    state, expected_state = (read_checkpoint(path / "checkpoint.pt").extra for path in (run, expected))
+    assert state["ema"]["updates"] == expected_state["ema"]["updates"] == 2 * BATCHES
+    for weights, expected_weights in ((state["model"], expected_state["model"]),
+                                      (state["ema"]["model"], expected_state["ema"]["model"])):
+        assert weights.keys() == expected_weights.keys()
+        for name in weights:
+            torch.testing.assert_close(weights[name], expected_weights[name], rtol=0, atol=0, msg=name)
     assert log(run, "steps.jsonl") == log(expected, "steps.jsonl")
     timings = ("images_per_s", "training_minutes")
     epochs, expected_epochs = ([{k: v for k, v in r.items() if k not in timings} for r in log(path, "log.jsonl")]

@@ -48,11 +48,13 @@ class Checkpoint:
 
     path: Path  # the file (or Hugging Face folder) it was read from, named in errors
     config: ModelConfig
+    # The weights to use: of a training checkpoint with an average of the weights (train --ema), the
+    # average's; the weights as trained are then extra["model"]. (Every other format: as saved.)
     state_dict: dict[str, Tensor]
     source_format: str  # "deformable-detr", "reference" or "huggingface"
     class_names: dict[int, str] | None = None  # category id -> name, where the file tells
     image_size: int | None = None  # the shorter side the model was trained for, where the file tells
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # training state, if any
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # training state (ours), if any
 
     @property
     def input_size(self) -> int:
@@ -290,9 +292,12 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def _read_pickled(path: Path) -> Checkpoint:
     payload = _torch_load(path)
     if payload.get("format") == FORMAT:
-        own = ("format", "config", "model", "class_names", "image_size")
+        own = ("format", "config", "class_names", "image_size")
         extra = {k: v for k, v in payload.items() if k not in own}
-        return Checkpoint(path, ModelConfig.from_dict(payload["config"]), payload["model"], FORMAT,
+        # Where the run kept an average of the weights, it is what the checkpoint is used with, and
+        # the weights as trained stay in extra (for a resumed run).
+        weights = extra["ema"]["model"] if "ema" in extra else extra.pop("model")
+        return Checkpoint(path, ModelConfig.from_dict(payload["config"]), weights, FORMAT,
                           _class_names(payload.get("class_names")), payload.get("image_size"), extra)
     state_dict = payload.get("model", payload)
     if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:

@@ -26,6 +26,8 @@ from .explore import explore
 from .model import build_model
 from .predict import Detector
 from .train import TrainConfig, TrainingError, TrainingStopped
+from .train.ema import DEFAULT_DECAY
+from .train.optim import SCHEDULES
 
 
 def _presets(_: argparse.Namespace) -> None:
@@ -56,6 +58,10 @@ def _inspect(args: argparse.Namespace) -> None:
     names = checkpoint.class_names
     print(f"  class names: {', '.join(names[i] for i in sorted(names)) if names else 'none (labels print as ids)'}")
     print(f"  image size: {checkpoint.image_size or f'not recorded ({checkpoint.input_size} is assumed)'}")
+    if "ema" in checkpoint.extra:
+        ema = checkpoint.extra["ema"]
+        print(f"  weights: the average of the weights (EMA, {ema['updates']} updates, decay {ema['decay']:.6g} an update); "
+              f"those as trained are kept for --resume")
 
 
 def _detector(args: argparse.Namespace) -> Detector:
@@ -172,9 +178,24 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="default: %(default)s")
     parser.add_argument("--lr-backbone", type=float, help="default: %(default)s")
     parser.add_argument("--weight-decay", type=float, help="default: %(default)s")
-    parser.add_argument("--lr-drop-epoch", type=int, help="the epoch the learning rate drops tenfold (default: %(default)s)")
-    parser.add_argument("--warmup-steps", type=int,
+    parser.add_argument("--lr-schedule", choices=SCHEDULES,
+                        help="step: the published tenfold drop at --lr-drop-epoch; cosine: down to --min-lr-factor "
+                             "at the last epoch; flat-cosine: flat until --lr-drop-epoch, then cosine (default: %(default)s)")
+    parser.add_argument("--lr-drop-epoch", type=int,
+                        help="the epoch the learning rate drops tenfold (step) or starts to fall (flat-cosine) "
+                             "(default: %(default)s)")
+    parser.add_argument("--min-lr-factor", type=float,
+                        help="the cosine schedules' last learning rate, as a share of --lr (default: %(default)s)")
+    warmup = parser.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-steps", type=int, metavar="UPDATES",
                         help="optimiser updates of linear learning-rate warm-up (default: %(default)s)")
+    warmup.add_argument("--warmup-epochs", type=float, metavar="EPOCHS",
+                        help="the warm-up in epochs instead, fractions allowed (default: %(default)s)")
+    parser.add_argument("--ema", type=float, nargs="?", const=DEFAULT_DECAY, metavar="DECAY",
+                        help="evaluate and keep an exponential moving average of the weights, of this decay an "
+                             "update at a global batch of 32, scaled to the run's (bare --ema: %(const)s)")
+    parser.add_argument("--ema-warmup", type=float, metavar="UPDATES",
+                        help="the EMA's warm-up ramp, in updates of 32 images (default: %(default)s)")
     parser.add_argument("--clip-max-norm", type=float, help="gradient clipping; 0 turns it off (default: %(default)s)")
     parser.add_argument("--accumulation-steps", type=int, help="batches per optimiser update (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true",
@@ -197,6 +218,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float,
                         help="a training-time budget: stop once it has passed (within an epoch if need be); the "
                              "learning-rate drop falls at its share of it (--lr-drop-epoch of --epochs) or of the epochs")
+    parser.add_argument("--patience", type=int, metavar="N",
+                        help="stop after N evaluations in a row without a better AP (default: never)")
+    parser.add_argument("--min-improvement", type=float, metavar="AP",
+                        help="what counts as better for --patience: an AP higher by more than this (default: %(default)s)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="at the end, no evaluation report of best.pt in OUTPUT_DIR/report (docs/report.md)")
     parser.add_argument("--rendezvous-timeout", type=float, metavar="SECONDS",

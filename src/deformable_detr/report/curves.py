@@ -59,10 +59,14 @@ def _draw_loss(axes: Axes, records: list[dict[str, Any]], axis: str, title: str,
 
 
 def _draw_ap(column: Sequence[Axes], evaluated: list[dict[str, Any]], axis: str) -> None:
-    """AP and AP50 in the column's last panel, the best epoch marked in all of them."""
+    """AP and AP50 in the column's last panel (with --ema the average's, and the raw weights' AP
+    beside), the best epoch marked in all of them."""
     x = [_position(record, axis) for record in evaluated]
     for key, colour in (("AP", "C3"), ("AP50", "C1")):
         column[-1].plot(x, [record[key] for record in evaluated], marker="o", markersize=3, color=colour, label=key)
+    if "raw_AP" in evaluated[0]:
+        column[-1].plot(x, [record["raw_AP"] for record in evaluated], linestyle=":", marker="o", markersize=2,
+                        color="C3", label="AP of the raw weights")
     column[-1].set(title="validation COCO AP", ylim=(0, 1))
     best = max(evaluated, key=lambda record: record["AP"])
     for axes in column:

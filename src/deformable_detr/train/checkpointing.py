@@ -16,6 +16,8 @@ from ..checkpoints import read_checkpoint, save_checkpoint
 from ..distributed import is_main_process, world_size
 from ..model import DeformableDETR
 from .config import RESUMABLE_FIELDS, TrainConfig
+from .early_stopping import EarlyStopping
+from .ema import WeightAverage
 from .engine import EpochProgress, TrainingError
 
 
@@ -27,15 +29,19 @@ def save_training_checkpoint(
     class_names: dict[int, str],
     optimizer: Optimizer,
     scheduler: LRScheduler,
+    ema: WeightAverage | None,
+    early_stopping: EarlyStopping,
     epoch: int,
     progress: EpochProgress | None,
     best: dict[str, Any],
     training_seconds: float,
 ) -> None:
     """Write ``model`` and all a resumed run needs to go on as if never stopped, atomically: the
-    optimiser and learning-rate schedule, where the run is (``epoch``, and ``progress`` into it, or
-    None once it has ended), the training time of the epochs finished (``progress`` has the rest), the
-    best epoch's record, the config and the number of processes.
+    optimiser and learning-rate schedule, the average of the weights (``ema``, whose weights are then
+    those the checkpoint is used with: :func:`~deformable_detr.checkpoints.read_checkpoint`), where the
+    run is (``epoch``, and ``progress`` into it, or None once it has ended), the training time of the
+    epochs finished (``progress`` has the rest), the best epoch's record, what early stopping has
+    seen, the config and the number of processes.
 
     Nothing random is saved: the order of an epoch's samples, their augmentation and a step's draws
     in the model all follow from the seed and the position.
@@ -45,7 +51,8 @@ def save_training_checkpoint(
                     epoch=epoch if progress is None else epoch - 1,  # the last epoch finished
                     epoch_progress=None if progress is None else dataclasses.asdict(progress),
                     best=best, training_seconds=training_seconds, world_size=world_size(),
-                    train_config=dataclasses.asdict(config))
+                    train_config=dataclasses.asdict(config), early_stopping=early_stopping.state(),
+                    **({} if ema is None else {"ema": ema.state_dict()}))
 
 
 @dataclass
@@ -57,6 +64,7 @@ class ResumePoint:
     best: dict[str, Any] = dataclasses.field(default_factory=dict)  # the best epoch's log record
     best_ap: float = -1.0
     training_seconds: float = 0.0  # of the epochs finished
+    ema: dict[str, Any] | None = None  # the state of the weights' average (WeightAverage.load_state_dict)
 
     def describe(self, batches: int) -> str:
         """``epoch 3`` or ``epoch 3, batch 40 of 100``, for messages."""
@@ -65,10 +73,12 @@ class ResumePoint:
 
 
 def resume_from(
-    path: Path, config: TrainConfig, *, model: DeformableDETR, optimizer: Optimizer, scheduler: LRScheduler
+    path: Path, config: TrainConfig, *, model: DeformableDETR, optimizer: Optimizer, scheduler: LRScheduler,
+    early_stopping: EarlyStopping,
 ) -> ResumePoint:
-    """Load the run saved in ``path`` into ``model``, ``optimizer`` and ``scheduler`` (the schedule as
-    saved, never overridden); where it goes on.
+    """Load the run saved in ``path`` into ``model`` (the weights as trained, not their average),
+    ``optimizer``, ``scheduler`` (the schedule as saved, never overridden) and ``early_stopping``;
+    where it goes on, with the state of the weights' average.
 
     Raises:
         TrainingError: ``config`` changes what the run trains (see :func:`check_resumable`), or the
@@ -86,16 +96,18 @@ def resume_from(
             f"{processes} (torchrun --nproc-per-node {processes}), as its batches, learning-rate schedule and "
             f"order depend on it; or start a new run from its weights (--finetune-from {path})"
         )
-    model.load_state_dict(checkpoint.state_dict)
+    model.load_state_dict(extra.get("model", checkpoint.state_dict))  # as trained, not the average
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
+    if "early_stopping" in extra:  # runs saved before early stopping kept nothing of it
+        early_stopping.restore(extra["early_stopping"])
     best = extra.get("best", {})
     # Runs saved before the best epoch's record was stored kept only its AP.
     best_ap = best.get("AP", extra.get("best_ap", -1.0))
     progress = extra.get("epoch_progress")
     # Runs saved before the training time was stored start their clock anew.
     return ResumePoint(extra["epoch"] + 1, EpochProgress(**progress) if progress else EpochProgress(), best, best_ap,
-                       extra.get("training_seconds", 0.0))
+                       extra.get("training_seconds", 0.0), extra.get("ema"))
 
 
 def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:

@@ -23,8 +23,21 @@ class TrainConfig:
     lr: float = 2e-4
     lr_backbone: float = 2e-5
     weight_decay: float = 1e-4
+    # The learning-rate schedule (train.optim.SCHEDULES): "step" (the published one) drops it tenfold at
+    # lr_drop_epoch; "cosine" lowers it along half a cosine to min_lr_factor * lr at the last epoch;
+    # "flat-cosine" holds it until lr_drop_epoch, then lowers it so.
+    lr_schedule: str = "step"
     lr_drop_epoch: int = 40
-    warmup_steps: int = 0  # optimiser updates over which the learning rate rises linearly to lr
+    min_lr_factor: float = 0.0
+    # A linear rise of the learning rate to lr over the first optimiser updates, or epochs (fractions
+    # allowed): one or the other.
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    # An exponential moving average of the weights (None: none), evaluated and kept as best.pt: its
+    # decay an update and its warm-up in updates, both stated for a global batch of 32 images and
+    # scaled to the run's (train.ema.WeightAverage.for_batch).
+    ema: float | None = None
+    ema_warmup: float = 1000.0
     clip_max_norm: float = 0.1
     accumulation_steps: int = 1
     bf16: bool = False
@@ -43,6 +56,9 @@ class TrainConfig:
     # A training-time budget: the run stops at the first update past it (evaluated and checkpointed
     # there), and the learning-rate schedule counts the share of it spent as that share of the epochs.
     max_minutes: float | None = None
+    # Stop after this many evaluations in a row without an AP better by more than min_improvement (None: never).
+    patience: int | None = None
+    min_improvement: float = 0.0
     # At the end, the evaluation report of best.pt in output_dir/report (docs/report.md).
     report: bool = True
     # Continue the run whose checkpoint.pt is in output_dir: True, False (start one) or "auto" (continue
@@ -76,9 +92,9 @@ class TrainConfig:
                           **{**from_scratch, **self.model_overrides})
 
 
-# What a resumed run may change: how long it runs, where its files are, how often it writes a
+# What a resumed run may change: how long it runs (and when it gives up), where its files are, how often it writes a
 # checkpoint and how many workers load its data (each sample's augmentation follows from its index,
 # whichever worker reads it), not what it trains. (The optimiser and scheduler states come from the
 # checkpoint, so a new lr or lr drop would not even apply.)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "report", "workers", "output_dir", "checkpoint_every", "checkpoint_minutes",
-                    "rendezvous_timeout")
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "patience", "min_improvement", "report", "workers", "output_dir",
+                    "checkpoint_every", "checkpoint_minutes", "rendezvous_timeout")

@@ -37,6 +37,7 @@ from ..distributed import (
     setup_distributed,
     share_buffers,
     wait_for_all,
+    world_size,
 )
 from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics
 from ..files import atomic_write
@@ -44,6 +45,8 @@ from ..model import DeformableDETR, build_model
 from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
 from .config import TrainConfig
 from .criterion import SetCriterion
+from .early_stopping import EarlyStopping
+from .ema import WeightAverage
 from .engine import EpochProgress, TrainingError, train_updates
 from .logger import Logger
 from .optim import build_lr_scheduler, build_optimizer
@@ -110,8 +113,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model, lr=config.lr, lr_backbone=config.lr_backbone, weight_decay=config.weight_decay)
     batches = batches_per_epoch(len(train_set), config.batch_size)
     updates_per_epoch = math.ceil(batches / config.accumulation_steps)
-    scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=config.lr_drop_epoch, warmup_updates=config.warmup_steps,
-                                   updates_per_epoch=updates_per_epoch)
+    scheduler = build_lr_scheduler(optimizer, schedule=config.lr_schedule, epochs=config.epochs,
+                                   lr_drop_epoch=config.lr_drop_epoch, updates_per_epoch=updates_per_epoch,
+                                   warmup_updates=config.warmup_steps, warmup_epochs=config.warmup_epochs,
+                                   min_lr_factor=config.min_lr_factor)
+    stopping = EarlyStopping(config.patience, config.min_improvement)
 
     def updates_before(epoch: int, progress: EpochProgress) -> int:
         """The run's optimiser updates before ``progress`` into ``epoch``: the step of its logs."""
@@ -120,16 +126,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     def save(epoch: int, progress: EpochProgress | None) -> None:
         if is_main_process():
             save_training_checkpoint(last_path, model, config=config, class_names=train_set.category_names,
-                                     optimizer=optimizer, scheduler=scheduler, epoch=epoch, progress=progress, best=best,
-                                     training_seconds=training_seconds)
+                                     optimizer=optimizer, scheduler=scheduler, ema=ema, early_stopping=stopping,
+                                     epoch=epoch, progress=progress, best=best, training_seconds=training_seconds)
         schedule.written()
 
     start = ResumePoint()
     if resuming:
-        start = resume_from(last_path, config, model=model, optimizer=optimizer, scheduler=scheduler)
+        start = resume_from(last_path, config, model=model, optimizer=optimizer, scheduler=scheduler,
+                            early_stopping=stopping)
         if start.epoch >= config.epochs:
             _print(f"{last_path}: nothing to train: the run is at {start.describe(batches)} and --epochs is "
                    f"{config.epochs} (a larger --epochs trains on)")
+            return {}
+        if stopping.stops():
+            _print(f"{last_path}: nothing to train: the run stopped early: {stopping.describe()} (a larger "
+                   f"--patience trains on)")
             return {}
         if config.max_minutes is not None:
             minutes_trained = (start.training_seconds + start.progress.seconds) / 60
@@ -144,6 +155,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _print(f"resuming from {last_path} at {start.describe(batches)}")
     elif config.finetune_from:
         _print(_finetune(model, config.finetune_from))
+    ema = None
+    if config.ema is not None:  # from the weights the run starts with, or as it stopped
+        ema = WeightAverage.for_batch(model, decay=config.ema, warmup_updates=config.ema_warmup,
+                                      batch=config.batch_size * world_size() * config.accumulation_steps)
+        if start.ema is not None:
+            ema.load_state_dict(start.ema)
+        _print(ema.describe())
     if is_main_process():
         _remove_abandoned_writes(output_dir)
 
@@ -164,6 +182,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 for update in train_updates(trained, criterion, loader, optimizer, device=device,
                                             epoch=epoch, batches=batches, config=config, progress=progress):
                     count = updates_before(epoch, progress)
+                    if ema is not None:
+                        ema.update(model)
                     if config.max_minutes is not None:
                         # The main process's clock, so that every process steps the same schedule.
                         minutes = main_process_decides((training_seconds + progress.seconds) / 60)
@@ -188,7 +208,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     val_loader = data_loader(val_set, batch_size=config.batch_size, train=False,
                                              workers=config.workers, seed=config.seed, epoch=epoch)
                     detections = detect_all(model, val_loader, device=device, coco=val_set.coco)
+                    if ema is not None:  # the average is the model evaluated and kept; the raw one's AP beside it
+                        raw_ap = detections.summarize()["AP"]
+                        share_buffers(ema.model)
+                        detections = detect_all(ema.model, val_loader, device=device, coco=val_set.coco)
                     record.update(detections.summarize())
+                    if ema is not None:
+                        record["raw_AP"] = raw_ap
+                    if stopping.observe(record["AP"]):
+                        record["stopped_early"] = True
                 improved = record.get("AP", -1.0) > best_ap
                 if improved:
                     best_ap, best, best_detections = record["AP"], record, detections
@@ -204,6 +232,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 (stop,) = any_process(signals.received is not None)
                 if stop:
                     raise _stopped(signals, f"the end of epoch {epoch}", last_path)
+                if record.get("stopped_early"):
+                    _print(f"stopping early after epoch {epoch}: {stopping.describe()}; best.pt is the best")
+                    break
                 if out_of_time:
                     _print(f"stopping at epoch {epoch}, batch {progress.batches} of {batches}: the "
                            f"{config.max_minutes:g} training minutes of --max-minutes have passed")
@@ -300,8 +331,10 @@ def _report(detections: CocoEvaluator | None, val_set: CocoDataset, config: Trai
 
 
 def _follow_the_clock(scheduler: LambdaLR, minutes: float, config: TrainConfig) -> None:
-    """Tell a time-budgeted run's :class:`~.optim.StepSchedule` how far along its budget it is."""
-    scheduler.lr_lambdas[0].epochs_by_time = minutes / config.max_minutes * config.epochs
+    """Tell a time-budgeted run's :class:`~.optim.LearningRateSchedule` how far along its budget it is,
+    in the epochs of the schedule (as saved, where the run was resumed)."""
+    schedule = scheduler.lr_lambdas[0]
+    schedule.epochs_by_time = minutes / config.max_minutes * schedule.epochs
 
 
 def _copy_atomically(source: Path, destination: Path) -> None:

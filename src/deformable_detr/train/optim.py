@@ -1,5 +1,6 @@
-"""The published optimiser recipe: AdamW with three parameter groups, and a step learning-rate drop
-(by epochs, or by the share of a training-time budget)."""
+"""The optimiser recipe: AdamW with the published three parameter groups, and the learning-rate
+schedules (the published step drop, cosine and flat-cosine; by epochs, or by the share of a
+training-time budget)."""
 
 from __future__ import annotations
 
@@ -50,40 +51,85 @@ def build_optimizer(
     return AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-class StepSchedule:
-    """The learning-rate factor of the ``update``-th optimiser update (``LambdaLR``'s ``lr_lambda``):
-    a linear rise over the first ``warmup_updates`` updates, then ``gamma`` for each ``lr_drop_epoch``
-    epochs passed.
+# The learning-rate schedules: ``step`` is the published one; the cosine ones are those of later
+# DETRs (RT-DETRv2, D-FINE and DEIM train with flat-cosine).
+SCHEDULES = ("step", "cosine", "flat-cosine")
+
+
+class LearningRateSchedule:
+    """The learning-rate factor of the ``update``-th optimiser update (``LambdaLR``'s ``lr_lambda``).
+
+    - ``step``: ``gamma`` for each ``lr_drop_epoch`` epochs passed (the published schedule);
+    - ``cosine``: half a cosine from 1 down to ``min_lr_factor``, from the end of the warm-up to the
+      end of ``epochs``;
+    - ``flat-cosine``: 1 until ``lr_drop_epoch``, then that cosine down to ``min_lr_factor``.
+
+    Each is multiplied by a linear warm-up over the first ``warmup_updates`` updates or the first
+    ``warmup_epochs`` epochs (fractions allowed: the same share of training on 100 images and on COCO).
 
     A run with a training-time budget also counts epochs by its clock, ``epochs_by_time`` (the share of
     the budget spent, times the run's epochs), which the training loop sets before each step; the
-    further along of the two counts: the drop then falls at the same share of the budget on any
-    machine. ``LambdaLR`` saves ``epochs_by_time`` with its state, so a resumed run keeps its clock.
+    schedule follows the further along of the two counts, so that it ends with the budget on any
+    machine. ``LambdaLR`` saves this object's attributes with its state, so a resumed run keeps its
+    schedule and its clock.
     """
 
-    def __init__(self, *, lr_drop_epoch: int, gamma: float, updates_per_epoch: int, warmup_updates: int) -> None:
-        self.lr_drop_epoch, self.gamma, self.updates_per_epoch = lr_drop_epoch, gamma, updates_per_epoch
-        self.warmup_updates = warmup_updates
+    def __init__(
+        self, *, kind: str = "step", epochs: int, lr_drop_epoch: int, gamma: float, updates_per_epoch: int,
+        warmup_updates: int = 0, warmup_epochs: float = 0.0, min_lr_factor: float = 0.0,
+    ) -> None:
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+        if warmup_updates and warmup_epochs:
+            raise ValueError("a warm-up in updates or in epochs, not both")
+        self.kind, self.epochs, self.lr_drop_epoch, self.gamma = kind, epochs, lr_drop_epoch, gamma
+        self.updates_per_epoch, self.warmup_updates, self.warmup_epochs = updates_per_epoch, warmup_updates, warmup_epochs
+        self.min_lr_factor = min_lr_factor
         self.epochs_by_time = 0.0
 
     def __call__(self, update: int) -> float:
-        warmup = min(1.0, (update + 1) / self.warmup_updates) if self.warmup_updates else 1.0
-        epochs_passed = max(update // self.updates_per_epoch, math.floor(self.epochs_by_time))
-        return warmup * self.gamma ** (epochs_passed // self.lr_drop_epoch)
+        if self.kind == "step":
+            epochs_passed = max(update // self.updates_per_epoch, math.floor(self.epochs_by_time))
+            return self._warmup(update) * self.gamma ** (epochs_passed // self.lr_drop_epoch)
+        elapsed = max(update / self.updates_per_epoch, self.epochs_by_time)  # epochs before this update
+        warmup_end = self.warmup_epochs or self.warmup_updates / self.updates_per_epoch
+        decline_start = warmup_end if self.kind == "cosine" else max(self.lr_drop_epoch, warmup_end)
+        if elapsed <= decline_start:
+            share = 0.0
+        elif elapsed >= self.epochs:  # also past the end of a run resumed with more epochs
+            share = 1.0
+        else:
+            share = (elapsed - decline_start) / (self.epochs - decline_start)
+        cosine = (1 + math.cos(math.pi * share)) / 2
+        return self._warmup(update) * (self.min_lr_factor + (1 - self.min_lr_factor) * cosine)
+
+    def _warmup(self, update: int) -> float:
+        """The linear rise: the share of the warm-up done once ``update`` is."""
+        if self.warmup_updates:
+            return min(1.0, (update + 1) / self.warmup_updates)
+        if self.warmup_epochs:
+            done = max((update + 1) / self.updates_per_epoch, self.epochs_by_time)
+            return min(1.0, done / self.warmup_epochs)
+        return 1.0
 
 
 def build_lr_scheduler(
     optimizer: Optimizer,
     *,
+    schedule: str = "step",
+    epochs: int = 50,
     lr_drop_epoch: int = 40,
     gamma: float = 0.1,
     updates_per_epoch: int = 1,
     warmup_updates: int = 0,
+    warmup_epochs: float = 0.0,
+    min_lr_factor: float = 0.0,
 ) -> LambdaLR:
-    """:class:`StepSchedule` over every group's learning rate, stepped after every optimiser update.
+    """:class:`LearningRateSchedule` over every group's learning rate, stepped after every optimiser update.
 
-    The published recipe has no warm-up; a short one lets a model trained from scratch take a
-    higher learning rate.
+    The published recipe is ``step`` without a warm-up; a short warm-up lets a model trained from
+    scratch take a higher learning rate.
     """
-    return LambdaLR(optimizer, StepSchedule(lr_drop_epoch=lr_drop_epoch, gamma=gamma, updates_per_epoch=updates_per_epoch,
-                                            warmup_updates=warmup_updates))
+    return LambdaLR(optimizer, LearningRateSchedule(
+        kind=schedule, epochs=epochs, lr_drop_epoch=lr_drop_epoch, gamma=gamma, updates_per_epoch=updates_per_epoch,
+        warmup_updates=warmup_updates, warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor))

@@ -207,14 +207,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if val_set is not None:
                     val_loader = data_loader(val_set, batch_size=config.batch_size, train=False,
                                              workers=config.workers, seed=config.seed, epoch=epoch)
-                    detections = detect_all(model, val_loader, device=device, coco=val_set.coco)
-                    if ema is not None:  # the average is the model evaluated and kept; the raw one's AP beside it
-                        raw_ap = detections.summarize()["AP"]
-                        share_buffers(ema.model)
-                        detections = detect_all(ema.model, val_loader, device=device, coco=val_set.coco)
-                    record.update(detections.summarize())
-                    if ema is not None:
-                        record["raw_AP"] = raw_ap
+                    detections, metrics = _evaluate(model, ema, val_loader, device=device, coco=val_set.coco)
+                    record.update(metrics)
                     if stopping.observe(record["AP"]):
                         record["stopped_early"] = True
                 improved = record.get("AP", -1.0) > best_ap
@@ -312,6 +306,19 @@ def _draw_curves(log_path: Path, out: Path) -> None:
     from ..report import write_training_curves  # matplotlib is loaded only to draw
 
     write_training_curves(log_path, out)
+
+
+def _evaluate(model: DeformableDETR, ema: WeightAverage | None, loader: Any, *, device: torch.device,
+              coco: Any) -> tuple[CocoEvaluator, dict[str, float]]:
+    """The detections of the model the run keeps (with an average of the weights, the average) and their
+    COCO metrics, with the raw weights' AP beside the average's (``raw_AP``)."""
+    detections = detect_all(model, loader, device=device, coco=coco)
+    if ema is None:
+        return detections, detections.summarize()
+    raw_ap = detections.summarize()["AP"]
+    share_buffers(ema.model)  # as the model's: each process evaluates the average the main one saves
+    detections = detect_all(ema.model, loader, device=device, coco=coco)
+    return detections, {**detections.summarize(), "raw_AP": raw_ap}
 
 
 def _report(detections: CocoEvaluator | None, val_set: CocoDataset, config: TrainConfig, best_path: Path,

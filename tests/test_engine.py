@@ -159,6 +159,8 @@ def test_early_stopping_stops_at_the_evaluation_its_patience_predicts_and_keeps_
 
     assert train(dataclasses.replace(run, resume=True)) == {}
     assert "nothing to train: the run stopped early" in capsys.readouterr().out
+    with pytest.raises(TrainingError, match="no 'none' split to evaluate, so nothing for --patience to count"):
+        train(config(data, tmp_path / "without_validation", patience=2, val_split="none"))
     train(dataclasses.replace(run, resume=True, patience=3))  # more patience: on to the better epoch 4
     assert read_checkpoint(tmp_path / "run" / "best.pt").extra["epoch"] == 4
 

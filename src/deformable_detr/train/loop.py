@@ -102,6 +102,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _seed_everything(config.seed + rank())
 
     train_set, val_set = _datasets(config)
+    if val_set is None and config.patience is not None:
+        raise TrainingError(f"{config.data}: no {config.val_split!r} split to evaluate, so nothing for --patience to count")
     model = build_model(config.model_config(config.num_classes or train_set.num_classes)).to(device)
     if is_distributed() and device.type == "cuda":
         # Batch norm over the global batch. torch's SyncBatchNorm needs an accelerator (its training

@@ -1,6 +1,9 @@
 """A real two-node Slurm cluster on this machine, for the cluster tests: munge, slurmctld and two
-slurmd daemons (``slurmd -N n1``, ``-N n2``, both at 127.0.0.1 on ports of their own), with their
-configuration, state and logs in one temporary folder. It stops exactly the daemons it started."""
+slurmd daemons (``slurmd -N n1``, ``-N n2``), with their configuration, state and logs in one
+temporary folder. Each slurmd runs in a network namespace of its own, joined to the others by a
+bridge, so that its jobs talk to the other node's over a network as between machines; where
+namespaces cannot be made (no CAP_NET_ADMIN, no iproute2), the nodes share 127.0.0.1 instead. It
+stops exactly the daemons it started and deletes exactly the namespaces and links it made."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 NODES = ("n1", "n2")
 DAEMONS = ("munged", "slurmctld", "slurmd")
+LOOPBACK = "127.0.0.1"
 
 
 def missing_daemons() -> list[str]:
@@ -25,8 +29,80 @@ def missing_daemons() -> list[str]:
 
 def free_port() -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((LOOPBACK, 0))
         return probe.getsockname()[1]
+
+
+class NodeNetwork:
+    """One network namespace a node, each with a veth pair whose other end is on a bridge in this
+    namespace: the nodes at 10.213.<n>.11, .12, ..., this namespace (slurmctld, the test's clients) at
+    10.213.<n>.1. The interface in every node is called ``INTERFACE``. Names carry this process's id,
+    so that two test sessions do not meet; :meth:`delete` removes exactly what :meth:`create` made."""
+
+    INTERFACE = "eth0"
+
+    def __init__(self, nodes: tuple[str, ...]) -> None:
+        tag = f"dd{os.getpid()}"  # interface names: at most 15 characters
+        self.bridge = f"{tag}br"
+        self.namespaces = {node: f"deformable-detr-tests-{os.getpid()}-{node}" for node in nodes}
+        self._host_ends = {node: f"{tag}{node}" for node in nodes}
+        self._made: list[list[str]] = []  # the commands that delete what was made, in the order made
+        self.host_address = ""
+        self.addresses: dict[str, str] = {}
+
+    def create(self) -> None:
+        """Raises ``OSError`` (no ``ip``) or ``CalledProcessError`` (no permission, no netns) with
+        nothing left behind."""
+        try:
+            subnet = f"10.213.{self._free_subnet()}"
+            self.host_address = f"{subnet}.1"
+            self._ip(["link", "add", self.bridge, "type", "bridge"], undo=["link", "del", self.bridge])
+            self._ip(["addr", "add", f"{self.host_address}/24", "dev", self.bridge])
+            self._ip(["link", "set", self.bridge, "up"])
+            for number, (node, namespace) in enumerate(self.namespaces.items(), start=11):
+                host_end = self._host_ends[node]
+                self._ip(["netns", "add", namespace], undo=["netns", "del", namespace])
+                # Deleting one end deletes the pair at once; a namespace's deletion frees its end later.
+                self._ip(["link", "add", host_end, "type", "veth", "peer", "name", self.INTERFACE, "netns", namespace],
+                         undo=["link", "del", host_end])
+                self._ip(["link", "set", host_end, "master", self.bridge, "up"])
+                self.addresses[node] = f"{subnet}.{number}"
+                inside = ["-n", namespace]
+                self._ip([*inside, "addr", "add", f"{self.addresses[node]}/24", "dev", self.INTERFACE])
+                self._ip([*inside, "link", "set", self.INTERFACE, "up"])
+                self._ip([*inside, "link", "set", "lo", "up"])
+        except BaseException:
+            self.delete()
+            raise
+
+    def delete(self) -> None:
+        for undo in reversed(self._made):
+            subprocess.run(["ip", *undo], capture_output=True, timeout=30)
+        self._made.clear()
+
+    def enter(self, node: str) -> list[str]:
+        """The command prefix that runs a program in ``node``'s namespace. Not ``ip netns exec``: it
+        mounts a /sys of the namespace's own, without the cgroup file systems slurmd needs."""
+        return ["nsenter", f"--net=/var/run/netns/{self.namespaces[node]}", "--"]
+
+    def _ip(self, arguments: list[str], undo: list[str] | None = None) -> None:
+        result = subprocess.run(["ip", *arguments], capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, f"ip {' '.join(arguments)}", stderr=result.stderr)
+        if undo:
+            self._made.append(undo)
+
+    @staticmethod
+    def _free_subnet() -> int:
+        """A 10.213.<n>.0/24 no interface here is on (another session's bridge, say)."""
+        used = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+        start = os.getpid() % 250
+        for offset in range(250):
+            candidate = (start + offset) % 250 + 1
+            if f" 10.213.{candidate}." not in used:
+                return candidate
+        raise RuntimeError("no free subnet in 10.213.0.0/16")
 
 
 class SlurmCluster:
@@ -42,6 +118,8 @@ class SlurmCluster:
         self._daemons: list[subprocess.Popen] = []  # in the order started
         self._controller: subprocess.Popen | None = None
         self.environment = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.network: NodeNetwork | None = None  # None: every node at 127.0.0.1
+        self.without_namespaces = ""  # why the nodes share 127.0.0.1, if they do
 
     def __enter__(self) -> SlurmCluster:
         self.start()
@@ -50,14 +128,23 @@ class SlurmCluster:
     def __exit__(self, *exception: object) -> None:
         self.stop()
 
+    def address(self, node: str | None = None) -> str:
+        """The address of ``node`` (None: slurmctld's, the test's own)."""
+        if self.network is None:
+            return LOOPBACK
+        return self.network.host_address if node is None else self.network.addresses[node]
+
     def start(self, timeout: float = 60) -> None:
         try:
+            self._make_network()
             munge_socket = self._start_munge()
             self._write_conf(munge_socket)
             self._controller = self._spawn(["slurmctld", "-D", "-f", str(self.conf)], "slurmctld")
             self._daemons.append(self._controller)
             for node in NODES:
-                self._daemons.append(self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", node], f"slurmd-{node}"))
+                enter = self.network.enter(node) if self.network else []
+                self._daemons.append(self._spawn([*enter, "slurmd", "-D", "-f", str(self.conf), "-N", node],
+                                                 f"slurmd-{node}"))
             self._wait_for_idle_nodes(timeout)
         except BaseException:
             self.stop()
@@ -77,6 +164,8 @@ class SlurmCluster:
                     daemon.kill()
                     daemon.wait()
         self._daemons.clear()
+        if self.network is not None:
+            self.network.delete()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log(self, name: str) -> str:
@@ -99,6 +188,19 @@ class SlurmCluster:
                 return value
         raise KeyError(f"job {job} has no field {field}")
 
+    def _make_network(self) -> None:
+        network = NodeNetwork(NODES)
+        try:
+            network.create()
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", None) or str(error)
+            self.without_namespaces = f"{getattr(error, 'cmd', 'ip')}: {detail.strip()}"
+            return
+        self.network = network
+        # gloo binds to the address the host name resolves to, 127.0.0.1 here, in every node alike: a
+        # real cluster whose host names do not resolve to the nodes' network needs the same.
+        self.environment["GLOO_SOCKET_IFNAME"] = NodeNetwork.INTERFACE
+
     def _start_munge(self) -> Path:
         folder = self.root / "munge"
         folder.mkdir()
@@ -118,11 +220,12 @@ class SlurmCluster:
     def _write_conf(self, munge_socket: Path) -> None:
         for folder in ("state", "spool", "log"):
             (self.root / folder).mkdir(exist_ok=True)
-        nodes = "\n".join(f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} CPUs={self.cpus_per_node} "
-                          f"State=UNKNOWN" for node in NODES)
+        # Each slurmd in a namespace of its own could share one port; distinct ones serve both layouts.
+        nodes = "\n".join(f"NodeName={node} NodeAddr={self.address(node)} Port={free_port()} "
+                          f"CPUs={self.cpus_per_node} State=UNKNOWN" for node in NODES)
         self.conf.write_text(f"""\
 ClusterName=tests
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost({self.address()})
 SlurmctldPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
@@ -167,7 +270,8 @@ PartitionName=tests Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             states = dict(line.split() for line in result.stdout.splitlines())
             return all(states.get(node) == "idle" for node in NODES)
 
-        _wait(idle, timeout, "two idle nodes", lambda: self.log("slurmctld")[-2000:])
+        _wait(idle, timeout, "two idle nodes", lambda: "\n".join(
+            f"{name}: {self.log(name)[-1000:]}" for name in ("slurmctld", *(f"slurmd-{node}" for node in NODES))))
 
     def _wait_for_no_jobs(self, timeout: float) -> None:
         def none_left() -> bool:

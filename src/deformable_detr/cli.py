@@ -217,7 +217,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
     parser.add_argument("--max-minutes", type=float,
                         help="a training-time budget: stop once it has passed (within an epoch if need be); the "
-                             "learning-rate drop falls at its share of it (--lr-drop-epoch of --epochs) or of the epochs")
+                             "learning-rate schedule runs on the share of it spent, or of the epochs, whichever is further")
     parser.add_argument("--patience", type=int, metavar="N",
                         help="stop after N evaluations in a row without a better AP (default: never)")
     parser.add_argument("--min-improvement", type=float, metavar="AP",
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog="What it trains, its measured curve and how it was tuned: docs/demo.md")
     budget = demo.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=MINUTES,
-                        help="training minutes, the learning rate dropping at 90%% of them (default: %(default)s)")
+                        help="training minutes, the learning rate falling from 75%% of them on (default: %(default)s)")
     budget.add_argument("--epochs", type=int, help="train this many epochs instead, however long they take")
     demo.set_defaults(run=_demo)
 

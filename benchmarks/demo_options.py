@@ -16,8 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from deformable_detr.data import synthesize
-from deformable_detr.demo import IMAGE_SIZE, run_demo
+from deformable_detr.demo import run_demo
 
 # name -> (ModelConfig changes, TrainConfig changes), on top of the demo's own recipe (which has
 # denoising, mixed query selection and IoU-aware classification).
@@ -35,7 +34,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "without_denoising": (NO_DENOISING, {}),
     "lft": ({"look_forward_twice": True}, {}),
     "hybrid": ({"one_to_many_queries": 100}, {"one_to_many_repeats": 5}),
-    # The recipe of later DETRs (docs/training.md#the-learning-rate-schedule-and-the-weights-average).
+    # The recipe of later DETRs (docs/training-options.md#the-recipe-of-later-detrs-schedules-ema-early-stopping).
     "ema": ({}, EMA),
     "cosine": ({}, COSINE),
     "flat_cosine": ({}, FLAT_COSINE),
@@ -68,9 +67,8 @@ def main() -> None:
         seed = {} if args.seed is None else {"seed": args.seed}
         if train_options.get("lr_schedule") == "flat-cosine":
             train_options = {**train_options, "lr_drop_epoch": round(args.epochs * FLAT_SHARE.get(name, 0.5))}
-        if TASKS[args.task]:  # run_demo synthesises the demo's data where it finds none
-            synthesize(out / name / "data", train=800, val=100, image_size=IMAGE_SIZE, seed=0, **TASKS[args.task])
-        run_demo(out / name, minutes=None, epochs=args.epochs, model_options=model_options, **train_options, **seed)
+        run_demo(out / name, minutes=None, epochs=args.epochs, data_options=TASKS[args.task], model_options=model_options,
+                 **train_options, **seed)
     for name in args.variants:
         records = curve(out / name / "train" / "log.jsonl")
         aps = " ".join(f"{r['AP']:.3f}" for r in records)

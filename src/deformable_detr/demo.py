@@ -32,18 +32,20 @@ DRAWING_SCALE = 3
 
 def run_demo(
     output_dir: str | Path = "runs/demo", *, minutes: float | None = MINUTES, epochs: int = EPOCHS,
-    train_images: int = 800, val_images: int = 100, model_options: dict[str, Any] | None = None, **train_options: Any,
+    train_images: int = 800, val_images: int = 100, data_options: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None, **train_options: Any,
 ) -> dict:
     """Train from scratch for ``minutes`` of training (None: no budget) or ``epochs``, whichever ends
     first; returns the final COCO metrics.
 
-    ``model_options`` (``ModelConfig`` fields) and ``train_options`` (``TrainConfig`` fields) change
-    the demo's recipe, to measure other options on the same data and seed.
+    ``data_options`` (:func:`~deformable_detr.data.synthesize`'s ``max_objects``, ``object_sizes``)
+    make another task of shapes; ``model_options`` (``ModelConfig`` fields) and ``train_options``
+    (``TrainConfig`` fields) change the demo's recipe, to measure other options on the same data and seed.
     """
     output_dir = Path(output_dir)
     data = output_dir / "data"
     if not (data / "annotations" / "instances_val.json").is_file():
-        synthesize(data, train=train_images, val=val_images, image_size=IMAGE_SIZE, seed=0)
+        synthesize(data, train=train_images, val=val_images, image_size=IMAGE_SIZE, seed=0, **(data_options or {}))
     run = output_dir / "train"
     shutil.rmtree(run, ignore_errors=True)  # the demo always starts afresh
     config = demo_config(data, run, minutes=minutes, epochs=epochs)

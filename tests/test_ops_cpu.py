@@ -29,9 +29,11 @@ CASES = {
     "D=30": dict(shapes=[(6, 7), (3, 4), (2, 2)], channels=30, heads=3),
     "D=32": dict(shapes=[(8, 9), (4, 5), (2, 3), (1, 2)], channels=32, heads=2, points=4, queries=7),
     "D=71": dict(shapes=[(5, 5)], channels=71, heads=1),
-    # More samples than positions: the backward runs on head-major copies (as in the encoder; D=32
-    # too), where the other cases keep value's layout (as in the decoder).
-    "head-major D=30": dict(shapes=[(3, 4), (2, 2)], channels=30, heads=3, queries=12),
+    # More samples than positions: the kernels gather from copies of each head's rows (as in the
+    # encoder; D=32 too), where the other cases read value's layout (as in the decoder).
+    "head copies D=30": dict(shapes=[(3, 4), (2, 2)], channels=30, heads=3, queries=12),
+    # One head whose 131 queries the forward's threads split between them, each copying the head.
+    "head copies, one head": dict(shapes=[(3, 4)], batch=1, heads=1, queries=131, channels=16),
     "L=1 P=1": dict(shapes=[(9, 4)], points=1, channels=8),
     "batch 3": dict(shapes=[(4, 6), (2, 3)], batch=3, channels=4),
     "no queries": dict(shapes=[(4, 6), (2, 3)], queries=0, channels=4),
@@ -82,7 +84,7 @@ def test_bfloat16_follows_float64():
 @pytest.mark.parametrize("channels", [16, 5], ids=["D=16", "D=5"])
 def test_float32_locations_beside_bfloat16_values(channels):
     # Under autocast the model keeps its sampling locations float32 beside bfloat16 values.
-    case = random_case([(6, 5), (3, 3)], channels=channels, queries=12)  # 12 x 4 samples > 39 positions: head-major
+    case = random_case([(6, 5), (3, 3)], channels=channels, queries=12)  # 12 x 4 samples > 39 positions: head copies
     value, spatial_shapes, level_start_index, locations, weights = case
     mixed = [value.to(torch.bfloat16), spatial_shapes, level_start_index, locations.float(), weights.to(torch.bfloat16)]
     expected = forward_and_gradients(ms_deform_attn_reference, [t.double() if t.is_floating_point() else t for t in mixed])

@@ -97,6 +97,17 @@ struct Corners {
   }
 };
 
+// A head's rows lie M * D apart in (N, S, M, D) (1 kB at D = 32, M = 8), which maps them onto an
+// eighth of the cache's sets. Where a task samples a head more often than the head has positions
+// (the encoder: every position is sampled L * P times a head), it first copies the head's rows into
+// a contiguous buffer of its own, reused from head to head, and gathers from that instead.
+template <typename scalar_t>
+void copy_head(const scalar_t* head_rows, int64_t row_stride, int64_t positions, int64_t channels,
+               std::vector<scalar_t>& copy) {
+  copy.resize(positions * channels);
+  for (int64_t s = 0; s < positions; ++s) std::copy_n(head_rows + s * row_stride, channels, copy.data() + s * channels);
+}
+
 // The loops take the channel count D as a template argument where it is a common value (16: the
 // tiny preset, 32: the published models), so the compiler unrolls them and keeps the accumulators
 // in vector registers; kChannels = 0 handles any other D at run time.
@@ -108,7 +119,6 @@ struct Kernels {
                       const scalar_t* weights, scalar_t* output, int64_t batch, int64_t num_values, int64_t heads,
                       int64_t runtime_channels, int64_t queries, int64_t samples) {
     const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
-    const int64_t row_stride = heads * channels;
     // One task per (batch, query, head) row owns its output: no synchronisation needed. Tasks run
     // head by head, not query by query, so that a thread gathers from one head's slice of one
     // image's values (S x D: 2.3 MB at COCO scale in float32) rather than from all of them at
@@ -118,10 +128,21 @@ struct Kernels {
       std::vector<acc_t> runtime_accumulator(kChannels > 0 ? 0 : channels);
       acc_t fixed_accumulator[kChannels > 0 ? kChannels : 1];
       acc_t* __restrict__ accumulator = kChannels > 0 ? fixed_accumulator : runtime_accumulator.data();
+      std::vector<scalar_t> head_copy;
+      const scalar_t* head_values = nullptr;
+      int64_t row_stride = heads * channels;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / (heads * queries), head = task / queries % heads, query = task % queries;
         const int64_t row = (n * queries + query) * heads + head;
-        const scalar_t* head_values = value + (n * num_values * heads + head) * channels;
+        if (task == begin || query == 0) {  // the first row of this task range's next head
+          head_values = value + (n * num_values * heads + head) * channels;
+          row_stride = heads * channels;
+          if (std::min(end - task, queries - query) * samples >= num_values) {
+            copy_head(head_values, row_stride, num_values, channels, head_copy);
+            head_values = head_copy.data();
+            row_stride = channels;
+          }
+        }
         const scalar_t* row_weights = weights + row * samples;
         corners.compute(locations + row * samples * 2, sample_levels);
         for (int64_t c = 0; c < channels; ++c) accumulator[c] = 0;
@@ -143,23 +164,39 @@ struct Kernels {
   }
 
   static void backward(const scalar_t* grad_output, const scalar_t* value, const SampleLevels& sample_levels,
-                       const location_t* locations, const scalar_t* weights, acc_t* grad_value, location_t* grad_locations,
-                       scalar_t* grad_weights, int64_t batch, int64_t num_values, int64_t heads, int64_t runtime_channels,
-                       int64_t queries, int64_t samples, bool head_major) {
+                       const location_t* locations, const scalar_t* weights, acc_t* grad_value_in_place, scalar_t* grad_value,
+                       location_t* grad_locations, scalar_t* grad_weights, int64_t batch, int64_t num_values, int64_t heads,
+                       int64_t runtime_channels, int64_t queries, int64_t samples, bool head_copies) {
     const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
-    // value and grad_value are (N, S, M, D), or (N, M, S, D) where head_major.
-    const int64_t head_stride = head_major ? num_values * channels : channels;
-    const int64_t row_stride = head_major ? channels : heads * channels;
-    // One task per (batch, head): it alone writes that slice of grad_value, so the scattered
-    // accumulation is race-free without atomics; per-sample gradients belong to their row.
+    const int64_t position_stride = heads * channels;  // between a head's rows in (N, S, M, D)
+    // The value gradient is (N, S, M, D): with head_copies in scalar_t, written once per head;
+    // without, in acc_t, zeroed, and accumulated in place.
+    // One task per (batch, head): it alone writes that slice of the value gradient, so the
+    // scattered accumulation is race-free without atomics; per-sample gradients belong to their row.
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       Corners<acc_t> corners(samples);
       std::vector<acc_t> runtime_grad(kChannels > 0 ? 0 : channels);
       acc_t fixed_grad[kChannels > 0 ? kChannels : 1];
       acc_t* __restrict__ grad_row = kChannels > 0 ? fixed_grad : runtime_grad.data();
+      // With head copies, the gradient of the head's rows accumulates in a contiguous buffer too,
+      // written out once the head is done.
+      std::vector<scalar_t> head_value;
+      std::vector<acc_t> head_grad(head_copies ? num_values * channels : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / heads, head = task % heads;
-        const int64_t head_offset = n * num_values * heads * channels + head * head_stride;
+        const int64_t head_offset = (n * num_values * heads + head) * channels;  // the head's first row
+        const scalar_t* head_values = value + head_offset;
+        acc_t* head_gradient = nullptr;
+        int64_t row_stride = position_stride;
+        if (head_copies) {
+          copy_head(head_values, position_stride, num_values, channels, head_value);
+          std::fill(head_grad.begin(), head_grad.end(), acc_t(0));
+          head_values = head_value.data();
+          head_gradient = head_grad.data();
+          row_stride = channels;
+        } else {
+          head_gradient = grad_value_in_place + head_offset;
+        }
         for (int64_t query = 0; query < queries; ++query) {
           const int64_t row = (n * queries + query) * heads + head;  // (n, query, head)
           const scalar_t* grad_out = grad_output + row * channels;
@@ -175,9 +212,8 @@ struct Kernels {
             for (int k = 0; k < 4; ++k) {
               const int32_t position = corners.position[k * samples + s];
               if (position < 0) continue;
-              const int64_t offset = head_offset + position * row_stride;
-              const scalar_t* __restrict__ value_row = value + offset;
-              acc_t* __restrict__ grad_value_row = grad_value + offset;
+              const scalar_t* __restrict__ value_row = head_values + position * row_stride;
+              acc_t* __restrict__ grad_value_row = head_gradient + position * row_stride;
               const acc_t weight = corners.weight[k * samples + s];
               const acc_t factor = attention * weight;
               acc_t grad_dot_value = 0;
@@ -196,6 +232,14 @@ struct Kernels {
             // The pixel coordinates are x * W - 0.5 and y * H - 0.5.
             row_grad_locations[2 * s] = static_cast<location_t>(attention * grad_ws * sample_levels.width[s]);
             row_grad_locations[2 * s + 1] = static_cast<location_t>(attention * grad_hs * sample_levels.height[s]);
+          }
+        }
+        if (head_copies) {
+          scalar_t* out = grad_value + head_offset;
+          for (int64_t s = 0; s < num_values; ++s) {
+            for (int64_t c = 0; c < channels; ++c) {
+              out[s * position_stride + c] = static_cast<scalar_t>(head_grad[s * channels + c]);
+            }
           }
         }
       }
@@ -304,37 +348,32 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
   const auto dtype = in.value.scalar_type();
   // Low-precision gradients of value accumulate in float, then round once.
   const auto accumulation = is_reduced_precision(dtype) ? at::kFloat : dtype;
-  // A head's rows lie M * D apart in (N, S, M, D) (1 kB at D = 32, M = 8), which maps them onto an
-  // eighth of the cache's sets. Where the samples outnumber the positions (the encoder: every
-  // position is sampled L * P times a head), the backward runs on head-major copies of value and of
-  // its gradient; where they do not (the decoder's 300 queries), the copies would cost more than
-  // they save.
-  const bool head_major = in.queries * in.levels * in.points >= in.num_values;
-  const auto gathered = head_major ? in.value.transpose(1, 2).contiguous() : in.value;
-  auto grad_value = at::zeros(gathered.sizes(), in.value.options().dtype(accumulation));
-  auto grad_locations = at::zeros(in.sampling_locations.sizes(), in.sampling_locations.options());
-  auto grad_weights = at::zeros(in.attention_weights.sizes(), in.attention_weights.options());
-  if (grad_output.numel() > 0 && in.levels * in.points > 0) {
-    const auto sample_levels = in.sample_levels();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ms_deform_attn_cpu_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      dispatch_locations<scalar_t>(in.sampling_locations.scalar_type(), [&](auto location) {
-        using location_t = decltype(location);
-        dispatch_channels(in.channels, [&](auto fixed) {
-          Kernels<scalar_t, location_t, decltype(fixed)::value>::backward(
-              grad_output.data_ptr<scalar_t>(), gathered.data_ptr<scalar_t>(), sample_levels,
-              in.sampling_locations.data_ptr<location_t>(), in.attention_weights.data_ptr<scalar_t>(),
-              grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<location_t>(), grad_weights.data_ptr<scalar_t>(),
-              in.batch, in.num_values, in.heads, in.channels, in.queries, in.levels * in.points, head_major);
-        });
+  // Heads are copied (see copy_head) where their samples outnumber their positions, as in the
+  // encoder; the decoder's 300 queries accumulate into a zeroed gradient in place.
+  const bool head_copies = in.queries * in.levels * in.points >= in.num_values;
+  auto grad_value = head_copies ? at::empty(in.value.sizes(), in.value.options())
+                                : at::zeros(in.value.sizes(), in.value.options().dtype(accumulation));
+  auto grad_locations = at::empty(in.sampling_locations.sizes(), in.sampling_locations.options());
+  auto grad_weights = at::empty(in.attention_weights.sizes(), in.attention_weights.options());
+  if (grad_output.numel() == 0 || in.levels * in.points == 0) {
+    return {grad_value.zero_().to(dtype), grad_locations.zero_(), grad_weights.zero_()};
+  }
+  const auto sample_levels = in.sample_levels();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ms_deform_attn_cpu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_locations<scalar_t>(in.sampling_locations.scalar_type(), [&](auto location) {
+      using location_t = decltype(location);
+      dispatch_channels(in.channels, [&](auto fixed) {
+        Kernels<scalar_t, location_t, decltype(fixed)::value>::backward(
+            grad_output.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(), sample_levels,
+            in.sampling_locations.data_ptr<location_t>(), in.attention_weights.data_ptr<scalar_t>(),
+            head_copies ? nullptr : grad_value.data_ptr<acc_t>(), head_copies ? grad_value.data_ptr<scalar_t>() : nullptr,
+            grad_locations.data_ptr<location_t>(), grad_weights.data_ptr<scalar_t>(), in.batch, in.num_values, in.heads,
+            in.channels, in.queries, in.levels * in.points, head_copies);
       });
     });
-  }
-  if (!head_major && dtype == grad_value.scalar_type()) return {grad_value, grad_locations, grad_weights};
-  // Back to value's layout and dtype in one pass (.to() would return the transposed view as it is).
-  auto grad_value_out = at::empty(in.value.sizes(), in.value.options());
-  grad_value_out.copy_(head_major ? grad_value.transpose(1, 2) : grad_value);
-  return {grad_value_out, grad_locations, grad_weights};
+  });
+  return {grad_value.to(dtype), grad_locations, grad_weights};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -10,7 +10,7 @@ import torchvision
 from conftest import R50_PRESETS, reference_state_dict_entries
 
 from deformable_detr import PRESETS, build_model, postprocess
-from deformable_detr.model import MSDeformAttn, pad_images
+from deformable_detr.model import MSDeformAttn, pad_images, transformer
 from deformable_detr.model.backbone import fold_batch_norms
 
 
@@ -102,6 +102,27 @@ def test_output_shapes(preset):
     else:
         assert "enc_outputs" not in outputs
 
+
+
+def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch):
+    """Without a gradient the encoder's feed-forward runs in blocks of rows and frozen batch norm
+    writes over its convolution's output: the same arithmetic as the forward autograd records."""
+    monkeypatch.setattr(transformer, "FEED_FORWARD_ROWS", 50)  # the 2 x 108 rows of these images: 5 blocks
+    torch.manual_seed(0)
+    model = build_model("tiny", backbone_norm="frozen").eval()
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        inference = model(images)
+    recorded = model(images)
+    assert recorded["pred_logits"].requires_grad
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(inference[key], recorded[key].detach())
+
+    norm = model.backbone[0].body.bn1
+    convolved = torch.randn(1, norm.weight.numel(), 4, 4)
+    with torch.no_grad():
+        normalised = norm(convolved)
+    assert normalised.data_ptr() == convolved.data_ptr()
 
 def test_list_of_images_is_padded_with_a_mask():
     model = build_model("tiny").eval()

@@ -32,6 +32,11 @@ def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
 
 
+# Rows of a feed-forward block computed at a time in inference on the CPU: at 4096 rows the
+# published layer's hidden activations take 16 MB, which stay in cache between its two linear layers.
+FEED_FORWARD_ROWS = 4096
+
+
 def _add_feed_forward(
     x: Tensor, linear1: nn.Linear, dropout: nn.Dropout, linear2: nn.Linear, output_dropout: nn.Dropout
 ) -> Tensor:
@@ -41,10 +46,26 @@ def _add_feed_forward(
     computed on rows of ``x`` so that they are tensors of their own: a linear layer's (N, L, C) output
     is a view, and autograd undoes an in-place update of a view by copying the whole tensor, twice,
     in the backward.
+
+    In inference on the CPU the encoder's rows (17,821 an image at COCO size) go through in blocks,
+    with the same result to the bit: a block's hidden activations stay in cache from one linear layer
+    to the next, and are allocated from memory the process already holds, where the whole layer's
+    (73 MB an image) come from the system, page by page, on every call.
     """
     rows = x.reshape(-1, x.shape[-1])
-    hidden = dropout(F.relu(linear1(rows), inplace=True))
-    return output_dropout(linear2(hidden)).add_(rows).view(x.shape)
+
+    def add_feed_forward(block: Tensor) -> Tensor:
+        hidden = dropout(F.relu(linear1(block), inplace=True))
+        return output_dropout(linear2(hidden)).add_(block)
+
+    in_blocks = (x.device.type == "cpu" and len(rows) > FEED_FORWARD_ROWS
+                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+    if not in_blocks:
+        return add_feed_forward(rows).view(x.shape)
+    output = torch.empty_like(rows)
+    for start in range(0, len(rows), FEED_FORWARD_ROWS):
+        output[start:start + FEED_FORWARD_ROWS] = add_feed_forward(rows[start:start + FEED_FORWARD_ROWS])
+    return output.view(x.shape)
 
 
 def _with_position(tensor: Tensor, position: Tensor | None) -> Tensor:

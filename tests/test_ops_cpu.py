@@ -144,3 +144,13 @@ def test_model_outputs_do_not_depend_on_the_op_path(preset):
     assert len(topk.indices) == int(model.config.two_stage)  # the proposal selection
     torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_avx2_limit_builds_the_kernel_without_avx512(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 limits torch's kernels, and so this one's build, to AVX2."""
+    paths = {}
+    for capability in ("AVX512", "AVX2"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert ("-mno-avx512f" in cpu._flags()) == (capability == "AVX2")
+        paths[capability] = cpu.library_path()
+    assert paths["AVX512"] != paths["AVX2"]  # cached apart

@@ -24,7 +24,14 @@ _extension: ModuleType | None = None
 _failure: str | None = None
 
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
+def _flags() -> list[str]:
+    """The compiler's flags: for this processor, without AVX-512 where torch's own kernels are
+    limited to AVX2 (``ATEN_CPU_CAPABILITY=avx2``), so that the limit makes an AVX-512 machine stand
+    in for an AVX2-only one in this kernel too."""
+    flags = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        flags.append("-mno-avx512f")
+    return flags
 
 
 def _build_name() -> str:
@@ -38,7 +45,7 @@ def _build_name() -> str:
         processor = "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
     except OSError:
         processor = platform.processor() + platform.machine()
-    key = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), torch.__version__, processor])
+    key = "\n".join([_SOURCE.read_text(), " ".join(_flags()), torch.__version__, processor])
     return f"ms_deform_attn_cpu_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
@@ -65,7 +72,7 @@ def _build(name: str, folder: Path) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     folder.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder))
+    return load(name=name, sources=[str(_SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"], build_directory=str(folder))
 
 
 def load_extension() -> ModuleType | None:

@@ -150,7 +150,7 @@ def test_an_avx2_limit_builds_the_kernel_without_avx512(monkeypatch):
     """ATEN_CPU_CAPABILITY=avx2 limits torch's kernels, and so this one's build, to AVX2."""
     paths = {}
     for capability in ("AVX512", "AVX2"):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
         assert ("-mno-avx512f" in cpu._flags()) == (capability == "AVX2")
         paths[capability] = cpu.library_path()
     assert paths["AVX512"] != paths["AVX2"]  # cached apart

@@ -19,6 +19,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // Per sampling point (level, point) of a query: the level's size and first position in S.
@@ -106,6 +110,41 @@ void copy_head(const scalar_t* head_rows, int64_t row_stride, int64_t positions,
                std::vector<scalar_t>& copy) {
   copy.resize(positions * channels);
   for (int64_t s = 0; s < positions; ++s) std::copy_n(head_rows + s * row_stride, channels, copy.data() + s * channels);
+}
+
+// The dot products of one channel row with the rows of a sample's four corners (0 for a corner
+// outside the map). Summing each product across a vector's lanes takes several shuffles, so on AVX2
+// the four float32 sums are folded together, at a quarter of that cost.
+template <typename scalar_t, typename acc_t, int64_t kChannels>
+inline void corner_dots(const acc_t* row, const scalar_t* values, int64_t row_stride, const int32_t* positions,
+                        int64_t samples, int64_t channels, acc_t* dots) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<scalar_t, float> && kChannels > 0 && kChannels % 8 == 0) {
+    alignas(32) static constexpr float kZeros[kChannels] = {};
+    __m256 sums[4];
+    for (int k = 0; k < 4; ++k) {
+      const int32_t position = positions[k * samples];
+      const float* corner = position < 0 ? kZeros : values + position * row_stride;
+      sums[k] = _mm256_mul_ps(_mm256_loadu_ps(row), _mm256_loadu_ps(corner));
+      for (int64_t c = 8; c < kChannels; c += 8) {
+        sums[k] = _mm256_fmadd_ps(_mm256_loadu_ps(row + c), _mm256_loadu_ps(corner + c), sums[k]);
+      }
+    }
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(sums[0], sums[1]), _mm256_hadd_ps(sums[2], sums[3]));
+    _mm_storeu_ps(dots, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+    return;
+  }
+#endif
+  for (int k = 0; k < 4; ++k) {
+    const int32_t position = positions[k * samples];
+    acc_t dot = 0;
+    if (position >= 0) {
+      const scalar_t* __restrict__ corner = values + position * row_stride;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < channels; ++c) dot += row[c] * static_cast<acc_t>(corner[c]);
+    }
+    dots[k] = dot;
+  }
 }
 
 // The loops take the channel count D as a template argument where it is a common value (16: the
@@ -208,20 +247,19 @@ struct Kernels {
           for (int64_t s = 0; s < samples; ++s) {
             const acc_t attention = static_cast<acc_t>(row_weights[s]);
             const acc_t lw = corners.frac_w[s], lh = corners.frac_h[s];
+            acc_t grad_dots[4];  // the output gradient's dot product with each corner's value row
+            corner_dots<scalar_t, acc_t, kChannels>(grad_row, head_values, row_stride, corners.position.data() + s,
+                                                    samples, channels, grad_dots);
             acc_t grad_s = 0, grad_ws = 0, grad_hs = 0;
             for (int k = 0; k < 4; ++k) {
               const int32_t position = corners.position[k * samples + s];
               if (position < 0) continue;
-              const scalar_t* __restrict__ value_row = head_values + position * row_stride;
               acc_t* __restrict__ grad_value_row = head_gradient + position * row_stride;
               const acc_t weight = corners.weight[k * samples + s];
               const acc_t factor = attention * weight;
-              acc_t grad_dot_value = 0;
-#pragma omp simd reduction(+ : grad_dot_value)
-              for (int64_t c = 0; c < channels; ++c) {
-                grad_dot_value += grad_row[c] * static_cast<acc_t>(value_row[c]);
-                grad_value_row[c] += factor * grad_row[c];
-              }
+#pragma omp simd
+              for (int64_t c = 0; c < channels; ++c) grad_value_row[c] += factor * grad_row[c];
+              const acc_t grad_dot_value = grad_dots[k];
               // d(weight)/d(lw) and d(weight)/d(lh) of corner k: a sign times the other fraction.
               const bool right = k & 1, bottom = k & 2;
               grad_s += weight * grad_dot_value;

@@ -104,16 +104,18 @@ def test_output_shapes(preset):
 
 
 
-def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16 autocast"])
+def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch, autocast):
     """Without a gradient the encoder's feed-forward runs in blocks of rows and frozen batch norm
     writes over its convolution's output: the same arithmetic as the forward autograd records."""
     monkeypatch.setattr(transformer, "FEED_FORWARD_ROWS", 50)  # the 2 x 108 rows of these images: 5 blocks
     torch.manual_seed(0)
     model = build_model("tiny", backbone_norm="frozen").eval()
     images = torch.randn(2, 3, 64, 80)
-    with torch.no_grad():
-        inference = model(images)
-    recorded = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            inference = model(images)
+        recorded = model(images)
     assert recorded["pred_logits"].requires_grad
     for key in ("pred_logits", "pred_boxes"):
         assert torch.equal(inference[key], recorded[key].detach())

@@ -22,13 +22,14 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
     ``shift + x * scale`` as one ``addcmul`` allocates and writes the (large) output once instead
     of twice: at 800 x 1066 this halves the time the backbone spends outside its convolutions.
     Where no gradient is recorded it writes over ``x``, which in a ResNet is always the fresh output
-    of the convolution before it, so that inference allocates no second tensor of that size.
+    of the convolution before it, so that inference allocates no second tensor of that size (unless
+    ``x`` is in a lower precision than the norm, as under autocast, whose result is the norm's).
     """
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        in_place = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        in_place = x.dtype == scale.dtype and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x if in_place else None)
 
 

@@ -62,10 +62,7 @@ def _add_feed_forward(
                  and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
     if not in_blocks:
         return add_feed_forward(rows).view(x.shape)
-    output = torch.empty_like(rows)
-    for start in range(0, len(rows), FEED_FORWARD_ROWS):
-        output[start:start + FEED_FORWARD_ROWS] = add_feed_forward(rows[start:start + FEED_FORWARD_ROWS])
-    return output.view(x.shape)
+    return torch.cat([add_feed_forward(block) for block in rows.split(FEED_FORWARD_ROWS)]).view(x.shape)
 
 
 def _with_position(tensor: Tensor, position: Tensor | None) -> Tensor:

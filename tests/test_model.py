@@ -103,7 +103,6 @@ def test_output_shapes(preset):
         assert "enc_outputs" not in outputs
 
 
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16 autocast"])
 def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch, autocast):
     """Without a gradient the encoder's feed-forward runs in blocks of rows and frozen batch norm
@@ -125,6 +124,7 @@ def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch, autocast)
     with torch.no_grad():
         normalised = norm(convolved)
     assert normalised.data_ptr() == convolved.data_ptr()
+
 
 def test_list_of_images_is_padded_with_a_mask():
     model = build_model("tiny").eval()

@@ -227,7 +227,7 @@ def test_a_narrow_resnet_is_torchvisions_with_fewer_channels():
 
 def test_a_narrow_resnet_refuses_pretrained_weights():
     with pytest.raises(ValueError, match="weights 'IMAGENET1K_V1' are for width 64, not 32"):
-        build_model("tiny", backbone_weights="IMAGENET1K_V1")
+        build_model("tiny", backbone_width=32, backbone_weights="IMAGENET1K_V1")
 
 
 def test_dc5_halves_the_last_stride():

@@ -111,8 +111,8 @@ PRESETS: dict[str, ModelConfig] = {
     "r50_two_stage": ModelConfig(with_box_refine=True, two_stage=True),
     # Small enough to train on a laptop CPU; used by the tests and the demo.
     # Sized for the demo (docs/performance.md#the-demos-model): three eighths of ResNet-18's channels,
-    # trained from scratch, learn as much per epoch as half of them in 14 % less time a step; two
-    # encoder layers with narrow feed-forward layers, as the encoder's work grows with the pixels.
+    # trained from scratch, learn about as much per epoch as half of them in 14 % less time a step;
+    # two encoder layers with narrow feed-forward layers, as the encoder's work grows with the pixels.
     "tiny": ModelConfig(
         backbone="resnet18",
         backbone_width=24,

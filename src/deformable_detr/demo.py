@@ -65,11 +65,11 @@ def demo_config(data: str | Path, output_dir: str | Path, *, minutes: float | No
     """The demo's training recipe on ``data``: ``minutes`` of training (None: no budget) or ``epochs``."""
     # Each choice is measured in docs/demo.md#how-it-was-tuned. The model is the tiny preset, whose
     # narrow ResNet-18 (three eighths of the channels) and small transformer train from scratch at 2.7
-    # times the speed of the full-width model before them. From scratch the
-    # published lr (2e-4, backbone 2e-5) is too timid for minutes of training, and a flat-cosine
-    # schedule ends better than the published step drop, on harder data by far. Two-stage queries (from
-    # the encoder's proposals) learn faster than learned ones, and three training-only options faster
-    # still: denoising queries (five groups of noised targets to restore), mixed query selection (one
+    # times the speed of the full-width model before them. From scratch the published lr (2e-4,
+    # backbone 2e-5) is too timid for minutes of training, and a flat-cosine schedule ends better
+    # than the published step drop, on harder data by far. Two-stage queries (from the encoder's
+    # proposals) learn faster than learned ones, and three training-only options faster still:
+    # denoising queries (five groups of noised targets to restore), mixed query selection (one
     # learned content query) and IoU-aware classification (scores that rank boxes by fit).
     # Dropout's random masks only cost time in a run this short; bfloat16 autocast is faster where
     # the hardware has it.

@@ -15,7 +15,6 @@ transformers is optional: without it only our two paths are timed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -115,7 +114,7 @@ def inference(repeats: int, with_huggingface: bool) -> None:
 
 def training(repeats: int, with_huggingface: bool) -> None:
     # At ResNet-18's full width: transformers' timm ResNets have no other.
-    config = dataclasses.replace(get_config("tiny"), backbone_width=64)
+    config = get_config("tiny", backbone_width=64)
     images = torch.randn(8, 3, 192, 192)
     ours, hf_model = contenders(config, with_huggingface)
     ours.train()

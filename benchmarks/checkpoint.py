@@ -27,6 +27,7 @@ from deformable_detr.data.loader import TRAINING_STEP, derived_seed
 from deformable_detr.environment import machine_summary
 from deformable_detr.train import SetCriterion, TrainConfig, build_lr_scheduler, build_optimizer, train_step
 from deformable_detr.train.checkpointing import save_training_checkpoint
+from deformable_detr.train.early_stopping import EarlyStopping
 from deformable_detr.train.engine import EpochProgress
 from deformable_detr.train.logger import Logger
 
@@ -66,7 +67,8 @@ def checkpoint_costs(name: str, folder: Path, repeats: int, **contenders: Callab
 
     def write() -> None:
         save_training_checkpoint(path, model, config=config, class_names={i: str(i) for i in range(classes)},
-                                 optimizer=optimizer, scheduler=scheduler, epoch=3,
+                                 optimizer=optimizer, scheduler=scheduler, ema=None,
+                                 early_stopping=EarlyStopping(config.patience, config.min_improvement), epoch=3,
                                  progress=EpochProgress(batches=100, images=200, seconds=60.0, lr=2e-4), best={},
                                  training_seconds=180.0)
 

@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs of each run, however long (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="training seed (default: the demo's); the data stay the task's")
     parser.add_argument("--task", choices=list(TASKS), default="demo", help="the synthetic data (default: %(default)s)")
+    parser.add_argument("--images", type=int, nargs=2, default=(800, 100), metavar=("TRAIN", "VAL"),
+                        help="images synthesised for training and validation (default: the demo's, %(default)s)")
     args = parser.parse_args()
     out = Path(args.out) / args.task
     for name in args.variants:
@@ -67,8 +69,8 @@ def main() -> None:
         seed = {} if args.seed is None else {"seed": args.seed}
         if train_options.get("lr_schedule") == "flat-cosine":
             train_options = {**train_options, "lr_drop_epoch": round(args.epochs * FLAT_SHARE.get(name, 0.5))}
-        run_demo(out / name, minutes=None, epochs=args.epochs, data_options=TASKS[args.task], model_options=model_options,
-                 **train_options, **seed)
+        run_demo(out / name, minutes=None, epochs=args.epochs, train_images=args.images[0], val_images=args.images[1],
+                 data_options=TASKS[args.task], model_options=model_options, **train_options, **seed)
     for name in args.variants:
         records = curve(out / name / "train" / "log.jsonl")
         aps = " ".join(f"{r['AP']:.3f}" for r in records)

@@ -8,7 +8,7 @@ interleaved, median of the repeats, with the largest logit difference of each fr
   (``pip install -e .[deploy]``).
 
     python benchmarks/deploy.py --save r50.safetensors     # then: deformable-detr export r50.safetensors --out r50.onnx
-    python benchmarks/deploy.py --load r50.safetensors --onnx r50.onnx [--repeats 3]
+    python benchmarks/deploy.py --load r50.safetensors --onnx r50.onnx [--repeats 3] [--image-size 800 1066]
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from deformable_detr.precision import forward, inference_model
 
 from model import median_times
 
-HEIGHT, WIDTH = 800, 1066
 BASELINE = "ours, float32"
 
 
@@ -71,6 +70,8 @@ def main() -> None:
     parser.add_argument("--load", help="the r50 checkpoint to time (default: random weights)")
     parser.add_argument("--onnx", help="the graph `deformable-detr export` wrote for the same checkpoint")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1066), metavar=("HEIGHT", "WIDTH"),
+                        help="the input's size (default: %(default)s, COCO's; a small one checks the script)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_pretrained(args.load) if args.load else build_model("r50", backbone_weights=None).eval()
@@ -78,13 +79,14 @@ def main() -> None:
         save_checkpoint(args.save, model)
         return
     print(machine_summary())
-    images = torch.randn(1, 3, HEIGHT, WIDTH)
+    height, width = args.image_size
+    images = torch.randn(1, 3, height, width)
     runs = contenders(model, images, args.onnx)
     with torch.no_grad():
         reference = runs[BASELINE]()
         logits = {name: run() for name, run in runs.items()}
         times = median_times({name: lambda run=run: run() for name, run in runs.items()}, args.repeats)
-    print(f"\nr50 inference, 1 x 3 x {HEIGHT} x {WIDTH}, median of {args.repeats}, interleaved")
+    print(f"\nr50 inference, 1 x 3 x {height} x {width}, median of {args.repeats}, interleaved")
     for name, seconds in times.items():
         difference = np.abs(logits[name].astype(np.float32) - reference).max()
         print(f"  {name:24s} {seconds:7.3f} s   {seconds / times[BASELINE]:5.2f}x the time of ours in float32"

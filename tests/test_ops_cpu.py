@@ -71,6 +71,33 @@ def test_fused_gradcheck():
     )
 
 
+def test_large_outputs_reuse_freed_blocks_and_stay_right():
+    # From 32 MB on the kernel keeps the blocks of freed outputs for the next call's, as here the value
+    # gradient of 36 MB (r50's decoder at batch 2 and COCO size), which the backward zeroes and
+    # accumulates into: the second call, in the first call's block, must not add to what it held.
+    case = random_case([(100, 134), (50, 67), (25, 34), (13, 17)], batch=2, queries=20, heads=8, channels=32, points=4,
+                       dtype=torch.float32)
+    value, spatial_shapes, level_start_index, locations, weights = case
+    assert value.nbytes >= 32 << 20
+    expected = forward_and_gradients(ms_deform_attn_reference, case)
+    grad_output = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()
+    blocks = []
+    for _ in range(2):
+        output = cpu.ms_deform_attn_cpu(*case)
+        gradients = cpu.ms_deform_attn_cpu_backward(grad_output, *case)
+        for name, actual, wanted in zip(["output", "grad value", "grad locations", "grad weights"], [output, *gradients], expected):
+            torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-4, msg=name)
+        blocks.append(gradients[0].data_ptr())
+        del output, gradients
+    assert blocks[1] == blocks[0], "the second call's value gradient is not in the first one's block"
+
+    # The profiler sees the block while a tensor holds it, as it sees torch's own allocations.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        cpu.ms_deform_attn_cpu_backward(grad_output, *case)
+    allocated = [event.cpu_memory_usage for event in profile.events() if event.cpu_memory_usage > 0]
+    assert value.nbytes in allocated
+
+
 def test_bfloat16_follows_float64():
     low = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in random_case([(6, 5), (3, 3)], channels=16)]
     # The reference in float64 on the same (rounded) inputs: what remains is the kernel's rounding.

@@ -37,6 +37,7 @@ def test_a_benchmark_runs_and_reports_its_timings(script, arguments, report):
     assert re.search(report, run_benchmark(script, *arguments))
 
 
+@pytest.mark.slow  # 12 s, most of it building and loading transformers' twin
 def test_the_model_benchmark_times_ours_against_transformers():
     # Its training case loads one set of weights into ours and a transformers twin, which exists only
     # at ResNet-18's full width: the tiny preset's narrow backbone must be widened for it.

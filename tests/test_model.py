@@ -105,19 +105,21 @@ def test_output_shapes(preset):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16 autocast"])
 def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch, autocast):
-    """Without a gradient the encoder's feed-forward runs in blocks of rows and frozen batch norm
-    writes over its convolution's output: the same arithmetic as the forward autograd records."""
+    """Without a gradient the encoder's feed-forward runs in blocks of rows, frozen batch norm writes
+    over its convolution's output, and where no image is padded the attention layers do not mask
+    values: the same arithmetic as the forward autograd records."""
     monkeypatch.setattr(transformer, "FEED_FORWARD_ROWS", 50)  # the 2 x 108 rows of these images: 5 blocks
     torch.manual_seed(0)
     model = build_model("tiny", backbone_norm="frozen").eval()
-    images = torch.randn(2, 3, 64, 80)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        with torch.no_grad():
-            inference = model(images)
-        recorded = model(images)
-    assert recorded["pred_logits"].requires_grad
-    for key in ("pred_logits", "pred_boxes"):
-        assert torch.equal(inference[key], recorded[key].detach())
+    one_size, padded = torch.randn(2, 3, 64, 80), [torch.randn(3, 64, 80), torch.randn(3, 40, 80)]
+    for images in (one_size, padded):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                inference = model(images)
+            recorded = model(images)
+        assert recorded["pred_logits"].requires_grad
+        for key in ("pred_logits", "pred_boxes"):
+            assert torch.equal(inference[key], recorded[key].detach())
 
     norm = model.backbone[0].body.bn1
     convolved = torch.randn(1, norm.weight.numel(), 4, 4)

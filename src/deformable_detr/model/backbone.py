@@ -13,6 +13,7 @@ from torchvision import ops
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import ResNet
 
+from .inference import eager_inference
 from .position import build_position_embedding
 
 
@@ -29,7 +30,7 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        in_place = x.dtype == scale.dtype and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        in_place = x.dtype == scale.dtype and eager_inference()
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x if in_place else None)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MSDeformAttn
+from .inference import eager_inference
 from .position import box_sine_embedding
 
 
@@ -58,9 +59,7 @@ def _add_feed_forward(
         hidden = dropout(F.relu(linear1(block), inplace=True))
         return output_dropout(linear2(hidden)).add_(block)
 
-    in_blocks = (x.device.type == "cpu" and len(rows) > FEED_FORWARD_ROWS
-                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
-    if not in_blocks:
+    if not (x.device.type == "cpu" and len(rows) > FEED_FORWARD_ROWS and eager_inference()):
         return add_feed_forward(rows).view(x.shape)
     return torch.cat([add_feed_forward(block) for block in rows.split(FEED_FORWARD_ROWS)]).view(x.shape)
 
@@ -90,7 +89,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         reference_points: Tensor,
         spatial_shapes: Tensor,
         level_start_index: Tensor,
-        padding_mask: Tensor,
+        padding_mask: Tensor | None,
     ) -> Tensor:
         attended = self.self_attn(
             _with_position(src, position), reference_points, src, spatial_shapes, level_start_index, padding_mask
@@ -125,7 +124,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         memory: Tensor,
         spatial_shapes: Tensor,
         level_start_index: Tensor,
-        memory_padding_mask: Tensor,
+        memory_padding_mask: Tensor | None,
         self_attention_mask: Tensor | None = None,
     ) -> Tensor:
         query = key = _with_position(tgt, query_position)
@@ -165,7 +164,7 @@ class DeformableTransformerEncoder(nn.Module):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         position: Tensor,
-        padding_mask: Tensor,
+        padding_mask: Tensor | None,
     ) -> Tensor:
         reference_points = self.reference_points(spatial_shapes.tolist(), valid_ratios)
         output = src
@@ -201,7 +200,7 @@ class DeformableTransformerDecoder(nn.Module):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         query_position: Tensor,
-        memory_padding_mask: Tensor,
+        memory_padding_mask: Tensor | None,
         self_attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         output = tgt
@@ -394,8 +393,12 @@ class DeformableTransformer(nn.Module):
         spatial_shapes = _spatial_shapes(shapes, src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1).to(src.dtype)
+        # Every attention layer zeroes the values at padded positions. Where nothing is padded (one
+        # image, or images of one size) CPU inference skips those passes; asking costs a GPU a sync.
+        skip_padding = mask.device.type == "cpu" and eager_inference() and not mask.any()
+        attention_mask = None if skip_padding else mask
 
-        memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, position, mask)
+        memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, position, attention_mask)
 
         batch, _, channels = memory.shape
         encoder_logits = encoder_coords = None
@@ -430,7 +433,7 @@ class DeformableTransformer(nn.Module):
             group_sizes += [denoising.boxes.shape[1] // denoising.groups] * denoising.groups
         self_attention_mask = group_attention_mask(group_sizes, tgt.device) if len(group_sizes) > 1 else None
         hs, references = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_position, mask,
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_position, attention_mask,
             self_attention_mask,
         )
         return hs, reference_points, references, encoder_logits, encoder_coords

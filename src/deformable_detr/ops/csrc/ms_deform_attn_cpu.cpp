@@ -321,7 +321,7 @@ void dispatch_locations(at::ScalarType locations, const Body& body) {
 inline bool is_reduced_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
 
 // The op's large outputs (the value gradient, 36 MB in r50 at batch 2 and COCO size, and in the
-// encoder the output and the location and weight gradients) live in blocks it keeps once their
+// encoder the output and the location gradient) live in blocks it keeps once their
 // tensors are freed. glibc maps every allocation of 32 MB or more fresh from the system and unmaps
 // it when freed, so each call faulted in and zeroed its pages anew: 10-11 ms for 36 MB, against
 // 0.7 ms to zero a block already mapped. A block is reused for a tensor of its size or up to a fifth

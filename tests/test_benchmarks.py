@@ -4,7 +4,6 @@ would go unnoticed (two were: a model too narrow for transformers' twin, a new c
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deformable_detr import build_model, save_checkpoint
-from deformable_detr.data import synthesize
+from deformable_detr.data import coco_split, synthesize
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 SECONDS = r"[\d.]+ s"
@@ -76,10 +75,9 @@ def test_the_demo_options_benchmark_prints_each_variants_curve(tmp_path):
 
 def test_the_bfloat16_cost_benchmark_compares_both_precisions(tmp_path):
     data = synthesize(tmp_path / "shapes", train=1, val=2, image_size=64, seed=1)
-    categories = json.loads((data / "annotations" / "instances_val.json").read_text())["categories"]
-    class_names = {category["id"]: category["name"] for category in categories}
+    val = coco_split(data, "val")
     checkpoint = tmp_path / "model.pt"
-    save_checkpoint(checkpoint, build_model("tiny", num_classes=max(class_names) + 1), class_names=class_names, image_size=64)
+    save_checkpoint(checkpoint, build_model("tiny", num_classes=val.num_classes), class_names=val.category_names, image_size=64)
     # Every detection of an untrained model is compared: none would pass the default threshold.
     output = run_benchmark("bf16_cost.py", checkpoint, data, "--threshold", "0")
     assert re.search(r"AP bfloat16 - float32: [+-][\d.]+", output), output

@@ -49,12 +49,16 @@ def random_case(shapes, *, batch=2, queries=5, heads=2, channels=3, points=2, dt
     return value, spatial_shapes, level_start_index, locations, weights
 
 
+def upstream_gradient(output):
+    """The gradient flowing into ``output`` in these tests: the same for every implementation."""
+    return torch.randn(output.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(output.dtype)
+
+
 def forward_and_gradients(function, case):
     value, spatial_shapes, level_start_index, locations, weights = (t.clone() for t in case)
     differentiable = [t.requires_grad_() for t in (value, locations, weights)]
     output = function(value, spatial_shapes, level_start_index, locations, weights)
-    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(output.dtype)
-    output.backward(upstream)
+    output.backward(upstream_gradient(output))
     return [output.detach()] + [t.grad for t in differentiable]
 
 

@@ -91,11 +91,11 @@ def test_large_outputs_reuse_freed_blocks_and_stay_right():
         del output, gradients
     assert blocks[1] == blocks[0], "the second call's value gradient is not in the first one's block"
 
-    # The profiler sees the block while a tensor holds it, as it sees torch's own allocations.
+    # The profiler counts the block while a tensor holds it, as it counts torch's own allocations.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        cpu.ms_deform_attn_cpu_backward(grad_output, *case)
-    allocated = [event.cpu_memory_usage for event in profile.events() if event.cpu_memory_usage > 0]
-    assert value.nbytes in allocated
+        gradients = cpu.ms_deform_attn_cpu_backward(grad_output, *case)
+    allocated = {event.key: event.cpu_memory_usage for event in profile.key_averages()}
+    assert allocated["deformable_detr::ms_deform_attn_cpu_backward"] == sum(gradient.nbytes for gradient in gradients)
 
 
 def test_bfloat16_follows_float64():
@@ -129,6 +129,16 @@ def test_custom_op_registration():
     value, spatial_shapes, level_start_index, locations, weights = random_case([(4, 5), (2, 2)], channels=4)
     args = (value.requires_grad_(), spatial_shapes, level_start_index, locations.requires_grad_(), weights.requires_grad_())
     torch.library.opcheck(cpu.ms_deform_attn_cpu, args)
+
+
+def test_the_profiler_records_forward_and_backward():
+    # torch's profiler leaves out operators defined in Python unless they record themselves.
+    case = random_case([(4, 5), (2, 2)], channels=4, dtype=torch.float32)
+    with torch.profiler.profile() as profile:
+        forward_and_gradients(ms_deform_attn, case)
+    calls = {event.key: event.count for event in profile.key_averages()}
+    assert calls.get("deformable_detr::ms_deform_attn_cpu") == 1
+    assert calls.get("deformable_detr::ms_deform_attn_cpu_backward") == 1
 
 
 def test_traces_under_torch_compile():

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..files import cache_folder
-from .registration import register_fused_op
+from .registration import fused_op, register_fused_op
 
 _SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
 _extension: ModuleType | None = None
@@ -104,7 +104,7 @@ def build_failure() -> str | None:
     return _failure
 
 
-@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu", mutates_args=(), device_types="cpu")
+@fused_op("deformable_detr::ms_deform_attn_cpu", device_types="cpu")
 def ms_deform_attn_cpu(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -116,7 +116,7 @@ def ms_deform_attn_cpu(
     return load_extension().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu_backward", mutates_args=(), device_types="cpu")
+@fused_op("deformable_detr::ms_deform_attn_cpu_backward", device_types="cpu")
 def ms_deform_attn_cpu_backward(
     grad_output: Tensor,
     value: Tensor,

@@ -26,7 +26,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from .reference import ms_deform_attn_reference
-from .registration import register_fused_op
+from .registration import fused_op, register_fused_op
 
 MAX_BLOCK_D = 64
 """The widest channel block a program holds; wider heads are split across programs. Half that for
@@ -338,7 +338,7 @@ def backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_s
     return grad_value.to(value.dtype), grad_locations.to(sampling_locations.dtype), grad_weights.to(attention_weights.dtype)
 
 
-@torch.library.custom_op("deformable_detr::ms_deform_attn_triton", mutates_args=())
+@fused_op("deformable_detr::ms_deform_attn_triton")
 def ms_deform_attn_triton(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -350,7 +350,7 @@ def ms_deform_attn_triton(
     return forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-@torch.library.custom_op("deformable_detr::ms_deform_attn_triton_backward", mutates_args=())
+@fused_op("deformable_detr::ms_deform_attn_triton_backward")
 def ms_deform_attn_triton_backward(
     grad_output: Tensor,
     value: Tensor,

@@ -6,9 +6,11 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,15 +348,56 @@ def test_an_interrupted_detect_run_again_detects_only_the_batches_not_done(train
     assert not (out / "detections.json").exists()
     drawn = {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")}
     assert len(drawn) == 5  # batches 0 to 2 (the bomb is batch 1's other file)
+    # What a kill -9 while writing leaves (atomic_write's temporary names), and a file of the user's.
+    abandoned = [out / ".train-000007.png.k9x2ab.tmp", out / ".detections.json.q1w2e3.tmp"]
+    for path in abandoned:
+        path.write_bytes(b"half")
+    unrelated = out / ".notes.md.a1b2c3.tmp"
+    unrelated.write_text("mine")
 
     predicted = count_predictions(monkeypatch)
     capsys.readouterr()
     failures = detect_files(detector, [folder], out, threshold=0.05, batch_size=2, progress=False)
     assert f"{out}: 3 of 8 batches done by an earlier run; detecting the rest" in capsys.readouterr().out
+    assert not [path for path in abandoned if path.exists()] and unrelated.read_text() == "mine"
+    unrelated.unlink()
     assert len(failures) == 3 and len(predicted) == 4  # batches 3 to 6; batch 7 is the empty file alone
     assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.png") if path.name in drawn} == drawn
     assert json.loads((out / "detections.json").read_text()) == json.loads((expected / "detections.json").read_text())
     assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in expected.iterdir())
+
+
+def test_a_terminated_detect_leaves_no_half_written_file(trained, image_folder, tmp_path, monkeypatch, capsys):
+    # SIGTERM (kill, scancel) while a picture is being written: the command abandons the picture,
+    # removes its temporary file and exits as a process the signal ended. Without the command's
+    # handler, the guard below would see the signal.
+    checkpoint, _ = trained
+    folder, _ = image_folder
+    out = tmp_path / "out"
+    saves = []
+
+    def save_then_terminate(picture, target, *args, **kwargs):
+        saves.append(target)
+        original_save(picture, target, *args, **kwargs)
+        if len(saves) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def guard(*_):
+        raise AssertionError("SIGTERM reached the process's own handler")
+
+    original_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", save_then_terminate)
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        code = main(["detect", str(checkpoint), str(folder), "--out", str(out), "--batch-size", "2"])
+        assert signal.getsignal(signal.SIGTERM) is guard  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert "deformable-detr: terminated" in capsys.readouterr().err
+    assert Path(saves[-1]).name.endswith(".tmp") and not Path(saves[-1]).exists()
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")]
+    assert len(list(out.glob("*.png"))) == 2  # the pictures written before the signal
 
 
 def test_batches_done_by_a_run_with_other_settings_are_not_taken(trained, image_folder, tmp_path, monkeypatch, capsys):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -424,11 +427,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, a scheduler cancelling the job), raised where the command is, as Ctrl-C
+    raises KeyboardInterrupt: a file being written is then abandoned, its temporary file removed,
+    where the signal's default action would end the process at once and leave it beside the outputs.
+    Training stops more gently on it (``train.preemption``)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises_terminated() -> Iterator[None]:
+    def terminate(_number: int, _frame: types.FrameType | None) -> None:
+        raise Terminated
+
+    # Python runs signal handlers in the main thread only, and lets only it install them.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        # None: a handler installed outside Python, which cannot be put back from here.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        status = args.run(args)
+        with _sigterm_raises_terminated():
+            status = args.run(args)
     except (ValueError, TrainingError, OSError) as error:  # bad files and arguments; CheckpointError and DatasetError are ValueErrors
         print(f"deformable-detr: error: {error}", file=sys.stderr)
         return 1
@@ -437,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deformable-detr: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("deformable-detr: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         warnings.formatwarning = formatwarning
     return status or 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -40,3 +40,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def remove_abandoned_writes(folder: Path, names: Iterable[str]) -> None:
+    """Remove the temporary files that :func:`atomic_write` left in ``folder`` for files named
+    ``names`` when a process was killed while writing them (SIGKILL leaves no chance to clean up).
+    Only while no other process writes those files."""
+    names = set(names)
+    for temporary in folder.glob(".*.tmp"):
+        # mkstemp's names: "." + the file's name + "." + random letters and digits + ".tmp".
+        if temporary.name[1:].rsplit(".", 2)[0] in names:
+            temporary.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
 from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
 from .evaluation import coco_results, write_results_json
-from .files import atomic_write
+from .files import atomic_write, remove_abandoned_writes
 from .model import DeformableDETR, postprocess
 from .precision import check_dtype, forward, inference_model
 from .reference import PUBLISHED_IMAGE_SIZE
@@ -195,7 +195,8 @@ def detect_files(
     files = image_files(inputs)
     output_names = _output_names(files)
     batches = range(0, len(files), batch_size)
-    done = _DetectProgress.open(out, _fingerprint(detector, files, threshold, batch_size), len(batches))
+    done = _DetectProgress.open(out, _fingerprint(detector, files, threshold, batch_size), len(batches),
+                                outputs=[*output_names, "detections.json"])
     mine = [start for index, start in enumerate(batches) if index % world_size() == rank() and start not in done]
     with tqdm(total=sum(len(files[start : start + batch_size]) for start in mine), desc="detect", unit="image",
               disable=not progress or not is_main_process()) as bar:  # fmt: skip
@@ -256,9 +257,10 @@ class _DetectProgress:
         self.folder = folder
 
     @classmethod
-    def open(cls, out: Path, fingerprint: str, batches: int) -> _DetectProgress:
-        """The progress of the run ``fingerprint`` names: the main process removes another run's, and
-        says how much of this one is done (collective)."""
+    def open(cls, out: Path, fingerprint: str, batches: int, *, outputs: Sequence[str]) -> _DetectProgress:
+        """The progress of the run ``fingerprint`` names: the main process removes another run's and
+        the temporary files of ``outputs`` that a killed run left (the folder's own go with it at the
+        end), and says how much of this one is done (collective)."""
         progress = cls(out / ".detect-progress")
         if is_main_process():
             stamp = progress.folder / "fingerprint"
@@ -268,6 +270,7 @@ class _DetectProgress:
                     temporary.write_text(fingerprint)
             elif done := len(list(progress.folder.glob("batch-*.json"))):
                 print(f"{out}: {done} of {batches} batches done by an earlier run; detecting the rest", flush=True)
+            remove_abandoned_writes(out, outputs)
         wait_for_all()
         return progress
 

@@ -40,7 +40,7 @@ from ..distributed import (
     world_size,
 )
 from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics
-from ..files import atomic_write
+from ..files import atomic_write, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
 from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
 from .config import TrainConfig
@@ -165,7 +165,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             ema.load_state_dict(start.ema)
         _print(ema.describe())
     if is_main_process():
-        _remove_abandoned_writes(output_dir)
+        remove_abandoned_writes(output_dir, ["checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"])
 
     trained = DistributedDataParallel(model) if is_distributed() else model
     logger = Logger(output_dir, since_update=updates_before(start.epoch, start.progress))
@@ -272,13 +272,6 @@ def _stopped(signals: StopSignals, where: str, last_path: Path) -> TrainingStopp
         f"same command with --resume (or --resume auto) goes on from there; exit status {REQUEUE_STATUS}: requeue",
         REQUEUE_STATUS,
     )
-
-
-def _remove_abandoned_writes(output_dir: Path) -> None:
-    """Temporary files of writes a killed run left unfinished (files.atomic_write's names)."""
-    for name in ("checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"):
-        for abandoned in output_dir.glob(f".{name}.*.tmp"):
-            abandoned.unlink(missing_ok=True)
 
 
 def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:

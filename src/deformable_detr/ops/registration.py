@@ -19,9 +19,9 @@ def fused_op(name: str, *, device_types: str | None = None) -> Callable[[Callabl
 
     def decorate(kernel: Callable) -> CustomOpDef:
         @functools.wraps(kernel)
-        def recorded(*args):
+        def recorded(*args, **kwargs):
             with torch.profiler.record_function(name):
-                return kernel(*args)
+                return kernel(*args, **kwargs)
 
         return torch.library.custom_op(name, mutates_args=(), device_types=device_types)(recorded)
 

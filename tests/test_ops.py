@@ -144,7 +144,7 @@ def test_cuda_matches_cpu():
 def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
     from deformable_detr.ops import cpu, use_implementation
 
-    def no_compiler(name, folder):
+    def no_compiler(library):
         raise RuntimeError("error: command 'c++' failed: No such file or directory")
 
     monkeypatch.setattr(cpu, "_extension", None)

@@ -14,6 +14,16 @@ from test_ops import forward_and_gradients, random_case, upstream_gradient
 pytestmark = pytest.mark.skipif(cpu.load_extension() is None, reason=f"fused kernel not built: {cpu.build_failure()}")
 
 
+@pytest.fixture(autouse=True)
+def _two_threads_at_least():
+    """The kernel splits its work among threads (the forward a head's queries, the backward heads):
+    its tests run it on two at least, however many the suite gives each of its processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
 def with_borders(case):
     """Replace a third of the locations with exact borders, pixel centres and out-of-map points."""
     value, spatial_shapes, level_start_index, locations, weights = case
@@ -191,3 +201,26 @@ def test_an_avx2_limit_builds_the_kernel_without_avx512(monkeypatch):
         assert ("-mno-avx512f" in cpu._flags()) == (capability == "AVX2")
         paths[capability] = cpu.library_path()
     assert paths["AVX512"] != paths["AVX2"]  # cached apart
+
+
+def test_a_build_publishes_the_library_only_once_it_is_whole(tmp_path, monkeypatch):
+    """Processes that start together build at once; none may import a library still being linked."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path))
+    library = cpu.library_path()
+    seen_while_linking = []
+
+    def link_in_pieces(name, build_directory, **_):
+        with open(f"{build_directory}/{name}.so", "wb") as output:
+            output.write(b"\x7fELF part")
+            output.flush()
+            seen_while_linking.append(library.exists())
+            output.write(b" and the rest")
+        return "the module"
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", link_in_pieces)
+    assert cpu._build(library) == "the module"
+    assert seen_while_linking == [False]
+    assert library.read_bytes() == b"\x7fELF part and the rest"
+    assert sorted(path.name for path in library.parent.iterdir()) == ["build", library.name]  # no temporary left

@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..files import cache_folder
+from ..files import atomic_write, cache_folder
 from .registration import fused_op, register_fused_op
 
 _SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
@@ -64,15 +64,25 @@ def _import_built(library: Path) -> ModuleType | None:
     return module
 
 
-def _build(name: str, folder: Path) -> ModuleType:
+def _build(library: Path) -> ModuleType:
+    """Build the kernel in a folder beside ``library``, then publish it there whole.
+
+    Processes that start together (torchrun's, the test suite's workers) build at once: torch's
+    lock on the build folder lets one compile while the others wait, and the library appears at
+    ``library`` only by a rename, so that no process imports a file the linker is still writing.
+    """
     if shutil.which("ninja") is None:
         import ninja  # the pip package ships the binary; a venv's bin folder may not be on PATH
 
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     from torch.utils.cpp_extension import load
 
-    folder.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(_SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"], build_directory=str(folder))
+    build = library.parent / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    module = load(name=library.stem, sources=[str(_SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"], build_directory=str(build))
+    with atomic_write(library) as temporary:
+        shutil.copyfile(build / library.name, temporary)
+    return module
 
 
 def load_extension() -> ModuleType | None:
@@ -86,7 +96,7 @@ def load_extension() -> ModuleType | None:
     library = library_path()
     try:
         # Importing the cached library directly skips torch's build checks (about a second).
-        _extension = _import_built(library) or _build(library.stem, library.parent)
+        _extension = _import_built(library) or _build(library)
     except Exception as error:  # any build failure means: use the reference implementation
         message = str(error).strip()
         _failure = f"{type(error).__name__}: {message.splitlines()[-1] if message else ''}"

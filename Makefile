@@ -20,8 +20,10 @@ lint: $(STAMP)
 
 # Most tests are small and spend their time in Python, on one core whatever torch's thread count:
 # a process per core, each on one thread, runs the suite 1.5x as fast on 2 cores as one process on
-# two threads. A file's tests stay in one process, so that its fixtures are built once.
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
+# two threads. A file's tests stay in one process, so that its fixtures are built once. At most 8
+# processes: each holds a gigabyte or two, and with more the longest files bound the run anyway.
+TEST_PROCESSES ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 test: lint
 	$(PYTEST)

@@ -1,3 +1,5 @@
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,14 @@ def _deterministic_seed():
 def reference_state_dict_entries(preset: str) -> list[str]:
     """`name (shape)` lines read off the reference implementation for a published configuration."""
     return (DATA / "reference_state_dicts" / f"{preset}.txt").read_text().split("\n")[:-1]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` of torch's threads, then give back the number it had."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from deformable_detr import build_model
 from deformable_detr.ops import cpu, ms_deform_attn, ms_deform_attn_reference, use_implementation
@@ -18,10 +19,8 @@ pytestmark = pytest.mark.skipif(cpu.load_extension() is None, reason=f"fused ker
 def _two_threads_at_least():
     """The kernel splits its work among threads (the forward a head's queries, the backward heads):
     its tests run it on two at least, however many the suite gives each of its processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, 2))
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(max(torch.get_num_threads(), 2)):
+        yield
 
 
 def with_borders(case):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads
 
 import deformable_detr.train
 from deformable_detr.checkpoints import read_checkpoint
@@ -67,10 +68,8 @@ def arguments(data, output_dir, *extra: str) -> list[str]:
 def one_thread():
     # As each process of the subprocess tests has (ENVIRONMENT): the sums of a step are the same only
     # with the same number of threads. (And the machine's cores are not oversubscribed.)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 class Batches:
@@ -95,12 +94,9 @@ class Batches:
 def straight(data, tmp_path_factory):
     """The uninterrupted run, in one thread, and the image ids of its batches."""
     run = tmp_path_factory.mktemp("straight")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with torch_threads(1), pytest.MonkeyPatch.context() as monkeypatch:
         batches = Batches(monkeypatch)
         train(config(data, run))
-    torch.set_num_threads(threads)
     return run, batches.ids
 
 

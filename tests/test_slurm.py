@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import torch_threads
 
 from deformable_detr import build_model, save_checkpoint
 from deformable_detr.data import synthesize
@@ -200,12 +200,8 @@ def test_detect_on_two_nodes_merges_one_processs_results_and_a_job_run_again_fin
     detect = [str(checkpoint), str(folder), "--threshold", "0", "--batch-size", "2", "--device", "cpu"]
     expected = tmp_path / "expected"
     detector = Detector.from_checkpoint(checkpoint, device="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each process of the job
-    try:
+    with torch_threads(1):  # as each process of the job
         assert len(detect_files(detector, [folder], expected, threshold=0.0, batch_size=2, progress=False)) == 3
-    finally:
-        torch.set_num_threads(threads)
 
     out, log = tmp_path / "out", tmp_path / "job.log"
     progress = out / ".detect-progress"

@@ -1,6 +1,7 @@
 """The README and docs/ hold together: every relative link reaches a file and, where it names one, a
 heading (by GitHub's anchor rules); every page is reachable from the README; and every
-`deformable-detr` command they show is one the CLI's own parser accepts (parsed, never run)."""
+`deformable-detr` command they show is one the CLI's own parser accepts (parsed, never run); and the
+output of `deformable-detr info` they show has the command's topics."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deformable_detr.cli import build_parser
+from deformable_detr.environment import report
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -207,6 +209,15 @@ def test_docs_commands_use_real_flags(page: Path) -> None:
         if problem:
             failures.append(f"{command.strip()}: {problem}")
     assert failures == []
+
+
+def test_info_samples_show_what_info_prints() -> None:
+    """A page's `deformable-detr info` output lists the topics the command prints, in its order."""
+    samples = [lines[1:] for page in PAGES for language, lines in split_markdown(page.read_text())[1]
+               if language == "console" and lines[:1] == ["$ deformable-detr info"]]
+    assert samples, "no page shows the output of deformable-detr info"
+    topics = [topic for topic, _ in report()]
+    assert [[re.split(r"\s{2,}", line)[0] for line in sample] for sample in samples] == [topics] * len(samples)
 
 
 def test_source_points_to_existing_pages() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -102,6 +103,36 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     assert code == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "nowhere: no such data folder" in error
+
+
+@pytest.mark.parametrize("setting, value, expected", [
+    ("batch_size", 0, "batch_size (--batch-size) must be at least 1"),
+    ("accumulation_steps", 0, "accumulation_steps (--accumulation-steps) must be at least 1"),
+    ("epochs", -2, "epochs (--epochs) must be at least 1"),
+    ("num_classes", 0, "num_classes (--num-classes) must be at least 1"),
+    ("image_size", 0, "image_size (--image-size) must be at least 1"),
+    ("warmup_epochs", -1.0, "warmup_epochs (--warmup-epochs) must be at least 0"),
+    ("max_minutes", 0.0, "max_minutes (--max-minutes) must be above 0"),
+    ("min_lr_factor", 1.5, "min_lr_factor (--min-lr-factor) must be within [0, 1]"),
+])
+def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_path, capsys, setting, value, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        config(data, tmp_path / "run", **{setting: value})
+    flag = "--" + setting.replace("_", "-")
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), flag, str(value)]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {expected}, got {value}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_fewer_classes_than_the_data_has_are_refused(data, tmp_path):
+    with pytest.raises(TrainingError, match="category ids go up to 5, so --num-classes must be at least 6, not 2"):
+        train(config(data, tmp_path / "run", num_classes=2))
+
+
+def test_a_missing_validation_split_is_said_with_the_splits_there_are(data, tmp_path, capsys):
+    _, val_set = loop._datasets(config(data, tmp_path / "run", val_split="vall"))
+    assert val_set is None
+    assert f"{data}: no 'vall' split (it has 'train', 'val'), so no validation" in capsys.readouterr().out
 
 
 def test_cli_evaluates_a_checkpoint(data, tmp_path, capsys):

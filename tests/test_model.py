@@ -270,9 +270,10 @@ def test_backbone_weights_through_torchvision_weights_api(monkeypatch):
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, expected["conv1.weight"])
 
 
-def test_missing_backbone_weights_file_is_reported():
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_model("tiny", backbone_width=64, backbone_weights="missing.pth")
+@pytest.mark.parametrize("width", [64, 24])  # the missing file comes first, before the width it is for
+def test_missing_backbone_weights_file_is_reported(width):
+    with pytest.raises(FileNotFoundError, match="missing.pth: backbone weights file not found"):
+        build_model("tiny", backbone_width=width, backbone_weights="missing.pth")
 
 
 def test_postprocess_top_k_labels_and_absolute_boxes():

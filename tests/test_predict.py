@@ -162,6 +162,51 @@ def test_detect_writes_pictures_and_coco_results_and_reports_a_corrupt_file(trai
         assert scores == pytest.approx(detections.scores.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("arguments, expected", [
+    (["detect", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
+    (["detect", "--threshold", "1.5"], "argument --threshold: must be within [0, 1], not 1.5"),
+    (["detect", "--image-size", "-5"], "argument --image-size: must be at least 1, not -5"),
+    (["explain", "--top-k", "-1"], "argument --top-k: must be at least 1, not -1"),
+    (["explain", "--encoder-point", "1.5", "-0.2"], "argument --encoder-point: must be within [0, 1], not 1.5"),
+    (["explore", "--max-bytes", "-1"], "argument --max-bytes: must be at least 1, not -1"),
+    (["evaluate", "--image-size", "0"], "argument --image-size: must be at least 1, not 0"),
+    (["synthesize", "--train", "-1"], "argument --train: must be at least 0, not -1"),
+    (["demo", "--minutes", "-1"], "argument --minutes: must be above 0, not -1"),
+    (["demo", "--epochs", "0"], "argument --epochs: must be at least 1, not 0"),
+])
+def test_out_of_range_flags_are_refused_by_name(arguments, expected, capsys):
+    command, *flags = arguments
+    positional = {"detect": ["c.pt", "a.jpg", "--out", "o"], "explain": ["c.pt", "a.jpg", "--out", "o.png"],
+                  "explore": ["c.pt", "a.jpg", "--out", "o.html"], "evaluate": ["c.pt", "--data", "d"],
+                  "synthesize": ["d"], "demo": []}[command]
+    with pytest.raises(SystemExit) as exit:
+        main([command, *positional, *flags])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"deformable-detr {command}: error: {expected}"
+
+
+@pytest.mark.parametrize("device, expected", [("foo", "unknown device 'foo': expected cpu, cuda, cuda:1, ..."),
+                                              ("cuda:99", "device 'cuda:99': ")])
+def test_a_device_that_is_not_there_is_refused_in_one_line(trained, tmp_path, capsys, device, expected):
+    checkpoint, data = trained
+    code = main(["detect", str(checkpoint), str(val_images(data)[0]), "--out", str(tmp_path / "out"), "--device", device])
+    assert code == 1
+    assert capsys.readouterr().err.startswith(f"deformable-detr: error: {expected}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_images_is_refused_by_name(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no pictures here")
+    assert main(["detect", str(checkpoint), str(val_images(data)[0]), str(empty), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"deformable-detr: error: {empty}: no image files in this folder (.bmp, ")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="image_size must be at least 1, got 0"):
+        Detector.from_checkpoint(checkpoint, device="cpu", image_size=0)
+
+
 def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):
     checkpoint, data = trained
     image = val_images(data)[0]

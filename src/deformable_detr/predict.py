@@ -66,6 +66,8 @@ class Detector:
 
     def __init__(self, model: DeformableDETR, *, class_names: dict[int, str] | None = None,
                  image_size: int = PUBLISHED_IMAGE_SIZE, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        if image_size < 1:
+            raise ValueError(f"image_size must be at least 1, got {image_size}")
         check_dtype(dtype, next(model.parameters()).device)
         self.model = inference_model(model.eval(), dtype)
         self.class_names = class_names or {}
@@ -82,8 +84,9 @@ class Detector:
         (COCO's for the released models) and the image size it was trained for, unless
         ``image_size`` is given. ``device`` defaults to CUDA where there is one."""
         checkpoint = read_checkpoint(path)
-        model = checkpoint.build_model(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model, class_names=checkpoint.class_names, image_size=image_size or checkpoint.input_size, dtype=dtype)
+        model = checkpoint.build_model(device=_available_device(device))
+        return cls(model, class_names=checkpoint.class_names, dtype=dtype,
+                   image_size=checkpoint.input_size if image_size is None else image_size)
 
     @property
     def device(self) -> torch.device:
@@ -157,12 +160,31 @@ def as_image_tensor(image: ImageInput) -> Tensor:
     return image if image.dtype == torch.uint8 else F.to_dtype(image.float().clamp(0, 1), torch.uint8, scale=True)
 
 
+def _available_device(name: torch.device | str | None) -> torch.device:
+    """``name`` as a device this process can use (None: CUDA where there is one), or a ValueError
+    that says why not, where torch would fail deep inside the first copy to it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(name)!r}: expected cpu, cuda, cuda:1, ...") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise ValueError(f"device {str(name)!r}: {visible or 'no'} CUDA GPU{'' if visible == 1 else 's'} visible here")
+    return device
+
+
 def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The inputs, with each folder replaced by the image files in it (sorted, not recursive)."""
+    """The inputs, with each folder replaced by the image files in it (sorted, not recursive); a
+    folder without any is an error, as a missing file is when it is read."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            images = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
+                raise DatasetError(f"{item}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += images
         else:
             files.append(item)
     return files

@@ -47,17 +47,18 @@ def load_resnet(
     """
     if not name.startswith(("resnet", "resnext", "wide_resnet")):
         raise ValueError(f"unsupported backbone {name!r}: expected a torchvision ResNet such as 'resnet50'")
+    local_file = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".safetensors"} or Path(weights).exists())
+    state_dict = _read_state_dict(Path(weights)) if local_file else None  # a missing file is the first thing to say
     if width != 64 and weights is not None:
         raise ValueError(f"backbone weights {weights!r} are for width 64, not {width}: a narrower ResNet trains from scratch")
-    local_file = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".safetensors"} or Path(weights).exists())
     resnet = torchvision.models.get_model(
         name,
         weights=None if local_file else weights,
         norm_layer=FrozenBatchNorm2d if frozen_norm else nn.BatchNorm2d,
         replace_stride_with_dilation=[False, False, dilation],
     )
-    if local_file:
-        resnet.load_state_dict(_read_state_dict(Path(weights)))
+    if state_dict is not None:
+        resnet.load_state_dict(state_dict)
     if width != 64:
         _rebuild_with_width(resnet, width, dilation=dilation)
     return resnet

@@ -78,6 +78,21 @@ class TrainConfig:
     # The class loss's target for a matched query is its box's IoU with the target's (varifocal loss).
     iou_aware_classification: bool = False
 
+    def __post_init__(self) -> None:
+        # Caught here, before anything is written: further in, each would fail obscurely (a division
+        # by zero, an empty tensor) or, worse, train something else than asked without a word.
+        bounds = {**dict.fromkeys(_AT_LEAST_ONE, 1), **dict.fromkeys(_NOT_NEGATIVE, 0)}
+        for name, low in bounds.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least {low}, got {value}")
+        for name in _ABOVE_ZERO:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be above 0, got {value}")
+        if not 0 <= self.min_lr_factor <= 1:
+            raise ValueError(f"min_lr_factor (--min-lr-factor) must be within [0, 1], got {self.min_lr_factor}")
+
     def model_config(self, num_classes: int) -> ModelConfig:
         """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.
 
@@ -90,6 +105,14 @@ class TrainConfig:
         from_scratch = {} if self.backbone_weights or self.finetune_from else {"backbone_norm": "batch"}
         return get_config(self.preset, num_classes=num_classes, backbone_weights=self.backbone_weights,
                           **{**from_scratch, **self.model_overrides})
+
+
+# The settings' ranges (None, where a setting allows it, is always valid).
+_AT_LEAST_ONE = ("num_classes", "epochs", "batch_size", "accumulation_steps", "image_size", "pad_to_multiple",
+                 "patience", "checkpoint_every", "one_to_many_repeats")
+_NOT_NEGATIVE = ("lr", "lr_backbone", "weight_decay", "lr_drop_epoch", "warmup_steps", "warmup_epochs", "ema_warmup",
+                 "clip_max_norm", "workers", "min_improvement", "one_to_many_weight")
+_ABOVE_ZERO = ("max_minutes", "checkpoint_minutes", "rendezvous_timeout")
 
 
 # What a resumed run may change: how long it runs (and when it gives up), where its files are, how often it writes a

@@ -104,6 +104,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_set, val_set = _datasets(config)
     if val_set is None and config.patience is not None:
         raise TrainingError(f"{config.data}: no {config.val_split!r} split to evaluate, so nothing for --patience to count")
+    if config.num_classes is not None and config.num_classes < train_set.num_classes:
+        raise TrainingError(f"{config.data}: category ids go up to {train_set.num_classes - 1}, so --num-classes must "
+                            f"be at least {train_set.num_classes}, not {config.num_classes}")
     model = build_model(config.model_config(config.num_classes or train_set.num_classes)).to(device)
     if is_distributed() and device.type == "cuda":
         # Batch norm over the global batch. torch's SyncBatchNorm needs an accelerator (its training
@@ -283,9 +286,12 @@ def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
     train_set, report = load_split(config.data, config.train_split, train_transforms, format=data_format, probe=probe)
     _report_problems(report, config.data)
     val_set = None
-    if config.val_split in split_names(config.data, data_format):
+    splits = split_names(config.data, data_format)
+    if config.val_split in splits:
         val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format, probe=probe)
         _report_problems(report, config.data)
+    else:  # a data set may have no validation split, but a misspelt name would go unnoticed until the end
+        _print(f"{config.data}: no {config.val_split!r} split (it has {', '.join(map(repr, splits))}), so no validation")
     probe.save()
     return train_set, val_set if val_set is not None and len(val_set) else None
 

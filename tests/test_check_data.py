@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import zlib
 
@@ -72,6 +73,18 @@ def unknown_category(data):
     data["annotations"][0]["category_id"] = 7
 
 
+def no_images(data):
+    data["images"], data["annotations"] = [], []
+
+
+def duplicate_category_id(data):
+    data["categories"].append({"id": 1, "name": "bird"})
+
+
+def width_as_text(data):
+    data["images"][2]["width"] = "50"  # image c, which has no objects
+
+
 def fatal_cases(tmp_path):
     """(data set, the line) for every problem that stops training."""
     corrupt = write_coco(tmp_path / "corrupt")
@@ -90,6 +103,15 @@ def fatal_cases(tmp_path):
     write_decompression_bomb(bomb / "train" / "a.jpg")
     bad_line = write_yolo(tmp_path / "bad-line")
     (bad_line / "labels" / "train" / "b.txt").write_text("1 0.5 0.5\n")
+    empty_yolo = write_yolo(tmp_path / "empty-yolo")
+    for folder in ("images", "labels"):
+        shutil.rmtree(empty_yolo / folder / "train")
+        (empty_yolo / folder / "train").mkdir()
+    nan_yolo = write_yolo(tmp_path / "nan-yolo")
+    (nan_yolo / "labels" / "train" / "a.txt").write_text("0 nan 0.5 0.2 0.2\n")
+    nan_voc = write_voc(tmp_path / "nan-voc")
+    xml = nan_voc / "Annotations" / "a.xml"
+    xml.write_text(xml.read_text().replace("<xmin>1</xmin>", "<xmin>nan</xmin>"))
     return {
         "corrupt image": (corrupt, f"{corrupt / 'train' / 'b.jpg'}: cannot read image (JPEG cut short: no end-of-image marker)"),
         "decompression bomb": (bomb, f"{bomb / 'train' / 'a.jpg'}: cannot read image (Image size (400000000 pixels) "
@@ -103,11 +125,18 @@ def fatal_cases(tmp_path):
         "duplicate image ids": (coco_with(tmp_path / "duplicate", duplicate_image_id), "instances_train.json: image id 1 appears twice"),
         "annotation file": (not_json, "instances_train.json: not valid JSON (Expecting ',' delimiter: line 1 column 6 (char 5))"),
         "label line": (bad_line, f"{bad_line / 'labels' / 'train' / 'b.txt'}: line 1: expected 'class cx cy w h', found '1 0.5 0.5'"),
+        "no images (COCO)": (coco_with(tmp_path / "empty-coco", no_images), "instances_train.json: the train split has no images"),
+        "no images (YOLO)": (empty_yolo, f"{empty_yolo / 'data.yaml'}: the train split has no images"),
+        "NaN box (YOLO)": (nan_yolo, f"{nan_yolo / 'labels' / 'train' / 'a.txt'}: line 1: expected finite coordinates, found '0 nan 0.5 0.2 0.2'"),
+        "NaN box (VOC)": (nan_voc, f"{xml}: object 'cat' has a box corner that is not a finite number"),
+        "duplicate category ids": (coco_with(tmp_path / "categories", duplicate_category_id), "instances_train.json: category id 1 appears twice"),
+        "width as text": (coco_with(tmp_path / "width", width_as_text), "instances_train.json: image 3: width '50' is not a positive whole number"),
     }  # fmt: skip
 
 
 FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
-         "unknown class (COCO)", "duplicate image ids", "annotation file", "label line"]  # fmt: skip
+         "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
+         "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", FATAL)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -83,12 +84,35 @@ def test_num_classes_is_the_largest_category_id_plus_one(tmp_path):
         ([{"category_id": 1}], CATEGORIES, "needs 'image_id', 'category_id' and 'bbox'"),
         ([], [{"id": -1, "name": "a"}], "non-negative integer"),
         ([], [], "declares no categories"),
+        ([], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], "category id 1 appears twice"),
     ],
 )
 def test_bad_annotations_fail_at_construction(tmp_path, annotations, categories, message):
     image_dir, path = _write(tmp_path, annotations, categories=categories)
     with pytest.raises(DatasetError, match=f"^{path}: .*" + message.replace("[", r"\[")):
         CocoDataset(image_dir, path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("width", "60", "image 1: width '60' is not a positive whole number"),
+    ("height", 0, "image 1: height 0 is not a positive whole number"),
+    ("height", 40.5, "image 1: height 40.5 is not a positive whole number"),
+    ("file_name", 5, "image 1: file_name 5 is not a file name"),
+    ("id", "1", "image id '1' is not an integer"),
+])  # fmt: skip
+def test_image_fields_of_the_wrong_type_name_the_image_and_field(tmp_path, field, value, message):
+    image_dir, path = _write(tmp_path, [], images=[{"id": 1, "file_name": "1.jpg", "width": 60, "height": 40, field: value}])
+    with pytest.raises(DatasetError, match=f"^{re.escape(f'{path}: {message}')}$"):
+        CocoDataset(image_dir, path)
+
+
+def test_sizes_written_as_whole_floats_are_sizes(tmp_path):
+    image_dir, path = _write(tmp_path, [{"category_id": 1, "bbox": [1, 1, 5, 5]}])
+    data = json.loads(path.read_text())
+    data["images"][0].update(width=60.0, height=40.0)
+    path.write_text(json.dumps(data))
+    _, target = CocoDataset(image_dir, path)[0]
+    assert target["orig_size"].tolist() == [40, 60] and len(target["boxes"]) == 1
 
 
 def test_missing_json(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.cli import main
-from deformable_detr.data import DatasetError, detect_format, load_split, read_split, read_yolo, split_names
+from deformable_detr.data import DatasetError, check_data, detect_format, load_split, read_split, read_yolo, split_names
 from deformable_detr.data.yolo import label_path
 
 from data_writers import CLASSES, IMAGES, WRITERS, write_coco, write_voc, write_yolo
@@ -81,6 +81,43 @@ def test_yolo_data_yaml_variants(tmp_path):
         read_yolo(tmp_path / "set", "test")
 
 
+@pytest.mark.parametrize("lines, message", [
+    ("path: 5\ntrain: images/train", "'path' must be a path, not 5"),
+    ("train: 5", "'train' must be a path or a list of paths, not 5"),
+    ("train: [images/train, {a: 1}]", "'train' must be a path or a list of paths, not ['images/train', {'a': 1}]"),
+])  # fmt: skip
+def test_yolo_data_yaml_values_that_are_not_paths_name_the_key(tmp_path, lines, message):
+    root = write_yolo(tmp_path)
+    (root / "data.yaml").write_text(f"names: [cat, dog]\n{lines}\n")
+    with pytest.raises(DatasetError) as error:
+        read_yolo(root, "train")
+    assert str(error.value) == f"{root / 'data.yaml'}: {message}"
+    assert [str(problem) for problem in check_data(root).problems] == [str(error.value)]
+
+
+def empty_split(format, root):
+    """The writers' data set in ``format`` with a training split of no images, and the file to name."""
+    write = WRITERS[format]
+    if format == "coco":
+        return write(root, images={}), root / "annotations" / "instances_train.json"
+    if format == "voc":
+        write(root)
+        (root / "ImageSets" / "Main" / "train.txt").write_text("")
+        return root, root / "Annotations"
+    return write(root, images={}), root / "data.yaml"
+
+
+@pytest.mark.parametrize("format", WRITERS)
+def test_a_split_of_no_images_stops_training_in_every_format(tmp_path, format):
+    root, named = empty_split(format, tmp_path)
+    line = f"{named}: the train split has no images"
+    report = check_data(root)
+    assert [str(problem) for problem in report.problems] == [line] and report.stops_training
+    with pytest.raises(DatasetError) as error:
+        load_split(root, "train")
+    assert str(error.value) == line
+
+
 def test_voc_without_split_files_is_one_training_split(tmp_path):
     root = write_voc(tmp_path)
     for path in (root / "ImageSets" / "Main").iterdir():
@@ -142,3 +179,6 @@ def test_cli_evaluate_takes_any_format(tmp_path, folders, capsys):
         assert main(["evaluate", str(run / "best.pt"), "--data", str(root), "--split", "train", "--image-size", "64",
                      "--workers", "0", "--format", name]) == 0  # fmt: skip
         assert capsys.readouterr().out.startswith("AP ")
+    empty, named = empty_split("coco", tmp_path / "empty")
+    assert main(["evaluate", str(run / "best.pt"), "--data", str(empty), "--split", "train", "--workers", "0"]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {named}: the train split has no images\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
+from deformable_detr.data import SYNTHETIC_CLASSES, check_data, synthesize, synthetic
 
 
 def _load(root, split):
@@ -102,3 +102,54 @@ def test_about_half_the_objects_are_small_by_coco_measure(tmp_path):
 def test_object_sizes_out_of_range_are_refused(tmp_path, sizes):
     with pytest.raises(ValueError, match="object sizes must be fractions"):
         synthesize(tmp_path, train=1, val=0, object_sizes=sizes)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"train": -1}, "train and val must be counts of images, 0 or more, got -1 and 1"),
+    ({"train": 0, "val": 0}, "train and val are both 0: no images to write"),
+    ({"image_size": 0}, "image size must be at least 32 pixels, got 0"),
+    ({"max_objects": 0}, "max objects must be at least 1, got 0"),
+])  # fmt: skip
+def test_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        synthesize(tmp_path / "shapes", **{"train": 1, "val": 1, **settings})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_split_of_no_images_is_not_written(tmp_path):
+    synthesize(tmp_path, train=2, val=0, image_size=64)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["annotations", "train"]
+    assert [path.name for path in (tmp_path / "annotations").iterdir()] == ["instances_train.json"]
+    assert not check_data(tmp_path).problems
+
+
+def test_a_folder_that_is_not_empty_is_left_as_it_was(tmp_path):
+    data = synthesize(tmp_path / "shapes", train=2, val=1, image_size=64, seed=1)
+    before = {path: path.read_bytes() for path in data.rglob("*") if path.is_file()}
+    with pytest.raises(FileExistsError, match=f"^{data}: not an empty folder; synthesize writes a data set into"):
+        synthesize(data, train=3, val=1, image_size=64, seed=2)
+    assert {path: path.read_bytes() for path in data.rglob("*") if path.is_file()} == before
+    (tmp_path / "file").write_text("notes")
+    with pytest.raises(FileExistsError, match="file: not an empty folder"):
+        synthesize(tmp_path / "file", train=1, val=1, image_size=64)
+    assert (tmp_path / "file").read_text() == "notes"
+
+
+def test_an_interrupted_run_leaves_nothing_behind_and_runs_again(tmp_path, monkeypatch):
+    draw = synthetic._draw_image
+    drawn = []
+
+    def draw_then_fail(*args, **kwargs):
+        if len(drawn) == 3:
+            raise RuntimeError("interrupted")
+        drawn.append(None)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_draw_image", draw_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        synthesize(tmp_path / "shapes", train=2, val=2, image_size=64)
+    assert list((tmp_path / "shapes").iterdir()) == []
+    monkeypatch.setattr(synthetic, "_draw_image", draw)
+    data = synthesize(tmp_path / "shapes", train=2, val=2, image_size=64)
+    assert sorted(path.name for path in data.iterdir()) == ["annotations", "train", "val"]
+    assert [len(_load(data, split)["images"]) for split in ("train", "val")] == [2, 2]

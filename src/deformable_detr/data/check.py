@@ -81,10 +81,14 @@ class DataReport:
 
 
 def check_split(split: Split, probe: ImageProbe) -> SplitReport:
-    """Count ``split``'s images, boxes, classes and object sizes, and find its problems: unreadable,
-    missing or differently sized images, and boxes of zero area or outside their image."""
+    """Count ``split``'s images, boxes, classes and object sizes, and find its problems: no images at
+    all, unreadable, missing or differently sized images, and boxes of zero area or outside their image."""
     report = SplitReport(split.name, problems=list(split.problems))
     data = split.data
+    if not data["images"]:
+        # Nothing to train on or evaluate. An empty folder or list is a mistake, not a choice: a data
+        # set without validation has no validation split at all.
+        report.problems.append(Problem(f"{split.annotation_file}: the {split.name} split has no images"))
     names = {category["id"]: category.get("name", str(category["id"])) for category in data["categories"]}
     report.classes = dict.fromkeys(names.values(), 0)
     images = {}

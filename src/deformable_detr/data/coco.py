@@ -95,34 +95,57 @@ def coco_problems(data: dict[str, Any], path: Path) -> list[Problem]:
                 problems.append(Problem(f"{path}: {problem}"))
         return kept
 
-    data["categories"] = keep(data["categories"], _category_problem)
+    seen_categories: set[int] = set()
+    data["categories"] = keep(data["categories"], lambda category: _category_problem(category, seen_categories))
     if not data["categories"]:
         problems.append(Problem(f"{path}: declares no categories"))
-    seen: set = set()
-    data["images"] = keep(data["images"], lambda image: _image_problem(image, seen))
+    seen_images: set[int] = set()
+    data["images"] = keep(data["images"], lambda image: _image_problem(image, seen_images))
     image_ids = {image["id"] for image in data["images"]}
     category_ids = {category["id"] for category in data["categories"]}
     data["annotations"] = keep(data["annotations"], lambda entry: _annotation_problem(entry, image_ids, category_ids))
     return problems
 
 
-def _category_problem(category: Any) -> str | None:
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _category_problem(category: Any, seen: set[int]) -> str | None:
     identifier = category.get("id") if isinstance(category, dict) else None
-    if not isinstance(identifier, int) or isinstance(identifier, bool) or identifier < 0:
+    if not _is_integer(identifier) or identifier < 0:
         return f"category {category!r} has no id that is a non-negative integer"
+    if identifier in seen:  # the later name would silently replace the earlier one
+        return f"category id {identifier} appears twice"
+    seen.add(identifier)
     return None
 
 
-def _image_problem(image: Any, seen: set) -> str | None:
+def _image_problem(image: Any, seen: set[int]) -> str | None:
     if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
         return f"image entry {image!r} needs 'id', 'file_name', 'width' and 'height'"
+    if not _is_integer(image["id"]):
+        return f"image id {image['id']!r} is not an integer"
     if image["id"] in seen:
         return f"image id {image['id']} appears twice"
     seen.add(image["id"])
+    if not isinstance(image["file_name"], str) or not image["file_name"]:
+        return f"image {image['id']}: file_name {image['file_name']!r} is not a file name"
+    for field in ("width", "height"):
+        if not _is_size(image[field]):
+            return f"image {image['id']}: {field} {image[field]!r} is not a positive whole number"
     return None
 
 
-def _annotation_problem(annotation: Any, image_ids: set, category_ids: set) -> str | None:
+def _is_size(value: Any) -> bool:
+    """Whether ``value`` is a size in pixels: a positive whole number, also as a float (some writers
+    give every number a decimal point)."""
+    if isinstance(value, float):
+        return value > 0 and value.is_integer()
+    return _is_integer(value) and value > 0
+
+
+def _annotation_problem(annotation: Any, image_ids: set[int], category_ids: set[int]) -> str | None:
     if not isinstance(annotation, dict) or any(k not in annotation for k in ("image_id", "category_id", "bbox")):
         return f"annotation {annotation!r} needs 'image_id', 'category_id' and 'bbox'"
     name = f"annotation {annotation.get('id', '?')} (image {annotation['image_id']})"
@@ -133,9 +156,9 @@ def _annotation_problem(annotation: Any, image_ids: set, category_ids: set) -> s
         return f"{name}: bbox {box!r} is not finite"
     if box[2] < 0 or box[3] < 0:
         return f"{name}: bbox {box!r} has a negative width or height"
-    if annotation["image_id"] not in image_ids:
+    if not _is_integer(annotation["image_id"]) or annotation["image_id"] not in image_ids:
         return f"{name}: no image with that id"
-    if annotation["category_id"] not in category_ids:
+    if not _is_integer(annotation["category_id"]) or annotation["category_id"] not in category_ids:
         return f"{name}: category id {annotation['category_id']!r} is not among the declared categories"
     return None
 

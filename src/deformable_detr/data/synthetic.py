@@ -13,14 +13,15 @@ and the validation images do not depend on how many training images were asked f
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from ..files import atomic_write
 
 # Category ids are 1..5, as in COCO where id 0 is unused; shapes differ in outline, not only in
 # aspect ratio, so every class stays recognisable however it is stretched or rotated.
@@ -31,6 +32,12 @@ CLASSES = ("ellipse", "rectangle", "triangle", "star", "cross")
 # 192-pixel images; 41 % in COCO); below about 10 % (19 pixels), a star, a cross and an ellipse
 # are a few blurred pixels apart.
 OBJECT_SIZES = (0.15, 0.6)
+# Objects are 12 pixels a side at least (more once rotated), and an image's shorter side may be three
+# quarters of its longer one: in smaller images few objects would fit.
+MIN_IMAGE_SIZE = 32
+
+# Draws an image and its objects' annotations from a random stream.
+Draw = Callable[[np.random.Generator], tuple[Image.Image, list[dict]]]
 
 
 def _unit_polygons() -> dict[str, np.ndarray]:
@@ -154,39 +161,82 @@ def synthesize(
     object_sizes: tuple[float, float] = OBJECT_SIZES,
     seed: int = 0,
 ) -> Path:
-    """Write ``train`` and ``val`` JPEG images of shapes with COCO instances files; returns ``out_dir``.
+    """Write ``train`` and ``val`` JPEG images of shapes with COCO instances files into ``out_dir``, a
+    new or empty folder; returns ``out_dir``.
 
     ``image_size`` is the longer side of every image. Objects are the shapes in :data:`CLASSES`
     (category ids 1..5), in random colours contrasting with their background, aspect ratios and
     rotations, overlapping a little at most, with sizes log-uniform in ``object_sizes`` (fractions
-    of the shorter image side).
+    of the shorter image side). A count of 0 writes no such split: an empty split stops training,
+    where a data set without ``val`` trains without validation.
+
+    A folder that holds anything is refused rather than written into: its annotation files would be
+    replaced, and its other images left among the new ones. The data set is drawn in a hidden folder
+    in ``out_dir`` and moved into place when complete, so an interrupted run leaves ``out_dir``
+    empty, to be run again.
+
+    Raises:
+        ValueError: a count, size or fraction out of range (before anything is written).
+        FileExistsError: ``out_dir`` is a file, or a folder that is not empty.
     """
+    _check_settings(train=train, val=val, image_size=image_size, max_objects=max_objects, object_sizes=object_sizes)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir}: not an empty folder; synthesize writes a data set into a new or empty one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draw = functools.partial(_draw_image, image_size=image_size, max_objects=max_objects, object_sizes=object_sizes)
+    # Inside out_dir, not beside it: on the same file system (a mounted folder too), a move is a rename.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".drafts-") as drafts:
+        written = _draw_data_set(Path(drafts), {"train": train, "val": val}, seed, draw)
+        # The annotations last: they are what makes the folder a data set (``make demo`` looks for them).
+        for name in [*written, "annotations"]:
+            (Path(drafts) / name).rename(out_dir / name)
+    return out_dir
+
+
+def _check_settings(
+    *, train: int, val: int, image_size: int, max_objects: int, object_sizes: tuple[float, float]
+) -> None:
+    """Raise ValueError on settings that make no data set."""
+    if train < 0 or val < 0:
+        raise ValueError(f"train and val must be counts of images, 0 or more, got {train} and {val}")
+    if train == val == 0:
+        raise ValueError("train and val are both 0: no images to write")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    if max_objects < 1:
+        raise ValueError(f"max objects must be at least 1, got {max_objects}")
     smallest, largest = object_sizes
     if not 0 < smallest <= largest <= 1:
         raise ValueError(f"object sizes must be fractions 0 < min <= max <= 1 of the shorter side, got {object_sizes}")
-    out_dir = Path(out_dir)
-    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+
+
+def _draw_data_set(folder: Path, counts: dict[str, int], seed: int, draw: Draw) -> list[str]:
+    """Draw ``counts[split]`` images of each split with ``draw`` into ``folder/<split>/``, with their
+    instances files in ``folder/annotations/``; returns the splits written (those of a count above 0)."""
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
-    for split_index, (split, count) in enumerate([("train", train), ("val", val)]):
-        split_dir = out_dir / split
-        split_dir.mkdir(exist_ok=True)
-        images, annotations = [], []
-        seeds = np.random.SeedSequence([seed, split_index]).spawn(count)
-        for image_id, image_seed in enumerate(seeds, start=1):
-            image, objects = _draw_image(np.random.default_rng(image_seed), image_size, max_objects, object_sizes)
-            file_name = f"{image_id:06d}.jpg"
-            with atomic_write(split_dir / file_name) as temporary:
-                image.save(temporary, format="JPEG", quality=90)
-            images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
-            for annotation in objects:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
-        coco = {
-            "info": {"description": f"deformable-detr synthetic shapes, seed {seed}"},
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        # Written last: an interrupted run leaves no annotation file that names missing images.
-        with atomic_write(out_dir / "annotations" / f"instances_{split}.json") as temporary:
-            temporary.write_text(json.dumps(coco))
-    return out_dir
+    info = {"description": f"deformable-detr synthetic shapes, seed {seed}"}
+    (folder / "annotations").mkdir()
+    written = []
+    for split_index, (split, count) in enumerate(counts.items()):
+        if count:
+            seeds = np.random.SeedSequence([seed, split_index]).spawn(count)
+            images, annotations = _draw_split(folder / split, seeds, draw)
+            coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
+            (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+            written.append(split)
+    return written
+
+
+def _draw_split(folder: Path, seeds: list[np.random.SeedSequence], draw: Draw) -> tuple[list[dict], list[dict]]:
+    """Draw an image from each of ``seeds`` into ``folder``; returns their COCO image and annotation entries."""
+    folder.mkdir()
+    images, annotations = [], []
+    for image_id, image_seed in enumerate(seeds, start=1):
+        image, objects = draw(np.random.default_rng(image_seed))
+        file_name = f"{image_id:06d}.jpg"
+        image.save(folder / file_name, format="JPEG", quality=90)
+        images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
+        for annotation in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
+    return images, annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,14 @@ def _text(element: ElementTree.Element, tag: str, path: Path) -> str:
     return found.strip()
 
 
+def _finite(text: str) -> float:
+    """``text`` as a number, which must be finite: float() also reads "nan" and "inf"."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not finite")
+    return number
+
+
 def _read_annotation(
     path: Path, image_dir: Path, probe: Callable[[Path], ImageInfo]
 ) -> tuple[dict, list[tuple[str, list[float], bool]]]:
@@ -49,9 +58,9 @@ def _read_annotation(
         raise DatasetError(f"{path}: cannot read ({error.strerror})") from None
     file_name = (root.findtext("filename") or f"{path.stem}.jpg").strip()
     try:
-        width, height = (int(float(root.findtext(f"size/{tag}") or 0)) for tag in ("width", "height"))
+        width, height = (int(_finite(root.findtext(f"size/{tag}") or "0")) for tag in ("width", "height"))
     except ValueError:
-        raise DatasetError(f"{path}: <size> is not numeric") from None
+        raise DatasetError(f"{path}: <size> is not a finite number") from None
     if width <= 0 or height <= 0:
         # Some VOC-style exports leave the size out or at 0; the image header has it.
         info = probe(image_dir / file_name)
@@ -66,9 +75,9 @@ def _read_annotation(
         if box is None:
             raise DatasetError(f"{path}: object {name!r} has no <bndbox>")
         try:
-            x1, y1, x2, y2 = (float(_text(box, tag, path)) for tag in ("xmin", "ymin", "xmax", "ymax"))
+            x1, y1, x2, y2 = (_finite(_text(box, tag, path)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError:
-            raise DatasetError(f"{path}: object {name!r} has a non-numeric box corner") from None
+            raise DatasetError(f"{path}: object {name!r} has a box corner that is not a finite number") from None
         if x2 < x1 or y2 < y1:
             raise DatasetError(f"{path}: object {name!r} has xmax < xmin or ymax < ymin")
         difficult = (element.findtext("difficult") or "0").strip() == "1"

@@ -13,6 +13,7 @@ labels are in the file at the same place under ``labels/`` instead of ``images/`
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,26 @@ def yolo_splits(root: str | Path) -> list[str]:
     """The splits ``data.yaml`` names, of ``train``, ``val`` and ``test``."""
     config = _read_yaml(data_yaml(root))
     return [split for split in SPLITS if config.get(split)]
+
+
+def _base_folder(config: dict[str, Any], yaml_path: Path) -> Path:
+    """The folder the split entries are relative to: ``path``, itself relative to the yaml's folder
+    (the default), made absolute (label paths are found by an "/images/" in them)."""
+    folder = config.get("path")
+    if folder is not None and not isinstance(folder, str):
+        raise DatasetError(f"{yaml_path}: 'path' must be a path, not {folder!r}")
+    return (yaml_path.parent / (folder or "")).absolute()
+
+
+def _split_entries(config: dict[str, Any], split: str, yaml_path: Path) -> list[str]:
+    """What ``split`` names: image folders and ``.txt`` lists of images."""
+    entries = config.get(split)
+    if not entries:
+        raise DatasetError(f"{yaml_path}: no {split!r} split (it names {', '.join(yolo_splits(yaml_path)) or 'none'})")
+    listed = entries if isinstance(entries, list) else [entries]
+    if not all(isinstance(entry, str) for entry in listed):
+        raise DatasetError(f"{yaml_path}: {split!r} must be a path or a list of paths, not {entries!r}")
+    return listed
 
 
 def _class_names(config: dict[str, Any]) -> list[str]:
@@ -107,6 +128,8 @@ def _read_labels(path: Path, num_classes: int, yaml_name: str) -> tuple[list[tup
             index, box = -1.0, []
         if len(box) != 4 or not index.is_integer():
             problems.append(Problem(f"{path}: line {number}: expected 'class cx cy w h', found {line.strip()!r}"))
+        elif not all(math.isfinite(value) for value in box):  # float() reads "nan" and "inf"
+            problems.append(Problem(f"{path}: line {number}: expected finite coordinates, found {line.strip()!r}"))
         elif not 0 <= index < num_classes:
             problems.append(Problem(f"{path}: line {number}: unknown class {int(index)} ({yaml_name} names 0..{num_classes - 1})"))
         elif box[2] < 0 or box[3] < 0:
@@ -126,13 +149,10 @@ def read_yolo(root: str | Path, split: str, probe: Callable[[Path], ImageInfo] =
     """
     yaml_path = data_yaml(root)
     config = _read_yaml(yaml_path)
-    base = (yaml_path.parent / config.get("path", "")).absolute()  # label paths are found by an "/images/" in them
-    entries = config.get(split)
-    if not entries:
-        raise DatasetError(f"{yaml_path}: no {split!r} split (it names {', '.join(yolo_splits(root)) or 'none'})")
+    base = _base_folder(config, yaml_path)
     images, folders = [], []
-    for entry in entries if isinstance(entries, list) else [entries]:
-        listed, listed_folders = _listed_images(str(entry), base)
+    for entry in _split_entries(config, split, yaml_path):
+        listed, listed_folders = _listed_images(entry, base)
         images += listed
         folders += listed_folders
     names = _class_names(config)

@@ -278,8 +278,8 @@ def _stopped(signals: StopSignals, where: str, last_path: Path) -> TrainingStopp
 
 
 def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
-    """The training split and the validation split (None where there is none, or it is empty),
-    checked with one image probe."""
+    """The training split and the validation split (None where there is none), checked with one
+    image probe."""
     train_transforms, val_transforms = recipe(config.image_size)
     data_format = config.format or detect_format(config.data)
     probe = ImageProbe.for_data(config.data)
@@ -293,7 +293,7 @@ def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
     else:  # a data set may have no validation split, but a misspelt name would go unnoticed until the end
         _print(f"{config.data}: no {config.val_split!r} split (it has {', '.join(map(repr, splits))}), so no validation")
     probe.save()
-    return train_set, val_set if val_set is not None and len(val_set) else None
+    return train_set, val_set
 
 
 def _report_problems(report: SplitReport, data: str) -> None:

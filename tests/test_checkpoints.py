@@ -239,3 +239,69 @@ def test_console_script_exits_non_zero_with_one_line(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"deformable-detr: error: {tmp_path / 'absent.pth'}: no such file or folder"]
+
+
+def save_altered_checkpoint(path, **changes):
+    """A tiny checkpoint of ours with top-level entries replaced (None: removed) and config fields
+    set (``config_changes``)."""
+    save_checkpoint(path, build_model("tiny"))
+    payload = torch.load(path, weights_only=True)
+    payload["config"].update(changes.pop("config_changes", {}))
+    payload.update(changes)
+    torch.save({key: value for key, value in payload.items() if value is not None}, path)
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"class_names": ["cat", "dog"]}, "class_names is ['cat', 'dog']; expected a mapping of category id to name"),
+        ({"class_names": {"cat": 1}}, "class_names is {'cat': 1}; expected a mapping of category id to name"),
+        ({"image_size": "800"}, "image_size is '800'; expected a positive integer"),
+        ({"image_size": 0}, "image_size is 0; expected a positive integer"),
+        ({"model": None}, "no 'model' entry: not a complete deformable-detr checkpoint"),
+        ({"config": None}, "no 'config' entry: not a complete deformable-detr checkpoint"),
+        ({"config": [1, 2]}, "config is [1, 2]; expected a mapping of ModelConfig fields"),
+        ({"config_changes": {"num_queries": "300"}}, "config field num_queries is '300'; expected int"),
+        ({"config_changes": {"backbone_weights": 1}}, "config field backbone_weights is 1; expected str | None"),
+        ({"config_changes": {"two_stage": "yes"}}, "config field two_stage is 'yes'; expected bool"),
+    ],
+    ids=["names-list", "names-by-name", "size-string", "size-zero", "no-model", "no-config", "config-list",
+         "int-field", "optional-field", "bool-field"],
+)
+def test_entries_of_the_wrong_kind_are_named(tmp_path, capsys, changes, problem):
+    path = tmp_path / "altered.pt"
+    save_altered_checkpoint(path, **changes)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    assert str(error.value).startswith(f"{path}: {problem}") and "\n" not in str(error.value)
+    assert main(["inspect", str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"deformable-detr: error: {path}: {problem}")
+
+
+def test_a_whole_number_is_a_float_field(tmp_path):
+    save_altered_checkpoint(tmp_path / "dropout.pt", config_changes={"dropout": 0})
+    assert read_checkpoint(tmp_path / "dropout.pt").config.dropout == 0
+
+
+def test_convert_refuses_a_name_that_promises_another_format(tmp_path, capsys):
+    save_checkpoint(tmp_path / "ours.pt", build_model("tiny"))
+    # Ours converts to the reference layout by default: a PyTorch file that would be read as safetensors.
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "model.safetensors")]) == 1
+    assert capsys.readouterr().err == (
+        f"deformable-detr: error: {tmp_path / 'model.safetensors'}: the reference layout is a PyTorch file (.pth), "
+        "not .safetensors; choose the ours layout for a .safetensors file\n"
+    )
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "hf.pt"), "--to", "huggingface"]) == 1
+    assert capsys.readouterr().err == (
+        f"deformable-detr: error: {tmp_path / 'hf.pt'}: the huggingface layout is a folder, not a .pt file\n"
+    )
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "ours.pt"]
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "model.safetensors"), "--to", "ours"]) == 0
+
+
+def test_convert_onto_a_folder_names_the_destination(tmp_path, capsys):
+    save_checkpoint(tmp_path / "ours.pt", build_model("tiny"))
+    (tmp_path / "cv").mkdir()
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "cv")]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {tmp_path / 'cv'}: is a folder, not a file\n"
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "cv", tmp_path / "ours.pt"]

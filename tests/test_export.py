@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -133,9 +136,34 @@ def test_failed_export_keeps_the_previous_file_and_the_models_mode(tmp_path, mon
 def test_unwritable_path_fails_with_one_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ExportError, match="cannot write") as error:
+    with pytest.raises(OSError) as error:
         export_model(build_model("tiny"), blocker / "model.onnx")
-    assert str(blocker / "model.onnx") in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value) == f"{blocker / 'model.onnx'}: {blocker} is a file, not a folder"
+
+
+def test_a_failed_write_names_the_file_not_the_temporary_one(tmp_path, monkeypatch):
+    def full_disk(model, args, f, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    with pytest.raises(ExportError) as error:
+        export_model(build_model("tiny"), tmp_path / "model.onnx")
+    assert str(error.value) == f"{tmp_path / 'model.onnx'}: cannot write the ONNX file: No space left on device"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_graph_left_in_another_opset_is_not_written(tmp_path, monkeypatch):
+    # What the exporter does when it cannot convert the graph: it logs why and keeps the opset it has.
+    def export_in_opset_18(model, args, f, **kwargs):
+        Path(f).write_bytes(b"opset 18 graph")
+        return SimpleNamespace(model=SimpleNamespace(opset_imports={"": 18}))
+
+    monkeypatch.setattr(torch.onnx, "export", export_in_opset_18)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ExportError) as error:
+        export_model(build_model("tiny"), path, opset=20)
+    assert str(error.value) == f"{path}: the exporter could not convert the graph to ONNX opset 20 (it wrote 18)"
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
@@ -150,9 +178,18 @@ def test_unsupported_format_and_opset_are_refused(tmp_path):
     model = build_model("tiny")
     with pytest.raises(ExportError, match="unsupported export format 'tflite'"):
         export_model(model, tmp_path / "model.tflite", format="tflite")
-    with pytest.raises(ExportError, match="opset 17 is not supported"):
-        export_model(model, tmp_path / "model.onnx", opset=17)
+    for opset in (17, 26):
+        with pytest.raises(ExportError, match=f"opset {opset} is not supported: the exporter writes opsets 18 to 25"):
+            export_model(model, tmp_path / "model.onnx", opset=opset)
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_refuses_an_opset_out_of_range_in_one_line(tmp_path, capsys):
+    save_checkpoint(tmp_path / "tiny.pt", build_model("tiny"))
+    assert main(["export", str(tmp_path / "tiny.pt"), "--out", str(tmp_path / "model.onnx"), "--opset", "99"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "deformable-detr: error: ONNX opset 99 is not supported: the exporter writes opsets 18 to 25\n"
+    assert "written" not in captured.out and not (tmp_path / "model.onnx").exists()
 
 
 # The whole tiny preset, and ResNet-50 presets with a small transformer to keep their export short.

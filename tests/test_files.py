@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from deformable_detr.files import atomic_write
@@ -21,4 +24,37 @@ def test_failure_keeps_the_previous_content_and_no_temporary_file(tmp_path):
         with atomic_write(path) as temporary:
             temporary.write_text("half")
             raise RuntimeError("interrupted")
+    assert path.read_text() == "before" and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_folder_where_the_file_goes_is_named_before_anything_is_written(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError) as error:
+        with atomic_write(tmp_path / "out") as temporary:
+            pytest.fail(f"{temporary} was handed out")
+    assert str(error.value) == f"{tmp_path / 'out'}: is a folder, not a file"
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]
+
+
+def test_a_file_where_a_folder_goes_is_named(tmp_path):
+    (tmp_path / "slim.pt").write_text("weights")
+    with pytest.raises(OSError) as error:
+        with atomic_write(tmp_path / "slim.pt" / "x.safetensors"):
+            pass
+    assert str(error.value) == f"{tmp_path / 'slim.pt' / 'x.safetensors'}: {tmp_path / 'slim.pt'} is a file, not a folder"
+
+
+@pytest.mark.parametrize("failing", ["tempfile.mkstemp", "os.replace"], ids=["creating", "renaming"])
+def test_an_unwritable_destination_is_named_instead_of_the_temporary_file(tmp_path, monkeypatch, failing):
+    path = tmp_path / "result.json"
+    path.write_text("before")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / ".result.json.x1y2z3.tmp"))
+
+    monkeypatch.setattr(failing, refuse)
+    with pytest.raises(PermissionError) as error:
+        with atomic_write(path) as temporary:
+            temporary.write_text("after")
+    assert str(error.value) == f"{path}: cannot write there (Permission denied)"
     assert path.read_text() == "before" and list(tmp_path.iterdir()) == [path]

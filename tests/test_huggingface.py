@@ -35,7 +35,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 from deformable_detr import ModelConfig, build_model, get_config, load_pretrained  # noqa: E402
-from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
+from deformable_detr.checkpoints import CheckpointError, convert_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from deformable_detr.cli import main  # noqa: E402
 from deformable_detr.data import inference_transforms  # noqa: E402
 from deformable_detr.huggingface import (  # noqa: E402
@@ -538,3 +538,11 @@ def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_
     assert capsys.readouterr().err.strip().endswith("narrow.pt: backbone width 32 has no timm equivalent: timm's "
                                                     "ResNets have width 64")
     assert not (tmp_path / "narrow").exists()
+
+
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'config.json'}: expected a JSON object, found list"

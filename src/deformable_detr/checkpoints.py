@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 import pickle
+import reprlib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # torch.save writes a zip archive (a pickle, protocol 2, before torch 1.6). torch.load fails on other
 # files with messages about pickle opcodes ("101"), so they are told apart first.
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02")
+_CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 class CheckpointError(ValueError):
@@ -146,8 +149,9 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             training option transformers has no equivalent for, say).
     """
     checkpoint = read_checkpoint(source)
-    model = checkpoint.build_model()
     layout = layout or ("reference" if checkpoint.source_format == FORMAT else "ours")
+    _check_destination(Path(destination), layout)
+    model = checkpoint.build_model()
     if layout == "reference":
         save_reference_checkpoint(destination, model)
     elif layout == "ours":
@@ -160,6 +164,15 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     else:
         raise ValueError(f"unknown checkpoint layout {layout!r}; choose 'ours', 'reference' or 'huggingface'")
     return layout
+
+
+def _check_destination(destination: Path, layout: str) -> None:
+    """Refuse a name that promises another format than ``layout``'s, which reading it back would assume."""
+    if layout == "reference" and destination.suffix == ".safetensors":
+        raise ValueError(f"{destination}: the reference layout is a PyTorch file (.pth), not .safetensors; "
+                         "choose the ours layout for a .safetensors file")
+    if layout == "huggingface" and destination.suffix in _CHECKPOINT_FILE_SUFFIXES:
+        raise ValueError(f"{destination}: the huggingface layout is a folder, not a {destination.suffix} file")
 
 
 def _first_problem(error: RuntimeError) -> str:
@@ -213,9 +226,12 @@ def _read_huggingface(folder: Path, path: Path) -> Checkpoint:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(content).__name__}")
+    return content
 
 
 def _huggingface_image_size(folder: Path) -> int:
@@ -228,7 +244,7 @@ def _huggingface_image_size(folder: Path) -> int:
 
 
 def _huggingface_class_names(hf_config: Mapping[str, Any]) -> dict[int, str] | None:
-    names = {int(identifier): name for identifier, name in (hf_config.get("id2label") or {}).items()}
+    names = _class_names(hf_config.get("id2label"), field="id2label")
     # transformers fills id2label with LABEL_<id> placeholders when a model was built without names.
     if not names or all(name == f"LABEL_{identifier}" for identifier, name in names.items()):
         return None
@@ -245,15 +261,45 @@ def _read_ours_safetensors(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"{path}: safetensors file without a deformable-detr config (a Hugging Face file needs its config.json beside it)"
         )
-    config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    config = _model_config(json.loads(metadata["config"]))
     usage = json.loads(metadata.get("usage", "{}"))
     return Checkpoint(path, config, _load_safetensors(path), FORMAT, _class_names(usage.get("class_names")),
-                      usage.get("image_size"))
+                      _image_size(usage.get("image_size")))
 
 
-def _class_names(names: Mapping[Any, str] | None) -> dict[int, str] | None:
-    # JSON (safetensors metadata) turns the integer ids into strings.
-    return {int(identifier): name for identifier, name in names.items()} if names else None
+def _model_config(fields: object) -> ModelConfig:
+    """The stored config, each field checked against its type: a wrong one would otherwise fail deep
+    in the model's code (comparing a string with a number, say)."""
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"config is {reprlib.repr(fields)}; expected a mapping of ModelConfig fields")
+    field_types = typing.get_type_hints(ModelConfig)
+    for field, value in fields.items():
+        expected = field_types.get(field)  # None for an unknown field, which from_dict names
+        if expected is not None and not _is_a(value, expected):
+            # A union's str is its name ("str | None"); a class's would be "<class 'int'>".
+            raise ValueError(f"config field {field} is {reprlib.repr(value)}; expected "
+                             f"{getattr(expected, '__name__', expected)}")
+    return ModelConfig.from_dict(dict(fields))
+
+
+def _is_a(value: object, annotation: Any) -> bool:
+    # An int will do for a float, as in type hints.
+    return type(value) in (int, float) if annotation is float else isinstance(value, annotation)
+
+
+def _class_names(names: object, *, field: str = "class_names") -> dict[int, str] | None:
+    if names is None:
+        return None
+    # JSON (safetensors metadata, config.json) turns the integer ids into strings.
+    if not isinstance(names, Mapping) or not all(str(identifier).isdigit() for identifier in names):
+        raise ValueError(f"{field} is {reprlib.repr(names)}; expected a mapping of category id to name, like {{1: 'cat'}}")
+    return {int(identifier): str(name) for identifier, name in names.items()} or None
+
+
+def _image_size(size: object) -> int | None:
+    if size is not None and not (type(size) is int and size > 0):
+        raise ValueError(f"image_size is {reprlib.repr(size)}; expected a positive integer (the shorter side in pixels)")
+    return size
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -292,13 +338,16 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def _read_pickled(path: Path) -> Checkpoint:
     payload = _torch_load(path)
     if payload.get("format") == FORMAT:
+        missing = [entry for entry in ("config", "model") if entry not in payload]
+        if missing:
+            raise CheckpointError(f"{path}: no {' or '.join(map(repr, missing))} entry: not a complete deformable-detr checkpoint")
         own = ("format", "config", "class_names", "image_size")
         extra = {k: v for k, v in payload.items() if k not in own}
         # Where the run kept an average of the weights, it is what the checkpoint is used with, and
         # the weights as trained stay in extra (for a resumed run).
         weights = extra["ema"]["model"] if "ema" in extra else extra.pop("model")
-        return Checkpoint(path, ModelConfig.from_dict(payload["config"]), weights, FORMAT,
-                          _class_names(payload.get("class_names")), payload.get("image_size"), extra)
+        return Checkpoint(path, _model_config(payload["config"]), weights, FORMAT,
+                          _class_names(payload.get("class_names")), _image_size(payload.get("image_size")), extra)
     state_dict = payload.get("model", payload)
     if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:
         raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")

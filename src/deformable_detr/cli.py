@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("--format", default="onnx", choices=["onnx"])
     export.add_argument("--out", required=True)
-    export.add_argument("--opset", type=int, help="ONNX opset, at least 18 (default: the exporter's)")
+    export.add_argument("--opset", type=int, help="ONNX opset, 18 to 25 (default: the exporter's)")
     export.set_defaults(run=_export)
 
     convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference "

@@ -26,13 +26,17 @@ from .model import DeformableDETR, evaluating
 from .ops import use_implementation
 
 FORMATS = ("onnx",)
-# The oldest opset torch's exporter translates to: it would write an older one only by converting
-# down, which fails on this model (LayerNormalization, opset 17) and falls back to 18 anyway.
+# The opsets torch's exporter writes this model in: it translates to 18, then converts with onnxscript's
+# version converter, which goes up to 25. For any other it falls back to onnx's converter, which fails
+# on this graph (LayerNormalization below 18, no adapter for Attention above 25), logs the traceback
+# and leaves opset 18.
 MIN_OPSET = 18
+MAX_OPSET = 25
 
 
 class ExportError(ValueError):
-    """An export that cannot be done as asked (unknown format, opset too old, unwritable file)."""
+    """An export that cannot be done as asked (unknown format, an opset the exporter cannot write, a
+    failed write)."""
 
 
 class _Predictions(nn.Module):
@@ -57,29 +61,34 @@ def export_model(
     """Write the inference forward of ``model`` to ``path`` in ``format`` (``FORMATS``); returns the path.
 
     ONNX: input ``images`` (batch, 3, height, width), outputs ``pred_logits`` and ``pred_boxes``,
-    all three sizes dynamic; ``opset`` defaults to the exporter's own (at least ``MIN_OPSET``).
+    all three sizes dynamic; ``opset`` (``MIN_OPSET`` to ``MAX_OPSET``) defaults to the exporter's own.
     The file is written atomically and holds the weights (no external data file). The model is
     exported in eval mode and left in the mode it was in.
 
     Raises:
-        ExportError: an unknown format, an opset older than ``MIN_OPSET`` or a path that cannot be
-            written.
+        ExportError: an unknown format, an opset the exporter cannot write, or a failure writing
+            the file (a full disk, say).
+        OSError: ``path`` cannot be written (a folder in its place, say), found before exporting.
     """
     if format not in FORMATS:
         raise ExportError(f"unsupported export format {format!r}; choose from {', '.join(FORMATS)}")
-    if opset is not None and opset < MIN_OPSET:
-        raise ExportError(f"ONNX opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or newer")
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"ONNX opset {opset} is not supported: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
     path = Path(path)
-    try:
-        # The temporary file is created before the (long) export, so an unwritable path fails at once.
-        with atomic_write(path) as temporary:
-            _export_onnx(model, temporary, opset=opset)
-    except OSError as error:
-        raise ExportError(f"{path}: cannot write the ONNX file: {error.strerror or error}") from error
+    # The temporary file is created before the (long) export, so an unwritable path fails at once.
+    with atomic_write(path) as temporary:
+        try:
+            written = _export_onnx(model, temporary, opset=opset)
+        except OSError as error:  # writing the temporary file, which the user never named
+            raise ExportError(f"{path}: cannot write the ONNX file: {error.strerror or error}") from error
+        # The exporter logs a failed conversion and writes the graph in the opset it has instead.
+        if opset is not None and written != opset:
+            raise ExportError(f"{path}: the exporter could not convert the graph to ONNX opset {opset} (it wrote {written})")
     return path
 
 
-def _export_onnx(model: DeformableDETR, path: Path, *, opset: int | None) -> None:
+def _export_onnx(model: DeformableDETR, path: Path, *, opset: int | None) -> int:
+    """Write the ONNX file; returns the opset it was written in."""
     # Batch 2 and every feature map at least 2 x 2 (the coarsest one is 4 x 5 at stride 64): the
     # trace would assume a size of 1 stays 1. The values are never read (fake tensors).
     device = next(model.parameters()).device
@@ -87,7 +96,7 @@ def _export_onnx(model: DeformableDETR, path: Path, *, opset: int | None) -> Non
     # The fused CPU kernel is an opaque custom op with no ONNX counterpart; the reference
     # implementation is made of grid_sample and tensor arithmetic, which ONNX has.
     with evaluating(model), use_implementation("reference"), torch.no_grad(), _quiet_onnx_optimizer():
-        torch.onnx.export(
+        program = torch.onnx.export(
             _Predictions(model).eval(),
             (example,),
             path,
@@ -100,6 +109,7 @@ def _export_onnx(model: DeformableDETR, path: Path, *, opset: int | None) -> Non
             external_data=False,
             verbose=False,
         )
+    return program.model.opset_imports[""]
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ half-written one behind."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -26,20 +27,49 @@ os.umask(_UMASK)
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
-    On any error the temporary file is removed and ``path`` keeps its previous content.
+    On any error the temporary file is removed and ``path`` keeps its previous content. Where
+    ``path`` cannot be written (a folder in its place, a file where its folder should be, no
+    permission) the ``OSError`` is one line naming ``path`` and the problem.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = _temporary_beside(path)
+    try:
+        yield temporary
+        try:
+            os.replace(temporary, path)
+        except OSError as error:
+            raise _write_error(path, error) from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A new empty file in ``path``'s folder (made where missing), named after ``path``."""
+    try:
+        if path.is_dir():
+            # Found now, rather than by the rename after all the writing.
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _write_error(path, error) from error
     os.close(descriptor)
     # mkstemp makes the file private (0600); the result gets the permissions any new file would.
     os.chmod(temporary, 0o666 & ~_UMASK)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    return Path(temporary)
+
+
+def _write_error(path: Path, error: OSError) -> OSError:
+    """``error``, raised creating or renaming the temporary file, as what stops ``path`` being
+    written: the temporary file's name would mean nothing to the user."""
+    if path.is_dir():
+        problem = "is a folder, not a file"
+    elif (file_in_the_way := next((folder for folder in path.parents if folder.is_file()), None)) is not None:
+        problem = f"{file_in_the_way} is a file, not a folder"
+    else:
+        problem = f"cannot write there ({error.strerror or error})"
+    return type(error)(f"{path}: {problem}")
 
 
 def remove_abandoned_writes(folder: Path, names: Iterable[str]) -> None:

@@ -546,3 +546,13 @@ def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
     with pytest.raises(CheckpointError) as error:
         read_checkpoint(tmp_path)
     assert str(error.value) == f"{tmp_path / 'config.json'}: expected a JSON object, found list"
+
+
+def test_a_config_json_value_of_the_wrong_type_is_named(tmp_path):
+    config = {"model_type": "deformable_detr", "use_timm_backbone": True, "backbone": "resnet50", "num_labels": 3,
+              "d_model": "256"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path)
+    assert str(error.value) == f"{tmp_path}: config field d_model is '256'; expected int"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import reprlib
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,16 @@ class ModelConfig:
     denoising_label_noise: float = 0.2
 
     def __post_init__(self) -> None:
+        # A config read from a file (a checkpoint, a transformers config.json) may hold anything: a
+        # wrong type would otherwise fail deep in the model's code (comparing a string with a number).
+        for field, expected in typing.get_type_hints(ModelConfig).items():
+            value = getattr(self, field)
+            # An int will do for a float, as in type hints; a bool will not do for an int.
+            matches = type(value) in (int, float) if expected is float else isinstance(value, expected)
+            if not matches or (expected is int and isinstance(value, bool)):
+                # A union's str is its name ("str | None"); a class's would be "<class 'int'>".
+                raise ValueError(f"config field {field} is {reprlib.repr(value)}; expected "
+                                 f"{getattr(expected, '__name__', expected)}")
         if self.position_embedding not in ("sine", "learned"):
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
         if self.backbone_norm not in ("frozen", "batch"):

@@ -8,7 +8,10 @@ from deformable_detr.demo import DRAWING_SCALE, run_demo
 
 
 def test_demo_trains_evaluates_and_draws(tmp_path):
+    killed_synthesis = tmp_path / "data" / ".drafts-killed"  # what a synthesis killed midway leaves
+    killed_synthesis.mkdir(parents=True)
     record = run_demo(tmp_path, epochs=1, train_images=8, val_images=4)
+    assert not killed_synthesis.exists()
     assert record["epoch"] == 0 and 0.0 <= record["AP"] <= 1.0
     assert (tmp_path / "train" / "best.pt").is_file()
     assert (tmp_path / "train" / "curves.png").is_file() and (tmp_path / "train" / "report" / "report.md").is_file()

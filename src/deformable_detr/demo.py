@@ -45,6 +45,7 @@ def run_demo(
     output_dir = Path(output_dir)
     data = output_dir / "data"
     if not (data / "annotations" / "instances_val.json").is_file():
+        shutil.rmtree(data, ignore_errors=True)  # what a killed synthesis left: the demo's own folder
         synthesize(data, train=train_images, val=val_images, image_size=IMAGE_SIZE, seed=0, **(data_options or {}))
     run = output_dir / "train"
     shutil.rmtree(run, ignore_errors=True)  # the demo always starts afresh

@@ -253,3 +253,11 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, capsys, command):
     code, _, said = run(capsys, *argv)
     message = f"{notes}: not a checkpoint (not a PyTorch file, nor .safetensors, nor a Hugging Face folder)"
     assert code == 1 and said == [f"deformable-detr: error: {message}"]
+
+
+def test_an_unknown_format_or_a_split_name_for_a_list_is_refused(tmp_path):
+    data = synthesize(tmp_path / "shapes", train=2, val=1, image_size=64)
+    with pytest.raises(ValueError, match="unknown data format 'bogus'; choose from coco, voc, yolo"):
+        check_data(data, format="bogus")
+    with pytest.raises(TypeError, match=r"splits is a list of split names, such as \['val'\], not a str"):
+        check_data(data, splits="val")

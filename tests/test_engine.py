@@ -124,6 +124,20 @@ def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("setting, value, expected", [
+    ("batch_size", "2", "config field batch_size is '2'; expected int"),
+    ("epochs", 1.5, "config field epochs is 1.5; expected int"),
+    ("lr", "1e-4", "config field lr is '1e-4'; expected float"),
+    ("model_overrides", ["x"], "config field model_overrides is ['x']; expected dict"),
+    ("seed", -1, "seed (--seed) must be at least 0, got -1"),
+    ("ema", 1.5, "ema (--ema) is a decay in [0, 1), got 1.5"),
+])
+def test_settings_of_the_wrong_type_are_refused_by_name(data, tmp_path, setting, value, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        config(data, tmp_path / "run", **{setting: value})
+    config(data, tmp_path / "run", max_minutes=10, ema_warmup=100)  # an int will do where a float goes
+
+
 def test_fewer_classes_than_the_data_has_are_refused(data, tmp_path):
     with pytest.raises(TrainingError, match="category ids go up to 5, so --num-classes must be at least 6, not 2"):
         train(config(data, tmp_path / "run", num_classes=2))

@@ -3,6 +3,8 @@ that the records follow the sampling formula, and that the picture shows it."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,14 @@ def test_explain_takes_paths_and_pil_images_and_skips_low_scores(detector, tmp_p
     assert explain(detector, image, threshold=1.0).width == round(WIDTH * MIN_PANEL_SIDE / HEIGHT)
 
 
-def test_explain_rejects_a_level_the_model_lacks(detector):
-    with pytest.raises(ValueError, match="encoder_level"):
-        explain(detector, torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8), encoder_level=4)
+@pytest.mark.parametrize("option, message", [
+    ({"encoder_level": 4}, "encoder_level must be in [0, 4), got 4"),
+    ({"encoder_level": 1.5}, "encoder_level must be in [0, 4), got 1.5"),
+    ({"top_k": -1}, "top_k must be a whole number of at least 1, got -1"),
+    ({"threshold": 2}, "threshold is a score from 0 to 1, got 2"),
+    ({"encoder_point": (0.5,)}, "encoder_point is (x, y), fractions of the width and height from 0 to 1, got (0.5,)"),
+    ({"encoder_point": (float("nan"), 0.5)}, "encoder_point is (x, y)"),
+])
+def test_explain_rejects_options_out_of_range(detector, option, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        explain(detector, torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8), **option)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torchvision
 from conftest import R50_PRESETS, reference_state_dict_entries
 
-from deformable_detr import PRESETS, build_model, postprocess
+from deformable_detr import PRESETS, ModelConfig, build_model, postprocess
 from deformable_detr.model import MSDeformAttn, pad_images, transformer
 from deformable_detr.model.backbone import fold_batch_norms
 
@@ -310,6 +311,21 @@ def test_unknown_preset_and_bad_config_are_rejected():
         build_model("r50", two_stage=True)
     with pytest.raises(ValueError, match="num_feature_levels must be 1 .* or at least 3"):
         build_model("tiny", num_feature_levels=2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_heads", 0, "num_heads must be at least 1, got 0"),
+    ("d_model", 0, "d_model (0) must be a multiple of 32"),
+    ("decoder_layers", 0, "decoder_layers must be at least 1, got 0"),
+    ("encoder_layers", -1, "encoder_layers must be 0 or more, got -1"),
+    ("decoder_points", -1, "decoder_points must be at least 1, got -1"),
+    ("dropout", 1.5, "dropout must be in [0, 1), got 1.5"),
+    ("num_queries", "300", "config field num_queries is '300'; expected int"),
+    ("two_stage", 1, "config field two_stage is 1; expected bool"),
+])
+def test_config_values_out_of_range_or_of_the_wrong_type_are_named(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**{field: value})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

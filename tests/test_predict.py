@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from deformable_detr import precision
+from deformable_detr import evaluation, precision
 from deformable_detr.checkpoints import save_reference_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
@@ -195,6 +196,35 @@ def test_a_device_that_is_not_there_is_refused_in_one_line(trained, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("image, error, message", [
+    (np.zeros((64, 64, 3), dtype=np.int64), TypeError, "an image is uint8 (0 to 255) or float (0 to 1), not int64"),
+    (torch.full((3, 64, 64), 255.0), ValueError, "a float image holds values from 0 to 1, not 255 to 255"),
+    (torch.full((3, 8, 8), float("nan")), ValueError, "a float image holds values from 0 to 1, not nan to nan"),
+    (torch.zeros(3, 0, 64, dtype=torch.uint8), ValueError, "an image has no pixels: 64 x 0"),
+    (torch.zeros(3, 2, 400, dtype=torch.uint8), ValueError, "the image: 400 x 2 pixels is too elongated to detect in"),
+    (torch.zeros(64, 64), ValueError, "an image tensor is (3, H, W), or (N, 3, H, W) for N images, not (64, 64)"),
+], ids=["int64", "float-255", "nan", "empty", "elongated", "2-d"])
+def test_images_the_model_cannot_take_are_refused_before_it_runs(detector, image, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        detector.predict(image)
+
+
+@pytest.mark.parametrize("option, message", [({"threshold": 1.5}, "threshold is a score from 0 to 1, not 1.5"),
+                                             ({"batch_size": 0}, "batch_size must be a whole number of at least 1")])
+def test_predict_options_out_of_range_are_refused(detector, option, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        detector.predict(torch.zeros(3, 64, 64, dtype=torch.uint8), **option)
+
+
+def test_detect_skips_an_image_too_elongated_to_detect_in_and_says_so(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (400, 2)).save(strip)  # the tiny model sees at most 160 pixels along a side
+    assert main(["detect", str(checkpoint), str(val_images(data)[0]), str(strip), "--out", str(tmp_path / "out")]) == 1
+    assert f"skipped: {strip}: 400 x 2 pixels is too elongated to detect in" in capsys.readouterr().err
+    assert (tmp_path / "out" / f"{val_images(data)[0].stem}.png").is_file()
+
+
 def test_a_folder_without_images_is_refused_by_name(trained, tmp_path, capsys):
     checkpoint, data = trained
     empty = tmp_path / "empty"
@@ -228,6 +258,14 @@ def test_evaluate_resizes_to_the_checkpoints_image_size_unless_told(trained, mon
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--image-size", "128"]) == 0
     assert sizes == [IMAGE_SIZE, 128]
     assert capsys.readouterr().out.count("AP50") == 2
+
+
+@pytest.mark.parametrize("option, message", [({"image_size": 0}, "image_size must be a whole number of at least 1, not 0"),
+                                             ({"batch_size": "2"}, "batch_size must be a whole number of at least 1, not '2'")])
+def test_evaluate_refuses_options_out_of_range_before_loading_anything(trained, option, message):
+    checkpoint, data = trained
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluation.evaluate_checkpoint(checkpoint, data, workers=0, **option)
 
 
 # --------------------------------------------------------------------------- precision

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import reprlib
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -62,23 +63,23 @@ class ModelConfig:
     denoising_label_noise: float = 0.2
 
     def __post_init__(self) -> None:
-        # A config read from a file (a checkpoint, a transformers config.json) may hold anything: a
-        # wrong type would otherwise fail deep in the model's code (comparing a string with a number).
-        for field, expected in typing.get_type_hints(ModelConfig).items():
-            value = getattr(self, field)
-            # An int will do for a float, as in type hints; a bool will not do for an int.
-            matches = type(value) in (int, float) if expected is float else isinstance(value, expected)
-            if not matches or (expected is int and isinstance(value, bool)):
-                # A union's str is its name ("str | None"); a class's would be "<class 'int'>".
-                raise ValueError(f"config field {field} is {reprlib.repr(value)}; expected "
-                                 f"{getattr(expected, '__name__', expected)}")
+        check_field_types(self)
+        for name in ("num_feature_levels", "num_heads", "decoder_layers", "dim_feedforward", "encoder_points",
+                     "decoder_points", "num_queries", "num_classes", "backbone_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("encoder_layers", "denoising_groups", "one_to_many_queries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.position_embedding not in ("sine", "learned"):
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
         if self.backbone_norm not in ("frozen", "batch"):
             raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
-        if self.d_model % 32:
+        if self.d_model < 32 or self.d_model % 32:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of 32 (GroupNorm(32) in the input projections)")
         if self.two_stage and not self.with_box_refine:
             # The encoder's proposal heads are the refinement heads' extra entry; the reference
@@ -87,20 +88,14 @@ class ModelConfig:
         if self.num_feature_levels == 2:
             # Multi-scale takes layer2-4 (three levels) and adds strided levels beyond them.
             raise ValueError("num_feature_levels must be 1 (layer4 only) or at least 3 (layer2-4, then extra levels)")
-        if self.num_feature_levels < 1 or self.num_classes < 1 or self.num_queries < 1 or self.backbone_width < 1:
-            raise ValueError("num_feature_levels, num_classes, num_queries and backbone_width must be positive")
         if self.look_forward_twice and not self.with_box_refine:
             raise ValueError("look_forward_twice requires with_box_refine (it trains the refinement of earlier layers)")
         if self.mixed_query_selection and not self.two_stage:
             raise ValueError("mixed_query_selection requires two_stage (it selects positions from the proposals)")
-        if self.denoising_groups < 0:
-            raise ValueError(f"denoising_groups must be 0 or more, got {self.denoising_groups}")
         if not (0 <= self.denoising_box_noise < 1 and 0 <= self.denoising_label_noise <= 1):
             raise ValueError("denoising_box_noise must be in [0, 1) and denoising_label_noise in [0, 1]")
         if self.denoising_groups and not self.two_stage:
             raise ValueError("denoising_groups requires two_stage (its queries' positions come from boxes, as proposals' do)")
-        if self.one_to_many_queries < 0:
-            raise ValueError(f"one_to_many_queries must be 0 or more, got {self.one_to_many_queries}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +107,29 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
         return cls(**values)
+
+
+def check_field_types(config: Any) -> None:
+    """Raise ValueError naming the first field of the dataclass ``config`` whose value is not of the
+    field's type. A config read from a file (a checkpoint, a transformers config.json) may hold
+    anything, and a wrong type would fail deep in the code that uses it (a string compared with a number)."""
+    for field, expected in typing.get_type_hints(type(config)).items():
+        value = getattr(config, field)
+        if not _is_of(value, expected):
+            # A union's str is its name ("str | None"); a class's would be "<class 'int'>".
+            raise ValueError(f"config field {field} is {reprlib.repr(value)}; expected {getattr(expected, '__name__', expected)}")
+
+
+def _is_of(value: Any, annotation: Any) -> bool:
+    if isinstance(annotation, types.UnionType):
+        return any(_is_of(value, member) for member in typing.get_args(annotation))
+    if annotation is Any:
+        return True
+    if annotation is float:  # an int will do for a float, as in type hints
+        return type(value) in (int, float)
+    if annotation is int:  # a bool will not do for an int
+        return type(value) is int
+    return isinstance(value, typing.get_origin(annotation) or annotation)
 
 
 PRESETS: dict[str, ModelConfig] = {

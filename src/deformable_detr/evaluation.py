@@ -178,11 +178,14 @@ def evaluate_checkpoint(
     ``report`` is a folder to write the evaluation's report into (:func:`~deformable_detr.report.write_report`)."""
     if report is not None and Path(report).exists() and not Path(report).is_dir():
         raise ValueError(f"{report}: not a folder, so the report cannot go there")
+    for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("workers", workers, 0)):
+        if value is not None and (type(value) is not int or value < low):
+            raise ValueError(f"{name} must be a whole number of at least {low}, not {value!r}")
     device = setup_distributed()
     check_dtype(dtype, device)
     read = read_checkpoint(checkpoint)
     model = inference_model(read.build_model(device=device), dtype)
-    dataset, _ = load_split(data, split, recipe(image_size or read.input_size)[1], format=format)
+    dataset, _ = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1], format=format)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     evaluation = detect_all(model, loader, device=device, coco=dataset.coco, dtype=dtype).evaluation()
     if report is not None and is_main_process():

@@ -61,8 +61,14 @@ def explain(
         input enlarged to a shorter side of at least ``MIN_PANEL_SIDE`` under a title line.
     """
     model = detector.model
-    if not 0 <= encoder_level < model.config.num_feature_levels:
-        raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level}")
+    if type(encoder_level) is not int or not 0 <= encoder_level < model.config.num_feature_levels:
+        raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level!r}")
+    if type(top_k) is not int or top_k < 1:
+        raise ValueError(f"top_k must be a whole number of at least 1, got {top_k!r}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold is a score from 0 to 1, got {threshold}")
+    if encoder_point is not None and (len(encoder_point) != 2 or not all(0 <= v <= 1 for v in encoder_point)):
+        raise ValueError(f"encoder_point is (x, y), fractions of the width and height from 0 to 1, got {encoder_point!r}")
     inputs = detector.prepare(image)
     with evaluating(model), capture_attention(model) as records:
         outputs = forward(model, inputs[None], dtype=detector.dtype)

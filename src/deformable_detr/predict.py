@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
+from .data.transforms import max_side
 from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
 from .evaluation import coco_results, write_results_json
 from .files import atomic_write, remove_abandoned_writes
@@ -103,6 +104,12 @@ class Detector:
         processed ``batch_size`` images at a time, in order of size (equal sizes together), each
         batch padded to a common size; results come back in the input order.
         """
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold is a score from 0 to 1, not {threshold}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+        if isinstance(images, Tensor) and images.dim() not in (3, 4):
+            raise ValueError(f"an image tensor is (3, H, W), or (N, 3, H, W) for N images, not {tuple(images.shape)}")
         single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
             isinstance(images, Tensor) and images.dim() == 3
         )
@@ -119,8 +126,10 @@ class Detector:
     def prepare(self, image: ImageInput) -> Tensor:
         """The model's input for ``image`` (any input :meth:`predict` takes, one image): resized and
         normalised as in validation, on the model's device, (3, H', W')."""
+        pixels = as_image_tensor(image)
+        check_resizable(pixels, self.image_size)
         # Moved as uint8 (a quarter of float's bytes), then resized where the model runs.
-        return self._transforms(as_image_tensor(image).to(self.device))
+        return self._transforms(pixels.to(self.device))
 
     def _predict_batch(self, images: list[Tensor], threshold: float) -> list[Detections]:
         outputs = forward(self.model, [self.prepare(image) for image in images], dtype=self.dtype)
@@ -157,7 +166,26 @@ def as_image_tensor(image: ImageInput) -> Tensor:
         raise TypeError(f"not an image: {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"an image tensor must be (3, H, W), got shape {tuple(image.shape)}")
-    return image if image.dtype == torch.uint8 else F.to_dtype(image.float().clamp(0, 1), torch.uint8, scale=True)
+    if not image.shape[1] or not image.shape[2]:
+        raise ValueError(f"an image has no pixels: {image.shape[2]} x {image.shape[1]}")
+    if image.dtype == torch.uint8:
+        return image
+    if not image.is_floating_point():
+        raise TypeError(f"an image is uint8 (0 to 255) or float (0 to 1), not {str(image.dtype).removeprefix('torch.')}")
+    lowest, highest = image.float().aminmax()
+    if not 0 <= lowest <= highest <= 1:  # NaN fails too
+        raise ValueError(f"a float image holds values from 0 to 1, not {lowest:.4g} to {highest:.4g} (0 to 255 is uint8)")
+    return F.to_dtype(image.float(), torch.uint8, scale=True)
+
+
+def check_resizable(image: Tensor, image_size: int, *, name: str = "the image") -> None:
+    """Raise ValueError where resizing ``image`` for a model of ``image_size`` would leave it no pixel
+    across: its longer side is capped (at 1333 for 800), so an image more elongated than that has a
+    shorter side that rounds to nothing."""
+    height, width = image.shape[-2:]
+    if max(height, width) > max_side(image_size) * min(height, width):
+        raise ValueError(f"{name}: {width} x {height} pixels is too elongated to detect in: at {max_side(image_size)} "
+                         f"pixels long, the most the model sees, its shorter side would be less than a pixel")
 
 
 def _available_device(name: torch.device | str | None) -> torch.device:
@@ -226,8 +254,10 @@ def detect_files(
             results, failures, readable = [], [], []
             for image_id, path in enumerate(files[start : start + batch_size], start=start):
                 try:
-                    readable.append((image_id, path, read_image(path).as_subclass(Tensor)))
-                except DatasetError as error:
+                    image = read_image(path).as_subclass(Tensor)
+                    check_resizable(image, detector.image_size, name=str(path))
+                    readable.append((image_id, path, image))
+                except ValueError as error:  # DatasetError is one: a missing or unreadable file
                     failures.append(str(error))
                     tqdm.write(f"skipped: {error}", file=sys.stderr)
             if readable:

@@ -154,6 +154,8 @@ def _clipped_box(
 def check_data(root: str | Path, *, format: str | None = None, splits: list[str] | None = None) -> DataReport:
     """Check every split of the data set ``root`` (or those in ``splits``), in ``format`` (detected
     when None). A split that cannot be read at all is reported with that one problem."""
+    if isinstance(splits, str):  # it would be read as one split a letter
+        raise TypeError(f"splits is a list of split names, such as [{splits!r}], not a str")
     root = Path(root)
     format = format or detect_format(root)
     probe = ImageProbe.for_data(root)

@@ -32,6 +32,7 @@ def detect_format(root: str | Path) -> str:
 
 def split_names(root: str | Path, format: str) -> list[str]:
     """The splits the data set ``root`` in ``format`` has."""
+    check_format(format)
     if format == "coco":
         return sorted(p.stem.removeprefix("instances_") for p in (Path(root) / "annotations").glob("instances_*.json"))
     if format == "voc":
@@ -49,6 +50,10 @@ def read_split(
         return read_coco(root, split)
     if format == "voc":
         return read_voc(root, split, probe=probe)
-    if format == "yolo":
-        return read_yolo(root, split, probe)
-    raise ValueError(f"unknown data format {format!r}; choose from {', '.join(FORMATS)}")
+    check_format(format)
+    return read_yolo(root, split, probe)
+
+
+def check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; choose from {', '.join(FORMATS)}")

@@ -112,13 +112,14 @@ def inference_transforms(image_size: int = VAL_SIZE) -> v2.Compose:
     """The validation resize and normalisation of :func:`recipe`, for an image alone (uint8 in,
     normalised float out)."""
     return v2.Compose([
-        v2.Resize(image_size, max_size=_max_size(image_size)),
+        v2.Resize(image_size, max_size=max_side(image_size)),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])  # fmt: skip
 
 
-def _max_size(image_size: int) -> int:
+def max_side(image_size: int) -> int:
+    """The longest side the recipe of ``image_size`` resizes images to (1333 for the published 800)."""
     return round(MAX_SIZE * image_size / VAL_SIZE)
 
 
@@ -133,7 +134,7 @@ def recipe(image_size: int = VAL_SIZE) -> tuple[v2.Compose, v2.Compose]:
     def scaled(sizes: Sequence[int]) -> list[int]:
         return sorted({round(size * factor) for size in sizes})
 
-    max_size = _max_size(image_size)
+    max_size = max_side(image_size)
     crop_range = (round(CROP_RANGE[0] * factor), round(CROP_RANGE[1] * factor))
     train = train_transforms(scaled(SCALES), max_size, scaled(CROP_SCALES), crop_range)
     return train, val_transforms(image_size, max_size)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ModelConfig, get_config
+from ..config import ModelConfig, check_field_types, get_config
 from ..distributed import RENDEZVOUS_TIMEOUT
 
 
@@ -81,6 +81,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Caught here, before anything is written: further in, each would fail obscurely (a division
         # by zero, an empty tensor) or, worse, train something else than asked without a word.
+        check_field_types(self)
         bounds = {**dict.fromkeys(_AT_LEAST_ONE, 1), **dict.fromkeys(_NOT_NEGATIVE, 0)}
         for name, low in bounds.items():
             value = getattr(self, name)
@@ -92,6 +93,8 @@ class TrainConfig:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be above 0, got {value}")
         if not 0 <= self.min_lr_factor <= 1:
             raise ValueError(f"min_lr_factor (--min-lr-factor) must be within [0, 1], got {self.min_lr_factor}")
+        if self.ema is not None and not 0 <= self.ema < 1:
+            raise ValueError(f"ema (--ema) is a decay in [0, 1), got {self.ema}")
 
     def model_config(self, num_classes: int) -> ModelConfig:
         """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.
@@ -110,7 +113,7 @@ class TrainConfig:
 # The settings' ranges (None, where a setting allows it, is always valid).
 _AT_LEAST_ONE = ("num_classes", "epochs", "batch_size", "accumulation_steps", "image_size", "pad_to_multiple",
                  "patience", "checkpoint_every", "one_to_many_repeats")
-_NOT_NEGATIVE = ("lr", "lr_backbone", "weight_decay", "lr_drop_epoch", "warmup_steps", "warmup_epochs", "ema_warmup",
+_NOT_NEGATIVE = ("seed", "lr", "lr_backbone", "weight_decay", "lr_drop_epoch", "warmup_steps", "warmup_epochs", "ema_warmup",
                  "clip_max_norm", "workers", "min_improvement", "one_to_many_weight")
 _ABOVE_ZERO = ("max_minutes", "checkpoint_minutes", "rendezvous_timeout")
 

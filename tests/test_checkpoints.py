@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
+from collections import Counter, OrderedDict
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import R50_PRESETS
@@ -305,3 +309,110 @@ def test_convert_onto_a_folder_names_the_destination(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "cv")]) == 1
     assert capsys.readouterr().err == f"deformable-detr: error: {tmp_path / 'cv'}: is a folder, not a file\n"
     assert sorted(tmp_path.iterdir()) == [tmp_path / "cv", tmp_path / "ours.pt"]
+
+
+class Unreadable:
+    """A value torch.load(weights_only=True) refuses, as every class outside its short list."""
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize(
+    "arguments, problem",
+    [
+        ({"image_size": 0}, "image_size is 0; expected a positive integer"),
+        ({"image_size": "800"}, "image_size is '800'; expected a positive integer"),
+        ({"image_size": -5}, "image_size is -5; expected a positive integer"),
+        ({"image_size": 800.0}, "image_size is 800.0; expected a positive integer"),
+        ({"class_names": {"cat": 1}}, "class_names is {'cat': 1}; expected a mapping of category id to name"),
+        ({"class_names": {-1: "a"}}, "class_names is {-1: 'a'}; expected a mapping of category id to name"),
+        ({"class_names": ["a", "b"]}, "class_names is ['a', 'b']; expected a mapping of category id to name"),
+    ],
+    ids=["size-zero", "size-string", "size-negative", "size-float", "names-by-name", "negative-id", "names-list"],
+)
+def test_save_refuses_usage_the_reader_would_refuse(tmp_path, suffix, arguments, problem):
+    with pytest.raises(ValueError) as error:
+        save_checkpoint(tmp_path / f"model{suffix}", build_model("tiny"), **arguments)
+    assert str(error.value).startswith(problem) and "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        ({"note": Unreadable()}, "extra entry note is a test_checkpoints.Unreadable: a checkpoint holds only tensors"),
+        ({"source": Path("data")}, "extra entry source is a pathlib.PosixPath: a checkpoint holds only tensors"),
+        ({"hook": lambda: None}, "extra entry hook is a builtins.function: a checkpoint holds only tensors"),
+        ({"optimizer": {"state": {0: {"step": np.float64(3)}}}},
+         "extra entry optimizer['state'][0]['step'] is a numpy.float64: a checkpoint holds only tensors"),
+        ({"seen": {frozenset({1}): "x"}}, "extra entry seen key frozenset({1}) is a builtins.frozenset: a checkpoint"),
+        ({"args": argparse.Namespace(out=Path("runs"))}, "extra entry args['out'] is a pathlib.PosixPath"),
+        ({"config": {}}, "extra entry 'config' would replace the checkpoint's own; choose another name"),
+        ({"format": "mine"}, "extra entry 'format' would replace the checkpoint's own; choose another name"),
+        ({"ema": {"updates": 3}}, "the 'ema' entry has no 'model' weights"),
+        ({"ema": {"model": 3}}, "the 'model' in the 'ema' entry is int; expected a state dict"),
+        ({"ema": {"model": build_model("tiny", num_classes=3).state_dict()}},
+         "the 'model' in the 'ema' entry does not fit the model: 6 weights differ, the first: class_embed.0.bias (of another shape)"),
+    ],
+    ids=["object", "path", "lambda", "numpy-deep-inside", "refused-key", "namespace-content", "config", "format",
+         "ema-without-weights", "ema-weights-int", "ema-of-another-model"],
+)
+def test_save_refuses_extra_entries_the_reader_would_refuse(tmp_path, extra, problem):
+    with pytest.raises(ValueError) as error:
+        save_checkpoint(tmp_path / "model.pt", build_model("tiny"), **extra)
+    assert str(error.value).startswith(problem) and "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_everything_weights_only_loading_reads_is_saved(tmp_path):
+    model = build_model("tiny")
+    optimizer = torch.optim.AdamW(model.parameters())
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # state: a step count and two averages per parameter
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.1 ** epoch)
+    plain = {"none": None, "flags": [True, 1, 2.5, 1j, "s", b"b", bytearray(b"a")], "pair": (1, 2), "ids": {3, 4},
+             "ordered": OrderedDict(a=1), "counts": Counter("aab"), "shape": torch.Size([2, 3]),
+             "device": torch.device("cpu"), "dtype": torch.bfloat16, "args": argparse.Namespace(lr=1e-4)}
+    ema = {"model": model.state_dict(), "updates": 3, "decay": 0.9999, "warmup_updates": 1000}
+    save_checkpoint(tmp_path / "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    plain=plain, ema=ema)
+    extra = read_checkpoint(tmp_path / "last.pt").extra
+    assert extra["plain"] == plain and extra["scheduler"] == scheduler.state_dict()
+    assert len(extra["optimizer"]["state"]) == len(list(model.parameters()))
+
+
+def test_save_needs_a_deformable_detr(tmp_path):
+    problem = "model is a Linear; expected a DeformableDETR (from build_model or load_pretrained)"
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        save_checkpoint(tmp_path / "model.pt", torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        checkpoints.save_reference_checkpoint(tmp_path / "model.pth", torch.nn.Linear(2, 2))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"model": 3}, "the 'model' entry is int; expected a state dict (weight names to tensors)"),
+        ({"model": {"class_embed.0.bias": 1.5}},
+         "the 'model' entry holds float as 'class_embed.0.bias'; expected a state dict (weight names to tensors)"),
+        ({"ema": {"updates": 3}}, "the 'ema' entry has no 'model' weights"),
+        ({"ema": {"model": [1, 2]}}, "the 'model' in the 'ema' entry is list; expected a state dict (weight names to tensors)"),
+    ],
+    ids=["model-int", "model-not-tensors", "ema-without-weights", "ema-weights-list"],
+)
+def test_tampered_weights_are_named(tmp_path, changes, problem):
+    path = tmp_path / "altered.pt"
+    save_altered_checkpoint(path, **changes)
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained(path)
+    assert str(error.value) == f"{path}: {problem}"
+
+
+def test_reference_file_missing_weights_names_the_first(tmp_path):
+    state_dict = build_model("r50_box_refine").state_dict()
+    del state_dict["transformer.encoder.layers.0.linear1.weight"]
+    torch.save({"model": state_dict}, tmp_path / "r.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained(tmp_path / "r.pt")
+    assert str(error.value) == f"{tmp_path / 'r.pt'}: missing weights, the first: transformer.encoder.layers.0.linear1.weight"

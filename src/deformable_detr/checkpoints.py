@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import reprlib
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,16 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # files with messages about pickle opcodes ("101"), so they are told apart first.
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02")
 _CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Released reference checkpoints pickle their training flags as an argparse.Namespace. It is the
+# only class allowed on top of weights-only loading: a plain attribute bag, safe to rebuild.
+_SAFE_CLASSES = (argparse.Namespace,)
+# What torch.load(weights_only=True) rebuilds (torch/_weights_only_unpickler.py, _get_allowed_globals),
+# by exact type: a subclass (a numpy float, an enum, a defaultdict) pickles as a class it refuses.
+_LOADABLE_VALUES = (type(None), bool, int, float, complex, str, bytes, bytearray,
+                    torch.Size, torch.device, torch.dtype, torch.layout, Tensor, torch.nn.Parameter)
+_LOADABLE_CONTAINERS = (list, tuple, set, dict, OrderedDict, Counter)
+# The entries of our .pt files beside the weights ("model") and the extra ones.
+_OWN_ENTRIES = ("format", "config", "class_names", "image_size")
 
 
 class CheckpointError(ValueError):
@@ -92,11 +103,18 @@ def save_checkpoint(
     let :class:`~deformable_detr.Detector` label and size its inputs. ``.safetensors`` holds the
     weights only; any other suffix is a ``torch.save`` dict that also holds ``extra`` (optimizer
     state, epoch, ...), which must be weights-only loadable.
+
+    Raises:
+        TypeError: ``model`` is not a DeformableDETR.
+        ValueError: an argument :func:`read_checkpoint` would refuse to read back, named; nothing is written.
     """
     path = Path(path)
+    _check_model(model)
     if path.suffix == ".safetensors" and extra:
         raise ValueError(f"{path}: a .safetensors checkpoint holds weights only; use .pt for {sorted(extra)}")
-    usage = {"class_names": dict(class_names) if class_names else None, "image_size": image_size}
+    # Stored as the reader returns them, so that what is written is what it reads back.
+    usage = {"class_names": _class_names(class_names), "image_size": _image_size(image_size)}
+    _check_extra(extra, model)
     with atomic_write(path) as temporary:
         if path.suffix == ".safetensors":
             metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict()), "usage": json.dumps(usage)}
@@ -109,8 +127,62 @@ def save_checkpoint(
 def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR) -> None:
     """Write ``model`` in the reference implementation's layout (:func:`~deformable_detr.reference.reference_payload`),
     atomically. It loads into the reference code and back through :func:`read_checkpoint`."""
+    _check_model(model)
     with atomic_write(path) as temporary:
         torch.save(reference_payload(model), temporary)
+
+
+def _check_model(model: object) -> None:
+    # Anything else fails deep inside, on the config or the weights' names it lacks.
+    if not isinstance(model, DeformableDETR):
+        raise TypeError(f"model is a {type(model).__name__}; expected a DeformableDETR (from build_model or load_pretrained)")
+
+
+def _check_extra(extra: Mapping[str, object], model: DeformableDETR) -> None:
+    """Refuse the extra entries :func:`read_checkpoint` would not read back: ours replaced, values
+    weights-only loading refuses, or an average of the weights (``ema``) that is not one of ``model``'s."""
+    for name, value in extra.items():
+        if name in _OWN_ENTRIES:
+            raise ValueError(f"extra entry {name!r} would replace the checkpoint's own; choose another name")
+        refused = _unloadable_part(value, name)
+        if refused is not None:
+            raise ValueError(
+                f"extra entry {refused}: a checkpoint holds only tensors, numbers, strings, bytes, None, torch "
+                "sizes, devices and dtypes, in lists, tuples, sets and dicts (what torch.load(weights_only=True) reads)"
+            )
+    if "ema" in extra:
+        _check_fits(_averaged_weights(extra["ema"]), model, "the 'model' in the 'ema' entry")
+
+
+def _unloadable_part(value: object, where: str, seen: set[int] | None = None) -> str | None:
+    """``<where> is <type>`` for the first part of ``value`` that weights-only loading refuses
+    (``where`` names ``value``; its parts are named by index or key), or None where there is none."""
+    seen = set() if seen is None else seen
+    if type(value) in _LOADABLE_VALUES:
+        return None
+    if isinstance(value, _SAFE_CLASSES):
+        return _unloadable_part(vars(value), where, seen)
+    if type(value) not in _LOADABLE_CONTAINERS:
+        return f"{where} is a {type(value).__module__}.{type(value).__qualname__}"
+    if id(value) in seen:  # looked at already; a container holding itself would otherwise recurse forever
+        return None
+    seen.add(id(value))
+    if isinstance(value, dict):
+        parts = [(f"{where} key {key!r}", key) for key in value] + [(f"{where}[{key!r}]", item) for key, item in value.items()]
+    else:
+        parts = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+    return next((found for name, part in parts if (found := _unloadable_part(part, name, seen)) is not None), None)
+
+
+def _check_fits(weights: Mapping[str, Tensor], model: DeformableDETR, what: str) -> None:
+    # load_pretrained loads them with strict=True: the same names, each of the same shape.
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    found = {name: tensor.shape for name, tensor in weights.items()}
+    different = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+    if different:
+        first = different[0]
+        problem = "missing" if first not in found else "not the model's" if first not in expected else "of another shape"
+        raise ValueError(f"{what} does not fit the model: {len(different)} weights differ, the first: {first} ({problem})")
 
 
 def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -301,10 +373,8 @@ def _torch_load(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: not a checkpoint (not a PyTorch file, nor .safetensors, nor a Hugging Face folder)"
             )
-    # Released reference checkpoints pickle their training flags as an argparse.Namespace. It is the
-    # only class allowed on top of weights-only loading: a plain attribute bag, safe to rebuild.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(list(_SAFE_CLASSES)):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -327,16 +397,37 @@ def _read_pickled(path: Path) -> Checkpoint:
         missing = [entry for entry in ("config", "model") if entry not in payload]
         if missing:
             raise CheckpointError(f"{path}: no {' or '.join(map(repr, missing))} entry: not a complete deformable-detr checkpoint")
-        own = ("format", "config", "class_names", "image_size")
-        extra = {k: v for k, v in payload.items() if k not in own}
+        extra = {k: v for k, v in payload.items() if k not in _OWN_ENTRIES}
         # Where the run kept an average of the weights, it is what the checkpoint is used with, and
         # the weights as trained stay in extra (for a resumed run).
-        weights = extra["ema"]["model"] if "ema" in extra else extra.pop("model")
+        _state_dict(extra["model"], "the 'model' entry")  # checked even beside an average: a resumed run loads it
+        weights = _averaged_weights(extra["ema"]) if "ema" in extra else extra.pop("model")
         return Checkpoint(path, _model_config(payload["config"]), weights, FORMAT,
                           _class_names(payload.get("class_names")), _image_size(payload.get("image_size")), extra)
     state_dict = payload.get("model", payload)
     if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:
         raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")
+    state_dict = _state_dict(state_dict, "the 'model' entry" if "model" in payload else "the file")
     args = payload.get("args")
-    config = config_from_reference(state_dict, vars(args) if args is not None else {})
+    try:
+        config = config_from_reference(state_dict, vars(args) if args is not None else {})
+    except KeyError as error:  # a weight the config is read from
+        raise CheckpointError(f"{path}: missing weights, the first: {error.args[0]}") from None
     return Checkpoint(path, config, state_dict, "reference", released_class_names(config), PUBLISHED_IMAGE_SIZE)
+
+
+def _state_dict(value: object, what: str) -> dict[str, Tensor]:
+    """``value``, checked to be a state dict: load_state_dict's own errors do not say which one."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is {type(value).__name__}; expected a state dict (weight names to tensors)")
+    for name, tensor in value.items():
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{what} holds {type(tensor).__name__} as {name!r}; expected a state dict (weight names to tensors)")
+    return value
+
+
+def _averaged_weights(ema: object) -> dict[str, Tensor]:
+    """The weights of an ``ema`` entry (:meth:`~deformable_detr.train.ema.WeightAverage.state_dict`)."""
+    if not isinstance(ema, dict) or "model" not in ema:
+        raise ValueError("the 'ema' entry has no 'model' weights")
+    return _state_dict(ema["model"], "the 'model' in the 'ema' entry")

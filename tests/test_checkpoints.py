@@ -416,3 +416,9 @@ def test_reference_file_missing_weights_names_the_first(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_pretrained(tmp_path / "r.pt")
     assert str(error.value) == f"{tmp_path / 'r.pt'}: missing weights, the first: transformer.encoder.layers.0.linear1.weight"
+
+
+@pytest.mark.parametrize("device, problem", [("gpu", "unknown device 'gpu': expected cpu, cuda"), ("cuda:99", "device 'cuda:99': ")])
+def test_load_pretrained_refuses_an_unusable_device_before_reading(tmp_path, device, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        load_pretrained(tmp_path / "absent.pt", device=device)  # the device is checked first

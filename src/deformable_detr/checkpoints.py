@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import ModelConfig
+from .environment import usable_device
 from .files import atomic_write
 from .huggingface import config_from_huggingface, save_huggingface, state_dict_from_huggingface
 from .model import DeformableDETR, build_model
@@ -201,8 +202,10 @@ def load_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
 
     Raises:
         CheckpointError: a one-line message naming the file and what is wrong with it.
+        ValueError: ``device`` is unknown, or a GPU this process cannot see.
     """
-    return read_checkpoint(path).build_model(device=device)
+    target = None if device is None else usable_device(device)  # found before the file is read
+    return read_checkpoint(path).build_model(device=target)
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *, layout: str | None = None) -> str:

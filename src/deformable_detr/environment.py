@@ -57,6 +57,21 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and hardware and not limited
 
 
+def usable_device(name: torch.device | str | None) -> torch.device:
+    """``name`` as a device this process can use (None: CUDA where there is one), or a ValueError
+    that says why not, where torch would fail deep inside the first copy to it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(name)!r}: expected cpu, cuda, cuda:1, ...") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise ValueError(f"device {str(name)!r}: {visible or 'no'} CUDA GPU{'' if visible == 1 else 's'} visible here")
+    return device
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

@@ -24,6 +24,7 @@ from .checkpoints import read_checkpoint
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
 from .data.transforms import max_side
 from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
+from .environment import usable_device
 from .evaluation import coco_results, write_results_json
 from .files import atomic_write, remove_abandoned_writes
 from .model import DeformableDETR, postprocess
@@ -85,7 +86,7 @@ class Detector:
         (COCO's for the released models) and the image size it was trained for, unless
         ``image_size`` is given. ``device`` defaults to CUDA where there is one."""
         checkpoint = read_checkpoint(path)
-        model = checkpoint.build_model(device=_available_device(device))
+        model = checkpoint.build_model(device=usable_device(device))
         return cls(model, class_names=checkpoint.class_names, dtype=dtype,
                    image_size=checkpoint.input_size if image_size is None else image_size)
 
@@ -186,21 +187,6 @@ def check_resizable(image: Tensor, image_size: int, *, name: str = "the image") 
     if max(height, width) > max_side(image_size) * min(height, width):
         raise ValueError(f"{name}: {width} x {height} pixels is too elongated to detect in: at {max_side(image_size)} "
                          f"pixels long, the most the model sees, its shorter side would be less than a pixel")
-
-
-def _available_device(name: torch.device | str | None) -> torch.device:
-    """``name`` as a device this process can use (None: CUDA where there is one), or a ValueError
-    that says why not, where torch would fail deep inside the first copy to it."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {str(name)!r}: expected cpu, cuda, cuda:1, ...") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        visible = torch.cuda.device_count()
-        raise ValueError(f"device {str(name)!r}: {visible or 'no'} CUDA GPU{'' if visible == 1 else 's'} visible here")
-    return device
 
 
 def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:

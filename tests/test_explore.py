@@ -265,9 +265,11 @@ def test_encoder_layers_all_embeds_every_layer_and_bad_choices_are_refused(detec
     assert meta["encoderLayers"] == list(range(count))
     assert set(meta["images"][0]["arrays"]) >= {f"encoder.{layer}.{kind}" for layer in range(count) for kind in ("locations", "weights", "heat")}
     assert page_data(explore(detector, images[0], encoder_layers=[0]).html)[0]["encoderLayers"] == [0]
-    for choice in ("first", [count], []):
+    for choice in ("first", [count], [], [0.5], 1):
         with pytest.raises(ValueError, match="encoder_layers"):
             explore(detector, images[0], encoder_layers=choice)
+    with pytest.raises(ValueError, match="max_bytes must be a whole number of at least 1, got 0"):
+        explore(detector, images[0], max_bytes=0)
 
 
 def test_padding_shows_in_the_frame_and_the_valid_ratios(detector, images):

@@ -151,6 +151,8 @@ def explore(
     """
     config = detector.model.config
     layers = _encoder_layers(encoder_layers, config.encoder_layers)
+    if type(max_bytes) is not int or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a whole number of at least 1, got {max_bytes!r}")
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     if not images:
         raise ValueError("explore needs at least one image")
@@ -178,7 +180,8 @@ def _encoder_layers(choice: str | Sequence[int], count: int) -> list[int]:
         return [count - 1]
     if choice == "all":
         return list(range(count))
-    if isinstance(choice, str) or not choice or any(not 0 <= layer < count for layer in choice):
+    indices = isinstance(choice, Sequence) and not isinstance(choice, str) and all(type(layer) is int for layer in choice)
+    if not indices or not choice or any(not 0 <= layer < count for layer in choice):
         raise ValueError(f"encoder_layers must be 'last', 'all' or indices in [0, {count}), got {choice!r}")
     return sorted(set(choice))
 

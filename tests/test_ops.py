@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deformable_detr.ops import ms_deform_attn, ms_deform_attn_reference
+from deformable_detr.ops import ms_deform_attn, ms_deform_attn_reference, use_implementation
 
 
 def loop_sampler(value, spatial_shapes, level_start_index, locations, weights):
@@ -159,3 +159,82 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
     torch.testing.assert_close(output, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
     with use_implementation("cpu"), pytest.raises(RuntimeError, match="requested but could not be built"):
         ms_deform_attn(*inputs)
+
+
+ARGUMENTS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+
+
+def two_levels(**replacements):
+    """The arguments of a valid call on levels of 4 x 4 and 2 x 2 (20 positions) for 2 images,
+    3 queries, 2 heads and 2 points, some replaced."""
+    valid = dict(zip(ARGUMENTS, random_case([(4, 4), (2, 2)], queries=3, channels=4)))
+    return [replacements.get(name, valid[name]) for name in ARGUMENTS]
+
+
+# Before the op checked its inputs, most of these made the fused CPU kernel read out of bounds (the
+# far start and the huge level crashed the process) and the reference fail with torch's own errors.
+MISMATCHES = {
+    "value shorter than the levels": (
+        dict(value=torch.zeros(2, 10, 2, 4)), "value has 10 positions but spatial_shapes needs 20 (4x4 + 2x2)"
+    ),
+    "value of more images": (
+        dict(value=torch.zeros(3, 20, 2, 4)), "sampling_locations has N = 2 but value has N = 3 (the number of images)"
+    ),
+    "weights of one of everything": (
+        dict(attention_weights=torch.ones(1, 1, 1, 1, 1)),
+        "attention_weights has N = 1 but value has N = 2 (the number of images)",
+    ),
+    "weights of other heads": (
+        dict(attention_weights=torch.ones(2, 3, 4, 2, 2)),
+        "attention_weights has M = 4 but value has M = 2 (the number of heads)",
+    ),
+    "weights of other points": (
+        dict(attention_weights=torch.ones(2, 3, 2, 2, 5)),
+        "attention_weights has P = 5 but sampling_locations has P = 2 (the number of points)",
+    ),
+    "locations of three coordinates": (
+        dict(sampling_locations=torch.zeros(2, 3, 2, 2, 2, 3)),
+        "sampling_locations must be (N, Lq, M, L, P, 2), got shape (2, 3, 2, 2, 2, 3)",
+    ),
+    "a start past value": (
+        dict(level_start_index=torch.tensor([0, 100])), "level_start_index is [0, 100] but spatial_shapes needs [0, 16]"
+    ),
+    "a start far past value": (
+        dict(level_start_index=torch.tensor([0, 10**9])),
+        "level_start_index is [0, 1000000000] but spatial_shapes needs [0, 16]",
+    ),
+    "starts of one level": (
+        dict(level_start_index=torch.tensor([0])),
+        "level_start_index has L = 1 but sampling_locations has L = 2 (the number of levels)",
+    ),
+    "a huge level": (
+        dict(spatial_shapes=torch.tensor([[4, 4], [100000, 100000]])),
+        "value has 20 positions but spatial_shapes needs 10000000016 (4x4 + 100000x100000)",
+    ),
+    "an empty level": (
+        dict(spatial_shapes=torch.tensor([[5, 4], [0, 2]])),
+        "spatial_shapes has a level of 0x2; levels must be at least 1x1",
+    ),
+    "fractional sizes": (
+        dict(spatial_shapes=torch.tensor([[4.0, 4.0], [2.0, 2.0]])),
+        "spatial_shapes must hold integers, got torch.float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("implementation", ["reference", "cpu"])
+@pytest.mark.parametrize("replacements, message", MISMATCHES.values(), ids=MISMATCHES.keys())
+def test_inputs_that_disagree_are_refused_in_one_line(replacements, message, implementation):
+    with use_implementation(implementation), pytest.raises(ValueError) as error:
+        ms_deform_attn(*two_levels(**replacements))
+    assert str(error.value) == f"ms_deform_attn: {message}"
+
+
+def test_level_values_off_the_cpu_are_not_read_but_their_shapes_are(monkeypatch):
+    # Reading a CUDA tensor's values would wait for the GPU on every call; meta tensors have none.
+    monkeypatch.setattr("deformable_detr.ops.ms_deform_attn_reference", lambda *arguments: "dispatched")
+    on_meta = [t.to("meta") for t in two_levels()]
+    assert ms_deform_attn(*on_meta) == "dispatched"
+    on_meta[ARGUMENTS.index("level_start_index")] = torch.zeros(3, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="level_start_index has L = 3 but sampling_locations has L = 2"):
+        ms_deform_attn(*on_meta)

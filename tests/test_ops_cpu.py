@@ -158,6 +158,14 @@ def test_traces_under_torch_compile():
     )
 
 
+def test_the_public_op_traces_whole_under_torch_compile():
+    # Its checks of the level tensors' values are left out of the trace, which they would break.
+    case = random_case([(4, 5), (2, 2)], channels=4, dtype=torch.float32)
+    compiled = torch.compile(ms_deform_attn, backend="aot_eager", fullgraph=True)
+    with use_implementation("cpu"):
+        torch.testing.assert_close(forward_and_gradients(compiled, case), forward_and_gradients(ms_deform_attn, case))
+
+
 def test_dispatch_follows_the_requested_implementation(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "ms_deform_attn_cpu", lambda *args: calls.append("cpu") or ms_deform_attn_reference(*args))

@@ -5,13 +5,15 @@ kernel on the CPU (``cpu.py``, compiled on first use), the fused Triton kernels 
 (``triton_kernel.py``, imported on first use and checked on each device and dtype before it is
 trusted), the reference elsewhere.
 :func:`ms_deform_attn_reference` is the specification. ``DEFORMABLE_DETR_OP=reference|cpu|triton|auto``
-(or :func:`use_implementation`) forces a path.
+(or :func:`use_implementation`) forces a path. Whichever runs, the inputs are checked to agree
+first: the fused kernels index with them unchecked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 import warnings
 from collections.abc import Iterator
@@ -146,6 +148,92 @@ def implementation_for(device: torch.device | str, dtype: torch.dtype = torch.fl
     return "reference"
 
 
+# Each argument's dimensions, as the errors name them: a letter is a size the arguments share.
+_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "value": ("N", "S", "M", "D"),
+    "spatial_shapes": ("L", "2"),
+    "level_start_index": ("L",),
+    "sampling_locations": ("N", "Lq", "M", "L", "P", "2"),
+    "attention_weights": ("N", "Lq", "M", "L", "P"),
+}
+# The argument each shared size is read from; the others must agree with it.
+_SIZE_SOURCES = {"N": "value", "M": "value", "Lq": "sampling_locations", "L": "sampling_locations", "P": "sampling_locations"}
+_SIZE_NAMES = {"N": "images", "M": "heads", "Lq": "queries", "L": "levels", "P": "points"}
+
+
+def _check_shapes(
+    value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> None:
+    """Raise ValueError where an argument of :func:`ms_deform_attn` is not laid out as ``_LAYOUTS``
+    says, with value's numbers of images and heads and sampling_locations' of queries, levels and
+    points, or where spatial_shapes or level_start_index does not hold integers.
+
+    Reads shapes and dtypes only: no device sync, and it holds under tracing.
+    """
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations)):
+        if tensor.dim() != len(_LAYOUTS[name]):
+            raise _layout_error(name, tensor.shape)
+    batch, _, heads, _ = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    expected_shapes = {
+        "spatial_shapes": (spatial_shapes, (levels, 2)),
+        "level_start_index": (level_start_index, (levels,)),
+        "sampling_locations": (sampling_locations, (batch, queries, heads, levels, points, 2)),
+        "attention_weights": (attention_weights, (batch, queries, heads, levels, points)),
+    }
+    for name, (tensor, expected) in expected_shapes.items():
+        if tensor.shape != expected:
+            raise _shape_error(name, tensor.shape, expected)
+    for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise ValueError(f"ms_deform_attn: {name} must hold integers, got {tensor.dtype}")
+
+
+def _layout_error(name: str, shape: torch.Size) -> ValueError:
+    return ValueError(f"ms_deform_attn: {name} must be ({', '.join(_LAYOUTS[name])}), got shape {tuple(shape)}")
+
+
+def _shape_error(name: str, shape: torch.Size, expected: tuple[int, ...]) -> ValueError:
+    """The error naming the first size of ``name`` that differs from the argument it is read from."""
+    if len(shape) == len(expected):
+        for letter, size, wanted in zip(_LAYOUTS[name], shape, expected):
+            if size != wanted and letter in _SIZE_SOURCES:
+                return ValueError(
+                    f"ms_deform_attn: {name} has {letter} = {size} but {_SIZE_SOURCES[letter]} has {letter} = {wanted} "
+                    f"(the number of {_SIZE_NAMES[letter]})"
+                )
+    return _layout_error(name, shape)
+
+
+def _readable_without_sync(tensor: Tensor) -> bool:
+    """Whether the op may read ``tensor``'s values on every call: a CPU tensor, outside a trace.
+
+    A CUDA tensor's values would cost a wait for the GPU per call (the model keeps spatial_shapes
+    on the device), and a trace (torch.compile, torch.export and the ONNX export, torch.jit) has
+    fake tensors or would freeze the values into the graph. Unread values are trusted: the Triton
+    kernels mask samples outside their level's H x W but do not bound a level's start + H * W by S.
+    """
+    return tensor.is_cpu and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _check_levels(positions: int, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
+    """Raise ValueError unless every level of spatial_shapes is at least 1 x 1, their H * W add up
+    to value's ``positions`` and level_start_index (where readable) is where each level starts:
+    the fused CPU kernel indexes value with them unchecked."""
+    sizes = spatial_shapes.tolist()
+    for height, width in sizes:
+        if height < 1 or width < 1:
+            raise ValueError(f"ms_deform_attn: spatial_shapes has a level of {height}x{width}; levels must be at least 1x1")
+    areas = [height * width for height, width in sizes]
+    if sum(areas) != positions:
+        levels = " + ".join(f"{height}x{width}" for height, width in sizes)
+        raise ValueError(f"ms_deform_attn: value has {positions} positions but spatial_shapes needs {sum(areas)} ({levels})")
+    if _readable_without_sync(level_start_index):
+        given, starts = level_start_index.tolist(), list(itertools.accumulate(areas, initial=0))[:-1]
+        if given != starts:
+            raise ValueError(f"ms_deform_attn: level_start_index is {given} but spatial_shapes needs {starts}")
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -155,11 +243,19 @@ def ms_deform_attn(
 ) -> Tensor:
     """Multi-scale deformable attention with the reference CUDA kernel's signature and semantics.
 
-    Shapes: value (N, S, M, D), spatial_shapes (L, 2) as (H, W), level_start_index (L,),
-    sampling_locations (N, Lq, M, L, P, 2) normalised (x, y), attention_weights (N, Lq, M, L, P)
-    -> (N, Lq, M * D). Differentiable with respect to value, sampling_locations and
+    Shapes: value (N, S, M, D), spatial_shapes (L, 2) integer (H, W), level_start_index (L,)
+    integer, sampling_locations (N, Lq, M, L, P, 2) normalised (x, y), attention_weights
+    (N, Lq, M, L, P) -> (N, Lq, M * D). Differentiable with respect to value, sampling_locations and
     attention_weights; any floating dtype, any device.
+
+    Raises:
+        ValueError: in one line naming the argument, where the shapes disagree, or where the
+            values of spatial_shapes and level_start_index, read where they are CPU tensors outside
+            a trace, do not describe value's S positions (see :func:`_check_levels`).
     """
+    _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if _readable_without_sync(spatial_shapes):
+        _check_levels(value.shape[1], spatial_shapes, level_start_index)
     implementation = implementation_for(value.device, value.dtype)
     if implementation == "cpu":
         function = cpu.ms_deform_attn_cpu

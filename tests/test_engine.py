@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,7 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     ("num_classes", 0, "num_classes (--num-classes) must be at least 1"),
     ("image_size", 0, "image_size (--image-size) must be at least 1"),
     ("warmup_epochs", -1.0, "warmup_epochs (--warmup-epochs) must be at least 0"),
+    ("lr", float("nan"), "lr (--lr) must be at least 0"),
     ("max_minutes", 0.0, "max_minutes (--max-minutes) must be above 0"),
     ("min_lr_factor", 1.5, "min_lr_factor (--min-lr-factor) must be within [0, 1]"),
 ])
@@ -135,7 +137,11 @@ def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_
 def test_settings_of_the_wrong_type_are_refused_by_name(data, tmp_path, setting, value, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
         config(data, tmp_path / "run", **{setting: value})
-    config(data, tmp_path / "run", max_minutes=10, ema_warmup=100)  # an int will do where a float goes
+    # An int will do where a float goes, and a path or a numpy number as well as a str or a Python one.
+    plain = TrainConfig(data=data, output_dir=tmp_path / "run", max_minutes=10, lr=np.float64(1e-4), epochs=np.int64(2))
+    assert (plain.data, plain.output_dir, plain.max_minutes, plain.lr, plain.epochs) == (
+        str(data), str(tmp_path / "run"), 10.0, 1e-4, 2)
+    assert type(plain.epochs) is int and type(plain.lr) is float
 
 
 def test_fewer_classes_than_the_data_has_are_refused(data, tmp_path):

@@ -157,9 +157,9 @@ def test_explain_takes_paths_and_pil_images_and_skips_low_scores(detector, tmp_p
     ({"encoder_level": 4}, "encoder_level must be in [0, 4), got 4"),
     ({"encoder_level": 1.5}, "encoder_level must be in [0, 4), got 1.5"),
     ({"top_k": -1}, "top_k must be a whole number of at least 1, got -1"),
-    ({"threshold": 2}, "threshold is a score from 0 to 1, got 2"),
-    ({"encoder_point": (0.5,)}, "encoder_point is (x, y), fractions of the width and height from 0 to 1, got (0.5,)"),
-    ({"encoder_point": (float("nan"), 0.5)}, "encoder_point is (x, y)"),
+    ({"threshold": 2}, "threshold must be in [0, 1], got 2"),
+    ({"encoder_point": (0.5,)}, "encoder_point must be (x, y), got (0.5,)"),
+    ({"encoder_point": (float("nan"), 0.5)}, "encoder_point's x must be in [0, 1], got nan"),
 ])
 def test_explain_rejects_options_out_of_range(detector, option, message):
     with pytest.raises(ValueError, match=re.escape(message)):

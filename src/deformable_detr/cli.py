@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
-import math
 import signal
 import sys
 import threading
@@ -166,7 +165,8 @@ def _print_metrics(record: dict) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    _print_metrics(run_demo(minutes=None if args.epochs is not None else args.minutes, epochs=args.epochs or EPOCHS))
+    by_epochs = args.epochs is not None
+    _print_metrics(run_demo(minutes=None if by_epochs else args.minutes, epochs=args.epochs if by_epochs else EPOCHS))
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -298,30 +298,6 @@ def _model_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{key} takes a {field_type.__name__}, not {value!r}") from None
 
 
-def _bounded(kind: type[int] | type[float], low: float, high: float = math.inf, *,
-             include_low: bool = True) -> Callable[[str], Any]:
-    """An argument type: a number of ``kind`` within [low, high] ((low, high] without ``include_low``)."""
-    if high < math.inf:
-        bounds = f"within [{low}, {high}]"
-    else:
-        bounds = f"at least {low}" if include_low else f"above {low}"
-
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if not (low <= value if include_low else low < value) or value > high:
-            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
-    return parse
-
-
-_COUNT = _bounded(int, 0)
-_POSITIVE_INT = _bounded(int, 1)
-_POSITIVE = _bounded(float, 0, include_low=False)
-_FRACTION = _bounded(float, 0, 1)
-
-
 def _keyword_defaults(function: Callable[..., Any]) -> dict[str, Any]:
     """``function``'s keyword-only parameters and their defaults: a command's defaults are its function's."""
     return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.kind == p.KEYWORD_ONLY}
@@ -347,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("checkpoint")
     detect.add_argument("inputs", nargs="+", help="image files and folders of images")
     detect.add_argument("--out", required=True, help="folder for the annotated images and detections.json")
-    detect.add_argument("--threshold", type=_FRACTION, default=0.5, help="lowest score kept")
-    detect.add_argument("--batch-size", type=_POSITIVE_INT, default=8)
-    detect.add_argument("--image-size", type=_POSITIVE_INT, help="shorter side images are resized to (default: the checkpoint's)")
+    detect.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
+    detect.add_argument("--batch-size", type=int, default=8)
+    detect.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
     detect.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda where there is one)")
     _add_precision_argument(detect)
     detect.set_defaults(run=_detect, dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
@@ -359,12 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("checkpoint")
     explain.add_argument("image")
     explain.add_argument("--out", required=True, help="picture to write (.png, .jpg)")
-    explain.add_argument("--top-k", type=_POSITIVE_INT, default=3, help="detections to explain, one panel each")
-    explain.add_argument("--threshold", type=_FRACTION, default=0.0, help="lowest score of an explained detection")
-    explain.add_argument("--encoder-point", type=_FRACTION, nargs=2, metavar=("X", "Y"),
+    explain.add_argument("--top-k", type=int, default=3, help="detections to explain, one panel each")
+    explain.add_argument("--threshold", type=float, default=0.0, help="lowest score of an explained detection")
+    explain.add_argument("--encoder-point", type=float, nargs=2, metavar=("X", "Y"),
                          help="encoder query to show, as fractions of width and height (default: best detection's centre)")
-    explain.add_argument("--encoder-level", type=_COUNT, default=0, help="feature level of the encoder query")
-    explain.add_argument("--image-size", type=_POSITIVE_INT, help="shorter side the image is resized to (default: the checkpoint's)")
+    explain.add_argument("--encoder-level", type=int, default=0, help="feature level of the encoder query")
+    explain.add_argument("--image-size", type=int, help="shorter side the image is resized to (default: the checkpoint's)")
     explain.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
     _add_precision_argument(explain)
     explain.set_defaults(run=_explain, dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
@@ -375,11 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     explorer.add_argument("images", nargs="+", metavar="image", help="image files; several get a picker")
     explorer.add_argument("--out", required=True, help="the page to write (.html)")
     explorer.add_argument("--encoder-layers", choices=["last", "all"], help="encoder layers embedded (default: %(default)s)")
-    explorer.add_argument("--max-bytes", type=_POSITIVE_INT,
+    explorer.add_argument("--max-bytes", type=int,
                           help="page budget; above it encoder queries are subsampled (default: %(default)s)")
-    explorer.add_argument("--pad-to-multiple", type=_POSITIVE_INT,
+    explorer.add_argument("--pad-to-multiple", type=int,
                           help="pad the model input to a multiple of this, as training batches are (default: %(default)s)")
-    explorer.add_argument("--image-size", type=_POSITIVE_INT, help="shorter side images are resized to (default: the checkpoint's)")
+    explorer.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
     explorer.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
     explorer.set_defaults(run=_explore, **_keyword_defaults(explore))
 
@@ -404,9 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format",
                                      epilog="A first run on it: docs/training.md")
     synthesize.add_argument("out")
-    synthesize.add_argument("--train", type=_COUNT, default=800)
-    synthesize.add_argument("--val", type=_COUNT, default=100)
-    synthesize.add_argument("--image-size", type=_POSITIVE_INT, default=256, help="the longer side of every image")
+    synthesize.add_argument("--train", type=int, default=800)
+    synthesize.add_argument("--val", type=int, default=100)
+    synthesize.add_argument("--image-size", type=int, default=256, help="the longer side of every image")
     synthesize.add_argument("--object-sizes", type=float, nargs=2, metavar=("MIN", "MAX"), default=OBJECT_SIZES,
                             help="object sizes as fractions of the shorter image side (default: %(default)s)")
     synthesize.add_argument("--seed", type=int, default=0)
@@ -426,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set")
     _add_format_argument(evaluate)
     evaluate.add_argument("--split", help="default: %(default)s")
-    evaluate.add_argument("--batch-size", type=_POSITIVE_INT, help="default: %(default)s")
-    evaluate.add_argument("--image-size", type=_POSITIVE_INT, help="shorter side images are resized to (default: the checkpoint's)")
-    evaluate.add_argument("--workers", type=_COUNT, help="data-loading processes (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=int, help="default: %(default)s")
+    evaluate.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
+    evaluate.add_argument("--workers", type=int, help="data-loading processes (default: %(default)s)")
     evaluate.add_argument("--report", metavar="DIR", help="also write a report: per-class AP, precision-recall "
                                                           "curves, confusion matrix, errors, worst images")
     _add_precision_argument(evaluate)
@@ -444,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train and evaluate the tiny model on synthetic data",
                                epilog="What it trains, its measured curve and how it was tuned: docs/demo.md")
     budget = demo.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=_POSITIVE, default=MINUTES,
+    budget.add_argument("--minutes", type=float, default=MINUTES,
                         help="training minutes, the learning rate falling from 75%% of them on (default: %(default)s)")
-    budget.add_argument("--epochs", type=_POSITIVE_INT, help="train this many epochs instead, however long they take")
+    budget.add_argument("--epochs", type=int, help="train this many epochs instead, however long they take")
     demo.set_defaults(run=_demo)
 
     return parser

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 import reprlib
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any
+
+from .checks import is_whole_number
 
 
 @dataclass
@@ -110,26 +114,39 @@ class ModelConfig:
 
 
 def check_field_types(config: Any) -> None:
-    """Raise ValueError naming the first field of the dataclass ``config`` whose value is not of the
-    field's type. A config read from a file (a checkpoint, a transformers config.json) may hold
-    anything, and a wrong type would fail deep in the code that uses it (a string compared with a number)."""
+    """Give each field of the dataclass ``config`` its declared type, or raise ValueError naming the
+    first that cannot have it. A config read from a file (a checkpoint, a transformers config.json)
+    may hold anything, and a wrong type would fail deep in the code that uses it (a string compared
+    with a number). A path becomes its str and a numpy number a Python one: what checkpoints store
+    stays plain."""
     for field, expected in typing.get_type_hints(type(config)).items():
-        value = getattr(config, field)
-        if not _is_of(value, expected):
+        value = _as_type(getattr(config, field), expected)
+        if value is _MISMATCH:
             # A union's str is its name ("str | None"); a class's would be "<class 'int'>".
-            raise ValueError(f"config field {field} is {reprlib.repr(value)}; expected {getattr(expected, '__name__', expected)}")
+            raise ValueError(f"config field {field} is {reprlib.repr(getattr(config, field))}; expected "
+                             f"{getattr(expected, '__name__', expected)}")
+        setattr(config, field, value)
 
 
-def _is_of(value: Any, annotation: Any) -> bool:
+_MISMATCH = object()
+
+
+def _as_type(value: Any, annotation: Any) -> Any:
+    """``value`` as ``annotation``'s type, or ``_MISMATCH``."""
     if isinstance(annotation, types.UnionType):
-        return any(_is_of(value, member) for member in typing.get_args(annotation))
-    if annotation is Any:
-        return True
-    if annotation is float:  # an int will do for a float, as in type hints
-        return type(value) in (int, float)
-    if annotation is int:  # a bool will not do for an int
-        return type(value) is int
-    return isinstance(value, typing.get_origin(annotation) or annotation)
+        converted = (_as_type(value, member) for member in typing.get_args(annotation))
+        return next((member for member in converted if member is not _MISMATCH), _MISMATCH)
+    if annotation is Any or (annotation is type(None) and value is None):
+        return value
+    if isinstance(value, bool):  # a bool is an int to Python, not to a config
+        return value if annotation is bool else _MISMATCH
+    if annotation is int:
+        return int(value) if is_whole_number(value) else _MISMATCH
+    if annotation is float:  # a whole number will do, as in type hints
+        return float(value) if isinstance(value, numbers.Real) else _MISMATCH
+    if annotation is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value if isinstance(value, typing.get_origin(annotation) or annotation) else _MISMATCH
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -12,6 +12,7 @@ import torch
 from torchvision.transforms.v2.functional import pad, resize
 from torchvision.utils import make_grid
 
+from .checks import check_count
 from .data import read_image, synthesize
 from .environment import native_bf16
 from .explore import explore
@@ -42,10 +43,13 @@ def run_demo(
     make another task of shapes; ``model_options`` (``ModelConfig`` fields) and ``train_options``
     (``TrainConfig`` fields) change the demo's recipe, to measure other options on the same data and seed.
     """
+    # Checked before the data are drawn; the training config checks the rest.
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"minutes must be above 0, got {minutes}")
+    check_count("epochs", epochs, at_least=1)
     output_dir = Path(output_dir)
     data = output_dir / "data"
     if not (data / "annotations" / "instances_val.json").is_file():
-        shutil.rmtree(data, ignore_errors=True)  # what a killed synthesis left: the demo's own folder
         synthesize(data, train=train_images, val=val_images, image_size=IMAGE_SIZE, seed=0, **(data_options or {}))
     run = output_dir / "train"
     shutil.rmtree(run, ignore_errors=True)  # the demo always starts afresh

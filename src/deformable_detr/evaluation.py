@@ -27,6 +27,7 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
+from .checks import check_count
 from .data import data_loader, load_split, recipe
 from .data.coco import coco_index
 from .distributed import gather_objects, is_main_process, setup_distributed
@@ -178,9 +179,10 @@ def evaluate_checkpoint(
     ``report`` is a folder to write the evaluation's report into (:func:`~deformable_detr.report.write_report`)."""
     if report is not None and Path(report).exists() and not Path(report).is_dir():
         raise ValueError(f"{report}: not a folder, so the report cannot go there")
-    for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("workers", workers, 0)):
-        if value is not None and (type(value) is not int or value < low):
-            raise ValueError(f"{name} must be a whole number of at least {low}, not {value!r}")
+    check_count("batch_size", batch_size, at_least=1)
+    check_count("workers", workers, at_least=0)
+    if image_size is not None:
+        check_count("image_size", image_size, at_least=1)
     device = setup_distributed()
     check_dtype(dtype, device)
     read = read_checkpoint(checkpoint)

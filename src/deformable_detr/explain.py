@@ -18,6 +18,7 @@ from torch import Tensor
 from torchvision.ops import nms
 from torchvision.transforms.v2 import functional as F
 
+from .checks import check_count, check_fraction, is_whole_number
 from .model import AttentionRecord, capture_attention, evaluating, postprocess
 from .precision import forward
 from .predict import Detector, ImageInput
@@ -61,14 +62,15 @@ def explain(
         input enlarged to a shorter side of at least ``MIN_PANEL_SIDE`` under a title line.
     """
     model = detector.model
-    if type(encoder_level) is not int or not 0 <= encoder_level < model.config.num_feature_levels:
+    if not is_whole_number(encoder_level) or not 0 <= encoder_level < model.config.num_feature_levels:
         raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level!r}")
-    if type(top_k) is not int or top_k < 1:
-        raise ValueError(f"top_k must be a whole number of at least 1, got {top_k!r}")
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold is a score from 0 to 1, got {threshold}")
-    if encoder_point is not None and (len(encoder_point) != 2 or not all(0 <= v <= 1 for v in encoder_point)):
-        raise ValueError(f"encoder_point is (x, y), fractions of the width and height from 0 to 1, got {encoder_point!r}")
+    check_count("top_k", top_k, at_least=1)
+    check_fraction("threshold", threshold)
+    if encoder_point is not None:
+        if len(encoder_point) != 2:
+            raise ValueError(f"encoder_point must be (x, y), got {encoder_point!r}")
+        for name, fraction in zip(("encoder_point's x", "encoder_point's y"), encoder_point):
+            check_fraction(name, fraction)
     inputs = detector.prepare(image)
     with evaluating(model), capture_attention(model) as records:
         outputs = forward(model, inputs[None], dtype=detector.dtype)

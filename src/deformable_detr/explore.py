@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .checks import check_count, is_whole_number
 from .files import atomic_write
 from .model import AttentionRecord, capture_attention, evaluating, pad_images
 from .predict import Detector, ImageInput, as_image_tensor
@@ -151,8 +152,8 @@ def explore(
     """
     config = detector.model.config
     layers = _encoder_layers(encoder_layers, config.encoder_layers)
-    if type(max_bytes) is not int or max_bytes < 1:
-        raise ValueError(f"max_bytes must be a whole number of at least 1, got {max_bytes!r}")
+    check_count("max_bytes", max_bytes, at_least=1)
+    check_count("pad_to_multiple", pad_to_multiple, at_least=1)
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     if not images:
         raise ValueError("explore needs at least one image")
@@ -180,7 +181,7 @@ def _encoder_layers(choice: str | Sequence[int], count: int) -> list[int]:
         return [count - 1]
     if choice == "all":
         return list(range(count))
-    indices = isinstance(choice, Sequence) and not isinstance(choice, str) and all(type(layer) is int for layer in choice)
+    indices = isinstance(choice, Sequence) and not isinstance(choice, str) and all(map(is_whole_number, choice))
     if not indices or not choice or any(not 0 <= layer < count for layer in choice):
         raise ValueError(f"encoder_layers must be 'last', 'all' or indices in [0, {count}), got {choice!r}")
     return sorted(set(choice))

@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
+from .checks import check_count, check_fraction
 from .data import IMAGE_SUFFIXES, DatasetError, inference_transforms, read_image
 from .data.transforms import max_side
 from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
@@ -33,6 +34,8 @@ from .reference import PUBLISHED_IMAGE_SIZE
 from .visualize import draw_detections, save_image
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
+# How far outside [0, 1] a float image may stray and be clamped (see as_image_tensor).
+FLOAT_IMAGE_SLACK = 0.25
 
 
 @dataclass
@@ -68,8 +71,7 @@ class Detector:
 
     def __init__(self, model: DeformableDETR, *, class_names: dict[int, str] | None = None,
                  image_size: int = PUBLISHED_IMAGE_SIZE, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
-        if image_size < 1:
-            raise ValueError(f"image_size must be at least 1, got {image_size}")
+        check_count("image_size", image_size, at_least=1)
         check_dtype(dtype, next(model.parameters()).device)
         self.model = inference_model(model.eval(), dtype)
         self.class_names = class_names or {}
@@ -105,10 +107,8 @@ class Detector:
         processed ``batch_size`` images at a time, in order of size (equal sizes together), each
         batch padded to a common size; results come back in the input order.
         """
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"threshold is a score from 0 to 1, not {threshold}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+        check_fraction("threshold", threshold)
+        check_count("batch_size", batch_size, at_least=1)
         if isinstance(images, Tensor) and images.dim() not in (3, 4):
             raise ValueError(f"an image tensor is (3, H, W), or (N, 3, H, W) for N images, not {tuple(images.shape)}")
         single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
@@ -174,9 +174,12 @@ def as_image_tensor(image: ImageInput) -> Tensor:
     if not image.is_floating_point():
         raise TypeError(f"an image is uint8 (0 to 255) or float (0 to 1), not {str(image.dtype).removeprefix('torch.')}")
     lowest, highest = image.float().aminmax()
-    if not 0 <= lowest <= highest <= 1:  # NaN fails too
-        raise ValueError(f"a float image holds values from 0 to 1, not {lowest:.4g} to {highest:.4g} (0 to 255 is uint8)")
-    return F.to_dtype(image.float(), torch.uint8, scale=True)
+    # A resize with overshoot (bicubic, antialiased) leaves values a little outside [0, 1], which
+    # clamping undoes; beyond that the image is on another scale (0 to 255, or normalised).
+    if not -FLOAT_IMAGE_SLACK <= lowest <= highest <= 1 + FLOAT_IMAGE_SLACK:  # NaN fails too
+        raise ValueError(f"a float image holds values in [0, 1], got {lowest.item():.6g} to {highest.item():.6g} "
+                         f"(0 to 255 is uint8)")
+    return F.to_dtype(image.float().clamp(0, 1), torch.uint8, scale=True)
 
 
 def check_resizable(image: Tensor, image_size: int, *, name: str = "the image") -> None:
@@ -227,6 +230,8 @@ def detect_files(
     A file that cannot be read is reported on stderr and skipped. Returns those reports (every
     process returns them all).
     """
+    check_fraction("threshold", threshold)
+    check_count("batch_size", batch_size, at_least=1)
     out = Path(out)
     files = image_files(inputs)
     output_names = _output_names(files)

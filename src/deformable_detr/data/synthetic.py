@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,8 @@ OBJECT_SIZES = (0.15, 0.6)
 # quarters of its longer one: in smaller images few objects would fit.
 MIN_IMAGE_SIZE = 32
 
+# The hidden folder a data set is drawn in before it moves into place.
+_DRAFTS_PREFIX = ".drafts-"
 # Draws an image and its objects' annotations from a random stream.
 Draw = Callable[[np.random.Generator], tuple[Image.Image, list[dict]]]
 
@@ -173,7 +176,7 @@ def synthesize(
     A folder that holds anything is refused rather than written into: its annotation files would be
     replaced, and its other images left among the new ones. The data set is drawn in a hidden folder
     in ``out_dir`` and moved into place when complete, so an interrupted run leaves ``out_dir``
-    empty, to be run again.
+    empty (or, killed, with the hidden folder, which the next run removes), to be run again.
 
     Raises:
         ValueError: a count, size or fraction out of range (before anything is written).
@@ -181,12 +184,14 @@ def synthesize(
     """
     _check_settings(train=train, val=val, image_size=image_size, max_objects=max_objects, object_sizes=object_sizes)
     out_dir = Path(out_dir)
+    for abandoned in out_dir.glob(f"{_DRAFTS_PREFIX}*"):  # a run killed before it could clean up
+        shutil.rmtree(abandoned)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: not an empty folder; synthesize writes a data set into a new or empty one")
     out_dir.mkdir(parents=True, exist_ok=True)
     draw = functools.partial(_draw_image, image_size=image_size, max_objects=max_objects, object_sizes=object_sizes)
     # Inside out_dir, not beside it: on the same file system (a mounted folder too), a move is a rename.
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".drafts-") as drafts:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=_DRAFTS_PREFIX) as drafts:
         written = _draw_data_set(Path(drafts), {"train": train, "val": val}, seed, draw)
         # The annotations last: they are what makes the folder a data set (``make demo`` looks for them).
         for name in [*written, "annotations"]:

@@ -85,7 +85,7 @@ class TrainConfig:
         bounds = {**dict.fromkeys(_AT_LEAST_ONE, 1), **dict.fromkeys(_NOT_NEGATIVE, 0)}
         for name, low in bounds.items():
             value = getattr(self, name)
-            if value is not None and value < low:
+            if value is not None and not value >= low:  # NaN fails too
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least {low}, got {value}")
         for name in _ABOVE_ZERO:
             value = getattr(self, name)

@@ -115,6 +115,8 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     ("warmup_epochs", -1.0, "warmup_epochs (--warmup-epochs) must be at least 0"),
     ("lr", float("nan"), "lr (--lr) must be at least 0"),
     ("max_minutes", 0.0, "max_minutes (--max-minutes) must be above 0"),
+    ("checkpoint_every", 0, "checkpoint_every (--checkpoint-every) must be at least 1"),
+    ("checkpoint_minutes", -1.0, "checkpoint_minutes (--checkpoint-minutes) must be above 0"),
     ("min_lr_factor", 1.5, "min_lr_factor (--min-lr-factor) must be within [0, 1]"),
 ])
 def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_path, capsys, setting, value, expected):

@@ -133,9 +133,7 @@ class CheckpointSchedule:
     or neither)."""
 
     def __init__(self, *, every: int | None, minutes: float | None) -> None:
-        if every is not None and every < 1 or minutes is not None and minutes <= 0:
-            raise TrainingError(f"checkpoint_every ({every}) and checkpoint_minutes ({minutes}) must be positive")
-        self.every = every
+        self.every = every  # both checked by TrainConfig
         self.minutes = minutes
         self.written()
 

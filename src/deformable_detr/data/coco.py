@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from ..checks import is_whole_number
 from .transforms import model_input
 
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
@@ -107,13 +108,9 @@ def coco_problems(data: dict[str, Any], path: Path) -> list[Problem]:
     return problems
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _category_problem(category: Any, seen: set[int]) -> str | None:
     identifier = category.get("id") if isinstance(category, dict) else None
-    if not _is_integer(identifier) or identifier < 0:
+    if not is_whole_number(identifier) or identifier < 0:
         return f"category {category!r} has no id that is a non-negative integer"
     if identifier in seen:  # the later name would silently replace the earlier one
         return f"category id {identifier} appears twice"
@@ -124,7 +121,7 @@ def _category_problem(category: Any, seen: set[int]) -> str | None:
 def _image_problem(image: Any, seen: set[int]) -> str | None:
     if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
         return f"image entry {image!r} needs 'id', 'file_name', 'width' and 'height'"
-    if not _is_integer(image["id"]):
+    if not is_whole_number(image["id"]):
         return f"image id {image['id']!r} is not an integer"
     if image["id"] in seen:
         return f"image id {image['id']} appears twice"
@@ -142,7 +139,7 @@ def _is_size(value: Any) -> bool:
     give every number a decimal point)."""
     if isinstance(value, float):
         return value > 0 and value.is_integer()
-    return _is_integer(value) and value > 0
+    return is_whole_number(value) and value > 0
 
 
 def _annotation_problem(annotation: Any, image_ids: set[int], category_ids: set[int]) -> str | None:
@@ -156,9 +153,9 @@ def _annotation_problem(annotation: Any, image_ids: set[int], category_ids: set[
         return f"{name}: bbox {box!r} is not finite"
     if box[2] < 0 or box[3] < 0:
         return f"{name}: bbox {box!r} has a negative width or height"
-    if not _is_integer(annotation["image_id"]) or annotation["image_id"] not in image_ids:
+    if not is_whole_number(annotation["image_id"]) or annotation["image_id"] not in image_ids:
         return f"{name}: no image with that id"
-    if not _is_integer(annotation["category_id"]) or annotation["category_id"] not in category_ids:
+    if not is_whole_number(annotation["category_id"]) or annotation["category_id"] not in category_ids:
         return f"{name}: category id {annotation['category_id']!r} is not among the declared categories"
     return None
 

@@ -47,7 +47,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def yolo_splits(root: str | Path) -> list[str]:
     """The splits ``data.yaml`` names, of ``train``, ``val`` and ``test``."""
-    config = _read_yaml(data_yaml(root))
+    return _named_splits(_read_yaml(data_yaml(root)))
+
+
+def _named_splits(config: dict[str, Any]) -> list[str]:
     return [split for split in SPLITS if config.get(split)]
 
 
@@ -64,7 +67,7 @@ def _split_entries(config: dict[str, Any], split: str, yaml_path: Path) -> list[
     """What ``split`` names: image folders and ``.txt`` lists of images."""
     entries = config.get(split)
     if not entries:
-        raise DatasetError(f"{yaml_path}: no {split!r} split (it names {', '.join(yolo_splits(yaml_path)) or 'none'})")
+        raise DatasetError(f"{yaml_path}: no {split!r} split (it names {', '.join(_named_splits(config)) or 'none'})")
     listed = entries if isinstance(entries, list) else [entries]
     if not all(isinstance(entry, str) for entry in listed):
         raise DatasetError(f"{yaml_path}: {split!r} must be a path or a list of paths, not {entries!r}")

@@ -151,6 +151,20 @@ def test_64_bit_offsets_give_the_same_results(monkeypatch):
         assert torch.equal(got, want), name
 
 
+
+@pytest.mark.parametrize("start", [23, 10**9, 2**40 + 5], ids=["partly past value", "far past value", "past 32 bits"])
+def test_a_level_past_value_reads_as_zeros(start):
+    # The op does not check levels against value on the GPU (reading them would wait for it): a
+    # level that runs past value's 26 positions reads as zeros, as if it lay in zero rows after
+    # value, and its gradient lands nowhere, rather than outside the tensors.
+    value, spatial_shapes, _, locations, weights = away_from_kinks(random_case([(4, 5), (2, 3)], channels=8, queries=6))
+    padded = torch.cat([value, value.new_zeros(2, 6, 2, 8)], dim=1)
+    past = forward_and_gradients(on_device, (value, spatial_shapes, torch.tensor([0, start]), locations, weights))
+    within = forward_and_gradients(on_device, (padded, spatial_shapes, torch.tensor([0, 26]), locations, weights))
+    within[1] = within[1][:, :26]
+    for name, got, want in zip(NAMES, past, within):
+        assert torch.equal(got, want), name
+
 def test_tuning_runs_leave_the_gradients_right(monkeypatch):
     # The autotuner times each configuration by running it, into the same gradient buffers the
     # backward adds into: each run and the final one must start from zero. Timings are made up

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import torch_threads
@@ -10,7 +12,7 @@ from deformable_detr import build_model
 from deformable_detr.ops import cpu, ms_deform_attn, ms_deform_attn_reference, use_implementation
 
 from choices import TopKReplay
-from test_ops import forward_and_gradients, random_case, upstream_gradient
+from test_ops import forward_and_gradients, random_case, two_levels, upstream_gradient
 
 pytestmark = pytest.mark.skipif(cpu.load_extension() is None, reason=f"fused kernel not built: {cpu.build_failure()}")
 
@@ -131,6 +133,35 @@ def test_float32_locations_beside_bfloat16_values(channels):
         torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2, msg=name)
     with pytest.raises(RuntimeError, match="sampling_locations too or be float32"):
         cpu.ms_deform_attn_cpu(value.float(), spatial_shapes, level_start_index, locations, weights.float())
+
+
+# What would make the kernels read or write outside their tensors, were the op called directly (a
+# compiled graph, torch.ops), past ms_deform_attn's own checks. Levels of 4 x 4 and 2 x 2, 20 positions.
+OUT_OF_BOUNDS = {
+    "a start past value": (dict(level_start_index=torch.tensor([0, 17])), "level 1 of 2x2 from position 17 does not fit"),
+    "a start far past value": (dict(level_start_index=torch.tensor([0, 2**62])), "from position 4611686018427387904"),
+    "a negative start": (dict(level_start_index=torch.tensor([-1, 16])), "level 0 of 4x4 from position -1"),
+    "a huge level": (dict(spatial_shapes=torch.tensor([[4, 4], [2**40, 2**40]])), "level 1 of 1099511627776x1099511627776"),
+    "a negative level": (dict(spatial_shapes=torch.tensor([[4, 4], [-2, -2]])), "level 1 of -2x-2"),
+    "value shorter than the levels": (dict(value=torch.zeros(2, 10, 2, 4, dtype=torch.float64)), "in value's 10 positions"),
+    "value of more images": (dict(value=torch.zeros(3, 20, 2, 4, dtype=torch.float64)), "value's images (N) and heads"),
+    "weights of fewer queries": (dict(attention_weights=torch.ones(2, 1, 2, 2, 2, dtype=torch.float64)),
+                                 "attention_weights must be sampling_locations'"),
+}
+
+
+@pytest.mark.parametrize("replacements, message", OUT_OF_BOUNDS.values(), ids=OUT_OF_BOUNDS.keys())
+def test_the_op_called_directly_refuses_what_it_cannot_index(replacements, message):
+    arguments = two_levels(**replacements)
+    with pytest.raises(ValueError, match=f"^ms_deform_attn_cpu: .*{re.escape(message)}"):
+        cpu.ms_deform_attn_cpu(*arguments)
+    with pytest.raises(ValueError, match=f"^ms_deform_attn_cpu: .*{re.escape(message)}"):
+        cpu.ms_deform_attn_cpu_backward(torch.zeros(2, 3, 8, dtype=torch.float64), *arguments)
+
+
+def test_the_backward_called_directly_refuses_a_gradient_of_another_shape():
+    with pytest.raises(ValueError, match=r"grad_output must be the output's \(N, Lq, M \* D\), got \[2, 3, 4\]"):
+        cpu.ms_deform_attn_cpu_backward(torch.zeros(2, 3, 4, dtype=torch.float64), *two_levels())
 
 
 def test_custom_op_registration():

@@ -6,7 +6,8 @@ kernel on the CPU (``cpu.py``, compiled on first use), the fused Triton kernels 
 trusted), the reference elsewhere.
 :func:`ms_deform_attn_reference` is the specification. ``DEFORMABLE_DETR_OP=reference|cpu|triton|auto``
 (or :func:`use_implementation`) forces a path. Whichever runs, the inputs are checked to agree
-first: the fused kernels index with them unchecked.
+first, in one line that names the argument; the fused kernels guard their own memory as well (see
+:func:`_readable_without_sync`).
 """
 
 from __future__ import annotations
@@ -210,8 +211,9 @@ def _readable_without_sync(tensor: Tensor) -> bool:
 
     A CUDA tensor's values would cost a wait for the GPU per call (the model keeps spatial_shapes
     on the device), and a trace (torch.compile, torch.export and the ONNX export, torch.jit) has
-    fake tensors or would freeze the values into the graph. Unread values are trusted: the Triton
-    kernels mask samples outside their level's H x W but do not bound a level's start + H * W by S.
+    fake tensors or would freeze the values into the graph. Unread values cannot make a kernel reach
+    outside its tensors: the CPU kernel refuses a level that does not fit in value's S positions,
+    and the Triton kernels read such a level as zeros.
     """
     return tensor.is_cpu and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
@@ -219,7 +221,7 @@ def _readable_without_sync(tensor: Tensor) -> bool:
 def _check_levels(positions: int, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
     """Raise ValueError unless every level of spatial_shapes is at least 1 x 1, their H * W add up
     to value's ``positions`` and level_start_index (where readable) is where each level starts:
-    the fused CPU kernel indexes value with them unchecked."""
+    stricter than the kernels' own bounds, which only keep them inside their tensors."""
     sizes = spatial_shapes.tolist()
     for height, width in sizes:
         if height < 1 or width < 1:

@@ -144,6 +144,19 @@ def _corner(x, y, x_floor, y_floor, width, height, start, active, DX: tl.constex
     return position, inside, 1 - tl.abs(x - col), 1 - tl.abs(y - row)
 
 
+@triton.jit
+def _fits(shapes_ptr, starts_ptr, level, num_positions):
+    """Whether a level lies within value's positions, in 64 bits whatever its sizes.
+
+    The op does not check the levels against value on the GPU (reading them would wait for it on
+    every call), so the kernels do: a level that does not fit reads as zeros and gets no gradient,
+    rather than reaching outside the tensors.
+    """
+    start = tl.load(starts_ptr + level).to(tl.int64)
+    area = tl.load(shapes_ptr + 2 * level).to(tl.int64) * tl.load(shapes_ptr + 2 * level + 1).to(tl.int64)
+    return (start >= 0) & (start + area <= num_positions)
+
+
 @triton.jit(do_not_specialize=["work"])
 def _forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr, output_ptr,
@@ -162,6 +175,7 @@ def _forward_kernel(
     accumulated = tl.zeros((BLOCK_Q, BLOCK_D), COMPUTE)
     for level in range(num_levels):
         start = tl.load(starts_ptr + level).to(INDEX)
+        in_level = active & _fits(shapes_ptr, starts_ptr, level, num_positions)
         for point in range(num_points):
             x, y, x_floor, y_floor, width, height, attention = _sample(
                 locations_ptr, weights_ptr, rows, level * num_points + point, samples, shapes_ptr, level, active, COMPUTE
@@ -169,7 +183,7 @@ def _forward_kernel(
             # Each corner's tile is loaded and folded into the sum before the next is loaded.
             for corner in range(4):
                 position, inside, weight_x, weight_y = _corner(
-                    x, y, x_floor, y_floor, width, height, start, active, corner % 2, corner // 2, INDEX
+                    x, y, x_floor, y_floor, width, height, start, in_level, corner % 2, corner // 2, INDEX
                 )
                 offsets = (position * row_stride)[:, None] + channel[None, :]
                 corner_value = tl.load(value_ptr + offsets, mask=inside[:, None] & channel_active[None, :], other=0)
@@ -216,6 +230,7 @@ def _backward_kernel(
     ).to(COMPUTE)
     for level in range(num_levels):
         start = tl.load(starts_ptr + level).to(INDEX)
+        in_level = active & _fits(shapes_ptr, starts_ptr, level, num_positions)
         for point in range(num_points):
             index = level * num_points + point
             x, y, x_floor, y_floor, width, height, attention = _sample(
@@ -228,7 +243,7 @@ def _backward_kernel(
                 dx = corner % 2
                 dy = corner // 2
                 position, inside, weight_x, weight_y = _corner(
-                    x, y, x_floor, y_floor, width, height, start, active, dx, dy, INDEX
+                    x, y, x_floor, y_floor, width, height, start, in_level, dx, dy, INDEX
                 )
                 mask = inside[:, None] & channel_active[None, :]
                 offsets = (position * row_stride)[:, None] + channel[None, :]
@@ -285,8 +300,10 @@ def _launch(
     if batch * queries * heads == 0:
         return
     block_d = channel_block(channels, value.dtype)
+    # Starts past 32 bits are clamped, not wrapped, so that they stay past value (see _fits).
+    starts = level_start_index.clamp(-(2**31), 2**31 - 1).to(torch.int32).contiguous()
     arguments = (
-        value, spatial_shapes.to(torch.int32).contiguous(), level_start_index.to(torch.int32).contiguous(), *tensors,
+        value, spatial_shapes.to(torch.int32).contiguous(), starts, *tensors,
         positions, queries, heads, channels, levels, points, (batch * queries * heads).bit_length(),
     )
     meta = dict(

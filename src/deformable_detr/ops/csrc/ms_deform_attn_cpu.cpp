@@ -403,6 +403,10 @@ struct Inputs {
     TORCH_CHECK(spatial_shapes_in.size(0) == sampling_locations_in.size(3) &&
                     level_start_index_in.size(0) == spatial_shapes_in.size(0),
                 "spatial_shapes, level_start_index and sampling_locations disagree on the number of levels");
+    TORCH_CHECK_VALUE(sampling_locations_in.size(0) == value_in.size(0) && sampling_locations_in.size(2) == value_in.size(2),
+                      "ms_deform_attn_cpu: sampling_locations must have value's images (N) and heads (M)");
+    TORCH_CHECK_VALUE(attention_weights_in.sizes() == sampling_locations_in.sizes().slice(0, 5),
+                      "ms_deform_attn_cpu: attention_weights must be sampling_locations' (N, Lq, M, L, P)");
     const auto dtype = value_in.scalar_type();
     TORCH_CHECK(attention_weights_in.scalar_type() == dtype &&
                     (sampling_locations_in.scalar_type() == dtype ||
@@ -417,6 +421,23 @@ struct Inputs {
     attention_weights = attention_weights_in.contiguous();
     batch = value.size(0), num_values = value.size(1), heads = value.size(2), channels = value.size(3);
     queries = sampling_locations.size(1), levels = sampling_locations.size(3), points = sampling_locations.size(4);
+    check_levels_fit();
+  }
+
+  // The kernels index value with the levels unchecked, so a level that does not fit in value's
+  // positions would read and write outside it. Only bounds are checked here, for any caller of the
+  // op; ms_deform_attn checks that the levels describe value exactly before it dispatches.
+  void check_levels_fit() const {
+    const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
+    const int64_t* starts = level_start_index.data_ptr<int64_t>();
+    for (int64_t level = 0; level < levels; ++level) {
+      const int64_t height = shapes[2 * level], width = shapes[2 * level + 1], start = starts[level];
+      // Each size is bounded before the product, and the product before the sum, so none overflows.
+      const bool fits = height >= 0 && width >= 0 && height <= num_values && width <= num_values &&
+                        start >= 0 && start <= num_values - height * width;
+      TORCH_CHECK_VALUE(fits, "ms_deform_attn_cpu: level ", level, " of ", height, "x", width, " from position ", start,
+                        " does not fit in value's ", num_values, " positions");
+    }
   }
 
   SampleLevels sample_levels() const {
@@ -454,6 +475,9 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& grad_outpu
                                                     const at::Tensor& sampling_locations,
                                                     const at::Tensor& attention_weights) {
   const Inputs in(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK_VALUE(grad_output_in.sizes() == at::IntArrayRef({in.batch, in.queries, in.heads * in.channels}),
+                    "ms_deform_attn_cpu_backward: grad_output must be the output's (N, Lq, M * D), got ",
+                    grad_output_in.sizes());
   const auto grad_output = grad_output_in.contiguous();
   const auto dtype = in.value.scalar_type();
   // Low-precision gradients of value accumulate in float, then round once.

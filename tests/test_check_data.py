@@ -11,6 +11,7 @@ import shutil
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -109,6 +110,8 @@ def fatal_cases(tmp_path):
         (empty_yolo / folder / "train").mkdir()
     nan_yolo = write_yolo(tmp_path / "nan-yolo")
     (nan_yolo / "labels" / "train" / "a.txt").write_text("0 nan 0.5 0.2 0.2\n")
+    float_pixels = write_yolo(tmp_path / "float-pixels")
+    Image.fromarray(np.ones((30, 50), dtype=np.float32)).save(float_pixels / "images" / "train" / "d.tif")
     nan_voc = write_voc(tmp_path / "nan-voc")
     xml = nan_voc / "Annotations" / "a.xml"
     xml.write_text(xml.read_text().replace("<xmin>1</xmin>", "<xmin>nan</xmin>"))
@@ -128,6 +131,7 @@ def fatal_cases(tmp_path):
         "no images (COCO)": (coco_with(tmp_path / "empty-coco", no_images), "instances_train.json: the train split has no images"),
         "no images (YOLO)": (empty_yolo, f"{empty_yolo / 'data.yaml'}: the train split has no images"),
         "NaN box (YOLO)": (nan_yolo, f"{nan_yolo / 'labels' / 'train' / 'a.txt'}: line 1: expected finite coordinates, found '0 nan 0.5 0.2 0.2'"),
+        "32-bit pixels": (float_pixels, f"{float_pixels / 'images' / 'train' / 'd.tif'}: cannot read image (32-bit float pixels: save it with 8 or 16 bits a channel)"),
         "NaN box (VOC)": (nan_voc, f"{xml}: object 'cat' has a box corner that is not a finite number"),
         "duplicate category ids": (coco_with(tmp_path / "categories", duplicate_category_id), "instances_train.json: category id 1 appears twice"),
         "width as text": (coco_with(tmp_path / "width", width_as_text), "instances_train.json: image 3: width '50' is not a positive whole number"),
@@ -136,7 +140,7 @@ def fatal_cases(tmp_path):
 
 FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
-         "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text"]  # fmt: skip
+         "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", FATAL)

@@ -1,11 +1,13 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from deformable_detr.data import CocoDataset, DatasetError, coco_split, synthesize
+from deformable_detr.data import CocoDataset, DatasetError, coco_split, read_image, synthesize
+from deformable_detr.predict import as_image_tensor
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]
 
@@ -160,6 +162,22 @@ def test_corrupt_image_fails_when_read_naming_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"2\.jpg: cannot read image \(.*[Tt]runcated"):
         dataset[1]
 
+
+
+def test_sixteen_bit_grayscale_is_scaled_from_its_whole_range(tmp_path):
+    # Pillow's own conversion to RGB clips 16-bit values at 255: nearly every pixel would be white.
+    Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16)).save(tmp_path / "gray16.png")
+    from_file = read_image(tmp_path / "gray16.png")
+    assert from_file.dtype == torch.uint8 and from_file.tolist() == [[[0, 1, 128, 255]]] * 3
+    with Image.open(tmp_path / "gray16.png") as opened:
+        assert opened.mode == "I;16"
+        assert torch.equal(as_image_tensor(opened), from_file)
+
+
+def test_an_image_of_32_bit_pixels_is_refused_naming_the_file(tmp_path):
+    Image.fromarray(np.ones((4, 5), dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(DatasetError, match=r"float\.tif: cannot read image \(32-bit float pixels: save it with 8 or 16 bits"):
+        read_image(tmp_path / "float.tif")
 
 def test_image_of_another_size_than_annotated(tmp_path):
     image_dir, path = _write(tmp_path, [], sizes=((20, 30),))

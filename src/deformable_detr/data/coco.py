@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from ..checks import is_whole_number
+from .images import as_rgb
 from .transforms import model_input
 
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
@@ -277,9 +278,11 @@ def read_image(path: str | Path) -> tv_tensors.Image:
     """
     try:
         with Image.open(path) as file:
-            return tv_tensors.Image(file.convert("RGB"))
+            return tv_tensors.Image(as_rgb(file))
     except UnidentifiedImageError:
         raise DatasetError(f"{path}: cannot read image (not an image format Pillow knows)") from None
     except (OSError, Image.DecompressionBombError) as error:  # the bomb: a small file that declares billions of pixels
         raise DatasetError(f"{path}: cannot read image ({error})") from None
+    except ValueError as error:  # pixels as_rgb cannot convert
+        raise DatasetError(f"{path}: {error}") from None
 

@@ -1,10 +1,10 @@
-"""Image files as the data check sees them: their size and a cheap integrity check, no pixels decoded.
+"""Image files as the model and the data check see them.
 
-Decoding every image of a large data set takes longer than anyone waits for training to start, so
-the check reads each file's header (its size), runs Pillow's ``verify`` (for PNG: every chunk's
-checksum) and, for JPEG, looks for the end-of-image marker, which a file cut short lacks. What it
-finds is remembered by file size and modification time, so checking an unchanged data set again
-opens no image.
+The model reads 8-bit RGB (:func:`as_rgb`). The data check decodes no pixels: decoding every image
+of a large data set takes longer than anyone waits for training to start, so it reads each file's
+header (its size and pixel format), runs Pillow's ``verify`` (for PNG: every chunk's checksum) and,
+for JPEG, looks for the end-of-image marker, which a file cut short lacks. What it finds is
+remembered by file size and modification time, so checking an unchanged data set again opens no image.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..files import atomic_write, cache_folder
@@ -25,6 +26,33 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 # compressed data 0xFF is always followed by 0x00 or a restart marker, so the pair is never a false find.
 _JPEG_END = b"\xff\xd9"
 _JPEG_TAIL = 64
+
+
+# Pillow's modes of 16-bit grayscale, which its own conversion to RGB clips at 255: nearly white.
+_SIXTEEN_BIT_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# 32-bit pixels have no range that says which value is white.
+_THIRTY_TWO_BIT = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def _unreadable_pixels(mode: str) -> str | None:
+    if mode in _THIRTY_TWO_BIT:
+        return f"cannot read image ({_THIRTY_TWO_BIT[mode]} pixels: save it with 8 or 16 bits a channel)"
+    return None
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in 8-bit RGB: 16-bit grayscale scaled from its whole range (65535 -> 255).
+
+    Raises:
+        ValueError: for 32-bit pixels, whose white is not known.
+    """
+    problem = _unreadable_pixels(image.mode)
+    if problem is not None:
+        raise ValueError(problem)
+    if image.mode in _SIXTEEN_BIT_GRAY:
+        pixels = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
+    return image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -40,6 +68,9 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
         with open(path, "rb") as file, Image.open(file) as image:
             width, height = image.size
             image_format = image.format
+            problem = _unreadable_pixels(image.mode)
+            if problem is not None:
+                return ImageInfo(width, height, problem)
             image.verify()
             if image_format == "JPEG":
                 file.seek(-min(_JPEG_TAIL, os.fstat(file.fileno()).st_size), os.SEEK_END)

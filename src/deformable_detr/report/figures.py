@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from ..data import as_rgb
 from ..files import atomic_write
 
 # A legend with more classes than this would hide the curves: the curves are drawn without names.
@@ -108,7 +109,7 @@ def image_errors_figure(
     """The image twice, side by side: its objects on the left, the detections on the right, each box
     in its kind's colour with its text on a label."""
     with Image.open(image_path) as opened:
-        picture = np.asarray(opened.convert("RGB"))
+        picture = np.asarray(as_rgb(opened))
     height, width = picture.shape[:2]
     panel = 5.0  # inches of the longer side
     scale = panel / max(height, width)

@@ -293,6 +293,9 @@ def test_postprocess_top_k_labels_and_absolute_boxes():
     torch.testing.assert_close(second["boxes"][0], torch.tensor([24.0, 15.0, 36.0, 35.0]))
     assert second["labels"][0] == 3
     assert len(postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(1, 1)] * 2)[0]["scores"]) == 12
+    assert [len(r["scores"]) for r in postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(1, 1)] * 2, top_k=0)] == [0, 0]
+    with pytest.raises(ValueError, match="top_k must be a whole number of at least 0, got -1"):
+        postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(1, 1)] * 2, top_k=-1)
 
 
 def test_presets_are_the_published_configurations():

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from ..checks import check_count
+
 
 @torch.no_grad()
 def postprocess(
@@ -25,6 +27,7 @@ def postprocess(
         Per image ``scores`` (K,), ``labels`` (K,), ``boxes`` (K, 4) absolute (x1, y1, x2, y2) and
         ``queries`` (K,): the query each detection comes from.
     """
+    check_count("top_k", top_k, at_least=0)
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     batch, _, num_classes = logits.shape
     sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device).reshape(batch, 2)

@@ -298,6 +298,27 @@ def test_postprocess_top_k_labels_and_absolute_boxes():
         postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(1, 1)] * 2, top_k=-1)
 
 
+
+BATCH_MISTAKES = {
+    "uint8 images": (dict(images=torch.zeros(1, 3, 32, 32, dtype=torch.uint8)), "images must be a float (N, 3, H, W) batch"),
+    "one channel": (dict(images=torch.zeros(1, 1, 32, 32)), "got float32 of shape (1, 1, 32, 32)"),
+    "one image without its batch axis": (dict(images=torch.zeros(3, 32, 32)), "got float32 of shape (3, 32, 32)"),
+    "a mask of another size": (dict(padding_mask=torch.zeros(1, 16, 32, dtype=torch.bool)),
+                               "padding_mask must be bool (N, H, W) = (1, 32, 32) for images of shape (1, 3, 32, 32), "
+                               "got bool of shape (1, 16, 32)"),
+    "a float mask": (dict(padding_mask=torch.zeros(1, 32, 32)), "got float32 of shape (1, 32, 32)"),
+    "a mask beside a list": (dict(images=[torch.zeros(3, 32, 32)], padding_mask=torch.zeros(1, 32, 32, dtype=torch.bool)),
+                             "padding_mask must be None when images is a list; the list is padded here"),
+}
+
+
+@pytest.mark.parametrize("arguments, message", BATCH_MISTAKES.values(), ids=BATCH_MISTAKES.keys())
+def test_a_batch_the_model_cannot_take_is_refused_in_one_line(arguments, message):
+    model = build_model("tiny").eval()
+    arguments = {"images": torch.zeros(1, 3, 32, 32), **arguments}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(**arguments)
+
 def test_presets_are_the_published_configurations():
     assert PRESETS["r50_two_stage"].with_box_refine and PRESETS["r50_two_stage"].two_stage
     assert PRESETS["r50_single_scale_dc5"].dilation and PRESETS["r50_single_scale_dc5"].num_feature_levels == 1

@@ -61,6 +61,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def _check_batch(images: Tensor, padding_mask: Tensor) -> None:
+    """Raise ValueError unless ``images`` is a float (N, 3, H, W) batch and ``padding_mask`` its
+    (N, H, W) bool mask. Reads shapes and dtypes only, so it holds under tracing and export."""
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(
+            f"images must be a float (N, 3, H, W) batch normalised with the ImageNet mean and standard deviation, "
+            f"got {str(images.dtype).removeprefix('torch.')} of shape {tuple(images.shape)} "
+            "(Detector.predict takes images as they are read)"
+        )
+    if padding_mask.dtype != torch.bool or padding_mask.shape != (images.shape[0], *images.shape[-2:]):
+        raise ValueError(
+            f"padding_mask must be bool (N, H, W) = {(images.shape[0], *images.shape[-2:])} for images of shape "
+            f"{tuple(images.shape)}, got {str(padding_mask.dtype).removeprefix('torch.')} of shape {tuple(padding_mask.shape)}"
+        )
+
+
 def _input_projection(in_channels: int, d_model: int, *, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
     conv = nn.Conv2d(in_channels, d_model, kernel_size, stride=stride, padding=kernel_size // 2)
     nn.init.xavier_uniform_(conv.weight, gain=1)
@@ -156,6 +172,7 @@ class DeformableDETR(nn.Module):
             images, padding_mask = pad_images(images)
         if padding_mask is None:
             padding_mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=images.device)
+        _check_batch(images, padding_mask)
 
         features, positions = self.backbone(images, padding_mask)
         sources = [projection(feature) for projection, (feature, _) in zip(self.input_proj, features)]

@@ -11,6 +11,7 @@ process of its own, so that no other test module runs under the interpreter:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -24,7 +25,7 @@ from test_ops_cpu import with_borders
 from deformable_detr import ops
 from deformable_detr.ops import cpu, ms_deform_attn, ms_deform_attn_reference, use_implementation
 
-from test_ops import forward_and_gradients, random_case
+from test_ops import MISMATCHES, forward_and_gradients, random_case, two_levels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -164,6 +165,29 @@ def test_a_level_past_value_reads_as_zeros(start):
     within[1] = within[1][:, :26]
     for name, got, want in zip(NAMES, past, within):
         assert torch.equal(got, want), name
+
+
+# What the op checks from shapes alone, which its Triton operator checks again for direct calls.
+SHAPE_MISMATCHES = {name: MISMATCHES[name] for name in (
+    "value of more images", "weights of one of everything", "weights of other heads", "weights of other points",
+    "locations of three coordinates", "starts of one level", "fractional sizes",
+)}
+
+
+@pytest.mark.parametrize("replacements, message", SHAPE_MISMATCHES.values(), ids=SHAPE_MISMATCHES.keys())
+def test_the_operator_called_directly_refuses_shapes_that_disagree(replacements, message):
+    arguments = [t.to(DEVICE) for t in two_levels(**replacements)]
+    for call in (triton_kernel.ms_deform_attn_triton, functools.partial(triton_kernel.ms_deform_attn_triton_backward,
+                                                                        torch.zeros(2, 3, 8, device=DEVICE))):
+        with pytest.raises(ValueError) as error:
+            call(*arguments)
+        assert str(error.value) == f"ms_deform_attn: {message}"
+
+
+def test_the_backward_called_directly_refuses_a_gradient_of_another_shape():
+    arguments = [t.to(DEVICE) for t in two_levels()]
+    with pytest.raises(ValueError, match=r"grad_output must be the output's \(N, Lq, M \* D\) = \(2, 3, 8\), got \(2, 3, 4\)"):
+        triton_kernel.ms_deform_attn_triton_backward(torch.zeros(2, 3, 4, device=DEVICE, dtype=torch.float64), *arguments)
 
 def test_tuning_runs_leave_the_gradients_right(monkeypatch):
     # The autotuner times each configuration by running it, into the same gradient buffers the

@@ -27,6 +27,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .reference import ms_deform_attn_reference
 from .registration import fused_op, register_fused_op
+from .shapes import check_output_gradient, check_shapes
 
 MAX_BLOCK_D = 64
 """The widest channel block a program holds; wider heads are split across programs. Half that for
@@ -326,6 +327,7 @@ def _launch(
 
 def forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
             attention_weights: Tensor, config: triton.Config | None = None) -> Tensor:
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     batch, _, heads, channels = value.shape
     output = value.new_empty((batch, sampling_locations.shape[1], heads * channels))
     _launch(
@@ -338,6 +340,8 @@ def forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sa
 def backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
              sampling_locations: Tensor, attention_weights: Tensor, config: triton.Config | None = None,
              ) -> tuple[Tensor, Tensor, Tensor]:
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_output_gradient(grad_output, value, sampling_locations)
     # Gradients summed atomically are summed in float32 (float64 for float64 inputs): half-precision
     # atomics would round every one of the many additions into a pixel.
     accumulation = torch.float64 if value.dtype == torch.float64 else torch.float32

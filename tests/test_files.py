@@ -58,3 +58,15 @@ def test_an_unwritable_destination_is_named_instead_of_the_temporary_file(tmp_pa
             temporary.write_text("after")
     assert str(error.value) == f"{path}: cannot write there (Permission denied)"
     assert path.read_text() == "before" and list(tmp_path.iterdir()) == [path]
+
+
+def test_the_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace", str(dst))) or real_replace(src, dst))
+    path = tmp_path / "checkpoint.pt"
+    with atomic_write(path) as temporary:
+        temporary.write_bytes(b"weights")
+    assert events == [("fsync", str(temporary)), ("replace", str(path)), ("fsync", str(tmp_path))]
+    assert path.read_bytes() == b"weights"

@@ -1,5 +1,5 @@
-"""Where the package keeps files, and writing them so that a crash or a full disk never leaves a
-half-written one behind."""
+"""Where the package keeps files, and writing them so that a killed process, a full disk or a
+machine that loses power never leaves a half-written one behind."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+    """Yield a temporary path beside ``path``; on success it is synced to the disk and renamed onto
+    ``path``, and the rename synced too.
 
     On any error the temporary file is removed and ``path`` keeps its previous content. Where
     ``path`` cannot be written (a folder in its place, a file where its folder should be, no
@@ -35,13 +36,25 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     temporary = _temporary_beside(path)
     try:
         yield temporary
+        # Without the syncs a file system may write the rename before the data (XFS does): after a
+        # power loss the name could hold an empty file, and the previous content be gone.
+        _sync(temporary)
         try:
             os.replace(temporary, path)
         except OSError as error:
             raise _write_error(path, error) from error
+        _sync(path.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _sync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _temporary_beside(path: Path) -> Path:

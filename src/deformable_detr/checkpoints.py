@@ -266,13 +266,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     try:
+        if path.is_file() and path.suffix == ".safetensors":
+            return _read_safetensors(path)
         huggingface_folder = _huggingface_folder(path)
         if huggingface_folder is not None:
             return _read_huggingface(huggingface_folder, path)
         if path.is_dir():
             raise CheckpointError(f"{path}: folder holds no config.json with {' or '.join(HF_WEIGHT_FILES)}")
-        if path.suffix == ".safetensors":
-            return _read_ours_safetensors(path)
         return _read_pickled(path)
     except CheckpointError:
         raise
@@ -325,13 +325,19 @@ def _huggingface_class_names(hf_config: Mapping[str, Any]) -> dict[int, str] | N
     return names
 
 
-def _read_ours_safetensors(path: Path) -> Checkpoint:
+def _read_safetensors(path: Path) -> Checkpoint:
+    """Ours, told by its metadata, else the weights of the Hugging Face folder it lies in."""
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-    if metadata.get("format") != FORMAT or "config" not in metadata:
+    ours = metadata.get("format") == FORMAT
+    # The metadata decides before the folder: ours may be named model.safetensors beside an unrelated config.json.
+    huggingface_folder = None if ours else _huggingface_folder(path)
+    if huggingface_folder is not None:
+        return _read_huggingface(huggingface_folder, path)
+    if not ours or "config" not in metadata:
         raise CheckpointError(
             f"{path}: safetensors file without a deformable-detr config (a Hugging Face file needs its config.json beside it)"
         )

@@ -85,6 +85,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
+class ScaledMean(torch.nn.Module):
+    """One weight; its "loss" is that weight times the mean of the batch, whose gradient is that mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images, padding_mask, targets=None):
+        return {"value": self.weight * images.mean()}
+
+
+class ItsValue:
+    def __call__(self, outputs, targets):
+        return {"loss_ce": outputs["value"]}
+
+    def total_loss(self, losses):
+        return losses["loss_ce"]
+
+
+def test_accumulation_steps_by_the_mean_gradient_of_each_group_the_epochs_last_shorter_one_too(tmp_path):
+    model = ScaledMean()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # each update subtracts its gradient
+    loader = [(torch.full((1, 3, 2, 2), value), torch.zeros(1, 2, 2, dtype=torch.bool), [{}]) for value in (1.0, 2.0, 3.0, 4.0, 8.0)]
+    run = TrainConfig(data="unused", output_dir=str(tmp_path), accumulation_steps=4, clip_max_norm=0.0)
+    weights = [model.weight.item() for _ in engine.train_updates(
+        model, ItsValue(), loader, optimizer, device=torch.device("cpu"), epoch=0, batches=5, config=run,
+        progress=engine.EpochProgress())]
+    # The first update by the mean of 1, 2, 3 and 4; the second, of the fifth batch alone, as a plain step would.
+    assert weights == [1 - 2.5, 1 - 2.5 - 8]
+
+
 def test_cli_pads_training_batches_to_the_multiple(data, tmp_path, monkeypatch):
     sizes = []
 

@@ -103,7 +103,8 @@ def train_updates(
     """Train on ``loader``, the batches of epoch ``epoch`` (``batches`` in all) after the
     ``progress.batches`` already trained; after each optimiser update, with ``progress`` counting it,
     yield its learning rate and its :data:`UPDATE_LOSSES` averaged over its batches (the caller steps
-    the learning-rate schedule).
+    the learning-rate schedule). Each update steps by the mean gradient of its ``accumulation_steps``
+    batches, or of the fewer that end the epoch.
 
     A batch's random draws in the model (dropout, denoising noise) come from torch's generator
     seeded by (seed, epoch, batch, process), so that a resumed run draws what an uninterrupted one does.
@@ -118,11 +119,13 @@ def train_updates(
     for images, padding_mask, targets in bar:
         index = progress.batches
         update = (index + 1) % config.accumulation_steps == 0 or index + 1 == batches
+        group_start = index - index % config.accumulation_steps
+        group_size = min(config.accumulation_steps, batches - group_start)
         lr = optimizer.param_groups[0]["lr"]
         _seed_draws(derived_seed(TRAINING_STEP, config.seed, epoch, index, rank()), device)
         try:
             losses = train_step(model, criterion, optimizer, images, padding_mask, targets, bf16=config.bf16,
-                                clip_max_norm=config.clip_max_norm, accumulation_steps=config.accumulation_steps,
+                                clip_max_norm=config.clip_max_norm, accumulation_steps=group_size,
                                 update=update)
         except NonFiniteLossError as error:
             raise TrainingError(

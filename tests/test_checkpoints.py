@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import subprocess
@@ -186,6 +187,32 @@ def test_truncated_checkpoint(tmp_path):
     path.write_bytes(path.read_bytes()[: 10_000])
     with pytest.raises(CheckpointError, match="model.pt: not a readable PyTorch checkpoint"):
         load_pretrained(path)
+
+
+def legacy_pytorch_file() -> bytes:
+    """A checkpoint in torch.save's format before torch 1.6: a bare pickle stream, not a zip archive."""
+    buffer = io.BytesIO()
+    torch.save({"model": {"weight": torch.zeros(3)}}, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+def test_a_legacy_pytorch_file_cut_anywhere_fails_in_one_line(tmp_path):
+    # Cut short, the unpickler fails in whatever its last read raises: an EOFError without a message,
+    # an IndexError, a struct.error, ...
+    content, path = legacy_pytorch_file(), tmp_path / "legacy.pth"
+    for length in range(2, len(content)):
+        path.write_bytes(content[:length])
+        with pytest.raises(CheckpointError) as error:
+            read_checkpoint(path)
+        assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value), length
+
+
+@pytest.mark.parametrize("length", [2, 10, 50])
+def test_cli_inspect_names_a_cut_legacy_pytorch_file(tmp_path, capsys, length):
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(legacy_pytorch_file()[:length])  # the first 2 bytes: a pickle's protocol header alone
+    assert main(["inspect", str(path)]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {path}: not a readable PyTorch checkpoint, truncated or corrupt? (EOFError)\n"
 
 
 def test_truncated_safetensors(tmp_path):

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import reprlib
+import struct
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -250,8 +251,13 @@ def _check_destination(destination: Path, layout: str) -> None:
 
 
 def _first_problem(error: RuntimeError) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = _message_lines(error)
     return "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+
+
+def _message_lines(error: BaseException) -> list[str]:
+    """The non-blank lines of ``error``'s message, or its type's name where it has none (an EOFError's)."""
+    return [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -386,15 +392,18 @@ def _torch_load(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(list(_SAFE_CLASSES)):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        lines = _message_lines(error)
         refused_global = next((line for line in lines if "GLOBAL" in line), None)
         if refused_global is not None:
             raise CheckpointError(
                 f"{path}: refused to unpickle it: it holds more than tensors and plain values ({refused_global})"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({lines[-2]})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({str(error).splitlines()[0]})") from None
+        # torch.load's message ends with a pointer to its documentation, after the unpickler's error.
+        problem = lines[-2] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({problem})") from None
+    # A legacy (pickle) file cut short fails inside the unpickler, as whatever its last read raised.
+    except (RuntimeError, EOFError, OSError, IndexError, struct.error) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_message_lines(error)[0]})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(payload).__name__}")
     return payload

@@ -97,12 +97,12 @@ def test_class_names_and_image_size_travel_in_our_checkpoints(tmp_path, suffix):
     checkpoint = read_checkpoint(tmp_path / f"model{suffix}")
     assert (checkpoint.class_names, checkpoint.image_size, checkpoint.extra) == ({1: "cat", 7: "dog"}, 320, {})
 
+
 def test_ours_named_like_a_hugging_face_file_reads_as_ours_beside_any_config_json(tmp_path):
     save_checkpoint(tmp_path / "model.safetensors", build_model("tiny", num_classes=5), class_names={1: "cat"})
     (tmp_path / "config.json").write_text('{"learning_rate": 0.001}')  # another tool's, in the same folder
     checkpoint = read_checkpoint(tmp_path / "model.safetensors")
     assert (checkpoint.source_format, checkpoint.config.num_classes, checkpoint.class_names) == ("deformable-detr", 5, {1: "cat"})
-
 
 
 def assert_same_weights(first, second):

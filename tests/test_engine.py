@@ -149,6 +149,7 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     ("checkpoint_every", 0, "checkpoint_every (--checkpoint-every) must be at least 1"),
     ("checkpoint_minutes", -1.0, "checkpoint_minutes (--checkpoint-minutes) must be above 0"),
     ("min_lr_factor", 1.5, "min_lr_factor (--min-lr-factor) must be within [0, 1]"),
+    ("lr_drop_epoch", 0, "lr_drop_epoch (--lr-drop-epoch) must be at least 1 with the step schedule"),
 ])
 def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_path, capsys, setting, value, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
@@ -175,6 +176,21 @@ def test_settings_of_the_wrong_type_are_refused_by_name(data, tmp_path, setting,
     assert (plain.data, plain.output_dir, plain.max_minutes, plain.lr, plain.epochs) == (
         str(data), str(tmp_path / "run"), 10.0, 1e-4, 2)
     assert type(plain.epochs) is int and type(plain.lr) is float
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"preset": "r51"}, "preset (--preset) must be one of 'r50', 'r50_single_scale', 'r50_single_scale_dc5', "
+                        "'r50_box_refine', 'r50_two_stage', 'tiny', got 'r51'"),
+    ({"lr_schedule": "linear"}, "lr_schedule (--lr-schedule) must be one of 'step', 'cosine', 'flat-cosine', got 'linear'"),
+    ({"resume": "always"}, "resume (--resume) must be one of True, False, 'auto', got 'always'"),
+    ({"warmup_steps": 100, "warmup_epochs": 0.5},
+     "warmup_steps (--warmup-steps) and warmup_epochs (--warmup-epochs) are one or the other, got 100 and 0.5"),
+])
+def test_settings_that_cannot_go_together_or_name_nothing_are_refused(data, tmp_path, settings, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        config(data, tmp_path / "run", **settings)
+    # Without the step schedule, the learning rate is not dropped every lr_drop_epoch epochs.
+    assert config(data, tmp_path / "run", lr_schedule="flat-cosine", lr_drop_epoch=0).lr_drop_epoch == 0
 
 
 def test_fewer_classes_than_the_data_has_are_refused(data, tmp_path):

@@ -138,9 +138,12 @@ def test_a_warmup_in_epochs_and_a_cosine_follow_a_time_budget():
     assert schedule(200) == 0.0
 
 
-def test_a_warmup_is_in_updates_or_in_epochs_and_the_schedule_is_a_known_one():
+def test_a_warmup_is_in_updates_or_in_epochs_and_the_schedule_is_a_known_one_that_drops_after_an_epoch_at_least():
     with pytest.raises(ValueError, match="in updates or in epochs, not both"):
         LearningRateSchedule(epochs=2, lr_drop_epoch=1, gamma=0.1, updates_per_epoch=1, warmup_updates=2,
                              warmup_epochs=0.5)
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'; choose one of step, cosine, flat-cosine"):
         LearningRateSchedule(kind="linear", epochs=2, lr_drop_epoch=1, gamma=0.1, updates_per_epoch=1)
+    with pytest.raises(ValueError, match="lr_drop_epoch must be at least 1 for the step schedule, got 0"):
+        LearningRateSchedule(epochs=2, lr_drop_epoch=0, gamma=0.1, updates_per_epoch=1)
+    assert LearningRateSchedule(kind="flat-cosine", epochs=2, lr_drop_epoch=0, gamma=0.1, updates_per_epoch=1)(0) == 1.0

@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ModelConfig, check_field_types, get_config
+from ..config import PRESETS, ModelConfig, check_field_types, get_config
 from ..distributed import RENDEZVOUS_TIMEOUT
+from .optim import SCHEDULES
 
 
 @dataclass
@@ -86,15 +87,25 @@ class TrainConfig:
         for name, low in bounds.items():
             value = getattr(self, name)
             if value is not None and not value >= low:  # NaN fails too
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least {low}, got {value}")
+                raise ValueError(f"{_setting(name)} must be at least {low}, got {value}")
         for name in _ABOVE_ZERO:
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be above 0, got {value}")
+                raise ValueError(f"{_setting(name)} must be above 0, got {value}")
         if not 0 <= self.min_lr_factor <= 1:
-            raise ValueError(f"min_lr_factor (--min-lr-factor) must be within [0, 1], got {self.min_lr_factor}")
+            raise ValueError(f"{_setting('min_lr_factor')} must be within [0, 1], got {self.min_lr_factor}")
         if self.ema is not None and not 0 <= self.ema < 1:
-            raise ValueError(f"ema (--ema) is a decay in [0, 1), got {self.ema}")
+            raise ValueError(f"{_setting('ema')} is a decay in [0, 1), got {self.ema}")
+        for name, choices in (("preset", tuple(PRESETS)), ("lr_schedule", SCHEDULES), ("resume", (True, False, "auto"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{_setting(name)} must be one of {', '.join(map(repr, choices))}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.lr_schedule == "step" and self.lr_drop_epoch < 1:  # it drops every lr_drop_epoch epochs
+            raise ValueError(f"{_setting('lr_drop_epoch')} must be at least 1 with the step schedule, "
+                             f"got {self.lr_drop_epoch}")
+        if self.warmup_steps and self.warmup_epochs:
+            raise ValueError(f"{_setting('warmup_steps')} and {_setting('warmup_epochs')} are one or the other, "
+                             f"got {self.warmup_steps} and {self.warmup_epochs}")
 
     def model_config(self, num_classes: int) -> ModelConfig:
         """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.
@@ -108,6 +119,11 @@ class TrainConfig:
         from_scratch = {} if self.backbone_weights or self.finetune_from else {"backbone_norm": "batch"}
         return get_config(self.preset, num_classes=num_classes, backbone_weights=self.backbone_weights,
                           **{**from_scratch, **self.model_overrides})
+
+
+def _setting(name: str) -> str:
+    """A setting as messages name it: the field and its flag."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 # The settings' ranges (None, where a setting allows it, is always valid).

@@ -256,8 +256,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def _resuming(config: TrainConfig, last_path: Path) -> bool:
     """Whether the run goes on from ``last_path``, as ``config.resume`` says: True (it must exist),
     False (it must not) or ``"auto"`` (if it exists, as a requeued or restarted job wants)."""
-    if config.resume not in (True, False, "auto"):
-        raise TrainingError(f"resume is True, False or 'auto', not {config.resume!r}")
     saved = main_process_decides(last_path.is_file())
     if config.resume is True and not saved:
         raise TrainingError(f"{last_path}: no checkpoint to resume from")

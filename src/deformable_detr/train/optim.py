@@ -82,6 +82,8 @@ class LearningRateSchedule:
             raise ValueError(f"unknown learning-rate schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
         if warmup_updates and warmup_epochs:
             raise ValueError("a warm-up in updates or in epochs, not both")
+        if kind == "step" and lr_drop_epoch < 1:
+            raise ValueError(f"lr_drop_epoch must be at least 1 for the step schedule, got {lr_drop_epoch}")
         self.kind, self.epochs, self.lr_drop_epoch, self.gamma = kind, epochs, lr_drop_epoch, gamma
         self.updates_per_epoch, self.warmup_updates, self.warmup_epochs = updates_per_epoch, warmup_updates, warmup_epochs
         self.min_lr_factor = min_lr_factor

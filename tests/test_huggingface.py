@@ -19,6 +19,7 @@ is named where the test works around it:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -455,8 +456,8 @@ ARCHITECTURES = {
 NAMES = {1: "circle", 2: "square", 4: "triangle"}
 
 
-def build_ours(architecture: str) -> nn.Module:
-    model = build_model("tiny", **OURS_SMALL, **ARCHITECTURES[architecture])
+def build_ours(architecture: str, **options) -> nn.Module:
+    model = build_model("tiny", **OURS_SMALL, **ARCHITECTURES[architecture], **options)
     randomise(model)
     return model.eval()
 
@@ -525,19 +526,26 @@ def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_
     (tmp_path / "hf" / "preprocessor_config.json").unlink()
     assert read_checkpoint(tmp_path / "hf").image_size == 800, "without a processor: the published size"
 
-    mixed = build_model("tiny", **OURS_SMALL, two_stage=True, mixed_query_selection=True)
-    save_checkpoint(tmp_path / "mixed.pt", mixed)
-    assert main(["convert", str(tmp_path / "mixed.pt"), str(tmp_path / "mixed"), "--to", "huggingface"]) == 1
-    error = capsys.readouterr().err.strip()
-    assert error == f"deformable-detr: error: {tmp_path / 'mixed.pt'}: mixed_query_selection (a learned content query " \
-                    "for two-stage) has no transformers equivalent"  # fmt: skip
-    assert not (tmp_path / "mixed").exists()
-
     save_checkpoint(tmp_path / "narrow.pt", build_model("tiny", **{**OURS_SMALL, "backbone_width": 32}))
     assert main(["convert", str(tmp_path / "narrow.pt"), str(tmp_path / "narrow"), "--to", "huggingface"]) == 1
     assert capsys.readouterr().err.strip().endswith("narrow.pt: backbone width 32 has no timm equivalent: timm's "
                                                     "ResNets have width 64")
     assert not (tmp_path / "narrow").exists()
+
+
+def test_a_mixed_query_selection_model_runs_in_transformers_with_the_same_outputs(tmp_path):
+    # Its learned content query is pos_trans_norm's bias behind a zero gain (model/transformer.py):
+    # the published two-stage forward, which transformers runs as it is.
+    ours = build_ours("two_stage", mixed_query_selection=True)
+    with torch.no_grad():
+        ours.transformer.pos_trans_norm.weight[ours.config.d_model :] = 0  # as training keeps it
+    save_checkpoint(tmp_path / "mixed.pt", ours)
+    assert main(["convert", str(tmp_path / "mixed.pt"), str(tmp_path / "hf"), "--to", "huggingface"]) == 0
+    loaded, info = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    case = Case(loaded.eval())
+    assert case.config == dataclasses.replace(ours.config, mixed_query_selection=False)  # a training option
+    case.assert_same_outputs(ours)
 
 
 def test_a_config_json_that_is_not_an_object_is_named(tmp_path):

@@ -221,7 +221,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
 
     Raises:
         CheckpointError: the source cannot be read, or the layout cannot hold its model (a
-            training option transformers has no equivalent for, say).
+            backbone timm has no equivalent for, in a Hugging Face folder).
     """
     checkpoint = read_checkpoint(source)
     layout = layout or ("reference" if checkpoint.source_format == FORMAT else "ours")

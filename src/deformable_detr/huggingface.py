@@ -522,8 +522,6 @@ def _split_qkv(name: str, tensor: Tensor) -> dict[str, Tensor]:
 
 
 def _require_published(config: ModelConfig) -> None:
-    if config.mixed_query_selection:
-        raise ValueError("mixed_query_selection (a learned content query for two-stage) has no transformers equivalent")
     if config.backbone not in _TIMM_RESNETS:
         raise ValueError(f"backbone {config.backbone} has no timm equivalent: expected one of {', '.join(sorted(_TIMM_RESNETS))}")
     if config.backbone_width != 64:

@@ -120,6 +120,8 @@ def fatal_cases(tmp_path):
     (nan_yolo / "labels" / "train" / "a.txt").write_text("0 nan 0.5 0.2 0.2\n")
     float_pixels = write_yolo(tmp_path / "float-pixels")
     Image.fromarray(np.ones((30, 50), dtype=np.float32)).save(float_pixels / "images" / "train" / "d.tif")
+    names_from_one = write_yolo(tmp_path / "names-from-one")
+    (names_from_one / "data.yaml").write_text("train: images/train\nnames: {1: cat, 2: dog}\n")
     nan_voc = write_voc(tmp_path / "nan-voc")
     xml = nan_voc / "Annotations" / "a.xml"
     xml.write_text(xml.read_text().replace("<xmin>1</xmin>", "<xmin>nan</xmin>"))
@@ -143,6 +145,8 @@ def fatal_cases(tmp_path):
         "NaN box (VOC)": (nan_voc, f"{xml}: object 'cat' has a box corner that is not a finite number"),
         "duplicate category ids": (coco_with(tmp_path / "categories", duplicate_category_id), "instances_train.json: category id 1 appears twice"),
         "width as text": (coco_with(tmp_path / "width", width_as_text), "instances_train.json: image 3: width '50' is not a positive whole number"),
+        "class names not keyed 0..n-1 (YOLO)": (names_from_one, f"{names_from_one / 'data.yaml'}: 'names' must name each class index 0..1: "
+                                                               "no name for 0; keys not among them: 2"),
         "annotation without id": (coco_with(tmp_path / "annotation-id", annotation_without_id),
                                   "instances_train.json: annotation {'image_id': 1, 'category_id': 1, 'bbox': [0, 0, 10, 20]} "
                                   "needs 'id', 'image_id', 'category_id' and 'bbox'"),
@@ -154,7 +158,7 @@ def fatal_cases(tmp_path):
 FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
          "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text",
-         "annotation without id", "duplicate annotation ids"]  # fmt: skip
+         "annotation without id", "duplicate annotation ids", "class names not keyed 0..n-1 (YOLO)"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", FATAL)

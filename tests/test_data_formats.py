@@ -81,6 +81,27 @@ def test_yolo_data_yaml_variants(tmp_path):
         read_yolo(tmp_path / "set", "test")
 
 
+def test_yolo_class_names_keyed_by_quoted_indices_go_by_number(tmp_path):
+    root = write_yolo(tmp_path)
+    names = ", ".join(f"'{index}': class{index}" for index in reversed(range(11)))
+    (root / "data.yaml").write_text(f"train: images/train\nnames: {{{names}}}\n")
+    categories = read_yolo(root, "train").data["categories"]
+    assert [category["name"] for category in categories] == [f"class{index}" for index in range(11)]
+
+
+@pytest.mark.parametrize("names, message", [
+    ("{1: cat, 2: dog}", "no name for 0; keys not among them: 2"),  # label 1 would be named dog
+    ("{cat: 0, dog: 1}", "no name for 0, 1; keys not among them: 'cat', 'dog'"),
+    ("{0: cat, '0': dog}", "no name for 1"),
+])  # fmt: skip
+def test_yolo_class_names_not_keyed_by_the_indices_0_to_n_are_refused(tmp_path, names, message):
+    root = write_yolo(tmp_path)
+    (root / "data.yaml").write_text(f"train: images/train\nnames: {names}\n")
+    with pytest.raises(DatasetError) as error:
+        read_yolo(root, "train")
+    assert str(error.value) == f"{root / 'data.yaml'}: 'names' must name each class index 0..1: {message}"
+
+
 @pytest.mark.parametrize("lines, message", [
     ("path: 5\ntrain: images/train", "'path' must be a path, not 5"),
     ("train: 5", "'train' must be a path or a list of paths, not 5"),

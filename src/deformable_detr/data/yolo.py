@@ -2,9 +2,10 @@
 
 ``data.yaml`` names each split's images (``train: images/train``; also a list of folders, or a
 ``.txt`` file listing images) relative to ``path`` (itself relative to the yaml's folder, which is
-the default), and the class names (``names``: a list, or a mapping from index to name). An image's
-labels are in the file at the same place under ``labels/`` instead of ``images/``, with the suffix
-``.txt``: one line ``class cx cy w h`` per object, normalised by the image's width and height.
+the default), and the class names (``names``: a list, or a mapping from each index 0..n-1 to its
+name). An image's labels are in the file at the same place under ``labels/`` instead of ``images/``,
+with the suffix ``.txt``: one line ``class cx cy w h`` per object, normalised by the image's width
+and height.
 
 - Class index k becomes category id k + 1, so that ids start at 1 as in COCO and VOC.
 - Image sizes come from the image headers, which YOLO labels leave out.
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..checks import is_whole_number
 from .coco import DatasetError, Problem, Split
 from .images import IMAGE_SUFFIXES, ImageInfo, inspect_image
 
@@ -74,9 +76,29 @@ def _split_entries(config: dict[str, Any], split: str, yaml_path: Path) -> list[
     return listed
 
 
-def _class_names(config: dict[str, Any]) -> list[str]:
+def _class_names(config: dict[str, Any], yaml_path: Path) -> list[str]:
+    """The class names by index. A mapping's keys are the indices (quoted ones too: "10" comes after
+    "9"), and must be 0..n-1 as Ultralytics requires, since a label line names its class by key."""
     names = config["names"]
-    return [str(name) for name in names] if isinstance(names, list) else [str(names[key]) for key in sorted(names)]
+    if isinstance(names, list):
+        return [str(name) for name in names]
+    indices = [_class_index(key) for key in names]
+    count = len(names)
+    missing = [str(index) for index in range(count) if index not in indices]
+    if missing:
+        unexpected = [repr(key) for key, index in zip(names, indices) if index not in range(count)]
+        others = f"; keys not among them: {', '.join(unexpected)}" if unexpected else ""
+        raise DatasetError(
+            f"{yaml_path}: 'names' must name each class index 0..{count - 1}: no name for {', '.join(missing)}{others}"
+        )
+    by_index = dict(zip(indices, names.values()))
+    return [str(by_index[index]) for index in range(count)]
+
+
+def _class_index(key: Any) -> int | None:
+    if is_whole_number(key) or (isinstance(key, str) and key.isdecimal()):
+        return int(key)
+    return None
 
 
 def label_path(image: Path) -> Path:
@@ -158,7 +180,7 @@ def read_yolo(root: str | Path, split: str, probe: Callable[[Path], ImageInfo] =
         listed, listed_folders = _listed_images(entry, base)
         images += listed
         folders += listed_folders
-    names = _class_names(config)
+    names = _class_names(config, yaml_path)
 
     problems: list[Problem] = []
     image_entries, annotations = [], []

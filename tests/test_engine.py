@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from deformable_detr import evaluation, export
-from deformable_detr.checkpoints import load_pretrained, read_checkpoint
+from deformable_detr import build_model, evaluation, export
+from deformable_detr.checkpoints import load_pretrained, read_checkpoint, save_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
 from deformable_detr.predict import Detector
@@ -73,6 +73,17 @@ def test_finetune_with_another_class_count(data, tmp_path, capsys):
     second = weights(tmp_path / "second" / "checkpoint.pt")
     assert second["class_embed.0.weight"].shape == (9, 128)
     assert read_checkpoint(tmp_path / "second" / "checkpoint.pt").config.backbone_norm == "frozen"
+
+
+def test_finetuning_refuses_a_checkpoint_whose_other_weights_have_other_shapes(data, tmp_path):
+    # Another class count (the heads start anew) and another number of queries (refused).
+    save_checkpoint(tmp_path / "other.pt", build_model("tiny", num_classes=9))
+    run = config(data, tmp_path / "run", finetune_from=str(tmp_path / "other.pt"), model_overrides={"num_queries": 40})
+    with pytest.raises(TrainingError) as refused:
+        train(run)
+    assert str(refused.value) == (f"{tmp_path / 'other.pt'}: query_embed.weight is (50, 256) there but (40, 256) in the "
+                                  f"model being trained: only the class heads may differ")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):

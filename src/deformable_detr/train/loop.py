@@ -59,15 +59,25 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _finetune(model: DeformableDETR, path: str) -> str:
-    """Load every weight of ``path`` that fits; class heads of another class count start anew.
+# The tensors with a row per class, of another shape in a checkpoint of another class count.
+_CLASS_TENSORS = ("class_embed", "denoising_label_embed")
 
-    Returns a one-line report of what was re-initialised."""
+
+def _finetune(model: DeformableDETR, path: str) -> str:
+    """Load every weight of ``path``; class heads of another class count start anew.
+
+    Returns a one-line report of what was re-initialised. Raises :class:`TrainingError` where any
+    other weight differs (another ``num_queries`` or ``d_model`` would otherwise train from scratch
+    unnoticed)."""
     checkpoint = read_checkpoint(path)
     own = model.state_dict()
     reinitialised = sorted(
         name for name, tensor in checkpoint.state_dict.items() if name in own and own[name].shape != tensor.shape
     )
+    for name, tensor in checkpoint.state_dict.items():
+        if name in reinitialised and not any(part in _CLASS_TENSORS for part in name.split(".")):
+            raise TrainingError(f"{path}: {name} is {tuple(tensor.shape)} there but {tuple(own[name].shape)} in the "
+                                f"model being trained: only the class heads may differ")
     kept = {name: tensor for name, tensor in checkpoint.state_dict.items() if name not in reinitialised}
     missing, unexpected = model.load_state_dict(kept, strict=False)
     if unexpected or set(missing) != set(reinitialised):

@@ -146,6 +146,8 @@ def test_cli_convert(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "weights.safetensors"), "--to", "ours"]) == 0
     assert "written in the ours layout" in capsys.readouterr().out
     assert read_checkpoint(tmp_path / "weights.safetensors").class_names == {1: "cat"}
+    convert_checkpoint(tmp_path / "ours.pt", tmp_path / "copy.pt", layout="ours")
+    assert read_checkpoint(tmp_path / "copy.pt").extra == {}, "a conversion writes the model, never training state"
     assert main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "out.pth")]) == 1
     assert "missing.pt: no such file" in capsys.readouterr().err
     assert not (tmp_path / "out.pth").exists()

@@ -216,8 +216,10 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     returns the layout written.
 
     By default the reference and Hugging Face formats become ours, and ours becomes the
-    reference layout. Ours and Hugging Face folders keep the class names and image size; ours with
-    a ``.safetensors`` destination holds the weights only, without training state.
+    reference layout. What is written is the model alone: its weights (a training checkpoint's
+    average of the weights where it has one), with the class names and image size where the
+    layout has a place for them (ours, Hugging Face). Training state is never written, whatever
+    the destination's suffix: a converted ``.pt`` does not resume a run.
 
     Raises:
         CheckpointError: the source cannot be read, or the layout cannot hold its model (a

@@ -11,7 +11,7 @@ import torchvision
 from conftest import R50_PRESETS, reference_state_dict_entries
 
 from deformable_detr import PRESETS, ModelConfig, build_model, postprocess
-from deformable_detr.model import MSDeformAttn, pad_images, transformer
+from deformable_detr.model import MSDeformAttn, capture_attention, pad_images, transformer
 from deformable_detr.model.backbone import fold_batch_norms
 
 
@@ -127,6 +127,24 @@ def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch, autocast)
     with torch.no_grad():
         normalised = norm(convolved)
     assert normalised.data_ptr() == convolved.data_ptr()
+
+
+def _encoder_reference_points(model, images):
+    with torch.no_grad(), capture_attention(model) as records:
+        model(images)
+    return [record.reference_points for record in records if record.name.startswith("transformer.encoder.")]
+
+
+def test_encoder_reference_points_stay_float32_under_bfloat16_autocast():
+    """Pixel centres over the valid size: in bfloat16, which autocast's group norm returns on the
+    CPU, they would move by most of a pixel on a large level."""
+    model = build_model("tiny").eval()
+    images = [torch.randn(3, 96, 128), torch.randn(3, 72, 100)]
+    expected = _encoder_reference_points(model, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _encoder_reference_points(model, images)
+    assert {points.dtype for points in got} == {torch.float32}
+    torch.testing.assert_close(got, expected)
 
 
 def test_list_of_images_is_padded_with_a_mask():

@@ -144,17 +144,13 @@ class DeformableTransformerEncoder(nn.Module):
 
     @staticmethod
     def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
-        """Pixel centres of every level, normalised to the valid area, seen from every level: (N, S, L, 2)."""
+        """Pixel centres of every level, normalised to the valid area, seen from every level: (N, S, L, 2),
+        in the dtype of ``valid_ratios``."""
         per_level = []
         for level, (height, width) in enumerate(spatial_shapes):
-            y, x = torch.meshgrid(
-                torch.arange(height, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
-                torch.arange(width, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
-                indexing="ij",
-            )
-            y = y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
-            x = x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
-            per_level.append(torch.stack((x, y), -1))
+            centres = _pixel_centres(height, width, valid_ratios.dtype, valid_ratios.device)
+            valid_size = torch.stack((valid_ratios[:, level, 0] * width, valid_ratios[:, level, 1] * height), -1)
+            per_level.append(centres[None] / valid_size[:, None])
         return torch.cat(per_level, 1)[:, :, None] * valid_ratios[:, None]
 
     def forward(
@@ -223,12 +219,19 @@ class DeformableTransformerDecoder(nn.Module):
         return torch.stack(outputs), torch.stack(references)
 
 
-def _valid_ratios(padding_mask: Tensor) -> Tensor:
-    """(N, H, W) mask -> (N, 2) unpadded fraction (width, height), counted on the first row/column."""
-    _, height, width = padding_mask.shape
-    valid_height = (~padding_mask[:, :, 0]).sum(1)
-    valid_width = (~padding_mask[:, 0, :]).sum(1)
-    return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
+def _pixel_centres(height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(H * W, 2) centres (x + 0.5, y + 0.5) of a map's pixels, row after row."""
+    y, x = torch.meshgrid(
+        torch.arange(height, dtype=dtype, device=device) + 0.5,
+        torch.arange(width, dtype=dtype, device=device) + 0.5,
+        indexing="ij",
+    )
+    return torch.stack((x, y), -1).view(-1, 2)
+
+
+def _valid_sizes(padding_mask: Tensor) -> Tensor:
+    """(N, H, W) mask -> (N, 2) integer unpadded (width, height), counted on the first row/column."""
+    return torch.stack([(~padding_mask[:, 0, :]).sum(1), (~padding_mask[:, :, 0]).sum(1)], -1)
 
 
 class DenoisingQueries(NamedTuple):
@@ -327,27 +330,15 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def encoder_proposals(
-        self, memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]]
+        self, memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]], valid_sizes: Tensor
     ) -> tuple[Tensor, Tensor]:
         """One box proposal per memory position (inverse-sigmoid cxcywh, +inf where invalid) and the
-        projected memory (zero where invalid)."""
-        batch = memory.shape[0]
+        projected memory (zero where invalid). ``valid_sizes``: (N, L, 2) unpadded (width, height)."""
         proposals = []
-        start = 0
         for level, (height, width) in enumerate(spatial_shapes):
-            level_mask = padding_mask[:, start : start + height * width].view(batch, height, width)
-            valid_height = (~level_mask[:, :, 0]).sum(1)
-            valid_width = (~level_mask[:, 0, :]).sum(1)
-            y, x = torch.meshgrid(
-                torch.arange(height, dtype=torch.float32, device=memory.device),
-                torch.arange(width, dtype=torch.float32, device=memory.device),
-                indexing="ij",
-            )
-            scale = torch.stack([valid_width, valid_height], -1).view(batch, 1, 1, 2)
-            centres = (torch.stack([x, y], -1)[None] + 0.5) / scale
+            centres = _pixel_centres(height, width, torch.float32, memory.device)[None] / valid_sizes[:, level, None]
             sizes = torch.full_like(centres, 0.05 * 2.0**level)
-            proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
-            start += height * width
+            proposals.append(torch.cat((centres, sizes), -1))
         proposals = torch.cat(proposals, 1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
@@ -392,7 +383,10 @@ class DeformableTransformer(nn.Module):
         )
         spatial_shapes = _spatial_shapes(shapes, src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1).to(src.dtype)
+        valid_sizes = torch.stack([_valid_sizes(m) for m in masks], 1)
+        # At least float32, as the sampling locations made from them (attention.py): in bfloat16, src's
+        # dtype under CPU autocast, the encoder's reference points would move by most of a pixel.
+        valid_ratios = valid_sizes.to(torch.promote_types(src.dtype, torch.float32)) / spatial_shapes.flip(-1)
         # Every attention layer zeroes the values at padded positions. Where nothing is padded (one
         # image, or images of one size) CPU inference skips those passes; asking costs a GPU a sync.
         skip_padding = mask.device.type == "cpu" and eager_inference() and not mask.any()
@@ -403,7 +397,7 @@ class DeformableTransformer(nn.Module):
         batch, _, channels = memory.shape
         encoder_logits = encoder_coords = None
         if self.two_stage:
-            output_memory, proposals = self.encoder_proposals(memory, mask, shapes)
+            output_memory, proposals = self.encoder_proposals(memory, mask, shapes, valid_sizes)
             encoder_logits = self.decoder.class_embed[self.decoder.num_layers](output_memory)
             encoder_coords = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + proposals
             # As many as there are: a small image has fewer positions than queries.

@@ -86,7 +86,7 @@ def randomise(model: nn.Module, seed: int = 0) -> None:
                 module.bias.normal_(0, 0.1, generator=generator)
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0, 1, generator=generator)
-            elif type(module).__name__.endswith("FrozenBatchNorm2d"):
+            elif isinstance(module, nn.BatchNorm2d) or type(module).__name__.endswith("FrozenBatchNorm2d"):
                 # Gains below 1 keep the random ResNet's activations of a moderate size.
                 module.weight.uniform_(0.2, 0.6, generator=generator)
                 module.bias.normal_(0, 0.1, generator=generator)
@@ -546,6 +546,15 @@ def test_a_mixed_query_selection_model_runs_in_transformers_with_the_same_output
     case = Case(loaded.eval())
     assert case.config == dataclasses.replace(ours.config, mixed_query_selection=False)  # a training option
     case.assert_same_outputs(ours)
+
+
+def test_trainable_batch_norm_is_written_without_its_step_counters(tmp_path):
+    # transformers' batch norm is frozen, as the reference's: a counter would be an unexpected weight.
+    ours = build_ours("plain", backbone_norm="batch")
+    save_huggingface(tmp_path, ours)
+    loaded, info = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    Case(loaded.eval()).assert_same_outputs(ours)
 
 
 def test_a_config_json_that_is_not_an_object_is_named(tmp_path):

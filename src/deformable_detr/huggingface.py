@@ -33,7 +33,7 @@ from .config import ModelConfig
 from .data import inference_transforms
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .files import atomic_write
-from .reference import PUBLISHED_IMAGE_SIZE
+from .reference import PUBLISHED_IMAGE_SIZE, without_batch_norm_counters
 
 if TYPE_CHECKING:
     import os
@@ -334,9 +334,7 @@ def state_dict_from_huggingface(state_dict: Mapping[str, Tensor], config: ModelC
     source_of: dict[str, str] = {}  # our name -> HF key, for error messages
     qkv: dict[str, dict[str, tuple[str, Tensor]]] = {}
     unexpected: list[str] = []
-    for key, tensor in state_dict.items():
-        if key.endswith("num_batches_tracked"):  # FrozenBatchNorm2d has none
-            continue
+    for key, tensor in without_batch_norm_counters(state_dict).items():
         name = _rename(key)
         if name is None:
             unexpected.append(key)
@@ -494,7 +492,8 @@ def config_to_huggingface(config: ModelConfig, *, class_names: Mapping[int, str]
 def state_dict_to_huggingface(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Our inference state dict (reference names, no training-only tensors) in the names and
     layout ``save_pretrained`` writes for :func:`config_to_huggingface`'s config: every tensor its
-    own copy, the decoder's self-attention projections split into q, k and v.
+    own copy, the decoder's self-attention projections split into q, k and v, and without
+    trainable batch norm's step counters (transformers' batch norm is frozen).
 
     Raises ``ValueError`` naming an entry transformers has no place for.
     """
@@ -502,7 +501,7 @@ def state_dict_to_huggingface(state_dict: Mapping[str, Tensor], config: ModelCon
     # transformers' decoder holds copies of the heads only where it uses them itself.
     decoder_owns = {"bbox_embed": config.with_box_refine, "class_embed": config.two_stage}
     result: dict[str, Tensor] = {}
-    for name, tensor in state_dict.items():
+    for name, tensor in without_batch_norm_counters(state_dict).items():
         head = re.match(r"transformer\.decoder\.(class_embed|bbox_embed)\.", name)
         if head and not decoder_owns[head[1]]:
             continue

@@ -20,6 +20,7 @@ from .model import DeformableDETR
 
 __all__ = [
     "PUBLISHED_IMAGE_SIZE", "coco_category_names", "config_from_reference", "reference_payload", "released_class_names",
+    "without_batch_norm_counters",
 ]
 
 PUBLISHED_IMAGE_SIZE = 800  # the shorter side of the published recipe's validation images
@@ -56,10 +57,13 @@ def reference_payload(model: DeformableDETR) -> dict[str, Any]:
     in the reference: their tensors are left out, and the payload holds the published architecture.
     """
     args = argparse.Namespace(**{flag: getattr(model.config, field) for flag, field in _FLAGS.items()}, masks=False)
-    state_dict = {
-        name: tensor for name, tensor in model.inference_state_dict().items() if not name.endswith("num_batches_tracked")
-    }
-    return {"model": state_dict, "args": args}
+    return {"model": without_batch_norm_counters(model.inference_state_dict()), "args": args}
+
+
+def without_batch_norm_counters(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` without trainable batch norm's step counters (``num_batches_tracked``), which
+    evaluation never reads and the frozen batch norm of the reference and of transformers has no place for."""
+    return {name: tensor for name, tensor in state_dict.items() if not name.endswith("num_batches_tracked")}
 
 
 def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, Any]) -> ModelConfig:

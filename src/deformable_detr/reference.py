@@ -1,9 +1,9 @@
 """The reference implementation's checkpoint layout, both ways: ``{"model": state dict, "args": argparse.Namespace}``.
 
-Pure functions, no I/O, like :mod:`~deformable_detr.huggingface`: :func:`reference_payload` is
-what a released file holds for a model, and :func:`config_from_reference` reads a released
-file's config back. Its state-dict names are ours, so only the config needs translating, through
-one table of the reference's training flags.
+Pure functions, no I/O (:mod:`~deformable_detr.checkpoints` reads and writes the files):
+:func:`reference_payload` is what a released file holds for a model, and
+:func:`config_from_reference` reads a released file's config back. Its state-dict names are ours,
+so only the config needs translating, through one table of the reference's training flags.
 """
 
 from __future__ import annotations

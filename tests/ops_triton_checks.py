@@ -232,6 +232,16 @@ def test_a_kernel_that_fails_its_first_use_check_falls_back_once(monkeypatch):
     assert ops.triton_runs_on("cpu", torch.float64)  # each dtype has its own check
 
 
+def test_the_check_runs_the_dtypes_the_model_passes(monkeypatch):
+    # Under autocast the model passes float32 locations and weights beside bfloat16 values: a
+    # specialisation of its own, which the check must be the one to compile first.
+    seen = []
+    correct = triton_kernel.forward
+    monkeypatch.setattr(triton_kernel, "forward", lambda *args, **kwargs: seen.append([t.dtype for t in args]) or correct(*args, **kwargs))
+    triton_kernel.check(torch.device(DEVICE), torch.bfloat16)
+    assert seen == [[torch.bfloat16, torch.int64, torch.int64, torch.float32, torch.float32]]
+
+
 def test_the_check_catches_a_kernel_that_computes_wrong(monkeypatch):
     correct = triton_kernel.forward
     monkeypatch.setattr(triton_kernel, "forward", lambda *args, **kwargs: correct(*args, **kwargs) * 1.01)

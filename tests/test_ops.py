@@ -161,6 +161,12 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
         ms_deform_attn(*inputs)
 
 
+def test_the_cpu_kernel_forced_for_tensors_elsewhere_is_an_error_not_the_reference():
+    on_meta = [t.to("meta") for t in random_case([(4, 5), (2, 2)])]
+    with use_implementation("cpu"), pytest.raises(RuntimeError, match="requested for meta tensors; it takes CPU tensors"):
+        ms_deform_attn(*on_meta)
+
+
 ARGUMENTS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
 
 

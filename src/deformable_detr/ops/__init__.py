@@ -134,6 +134,8 @@ def implementation_for(device: torch.device | str, dtype: torch.dtype = torch.fl
     and checks it on the device (:func:`triton_runs_on`), where it must know whether they work;
     raises where a forced one does not."""
     device_type = torch.device(device).type
+    if _implementation == "cpu" and device_type != "cpu":
+        raise RuntimeError(f"the fused CPU kernel was requested for {device_type} tensors; it takes CPU tensors")
     if _implementation in ("cpu", "auto") and device_type == "cpu":
         if cpu.load_extension() is not None:
             return "cpu"

@@ -87,6 +87,14 @@ def _prune(configs: list[triton.Config], named_arguments: dict, **meta) -> list[
     return [config for config in configs if config in allowed]
 
 
+def sample_dtype(value_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the sampling locations and attention weights the model passes beside values of
+    ``value_dtype``: float32 beside half precisions (its locations are at least float32, and CUDA
+    autocast's softmax gives float32 weights), what the first-use check and the ahead-of-time
+    builds specialise the kernels for."""
+    return torch.promote_types(value_dtype, torch.float32)
+
+
 def offset_dtype(value_shape: torch.Size, locations_shape: torch.Size) -> tl.dtype:
     """The integer type of the kernels' per-element offsets: 32 bits, which cost half the registers
     of 64, unless one image's value, locations or output holds 2**31 elements or more (the offset of
@@ -390,9 +398,10 @@ register_fused_op(ms_deform_attn_triton, ms_deform_attn_triton_backward)
 @torch.inference_mode(False)
 @torch.enable_grad()
 def check(device: torch.device, dtype: torch.dtype) -> None:
-    """Compile and run the forward and backward for ``dtype`` on ``device`` on a tiny input, at the
-    launcher's default configuration, and compare them with the reference; raises where they do
-    not compile, do not launch or disagree. Whatever the caller's grad mode or autocast."""
+    """Compile and run the forward and backward for values of ``dtype`` (beside the model's
+    locations and weights, ``sample_dtype``) on ``device`` on a tiny input, at the launcher's
+    default configuration, and compare them with the reference; raises where they do not compile,
+    do not launch or disagree. Whatever the caller's grad mode or autocast."""
     generator = torch.Generator().manual_seed(0)
     spatial_shapes = torch.tensor([[5, 6], [3, 3]])
     level_start_index = torch.tensor([0, 30])
@@ -403,7 +412,8 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
     pixels = torch.floor(torch.rand(1, 7, 2, 2, 3, 2, generator=generator) * (sizes + 2)) - 1
     locations = (pixels + 0.75 + 0.5 * torch.rand(pixels.shape, generator=generator)) / sizes
     weights = torch.rand(1, 7, 2, 2, 3, generator=generator)
-    inputs = [value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype)]
+    samples = sample_dtype(dtype)
+    inputs = [value.to(dtype), spatial_shapes, level_start_index, locations.to(samples), weights.to(samples)]
     config = configs_for(value.shape[-1], dtype)[0]
     with torch.autocast(device.type, enabled=False):
         on_device = [t.to(device) for t in inputs]

@@ -77,16 +77,16 @@ def launcher_choices(
 
 
 def _arguments(kernel: str, dtype: torch.dtype, head_width: int) -> list:
-    """Stand-ins for the launcher's arguments: tensors of the right dtypes (16-byte aligned, as
-    torch's allocations are), and the sizes of the COCO encoder case."""
-    data, integers = MockTensor(dtype), MockTensor(torch.int32)
-    pointers = [data, integers, integers, data, data]  # value, shapes, starts, locations, weights
+    """Stand-ins for the launcher's arguments: tensors of the dtypes the model passes for values of
+    ``dtype`` (16-byte aligned, as torch's allocations are), and the sizes of the COCO encoder case."""
+    data, samples, integers = MockTensor(dtype), MockTensor(triton_kernel.sample_dtype(dtype)), MockTensor(torch.int32)
+    pointers = [data, integers, integers, samples, samples]  # value, shapes, starts, locations, weights
     if kernel == "forward":
         pointers.append(data)  # output
     else:
         accumulation = MockTensor(torch.float64 if dtype == torch.float64 else torch.float32)
         summed = triton_kernel.splits_channels(head_width, dtype)
-        sample_gradients = accumulation if summed else data
+        sample_gradients = accumulation if summed else samples
         pointers += [data, accumulation, sample_gradients, sample_gradients]  # grad output, value, locations, weights
     work = (2 * QUERIES * HEADS).bit_length()
     return [*pointers, POSITIONS, QUERIES, HEADS, head_width, LEVELS, POINTS, work]

@@ -262,6 +262,43 @@ def test_the_check_is_cached_by_file_size_and_time(tmp_path, monkeypatch):
     assert ImageProbe.for_data(root).cache_file.parent == tmp_path / "cache" / "data-check"
 
 
+def jpeg_with_thumbnail():
+    """A 64x48 JPEG whose EXIF holds a thumbnail: a whole JPEG, end-of-image marker included, before the
+    image's own scan."""
+    thumbnail = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(thumbnail, "JPEG")
+    thumbnail = thumbnail.getvalue()
+    # TIFF: an empty IFD0, then IFD1 giving the offset (44, right after it) and length of the thumbnail.
+    tiff = b"II*\x00" + struct.pack("<IHIH", 8, 0, 14, 2) + struct.pack("<HHII", 0x201, 4, 1, 44)
+    tiff += struct.pack("<HHIII", 0x202, 4, 1, len(thumbnail), 0)
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # a scan of some kilobytes
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", exif=b"Exif\x00\x00" + tiff + thumbnail)
+    return buffer.getvalue()
+
+
+def plain_jpeg():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("jpeg", [plain_jpeg, jpeg_with_thumbnail])
+def test_a_jpeg_with_data_after_its_end_passes_the_check(tmp_path, jpeg):
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(jpeg() + b"\x00" * 296 + b"SEFT")  # as Samsung's trailer ends; motion photos append a video
+    assert images_module.inspect_image(path) == images_module.ImageInfo(64, 48)
+
+
+@pytest.mark.parametrize("cut", ["end", "scan"])
+def test_a_jpeg_cut_short_fails_the_check_whatever_its_thumbnail_holds(tmp_path, cut):
+    image = jpeg_with_thumbnail()
+    scan = image.rfind(b"\xff\xda")  # the main image's scan: the thumbnail's comes first
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(image[:-8] if cut == "end" else image[: (scan + len(image)) // 2])
+    assert images_module.inspect_image(path).problem == "cannot read image (JPEG cut short: no end-of-image marker)"
+
+
 @pytest.mark.parametrize("command", [["inspect"], ["detect", "{image}", "--out", "{out}"], ["export", "--out", "{out}/m.onnx"],
                                      ["evaluate", "--data", "{data}"], ["explain", "{image}", "--out", "{out}/e.png"]])  # fmt: skip
 def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, capsys, command):

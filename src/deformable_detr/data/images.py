@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,10 +24,13 @@ from ..files import atomic_write, cache_folder
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
-# JPEG's end-of-image marker. Some writers pad after it, so the file's tail is searched; inside the
-# compressed data 0xFF is always followed by 0x00 or a restart marker, so the pair is never a false find.
+# JPEG's end-of-image marker, looked for in the file's tail (some writers pad after it), then in the
+# compressed data, where 0xFF is always followed by 0x00 or a restart marker: the pair is never a false find.
 _JPEG_END = b"\xff\xd9"
 _JPEG_TAIL = 64
+_JPEG_START_OF_SCAN = 0xDA
+# Markers that stand alone, without a length: TEM, RST0-7, SOI.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
 
 
 # Pillow's modes of 16-bit grayscale, which its own conversion to RGB clips at 255: nearly white.
@@ -72,10 +77,8 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
             if problem is not None:
                 return ImageInfo(width, height, problem)
             image.verify()
-            if image_format == "JPEG":
-                file.seek(-min(_JPEG_TAIL, os.fstat(file.fileno()).st_size), os.SEEK_END)
-                if _JPEG_END not in file.read():
-                    return ImageInfo(width, height, "cannot read image (JPEG cut short: no end-of-image marker)")
+            if image_format == "JPEG" and not _jpeg_has_end(file):
+                return ImageInfo(width, height, "cannot read image (JPEG cut short: no end-of-image marker)")
     except FileNotFoundError:
         return ImageInfo(problem="image file not found")
     except UnidentifiedImageError:
@@ -83,6 +86,40 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
     except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error ...
         return ImageInfo(problem=f"cannot read image ({error})")
     return ImageInfo(width, height)
+
+
+def _jpeg_has_end(file: BinaryIO) -> bool:
+    """Whether the JPEG in ``file`` has its end-of-image marker. Mostly it ends the file; phones
+    append data after it (Samsung's trailer, the video of a motion photo), so the main image's
+    compressed data is searched then, from its first scan on, past an EXIF thumbnail and its own
+    marker."""
+    size = os.fstat(file.fileno()).st_size
+    file.seek(-min(_JPEG_TAIL, size), os.SEEK_END)
+    if _JPEG_END in file.read():
+        return True
+    with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        scan = _jpeg_first_scan(data)
+        return scan is not None and data.find(_JPEG_END, scan) != -1
+
+
+def _jpeg_first_scan(data: mmap.mmap) -> int | None:
+    """Where the compressed data of the JPEG's first scan starts, found by walking the segments
+    before it by their lengths; None when the file ends first."""
+    position = 2  # past the start-of-image marker
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+        elif marker in _JPEG_STANDALONE:
+            position += 2
+        else:
+            end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+            if marker == _JPEG_START_OF_SCAN:
+                return end
+            position = end
+    return None
 
 
 class ImageProbe:

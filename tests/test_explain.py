@@ -164,3 +164,9 @@ def test_explain_takes_paths_and_pil_images_and_skips_low_scores(detector, tmp_p
 def test_explain_rejects_options_out_of_range(detector, option, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         explain(detector, torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8), **option)
+
+
+def test_explain_refuses_a_model_without_encoder_layers_in_one_line():
+    detector = Detector(build_model("tiny", num_classes=6, encoder_layers=0).eval(), image_size=HEIGHT)
+    with pytest.raises(ValueError, match="^explain draws the last encoder layer's attention, and this model has no encoder layers$"):
+        explain(detector, torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8))

@@ -270,6 +270,9 @@ def test_encoder_layers_all_embeds_every_layer_and_bad_choices_are_refused(detec
             explore(detector, images[0], encoder_layers=choice)
     with pytest.raises(ValueError, match="max_bytes must be a whole number of at least 1, got 0"):
         explore(detector, images[0], max_bytes=0)
+    without_encoder = Detector(build_model("tiny", num_classes=6, encoder_layers=0).eval(), image_size=HEIGHT)
+    with pytest.raises(ValueError, match="^explore shows the encoder's attention, and this model has no encoder layers$"):
+        explore(without_encoder, images[0])
 
 
 def test_padding_shows_in_the_frame_and_the_valid_ratios(detector, images):

@@ -62,6 +62,8 @@ def explain(
         input enlarged to a shorter side of at least ``MIN_PANEL_SIDE`` under a title line.
     """
     model = detector.model
+    if model.config.encoder_layers == 0:
+        raise ValueError("explain draws the last encoder layer's attention, and this model has no encoder layers")
     if not is_whole_number(encoder_level) or not 0 <= encoder_level < model.config.num_feature_levels:
         raise ValueError(f"encoder_level must be in [0, {model.config.num_feature_levels}), got {encoder_level!r}")
     check_count("top_k", top_k, at_least=1)

@@ -177,6 +177,8 @@ def explore(
 
 
 def _encoder_layers(choice: str | Sequence[int], count: int) -> list[int]:
+    if count == 0:
+        raise ValueError("explore shows the encoder's attention, and this model has no encoder layers")
     if choice == "last":
         return [count - 1]
     if choice == "all":

@@ -7,6 +7,7 @@ from deformable_detr.data.transforms import (
     IMAGENET_STD,
     SCALES,
     RandomSizeCrop,
+    inference_transforms,
     model_input,
     recipe,
     train_transforms,
@@ -118,6 +119,18 @@ def test_val_size_and_longer_side_cap():
     assert target["boxes"].shape == (0, 4)
     output, _ = val_transforms()(*blank(300, 400))
     assert output.shape[-2:] == (800, 1066)
+
+
+def test_validation_and_inference_resize_and_normalise_alike():
+    # A 300 x 1000 image at size 256: the shorter side would be 256, but the longer is capped at 427.
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 300, 1000), dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(300, 1000)),
+              "labels": torch.zeros(0, dtype=torch.int64)}  # fmt: skip
+    validation, _ = val_transforms(256)(image, target)
+    from_recipe, _ = recipe(256)[1](image, target)
+    inference = inference_transforms(256)(image)
+    assert validation.shape == (3, 128, 427)
+    assert torch.equal(validation, from_recipe) and torch.equal(validation, inference)
 
 
 def test_normalisation_uses_the_imagenet_statistics():

@@ -73,8 +73,7 @@ def model_input() -> v2.Compose:
     boxes under one pixel (left by crops or downscaling) dropped with their labels; boxes as
     normalised (cx, cy, w, h)."""
     return v2.Compose([
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        *_normalise(),
         # Resizes can push a clipped corner a float epsilon past the border, which the
         # sanitizer would treat as out of the image and drop the whole box.
         v2.ClampBoundingBoxes(),
@@ -103,19 +102,25 @@ def train_transforms(
     ])  # fmt: skip
 
 
-def val_transforms(size: int = VAL_SIZE, max_size: int = MAX_SIZE) -> v2.Compose:
-    """Resize of the shorter side to ``size``, longer side at most ``max_size``."""
-    return v2.Compose([v2.Resize(size, max_size=max_size), model_input()])
+def val_transforms(size: int = VAL_SIZE, max_size: int | None = None) -> v2.Compose:
+    """Resize of the shorter side to ``size``, longer side at most ``max_size`` (by default
+    :func:`max_side` of ``size``, as in :func:`recipe` and :func:`inference_transforms`)."""
+    return v2.Compose([_val_resize(size, max_size), model_input()])
 
 
 def inference_transforms(image_size: int = VAL_SIZE) -> v2.Compose:
     """The validation resize and normalisation of :func:`recipe`, for an image alone (uint8 in,
     normalised float out)."""
-    return v2.Compose([
-        v2.Resize(image_size, max_size=max_side(image_size)),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])  # fmt: skip
+    return v2.Compose([_val_resize(image_size), *_normalise()])
+
+
+def _val_resize(size: int, max_size: int | None = None) -> v2.Resize:
+    return v2.Resize(size, max_size=max_side(size) if max_size is None else max_size)
+
+
+def _normalise() -> list[v2.Transform]:
+    """uint8 to float in [0, 1], then normalised with the ImageNet mean and std."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 def max_side(image_size: int) -> int:
@@ -134,7 +139,6 @@ def recipe(image_size: int = VAL_SIZE) -> tuple[v2.Compose, v2.Compose]:
     def scaled(sizes: Sequence[int]) -> list[int]:
         return sorted({round(size * factor) for size in sizes})
 
-    max_size = max_side(image_size)
     crop_range = (round(CROP_RANGE[0] * factor), round(CROP_RANGE[1] * factor))
-    train = train_transforms(scaled(SCALES), max_size, scaled(CROP_SCALES), crop_range)
-    return train, val_transforms(image_size, max_size)
+    train = train_transforms(scaled(SCALES), max_side(image_size), scaled(CROP_SCALES), crop_range)
+    return train, val_transforms(image_size)

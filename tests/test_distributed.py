@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deformable_detr import build_model, load_pretrained, save_checkpoint
+from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.data import synthesize
+from deformable_detr.distributed import share_buffers
 from deformable_detr.evaluation import METRICS, evaluate_checkpoint
-from deformable_detr.train import SetCriterion
+from deformable_detr.train import SetCriterion, TrainConfig, loop, train
+from deformable_detr.train.ema import WeightAverage
 
 from choices import MatchReplay
 from slurm_cluster import free_port
@@ -109,6 +113,46 @@ def test_denoising_trains_under_ddp_when_a_process_has_no_objects(tmp_path):
     # Both processes took part in every step and hold the same averaged gradient.
     assert results[0].abs().sum() > 0
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+class RecordedAverage(WeightAverage):
+    """The weight average, kept where a test can read it after training."""
+
+    made: list[WeightAverage] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+
+def averaging_worker(rank: int, rendezvous: str, data: str, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        loop.WeightAverage = RecordedAverage
+        # One update of one image on each process; the average keeps half of the weights it started from.
+        train(TrainConfig(data=data, output_dir=str(Path(data) / "run"), epochs=1, batch_size=1, image_size=96,
+                          workers=0, val_split="none", ema=0.5, ema_warmup=0))
+        average = RecordedAverage.made[0].model
+        share_buffers(average)  # batch norm's statistics, as before every evaluation
+        results[rank] = average.state_dict()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_averages_the_weights_the_main_one_does(tmp_path):
+    # Each process builds its model from its own seed; the wrap in DistributedDataParallel gives them
+    # all the main process's weights, the weights every average must start from.
+    data = synthesize(tmp_path / "data", train=2, val=1, image_size=96, seed=1)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(averaging_worker, args=(str(tmp_path / "rendezvous"), str(data), results), nprocs=2)
+        results = dict(results)
+    saved = read_checkpoint(data / "run" / "checkpoint.pt").extra["ema"]
+    assert saved["updates"] == 1
+    for rank in (0, 1):
+        for name, tensor in saved["model"].items():
+            torch.testing.assert_close(results[rank][name], tensor, rtol=0, atol=0, msg=f"{name} on process {rank}")
 
 
 def test_sync_batch_norm_checkpoints_load_as_batch_norm(tmp_path):

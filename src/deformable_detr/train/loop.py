@@ -170,17 +170,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _print(f"resuming from {last_path} at {start.describe(batches)}")
     elif config.finetune_from:
         _print(_finetune(model, config.finetune_from))
+    if is_main_process():
+        remove_abandoned_writes(output_dir, ["checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"])
+
+    trained = DistributedDataParallel(model) if is_distributed() else model
     ema = None
-    if config.ema is not None:  # from the weights the run starts with, or as it stopped
+    if config.ema is not None:
+        # From the weights the run starts with (once the wrap has given every process the main one's,
+        # so that all average the same weights), or as it stopped.
         ema = WeightAverage.for_batch(model, decay=config.ema, warmup_updates=config.ema_warmup,
                                       batch=config.batch_size * world_size() * config.accumulation_steps)
         if start.ema is not None:
             ema.load_state_dict(start.ema)
         _print(ema.describe())
-    if is_main_process():
-        remove_abandoned_writes(output_dir, ["checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"])
-
-    trained = DistributedDataParallel(model) if is_distributed() else model
     logger = Logger(output_dir, since_update=updates_before(start.epoch, start.progress))
     best, best_ap, record = start.best, start.best_ap, {}
     best_detections = None  # of the best epoch, where this process trained it

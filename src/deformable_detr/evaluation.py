@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
 from .checks import check_count
-from .data import data_loader, load_split, recipe
+from .data import CocoDataset, data_loader, load_split, recipe
 from .data.coco import coco_index
 from .distributed import gather_objects, is_main_process, setup_distributed
 from .files import atomic_write
@@ -190,12 +190,23 @@ def evaluate_checkpoint(
     dataset, _ = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1], format=format)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     evaluation = detect_all(model, loader, device=device, coco=dataset.coco, dtype=dtype).evaluation()
-    if report is not None and is_main_process():
+    if report is not None:
+        write_evaluation_report(evaluation, report, dataset, checkpoint=checkpoint, data=data, split=split)
+    return metrics(evaluation)
+
+
+def write_evaluation_report(
+    evaluation: COCOeval_faster, folder: str | os.PathLike, dataset: CocoDataset, *, checkpoint: str | os.PathLike,
+    data: str | os.PathLike, split: str,
+) -> None:
+    """Write the report of ``checkpoint``'s ``evaluation`` (:meth:`CocoEvaluator.evaluation`) on
+    ``dataset``, ``data``'s ``split``, into ``folder`` (:func:`~deformable_detr.report.write_report`),
+    from the main process alone."""
+    if is_main_process():
         from .report import write_report  # matplotlib is loaded only to draw
 
-        write_report(evaluation, report, class_names=dataset.category_names, image_path=dataset.image_path,
+        write_report(evaluation, folder, class_names=dataset.category_names, image_path=dataset.image_path,
                      title=f"{checkpoint} on {data} ({split})")
-    return metrics(evaluation)
 
 
 def format_metrics(record: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ from ..distributed import (
     wait_for_all,
     world_size,
 )
-from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics
+from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics, write_evaluation_report
 from ..files import atomic_write, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
 from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
@@ -340,12 +340,8 @@ def _report(detections: CocoEvaluator | None, val_set: CocoDataset, config: Trai
         evaluate_checkpoint(best_path, config.data, split=config.val_split, batch_size=config.batch_size,
                             image_size=config.image_size, workers=config.workers, format=config.format, report=folder)
         return
-    evaluation = detections.evaluation()  # collective when distributed
-    if is_main_process():
-        from ..report import write_report  # matplotlib is loaded only to draw
-
-        write_report(evaluation, folder, class_names=val_set.category_names, image_path=val_set.image_path,
-                     title=f"{best_path} on {config.data} ({config.val_split})")
+    write_evaluation_report(detections.evaluation(), folder, val_set, checkpoint=best_path, data=config.data,
+                            split=config.val_split)
 
 
 def _follow_the_clock(scheduler: LambdaLR, minutes: float, config: TrainConfig) -> None:

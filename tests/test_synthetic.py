@@ -92,6 +92,13 @@ def test_object_sizes_set_the_size_range(tmp_path):
     assert small.max() < 0.25 and large.min() > 0.3
 
 
+def test_objects_smaller_than_the_minimum_side_are_drawn_at_it(tmp_path):
+    root = synthesize(tmp_path, train=20, val=0, image_size=64, object_sizes=(0.01, 0.02))  # under a pixel
+    sides = np.array([annotation["bbox"][2:] for annotation in _load(root, "train")["annotations"]])
+    # A rotated star's box is the narrowest, its longer side at least nine tenths of its square's.
+    assert sides.max(1).min() >= 0.9 * synthetic.MIN_OBJECT_SIDE and sides.max() <= 1.5 * synthetic.MIN_OBJECT_SIDE
+
+
 def test_about_half_the_objects_are_small_by_coco_measure(tmp_path):
     synthesize(tmp_path, train=0, val=100, image_size=192)
     areas = np.array([a["area"] for a in _load(tmp_path, "val")["annotations"]])

@@ -29,12 +29,14 @@ from PIL import Image, ImageDraw
 CLASSES = ("ellipse", "rectangle", "triangle", "star", "cross")
 
 # An object's size (the side of its square before stretching) as fractions of the image's shorter
-# side. From 15 %, about half of the objects are small by COCO's measure (area under 32^2 pixels in
-# 192-pixel images; 41 % in COCO); below about 10 % (19 pixels), a star, a cross and an ellipse
-# are a few blurred pixels apart.
+# side. From 15 %, about half of the objects are small by COCO's measure (area under 32^2 pixels) in
+# the demo's 192-pixel images (41 % in COCO; a fifth in 256-pixel ones, synthesize's default); below
+# about 10 % (19 pixels at 192), a star, a cross and an ellipse are a few blurred pixels apart.
 OBJECT_SIZES = (0.15, 0.6)
-# Objects are 12 pixels a side at least (more once rotated), and an image's shorter side may be three
-# quarters of its longer one: in smaller images few objects would fit.
+# The side of the square a shape is drawn in, at least, in pixels (its box is about that, more once rotated).
+MIN_OBJECT_SIDE = 6.0
+# An image's shorter side may be three quarters of its longer one: at 32 pixels (24 across) the
+# smallest objects fit four to a side, and in smaller images hardly any would.
 MIN_IMAGE_SIZE = 32
 
 # The hidden folder a data set is drawn in before it moves into place.
@@ -125,7 +127,8 @@ def _draw_image(
             # Log-uniform: every doubling of size is equally common.
             size = min(height, width) * math.exp(rng.uniform(*np.log(object_sizes)))
             aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
-            half = np.array([max(size * math.sqrt(aspect), 6.0), max(size / math.sqrt(aspect), 6.0)]) / 2
+            sides = np.array([size * math.sqrt(aspect), size / math.sqrt(aspect)])
+            half = np.maximum(sides, MIN_OBJECT_SIDE) / 2
             angle = rng.uniform(0, 2 * math.pi)
             rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
             points = (_POLYGONS[CLASSES[category]] * half) @ rotation.T

@@ -3,7 +3,7 @@ import json
 import pytest
 from PIL import Image
 
-from deformable_detr.data import VOC_CLASSES, CocoDataset, DatasetError, voc_to_coco
+from deformable_detr.data import VOC_CLASSES, CocoDataset, DatasetError, split_names, voc_to_coco
 
 XML = """<annotation>
   <filename>{name}.jpg</filename>
@@ -53,6 +53,18 @@ def test_split_file_and_classes_found(tmp_path):
     assert [i["file_name"] for i in data["images"]] == ["a.jpg", "b.jpg"]
     # Classes come from every annotation file, so that all splits number them alike.
     assert {c["name"]: c["id"] for c in data["categories"]} == {"ant": 1, "cat": 2, "zebra": 3}
+
+
+def test_split_names_hold_underscores_and_leave_out_per_class_files(tmp_path):
+    root = _voc(tmp_path, {"2012_000001": [], "2012_000002": []}, split=("train", ["2012_000001"]))
+    main = root / "ImageSets" / "Main"
+    (main / "val_2012.txt").write_text("2012_000002\n")
+    (main / "cat_train.txt").write_text("2012_000001 -1\n")  # as VOC writes them: present 1, absent -1, difficult 0
+    (main / "dog_train.txt").write_text("2012_000001  1\n")
+    (main / "dog_trainval.txt").write_text("2012_000001  1\n2012_000002 -1\n")  # of a split without its own file
+    (main / "dog_val_2012.txt").write_text("2012_000002  0\n")
+    (main / "cat_val_2012.txt").write_text("2012_000002\n")  # positives only: known by its name
+    assert split_names(root, "voc") == ["train", "val_2012"]
 
 
 def test_size_read_from_the_image_when_missing(tmp_path):

@@ -86,10 +86,27 @@ def _read_annotation(
 
 
 def voc_splits(voc_root: str | Path) -> list[str]:
-    """The split names of a VOC folder: its ``ImageSets/Main/<split>.txt`` files (not the per-class
-    ``<class>_<split>.txt`` ones), or ``["train"]`` (every annotation) without that folder."""
+    """The split names of a VOC folder: its ``ImageSets/Main/<split>.txt`` files, or ``["train"]``
+    (every annotation) without that folder.
+
+    VOC's per-class files are not splits: ``<class>_<split>.txt``, known by their lines (an image and
+    1, -1 or 0: whether the class is in it) or, written otherwise, by a name that ends with another
+    split's. A split's own name may hold an underscore (``val_2012``)."""
     folder = Path(voc_root) / "ImageSets" / "Main"
-    return sorted(p.stem for p in folder.glob("*.txt") if "_" not in p.stem) if folder.is_dir() else ["train"]
+    if not folder.is_dir():
+        return ["train"]
+    stems = {path.stem for path in folder.glob("*.txt") if not _lists_one_class(path)}
+    return sorted(stem for stem in stems if not any(stem.endswith(f"_{other}") for other in stems))
+
+
+def _lists_one_class(path: Path) -> bool:
+    """Whether the file's first line reads ``<image> 1`` (or -1, or 0), as VOC's per-class files do."""
+    with open(path, "rb") as file:
+        for line in file:
+            fields = line.split()
+            if fields:
+                return len(fields) == 2 and fields[1] in (b"1", b"-1", b"0")
+    return False
 
 
 def read_voc(

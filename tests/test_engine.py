@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -229,7 +231,12 @@ def test_a_time_budget_stops_within_the_epoch_and_drops_the_learning_rate_at_its
     monkeypatch.setattr(engine.time, "perf_counter", lambda: float(next(ticks)))
     # 8 batches an epoch; the drop at 6 of 10 epochs, i.e. at 60 % of the budget: 1.2 minutes.
     run = config(data, tmp_path / "run", epochs=10, lr_drop_epoch=6, batch_size=1, lr=1e-3, max_minutes=2.0)
+    detect_all = loop.detect_all
+    # A signal during the evaluation that ends the budget: nothing would be left to resume.
+    monkeypatch.setattr(loop, "detect_all", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM) or
+                        detect_all(*args, **kwargs))
     train(run)
+    monkeypatch.setattr(loop, "detect_all", detect_all)
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [step["lr"] for step in steps] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])  # 2 minutes: the end
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -252,6 +259,8 @@ def test_early_stopping_stops_at_the_evaluation_its_patience_predicts_and_keeps_
     class ScriptedEvaluation:
         def __init__(self, *_, **__):
             self.ap = next(aps)
+            if self.ap == 0.45:  # the evaluation that stops the run: nothing would be left to resume
+                os.kill(os.getpid(), signal.SIGUSR1)
 
         def summarize(self):
             return {"AP": self.ap, "AP50": self.ap}
@@ -269,7 +278,7 @@ def test_early_stopping_stops_at_the_evaluation_its_patience_predicts_and_keeps_
     assert best.extra["epoch"] == 1 and best.extra["best"]["AP"] == 0.5
 
     assert train(dataclasses.replace(run, resume=True)) == {}
-    assert "nothing to train: the run stopped early" in capsys.readouterr().out
+    assert "the run is already complete: it stopped early" in capsys.readouterr().out
     with pytest.raises(TrainingError, match="no 'none' split to evaluate, so nothing for --patience to count"):
         train(config(data, tmp_path / "without_validation", patience=2, val_split="none"))
     train(dataclasses.replace(run, resume=True, patience=3))  # more patience: on to the better epoch 4

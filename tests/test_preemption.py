@@ -1,7 +1,8 @@
 """Training that survives preemption: a run stopped anywhere within an epoch, by a signal or by
 ``kill -9``, and resumed ends with the uninterrupted run's weights and their average (EMA) bit for
-bit, in one process, with loader workers and under torchrun; a finished run, another number of processes and a second signal
-each get their one line."""
+bit, in one process, with loader workers and under torchrun; a signal as the run ends anyway ends it as
+usual; a finished run resumed writes only a missing report; another number of processes and a second
+signal each get their one line."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import deformable_detr.train
 from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
+from deformable_detr.evaluation import format_metrics
 from deformable_detr.train import (
     REQUEUE_STATUS,
     TrainConfig,
@@ -31,6 +33,7 @@ from deformable_detr.train import (
     TrainingStopped,
     checkpointing,
     engine,
+    loop,
     preemption,
     train,
 )
@@ -195,17 +198,40 @@ def test_a_repeated_signal_within_a_second_is_the_same_request(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before, "the handler in place before is restored"
 
 
-def test_a_finished_run_resumed_says_so_in_one_line_and_exits_0(data, straight, tmp_path, capsys):
+def test_a_finished_run_resumed_says_so_exits_0_and_writes_only_the_report_it_lacks(data, straight, tmp_path, capsys):
     expected, _ = straight
     run = tmp_path / "run"
     shutil.copytree(expected, run)
-    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}
     capsys.readouterr()
     assert main(["train", *arguments(data, run, "--resume")]) == 0
-    assert capsys.readouterr().out == (
-        f"{run / 'checkpoint.pt'}: nothing to train: the run is at epoch 2 and --epochs is 2 (a larger --epochs trains on)\n"
-    )
-    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    best = read_checkpoint(run / "best.pt").extra["best"]
+    conclusion = [f"report of best.pt: {run / 'report' / 'report.md'}; training curves: {run / 'curves.png'}",
+                  f"best epoch {best['epoch']}: {format_metrics(best)}; {run / 'best.pt'}"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{run / 'checkpoint.pt'}: the run is already complete: it is at epoch 2 and --epochs is 2 (a larger --epochs "
+        f"trains on)", *conclusion]
+    assert {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+    # As a run stopped or killed before it wrote its report leaves it.
+    shutil.rmtree(run / "report")
+    assert main(["train", *arguments(data, run, "--resume", "auto")]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == conclusion
+    reported = json.loads((run / "report" / "per_class.json").read_text())["metrics"]
+    assert (run / "report" / "report.md").is_file() and reported == pytest.approx({key: best[key] for key in reported})
+
+
+def test_a_signal_during_the_last_epochs_evaluation_lets_the_run_end_with_its_report(data, tmp_path, monkeypatch,
+                                                                                     capsys):
+    def signalled_detect_all(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return detect_all(*args, **kwargs)
+
+    detect_all = loop.detect_all
+    monkeypatch.setattr(loop, "detect_all", signalled_detect_all)
+    train(config(data, tmp_path / "run", epochs=1))  # nothing left to train, so no stop to requeue on
+    assert capsys.readouterr().out.splitlines()[-1].startswith("best epoch 0: AP ")
+    assert (tmp_path / "run" / "report" / "report.md").is_file() and position(tmp_path / "run") == (1, 0)
 
 
 def test_another_number_of_processes_is_refused_in_one_line(data, straight, tmp_path, capsys):

@@ -66,6 +66,11 @@ class ResumePoint:
     training_seconds: float = 0.0  # of the epochs finished
     ema: dict[str, Any] | None = None  # the state of the weights' average (WeightAverage.load_state_dict)
 
+    @property
+    def minutes_trained(self) -> float:
+        """The run's training time up to here."""
+        return (self.training_seconds + self.progress.seconds) / 60
+
     def describe(self, batches: int) -> str:
         """``epoch 3`` or ``epoch 3, batch 40 of 100``, for messages."""
         within = f", batch {self.progress.batches} of {batches}" if self.progress.batches else ""

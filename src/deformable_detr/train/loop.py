@@ -99,7 +99,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ``best.pt`` (best validation AP), ``log.jsonl`` (a record per epoch), ``steps.jsonl`` (one per
     optimiser update), ``tensorboard/``, ``curves.png`` (the losses and AP so far, after every epoch)
     and, at the end, ``report/``: the evaluation report of ``best.pt`` (docs/report.md). SIGTERM, SIGUSR1 or SIGINT stops it after the current
-    update with the checkpoint written, raising :class:`TrainingStopped` (docs/preemption.md).
+    update with the checkpoint written, raising :class:`TrainingStopped` (docs/preemption.md), unless
+    the run ends there anyway. A run resumed once complete trains nothing and returns ``{}``, having
+    written the report where a stop or a kill came before it.
     """
     device = setup_distributed(config.rendezvous_timeout)
     if is_distributed():
@@ -149,22 +151,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if resuming:
         start = resume_from(last_path, config, model=model, optimizer=optimizer, scheduler=scheduler,
                             early_stopping=stopping)
-        if start.epoch >= config.epochs:
-            _print(f"{last_path}: nothing to train: the run is at {start.describe(batches)} and --epochs is "
-                   f"{config.epochs} (a larger --epochs trains on)")
-            return {}
-        if stopping.stops():
-            _print(f"{last_path}: nothing to train: the run stopped early: {stopping.describe()} (a larger "
-                   f"--patience trains on)")
+        complete = _why_complete(start, stopping, config, batches)
+        if complete is not None:
+            _print(f"{last_path}: the run is already complete: {complete}")
+            # A stop or a kill in its last epoch may have come before its report was written.
+            _conclude(start.best, None, val_set, config, keep_report=True)
             return {}
         if config.max_minutes is not None:
-            minutes_trained = (start.training_seconds + start.progress.seconds) / 60
-            if minutes_trained >= config.max_minutes:
-                _print(f"{last_path}: nothing to train: the run has trained {minutes_trained:.1f} minutes and "
-                       f"--max-minutes is {config.max_minutes:g} (a larger --max-minutes trains on)")
-                return {}
             # The learning rate of the next update as this budget has it (a resumed run may change it).
-            _follow_the_clock(scheduler, minutes_trained, config)
+            _follow_the_clock(scheduler, start.minutes_trained, config)
             for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base_lr * factor(scheduler.last_epoch)
         _print(f"resuming from {last_path} at {start.describe(batches)}")
@@ -241,7 +236,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if improved and is_main_process():
                     _copy_atomically(last_path, best_path)
                 (stop,) = any_process(signals.received is not None)
-                if stop:
+                # Where the run ends here anyway, there would be nothing to resume: it ends as it would have.
+                ends = epoch + 1 == config.epochs or record.get("stopped_early") or out_of_time
+                if stop and not ends:
                     raise _stopped(signals, f"the end of epoch {epoch}", last_path)
                 if record.get("stopped_early"):
                     _print(f"stopping early after epoch {epoch}: {stopping.describe()}; best.pt is the best")
@@ -255,14 +252,39 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise
     finally:
         logger.close()
-    if val_set is None:
-        _print(f"no validation split, so no best.pt; the last epoch's model is {last_path}")
-    elif best:
-        if config.report:
-            _report(best_detections, val_set, config, best_path, output_dir / "report")
-            _print(f"report of best.pt: {output_dir / 'report' / 'report.md'}; training curves: {output_dir / 'curves.png'}")
-        _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
+    _conclude(best, best_detections, val_set, config, keep_report=False)
     return record
+
+
+def _why_complete(start: ResumePoint, stopping: EarlyStopping, config: TrainConfig, batches: int) -> str | None:
+    """Why a run resumed at ``start`` has nothing left to train, for its message; None where it has."""
+    if start.epoch >= config.epochs:
+        return f"it is at {start.describe(batches)} and --epochs is {config.epochs} (a larger --epochs trains on)"
+    if stopping.stops():
+        return f"it stopped early: {stopping.describe()} (a larger --patience trains on)"
+    if config.max_minutes is not None and start.minutes_trained >= config.max_minutes:
+        return (f"it has trained {start.minutes_trained:.1f} minutes and --max-minutes is {config.max_minutes:g} "
+                f"(a larger --max-minutes trains on)")
+    return None
+
+
+def _conclude(best: dict[str, Any], detections: CocoEvaluator | None, val_set: CocoDataset | None,
+              config: TrainConfig, *, keep_report: bool) -> None:
+    """The end of a run: the report of best.pt, where ``config.report`` asks for it (unless
+    ``keep_report`` and one is written already), and the best epoch's line. ``detections`` are the best
+    epoch's, where this process trained it."""
+    output_dir = Path(config.output_dir)
+    best_path, folder = output_dir / "best.pt", output_dir / "report"
+    if val_set is None:
+        _print(f"no validation split, so no best.pt; the last epoch's model is {output_dir / 'checkpoint.pt'}")
+        return
+    if not best:
+        return
+    if config.report:
+        if not (keep_report and main_process_decides((folder / "report.md").is_file())):  # written last
+            _report(detections, val_set, config, best_path, folder)
+        _print(f"report of best.pt: {folder / 'report.md'}; training curves: {output_dir / 'curves.png'}")
+    _print(f"best epoch {best['epoch']}: {format_metrics(best)}; {best_path}")
 
 
 def _resuming(config: TrainConfig, last_path: Path) -> bool:

@@ -82,14 +82,6 @@ def duplicate_category_id(data):
     data["categories"].append({"id": 1, "name": "bird"})
 
 
-def annotation_without_id(data):
-    data["annotations"][0] = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 20]}
-
-
-def duplicate_annotation_id(data):
-    data["annotations"][1]["id"] = 1
-
-
 def width_as_text(data):
     data["images"][2]["width"] = "50"  # image c, which has no objects
 
@@ -147,18 +139,13 @@ def fatal_cases(tmp_path):
         "width as text": (coco_with(tmp_path / "width", width_as_text), "instances_train.json: image 3: width '50' is not a positive whole number"),
         "class names not keyed 0..n-1 (YOLO)": (names_from_one, f"{names_from_one / 'data.yaml'}: 'names' must name each class index 0..1: "
                                                                "no name for 0; keys not among them: 2"),
-        "annotation without id": (coco_with(tmp_path / "annotation-id", annotation_without_id),
-                                  "instances_train.json: annotation {'image_id': 1, 'category_id': 1, 'bbox': [0, 0, 10, 20]} "
-                                  "needs 'id', 'image_id', 'category_id' and 'bbox'"),
-        "duplicate annotation ids": (coco_with(tmp_path / "annotations", duplicate_annotation_id),
-                                     "instances_train.json: annotation id 1 appears twice"),
     }  # fmt: skip
 
 
 FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
          "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text",
-         "annotation without id", "duplicate annotation ids", "class names not keyed 0..n-1 (YOLO)"]  # fmt: skip
+         "class names not keyed 0..n-1 (YOLO)"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", FATAL)

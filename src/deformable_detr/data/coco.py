@@ -105,10 +105,7 @@ def coco_problems(data: dict[str, Any], path: Path) -> list[Problem]:
     data["images"] = keep(data["images"], lambda image: _image_problem(image, seen_images))
     image_ids = {image["id"] for image in data["images"]}
     category_ids = {category["id"] for category in data["categories"]}
-    seen_annotations: set[int] = set()
-    data["annotations"] = keep(
-        data["annotations"], lambda entry: _annotation_problem(entry, seen_annotations, image_ids, category_ids)
-    )
+    data["annotations"] = keep(data["annotations"], lambda entry: _annotation_problem(entry, image_ids, category_ids))
     return problems
 
 
@@ -146,17 +143,10 @@ def _is_size(value: Any) -> bool:
     return is_whole_number(value) and value > 0
 
 
-def _annotation_problem(annotation: Any, seen: set[int], image_ids: set[int], category_ids: set[int]) -> str | None:
-    if not isinstance(annotation, dict) or any(k not in annotation for k in ("id", "image_id", "category_id", "bbox")):
-        return f"annotation {annotation!r} needs 'id', 'image_id', 'category_id' and 'bbox'"
-    # COCO evaluation records a match as the matched annotation's id, and 0 as no match: an annotation
-    # with id 0 is never found, and of two with one id it finds one twice and the other never.
-    if not is_whole_number(annotation["id"]) or annotation["id"] < 1:
-        return f"annotation id {annotation['id']!r} is not a positive integer"
-    if annotation["id"] in seen:
-        return f"annotation id {annotation['id']} appears twice"
-    seen.add(annotation["id"])
-    name = f"annotation {annotation['id']} (image {annotation['image_id']})"
+def _annotation_problem(annotation: Any, image_ids: set[int], category_ids: set[int]) -> str | None:
+    if not isinstance(annotation, dict) or any(k not in annotation for k in ("image_id", "category_id", "bbox")):
+        return f"annotation {annotation!r} needs 'image_id', 'category_id' and 'bbox'"
+    name = f"annotation {annotation.get('id', '?')} (image {annotation['image_id']})"
     box = annotation["bbox"]
     if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
         return f"{name}: bbox {box!r} is not [x, y, width, height]"

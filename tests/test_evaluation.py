@@ -55,6 +55,23 @@ def test_ground_truth_scores_perfectly(data_root):
     assert all(value == pytest.approx(1.0, abs=1e-12) for key, value in _defined(metrics).items() if key != "AR1")
 
 
+
+@pytest.mark.parametrize("ids", [[0, 1], [7, 7], None], ids=["from 0", "repeated", "left out"])
+def test_every_object_counts_whatever_annotation_ids_the_file_gives(tmp_path, ids):
+    # COCO evaluation reads a match to annotation id 0 as no match, and keys objects by their ids.
+    synthesize(tmp_path, train=0, val=4, image_size=64)
+    path = tmp_path / "annotations" / "instances_val.json"
+    data = json.loads(path.read_text())
+    data["annotations"] = data["annotations"][:2]
+    assert len(data["annotations"]) == 2
+    for annotation, number in zip(data["annotations"], ids or [None, None]):
+        annotation.pop("id")
+        if number is not None:
+            annotation["id"] = number
+    path.write_text(json.dumps(data))
+    coco = coco_split(tmp_path, "val").coco
+    assert _evaluate_ground_truth(coco, sorted(coco.imgs)).summarize()["AP"] == 1.0
+
 def test_shifted_boxes_score_by_overlap(data_root):
     coco = coco_split(data_root, "val").coco
     # Moved by a fifth of their width, boxes overlap their objects with IoU 0.8 / 1.2 = 2/3: matched at

@@ -209,7 +209,11 @@ class CocoDataset(Dataset):
         if data is None:
             data = _read_json(self.annotation_file)
             _check(data, self.image_dir, self.annotation_file)
-        self.coco = coco_index(data)
+        # COCO evaluation records a match as the matched annotation's id, and 0 as no match: ids
+        # from 0 (as some exporters number them), repeated or left out would lose boxes. Nothing
+        # else reads them, so the index numbers the annotations itself.
+        annotations = [{**annotation, "id": number} for number, annotation in enumerate(data["annotations"], start=1)]
+        self.coco = coco_index({**data, "annotations": annotations})
         self.ids = sorted(self.coco.imgs)
         self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
         self.num_classes = max(self.category_names) + 1

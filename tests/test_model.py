@@ -147,6 +147,36 @@ def test_encoder_reference_points_stay_float32_under_bfloat16_autocast():
     torch.testing.assert_close(got, expected)
 
 
+def _transformer_positions(model, images):
+    positions = []
+    hook = model.transformer.register_forward_pre_hook(lambda module, args: positions.extend(args[2]))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    return positions
+
+
+def test_position_embeddings_stay_float32_under_bfloat16_autocast():
+    """They are added to the float32 level embeddings: rounded to the features' bfloat16 first, they
+    would only lose bits."""
+    model = build_model("tiny").eval()
+    images = [torch.randn(3, 96, 128), torch.randn(3, 72, 100)]
+    expected = _transformer_positions(model, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _transformer_positions(model, images)
+    assert len(got) == model.config.num_feature_levels
+    assert {position.dtype for position in got} == {torch.float32}
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_converted_to_another_dtype_computes_in_it(dtype):
+    model = build_model("tiny").to(dtype).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 64, 64, dtype=dtype))
+    assert outputs["pred_logits"].dtype == outputs["pred_boxes"].dtype == dtype
+
+
 def test_list_of_images_is_padded_with_a_mask():
     model = build_model("tiny").eval()
     images = [torch.randn(3, 96, 130), torch.randn(3, 120, 80)]

@@ -7,10 +7,10 @@ AVX512-BF16 or AMX, or a recent GPU, computes them about twice as fast, and so d
 them inside a layer (layer and group norms accumulate in float32 but return the low precision; the
 attention weights; the heads' boxes). The backbone's frozen batch norms are folded into the
 convolutions before them (:func:`inference_model`): left in float32 between two low-precision
-convolutions, they and autocast's casts around them kept the r50 forward from its 2x. The position
-embeddings and the deformable attention's sampling locations stay float32 (the op reads them beside
-bfloat16 values): 8 significant bits would misplace the samples by up to half a pixel of the
-largest level.
+convolutions, they and autocast's casts around them kept the r50 forward from its 2x. The feature
+maps' position embeddings stay float32, and so do the deformable attention's sampling locations and
+the reference points and valid ratios they are made from (the op reads the locations beside bfloat16
+values): 8 significant bits would misplace the samples by up to a pixel of the largest level.
 The outputs are handed to post-processing in float32: scores through the sigmoid and the top-k,
 boxes scaled to pixels.
 bfloat16 keeps 8 significant bits, so what it costs is measured: docs/performance.md#bfloat16-inference.

@@ -149,7 +149,7 @@ class Joiner(nn.Sequential):
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
         features = self[0](images, padding_mask)
-        positions = [self[1](mask).to(feature.dtype) for feature, mask in features]
+        positions = [self[1](mask) for _, mask in features]
         return features, positions
 
 

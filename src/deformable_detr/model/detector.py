@@ -182,7 +182,7 @@ class DeformableDETR(nn.Module):
             mask = F.interpolate(padding_mask[None].float(), size=source.shape[-2:])[0].to(torch.bool)
             sources.append(source)
             masks.append(mask)
-            positions.append(self.backbone[1](mask).to(source.dtype))
+            positions.append(self.backbone[1](mask))
 
         # The one-to-many group of hybrid matching runs in training only.
         one_to_many = self.config.one_to_many_queries if self.training else 0

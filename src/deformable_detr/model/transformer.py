@@ -377,8 +377,13 @@ class DeformableTransformer(nn.Module):
         shapes = [tuple(source.shape[-2:]) for source in sources]
         src = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
+        # In the precision of the parameters, not of autocast's features: float32 under autocast, where
+        # rounding them to bfloat16 before adding the float32 level embedding would only lose bits.
         position = torch.cat(
-            [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)],
+            [
+                pos.to(self.level_embed.dtype).flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+                for level, pos in enumerate(positions)
+            ],
             1,
         )
         spatial_shapes = _spatial_shapes(shapes, src.device)

@@ -194,6 +194,23 @@ def test_no_attention_flows_between_denoising_groups_and_the_other_queries():
         assert not torch.equal(denoised_after[:, 2:4], denoised_before[:, 2:4])
 
 
+def test_with_fewer_proposals_than_queries_the_outputs_hold_each_group_in_its_place():
+    """A small image has fewer encoder positions than queries: the proposals all go to the one-to-one
+    group, and the denoising queries stay in their own output."""
+    model = build_model("tiny", num_classes=4, dropout=0.0, two_stage=True, one_to_many_queries=10, denoising_groups=2)
+    image, target = torch.randn(1, 3, 32, 32), targets()[:1]
+    with torch.no_grad():
+        training = model.train()(image, targets=target)
+        inference = model.eval()(image)
+    proposals = training["enc_outputs"]["pred_logits"].shape[1]
+    assert proposals < model.config.num_queries
+    assert training["pred_logits"].shape[1] == inference["pred_logits"].shape[1] == proposals
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(training[key], inference[key], rtol=0, atol=1e-6)
+    assert training["one_to_many"]["pred_logits"].shape[1] == 0
+    assert training["denoising"]["pred_logits"].shape[1] == model.config.denoising_groups * len(target[0]["labels"])
+
+
 def last_layer_box_gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
     model.train()
     model(x)["pred_boxes"].sum().backward()

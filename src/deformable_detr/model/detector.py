@@ -194,7 +194,7 @@ class DeformableDETR(nn.Module):
         denoising = None
         if self.training and self.config.denoising_groups and targets is not None:
             denoising = self._denoising_queries(targets, images.device)
-        hs, initial_reference, references, encoder_logits, encoder_coords = self.transformer(
+        hs, initial_reference, references, encoder_logits, encoder_coords, query_groups = self.transformer(
             sources, masks, positions, query_embed, one_to_many_queries=one_to_many, denoising=denoising
         )
 
@@ -204,8 +204,7 @@ class DeformableDETR(nn.Module):
             box = refine_boxes(self.bbox_embed[layer](output), reference)
             predictions.append({"pred_logits": self.class_embed[layer](output), "pred_boxes": box})
 
-        matched = hs.shape[2] - (denoising.boxes.shape[1] if denoising is not None else 0)
-        one_to_one = self.config.num_queries if one_to_many else matched
+        one_to_one, matched = query_groups.one_to_one, query_groups.one_to_one + query_groups.one_to_many
         outputs = _layer_outputs([_queries(p, slice(None, one_to_one)) for p in predictions])
         if one_to_many:
             outputs["one_to_many"] = _layer_outputs([_queries(p, slice(one_to_one, matched)) for p in predictions])

@@ -242,6 +242,14 @@ class DenoisingQueries(NamedTuple):
     groups: int
 
 
+class QueryGroups(NamedTuple):
+    """How many of the decoded queries each group has; the groups follow one another in this order."""
+
+    one_to_one: int
+    one_to_many: int
+    denoising: int
+
+
 def group_attention_mask(group_sizes: list[int], device: torch.device | None = None) -> Tensor:
     """(Q, Q) self-attention mask for consecutive query groups: True (blocked) between queries of
     different groups, so that each group attends to its own queries only."""
@@ -356,7 +364,7 @@ class DeformableTransformer(nn.Module):
         *,
         one_to_many_queries: int = 0,
         denoising: DenoisingQueries | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, QueryGroups]:
         """
         Args:
             sources, positions: per level (N, C, H, W); masks: per level (N, H, W), True = padding.
@@ -371,8 +379,9 @@ class DeformableTransformer(nn.Module):
 
         Returns:
             hs (layers, N, Q, C), initial reference (N, Q, 2 or 4), per-layer references
-            (layers, N, Q, 2 or 4), and in two-stage mode the encoder class logits (N, S, classes)
-            and unactivated box coordinates (N, S, 4).
+            (layers, N, Q, 2 or 4), in two-stage mode the encoder class logits (N, S, classes)
+            and unactivated box coordinates (N, S, 4), and the sizes of the query groups in Q
+            (two-stage fills the one-to-one group first where there are fewer proposals than queries).
         """
         shapes = [tuple(source.shape[-2:]) for source in sources]
         src = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
@@ -425,14 +434,16 @@ class DeformableTransformer(nn.Module):
             tgt = tgt[None].expand(batch, -1, -1)
             reference_points = self.reference_points(query_position).sigmoid()
 
-        matched = tgt.shape[1] - (denoising.boxes.shape[1] if denoising is not None else 0)
+        denoised = denoising.boxes.shape[1] if denoising is not None else 0
+        matched = tgt.shape[1] - denoised
         one_to_one = min(self.num_queries, matched)
+        query_groups = QueryGroups(one_to_one, matched - one_to_one, denoised)
         group_sizes = [one_to_one, matched - one_to_one] if one_to_many_queries else [matched]
         if denoising is not None:
-            group_sizes += [denoising.boxes.shape[1] // denoising.groups] * denoising.groups
+            group_sizes += [denoised // denoising.groups] * denoising.groups
         self_attention_mask = group_attention_mask(group_sizes, tgt.device) if len(group_sizes) > 1 else None
         hs, references = self.decoder(
             tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_position, attention_mask,
             self_attention_mask,
         )
-        return hs, reference_points, references, encoder_logits, encoder_coords
+        return hs, reference_points, references, encoder_logits, encoder_coords, query_groups

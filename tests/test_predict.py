@@ -282,6 +282,24 @@ def test_evaluate_refuses_options_out_of_range_before_loading_anything(trained, 
         evaluation.evaluate_checkpoint(checkpoint, data, workers=0, **option)
 
 
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda categories: categories[0].update(name="zebra"), "class 1 is 'ellipse' there but 'zebra' in"),
+    (lambda categories: categories.append({"id": 9, "name": "zebra"}), "the model has 6 classes, but"),
+], ids=["another name", "more classes"])
+def test_evaluate_refuses_a_data_set_of_other_classes_in_one_line(trained, tmp_path, capsys, edit, message):
+    # COCO evaluation pairs classes by id: the model would be scored against classes it never learnt.
+    checkpoint, data = trained
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    path = other / "annotations" / "instances_val.json"
+    instances = json.loads(path.read_text())
+    edit(instances["categories"])
+    path.write_text(json.dumps(instances))
+    assert main(["evaluate", str(checkpoint), "--data", str(other), "--workers", "0"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"deformable-detr: error: {checkpoint}: ") and message in error and "\n" not in error
+
 # --------------------------------------------------------------------------- precision
 
 # bfloat16 keeps 8 significant bits: a logit near -2.6 moves by up to 2^-7, its score by about 1e-3,

@@ -188,11 +188,26 @@ def evaluate_checkpoint(
     read = read_checkpoint(checkpoint)
     model = inference_model(read.build_model(device=device), dtype)
     dataset, _ = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1], format=format)
+    _check_classes(read.class_names, model.config.num_classes, dataset, where=f"{data} ({split})", checkpoint=checkpoint)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     evaluation = detect_all(model, loader, device=device, coco=dataset.coco, dtype=dtype).evaluation()
     if report is not None:
         write_evaluation_report(evaluation, report, dataset, checkpoint=checkpoint, data=data, split=split)
     return metrics(evaluation)
+
+
+def _check_classes(
+    class_names: dict[int, str] | None, num_classes: int, dataset: CocoDataset, *, where: str, checkpoint: str | os.PathLike,
+) -> None:
+    """Raise ValueError where the checkpoint's classes cannot be the data set's: COCO evaluation
+    pairs them by id, so another numbering scores a model against classes it never learnt."""
+    if dataset.num_classes > num_classes:
+        raise ValueError(f"{checkpoint}: the model has {num_classes} classes, but {where}'s category ids go up to "
+                         f"{dataset.num_classes - 1}")
+    for identifier, name in sorted((class_names or {}).items()):
+        other = dataset.category_names.get(identifier)
+        if other is not None and other.strip().lower() != name.strip().lower():
+            raise ValueError(f"{checkpoint}: class {identifier} is {name!r} there but {other!r} in {where}")
 
 
 def write_evaluation_report(

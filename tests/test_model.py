@@ -296,6 +296,19 @@ def test_learned_position_embedding():
         assert model(torch.randn(1, 3, 64, 64))["pred_boxes"].isfinite().all()
 
 
+def test_learned_position_embedding_refuses_maps_larger_than_its_table():
+    model = build_model("tiny", position_embedding="learned").eval()
+    embedding = model.backbone[1]
+    rows, columns = embedding.row_embed.num_embeddings, embedding.col_embed.num_embeddings
+    assert embedding(torch.zeros(1, rows, columns, dtype=torch.bool)).shape[-2:] == (rows, columns)
+    for height, width in ((rows + 1, columns), (rows, columns + 1)):
+        with pytest.raises(ValueError, match=f"up to {rows} x {columns}, got {height} x {width}:"):
+            embedding(torch.zeros(1, height, width, dtype=torch.bool))
+    stride = 8  # of the first level
+    with torch.no_grad(), pytest.raises(ValueError, match=f"got {rows + 1} x 8:"):
+        model(torch.randn(1, 3, stride * (rows + 1), stride * 8))
+
+
 def test_backbone_weights_from_a_local_file(tmp_path):
     resnet = torchvision.models.resnet18()
     path = tmp_path / "resnet18.pth"

@@ -52,6 +52,12 @@ class PositionEmbeddingLearned(nn.Module):
 
     def forward(self, padding_mask: Tensor) -> Tensor:
         batch, height, width = padding_mask.shape
+        max_height, max_width = self.row_embed.num_embeddings, self.col_embed.num_embeddings
+        if height > max_height or width > max_width:
+            raise ValueError(
+                f"learned position embeddings cover feature maps up to {max_height} x {max_width}, got {height} x {width}: "
+                "use smaller images or position_embedding='sine'"
+            )
         device = padding_mask.device
         x_embedding = self.col_embed(torch.arange(width, device=device))
         y_embedding = self.row_embed(torch.arange(height, device=device))

@@ -80,7 +80,7 @@ def _join(rendezvous_timeout: float) -> None:
                                 rank=rank, world_size=world_size)  # fmt: skip
     except (dist.DistNetworkError, dist.DistStoreError) as error:
         raise RendezvousError(f"rendezvous at {endpoint}: not every process joined within {rendezvous_timeout:g} s "
-                              f"({str(error).splitlines()[0]})") from None
+                              f"({(str(error).splitlines() or [type(error).__name__])[0]})") from None
 
 
 @contextlib.contextmanager

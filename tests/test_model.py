@@ -11,7 +11,7 @@ import torchvision
 from conftest import R50_PRESETS, reference_state_dict_entries
 
 from deformable_detr import PRESETS, ModelConfig, build_model, postprocess
-from deformable_detr.model import MSDeformAttn, capture_attention, pad_images, transformer
+from deformable_detr.model import MSDeformAttn, attention, capture_attention, pad_images, transformer
 from deformable_detr.model.backbone import fold_batch_norms
 
 
@@ -127,6 +127,23 @@ def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch, autocast)
     with torch.no_grad():
         normalised = norm(convolved)
     assert normalised.data_ptr() == convolved.data_ptr()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"two_stage": True}], ids=["one_stage", "two_stage"])
+def test_the_forward_reads_no_tensor_values_on_the_host(monkeypatch, overrides):
+    """On a GPU, reading a tensor's values (spatial_shapes', say) makes the host wait for the device.
+    On the meta device, which has no values, such a read fails. The attention op, which reads values
+    of CPU tensors only, is left out: the model's arguments to it are what this checks."""
+
+    def output_of_the_right_shape(value, spatial_shapes, level_start_index, locations, weights):
+        return value.new_empty(*locations.shape[:2], value.shape[2] * value.shape[3])
+
+    monkeypatch.setattr(attention, "ms_deform_attn", output_of_the_right_shape)
+    model = build_model("tiny", **overrides).to("meta")
+    for training in (True, False):
+        with torch.set_grad_enabled(training):
+            outputs = model.train(training)(torch.empty(2, 3, 64, 80, device="meta"))
+        assert outputs["pred_boxes"].shape == (2, model.config.num_queries, 4)
 
 
 def _encoder_reference_points(model, images):

@@ -156,13 +156,16 @@ class DeformableTransformerEncoder(nn.Module):
     def forward(
         self,
         src: Tensor,
+        shapes: list[tuple[int, int]],
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         valid_ratios: Tensor,
         position: Tensor,
         padding_mask: Tensor | None,
     ) -> Tensor:
-        reference_points = self.reference_points(spatial_shapes.tolist(), valid_ratios)
+        """``shapes`` are the (H, W) of ``spatial_shapes`` as Python ints: reading them off the tensor
+        would make a GPU wait for it."""
+        reference_points = self.reference_points(shapes, valid_ratios)
         output = src
         for layer in self.layers:
             output = layer(output, position, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -406,7 +409,7 @@ class DeformableTransformer(nn.Module):
         skip_padding = mask.device.type == "cpu" and eager_inference() and not mask.any()
         attention_mask = None if skip_padding else mask
 
-        memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, position, attention_mask)
+        memory = self.encoder(src, shapes, spatial_shapes, level_start_index, valid_ratios, position, attention_mask)
 
         batch, _, channels = memory.shape
         encoder_logits = encoder_coords = None

@@ -96,7 +96,7 @@ class MSDeformAttn(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         # In-place updates below act on fresh outputs of linear layers, whose backward does not
         # need them: at COCO size each spares a pass over, and an allocation of, a large tensor.
-        # The layers run on rows (N * L, C): their output is then no view, whose in-place update
+        # The layers run on rows (N * S, C): their output is then no view, whose in-place update
         # autograd would undo by copying the whole tensor twice in the backward.
         value = self.value_proj(value.reshape(-1, value.shape[-1]))
         if padding_mask is not None:

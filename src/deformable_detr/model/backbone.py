@@ -1,4 +1,4 @@
-"""ResNet backbone with frozen batch norm, returning feature maps with their padding masks."""
+"""ResNet backbone (frozen or trainable batch norm) returning feature maps with their padding masks."""
 
 from __future__ import annotations
 
@@ -112,6 +112,11 @@ def _out_channels(stage: nn.Module) -> int:
     return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
+def resize_padding_mask(padding_mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, H, W) padding mask resized to ``size`` (h, w) with nearest interpolation."""
+    return F.interpolate(padding_mask[None].float(), size=size)[0].to(torch.bool)
+
+
 class Backbone(nn.Module):
     """The ResNet trunk (``body``) returning layer2..4 (multi-scale, strides 8/16/32) or layer4 only.
 
@@ -135,8 +140,7 @@ class Backbone(nn.Module):
         """(feature map, padding mask resized to it with nearest interpolation) per returned layer."""
         outputs = []
         for feature in self.body(images.contiguous(memory_format=torch.channels_last)).values():
-            mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].to(torch.bool)
-            outputs.append((feature, mask))
+            outputs.append((feature, resize_padding_mask(padding_mask, feature.shape[-2:])))
         return outputs
 
 

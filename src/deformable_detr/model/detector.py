@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -13,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig, get_config
-from .backbone import Joiner, build_backbone
-from .transformer import DeformableTransformer, DenoisingQueries, refine_boxes
+from .backbone import Joiner, build_backbone, resize_padding_mask
+from .transformer import DeformableTransformer, DenoisingQueries, clones, refine_boxes
 
 # Prefixes of the training-only parameters: the published architecture has none of them.
 TRAINING_ONLY = ("one_to_many_", "denoising_")
@@ -110,8 +109,8 @@ class DeformableDETR(nn.Module):
         # The initial box size is sigmoid(-2) ~ 0.12 of the image, unless two-stage proposals set it.
         nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)
         if config.with_box_refine:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_predictions))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_predictions))
+            self.class_embed = clones(class_head, num_predictions)
+            self.bbox_embed = clones(box_head, num_predictions)
             for head in self.bbox_embed[1:]:
                 nn.init.zeros_(head.layers[-1].bias)
             transformer.decoder.bbox_embed = self.bbox_embed
@@ -179,7 +178,7 @@ class DeformableDETR(nn.Module):
         masks = [mask for _, mask in features]
         for level in range(len(features), self.config.num_feature_levels):
             source = self.input_proj[level](features[-1][0] if level == len(features) else sources[-1])
-            mask = F.interpolate(padding_mask[None].float(), size=source.shape[-2:])[0].to(torch.bool)
+            mask = resize_padding_mask(padding_mask, source.shape[-2:])
             sources.append(source)
             masks.append(mask)
             positions.append(self.backbone[1](mask))

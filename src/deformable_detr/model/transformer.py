@@ -29,7 +29,8 @@ def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
     return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
 
 
-def _clones(module: nn.Module, count: int) -> nn.ModuleList:
+def clones(module: nn.Module, count: int) -> nn.ModuleList:
+    """``count`` independent deep copies of ``module``."""
     return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
 
 
@@ -140,7 +141,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
 class DeformableTransformerEncoder(nn.Module):
     def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
 
     @staticmethod
     def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -184,7 +185,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, *, look_forward_twice: bool = False) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
         self.look_forward_twice = look_forward_twice
         self.bbox_embed: nn.ModuleList | None = None

@@ -157,12 +157,13 @@ class DeformableTransformerEncoder(nn.Module):
     def forward(
         self,
         src: Tensor,
-        shapes: list[tuple[int, int]],
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         valid_ratios: Tensor,
         position: Tensor,
         padding_mask: Tensor | None,
+        *,
+        shapes: list[tuple[int, int]],
     ) -> Tensor:
         """``shapes`` are the (H, W) of ``spatial_shapes`` as Python ints: reading them off the tensor
         would make a GPU wait for it."""
@@ -410,7 +411,7 @@ class DeformableTransformer(nn.Module):
         skip_padding = mask.device.type == "cpu" and eager_inference() and not mask.any()
         attention_mask = None if skip_padding else mask
 
-        memory = self.encoder(src, shapes, spatial_shapes, level_start_index, valid_ratios, position, attention_mask)
+        memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, position, attention_mask, shapes=shapes)
 
         batch, _, channels = memory.shape
         encoder_logits = encoder_coords = None

@@ -215,6 +215,9 @@ def report(tmp_path_factory):
     for image in truth.dataset["images"]:
         Image.new("RGB", (image["width"], image["height"]), (90, 120, 150)).save(tmp_path / image["file_name"])
     names = {1: "circle", 2: NASTY_NAME, 3: "triangle"}
+    # What a report killed while writing leaves; the next one into the folder removes it.
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / ".pr_curves.png.k3j9x2.tmp").write_bytes(b"half a picture")
     path = write_report(_evaluator(truth, detections).evaluation(), tmp_path / "report", class_names=names,
                         image_path=lambda image_id: tmp_path / truth.imgs[image_id]["file_name"],
                         title="model.pt on shapes (val)", score_threshold=0.3, worst_images=3)
@@ -228,6 +231,7 @@ def test_report_writes_its_pictures_and_every_link_resolves(report):
     assert {"pr_curves.png", "confusion_matrix.png"} <= set(pictures) and len(pictures) == 5  # 3 worst images
     for link in links:
         assert (report.parent / link).is_file(), link
+    assert not list(report.parent.glob(".*.tmp"))
     for link in pictures:
         with Image.open(report.parent / link) as picture:
             assert picture.format == "PNG" and picture.width >= 400 and picture.height >= 300, link

@@ -85,12 +85,12 @@ def _write_error(path: Path, error: OSError) -> OSError:
     return type(error)(f"{path}: {problem}")
 
 
-def remove_abandoned_writes(folder: Path, names: Iterable[str]) -> None:
+def remove_abandoned_writes(folder: Path, names: Iterable[str] | None = None) -> None:
     """Remove the temporary files that :func:`atomic_write` left in ``folder`` for files named
-    ``names`` when a process was killed while writing them (SIGKILL leaves no chance to clean up).
-    Only while no other process writes those files."""
-    names = set(names)
+    ``names`` (None: for any file, in a folder only one writer uses) when a process was killed while
+    writing them (SIGKILL leaves no chance to clean up). Only while no other process writes those files."""
+    names = None if names is None else set(names)
     for temporary in folder.glob(".*.tmp"):
         # mkstemp's names: "." + the file's name + "." + random letters and digits + ".tmp".
-        if temporary.name[1:].rsplit(".", 2)[0] in names:
+        if names is None or temporary.name[1:].rsplit(".", 2)[0] in names:
             temporary.unlink(missing_ok=True)

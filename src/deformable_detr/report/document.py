@@ -15,7 +15,7 @@ from typing import Any
 from faster_coco_eval import COCOeval_faster
 
 from ..evaluation import format_metrics, metrics
-from ..files import atomic_write
+from ..files import atomic_write, remove_abandoned_writes
 from .confusion import CONFUSION_IOU, confusion_matrix
 from .errors import BACKGROUND_IOU, ERROR_KINDS, FOREGROUND_IOU, TRUE_POSITIVE, ErrorBreakdown, error_breakdown
 from .figures import LabelledBox, confusion_figure, image_errors_figure, precision_recall_figure, save_figure
@@ -39,6 +39,8 @@ def write_report(
     confusion matrix and the pictures count the detections scoring at least ``score_threshold``.
     """
     out = Path(out_dir)
+    if out.is_dir():
+        remove_abandoned_writes(out)  # a report killed while writing left them
     truth, detections = evaluation.cocoGt, evaluation.cocoDt
     image_ids = [int(image_id) for image_id in evaluation.params.imgIds]  # numpy integers after evaluate()
     names = {category: class_names.get(category, str(category)) for category in sorted(truth.cats)}

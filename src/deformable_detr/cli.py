@@ -21,13 +21,14 @@ from . import __version__
 from .checkpoints import load_pretrained, read_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .data.formats import FORMATS
-from .data.synthetic import OBJECT_SIZES
+from .data.synthetic import synthesize
 from .demo import EPOCHS, MINUTES, run_demo
 from .distributed import is_main_process, setup_distributed, wait_for_all
 from .evaluation import evaluate_checkpoint, format_metrics
+from .explain import explain
 from .explore import explore
 from .model import build_model
-from .predict import Detector
+from .predict import Detector, detect_files
 from .train import TrainConfig, TrainingError, TrainingStopped
 from .train.ema import DEFAULT_DECAY
 from .train.optim import SCHEDULES
@@ -73,8 +74,6 @@ def _detector(args: argparse.Namespace) -> Detector:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from .predict import detect_files
-
     setup_distributed()  # under torchrun: the processes share the images, and each its own GPU
     detector = _detector(args)
     failures = detect_files(detector, args.inputs, args.out, threshold=args.threshold, batch_size=args.batch_size)
@@ -87,7 +86,6 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from .explain import explain
     from .visualize import save_image
 
     detector = _detector(args)
@@ -98,9 +96,7 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _explore(args: argparse.Namespace) -> None:
-    from .predict import Detector
-
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
+    detector = _detector(args)
     page = explore(detector, args.images, **{key: getattr(args, key) for key in _keyword_defaults(explore)})
     for warning in page.warnings:
         print(warning, file=sys.stderr)
@@ -123,8 +119,6 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _synthesize(args: argparse.Namespace) -> None:
-    from .data import synthesize
-
     root = synthesize(args.out, train=args.train, val=args.val, image_size=args.image_size,
                       object_sizes=tuple(args.object_sizes), seed=args.seed)
     print(f"{root}: {args.train} training and {args.val} validation images with COCO annotations")
@@ -299,8 +293,11 @@ def _model_option(text: str) -> tuple[str, Any]:
 
 
 def _keyword_defaults(function: Callable[..., Any]) -> dict[str, Any]:
-    """``function``'s keyword-only parameters and their defaults: a command's defaults are its function's."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    """``function``'s keyword-only parameters that have defaults, and those: a command's defaults are its function's."""
+    return {
+        name: p.default for name, p in inspect.signature(function).parameters.items()
+        if p.kind == p.KEYWORD_ONLY and p.default is not p.empty
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,27 +320,27 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("checkpoint")
     detect.add_argument("inputs", nargs="+", help="image files and folders of images")
     detect.add_argument("--out", required=True, help="folder for the annotated images and detections.json")
-    detect.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
-    detect.add_argument("--batch-size", type=int, default=8)
+    detect.add_argument("--threshold", type=float, help="lowest score kept (default: %(default)s)")
+    detect.add_argument("--batch-size", type=int, help="(default: %(default)s)")
     detect.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
     detect.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda where there is one)")
     _add_precision_argument(detect)
-    detect.set_defaults(run=_detect, dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
+    detect.set_defaults(run=_detect, **_keyword_defaults(detect_files), dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
 
-    explain = commands.add_parser("explain", help="draw where the model looks: sampling points and attention weights",
-                                  epilog="What the picture shows: docs/explain.md")
-    explain.add_argument("checkpoint")
-    explain.add_argument("image")
-    explain.add_argument("--out", required=True, help="picture to write (.png, .jpg)")
-    explain.add_argument("--top-k", type=int, default=3, help="detections to explain, one panel each")
-    explain.add_argument("--threshold", type=float, default=0.0, help="lowest score of an explained detection")
-    explain.add_argument("--encoder-point", type=float, nargs=2, metavar=("X", "Y"),
-                         help="encoder query to show, as fractions of width and height (default: best detection's centre)")
-    explain.add_argument("--encoder-level", type=int, default=0, help="feature level of the encoder query")
-    explain.add_argument("--image-size", type=int, help="shorter side the image is resized to (default: the checkpoint's)")
-    explain.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
-    _add_precision_argument(explain)
-    explain.set_defaults(run=_explain, dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
+    explainer = commands.add_parser("explain", help="draw where the model looks: sampling points and attention weights",
+                                    epilog="What the picture shows: docs/explain.md")
+    explainer.add_argument("checkpoint")
+    explainer.add_argument("image")
+    explainer.add_argument("--out", required=True, help="picture to write (.png, .jpg)")
+    explainer.add_argument("--top-k", type=int, help="detections to explain, one panel each (default: %(default)s)")
+    explainer.add_argument("--threshold", type=float, help="lowest score of an explained detection (default: %(default)s)")
+    explainer.add_argument("--encoder-point", type=float, nargs=2, metavar=("X", "Y"),
+                           help="encoder query to show, as fractions of width and height (default: best detection's centre)")
+    explainer.add_argument("--encoder-level", type=int, help="feature level of the encoder query (default: %(default)s)")
+    explainer.add_argument("--image-size", type=int, help="shorter side the image is resized to (default: the checkpoint's)")
+    explainer.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
+    _add_precision_argument(explainer)
+    explainer.set_defaults(run=_explain, **_keyword_defaults(explain), dtype=_keyword_defaults(Detector.from_checkpoint)["dtype"])
 
     explorer = commands.add_parser("explore", help="an interactive page of where the model looks (one HTML file, no network)",
                                    epilog="What the page shows, its size budget and security: docs/explore.md")
@@ -377,16 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="default: ours, or reference when the source is ours")
     convert.set_defaults(run=_convert)
 
-    synthesize = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format",
-                                     epilog="A first run on it: docs/training.md")
-    synthesize.add_argument("out")
-    synthesize.add_argument("--train", type=int, default=800)
-    synthesize.add_argument("--val", type=int, default=100)
-    synthesize.add_argument("--image-size", type=int, default=256, help="the longer side of every image")
-    synthesize.add_argument("--object-sizes", type=float, nargs=2, metavar=("MIN", "MAX"), default=OBJECT_SIZES,
-                            help="object sizes as fractions of the shorter image side (default: %(default)s)")
-    synthesize.add_argument("--seed", type=int, default=0)
-    synthesize.set_defaults(run=_synthesize)
+    synthesizer = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format",
+                                      epilog="A first run on it: docs/training.md")
+    synthesizer.add_argument("out")
+    synthesizer.add_argument("--train", type=int, default=800)
+    synthesizer.add_argument("--val", type=int, default=100)
+    synthesizer.add_argument("--image-size", type=int, help="the longer side of every image (default: %(default)s)")
+    synthesizer.add_argument("--object-sizes", type=float, nargs=2, metavar=("MIN", "MAX"),
+                             help="object sizes as fractions of the shorter image side (default: %(default)s)")
+    synthesizer.add_argument("--seed", type=int, help="(default: %(default)s)")
+    synthesizer.set_defaults(run=_synthesize, **_keyword_defaults(synthesize))
 
     train = commands.add_parser("train", help="train on a COCO, Pascal VOC or YOLO data set",
                                 epilog="Data formats, the recipe, torchrun: docs/training.md; stopping and resuming: "

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from deformable_detr import build_model, load_pretrained, save_checkpoint
@@ -23,6 +24,7 @@ from deformable_detr.distributed import share_buffers
 from deformable_detr.evaluation import METRICS, evaluate_checkpoint
 from deformable_detr.train import SetCriterion, TrainConfig, loop, train
 from deformable_detr.train.ema import WeightAverage
+from deformable_detr.train.engine import train_step
 
 from choices import MatchReplay
 from slurm_cluster import free_port
@@ -84,6 +86,48 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         for name, gradient in gradients.items():
             torch.testing.assert_close(results[rank][1][name], gradient, rtol=1e-3, atol=1e-6)
 
+
+
+def accumulation_worker(rank: int, rendezvous: str, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(fresh_model())
+        reductions = []
+
+        def counted(state, bucket):
+            reductions.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counted)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        images, targets = global_batch()
+        per_backward = []
+        for step in range(2):  # each process's two images, one a batch, one update
+            image = 2 * rank + step
+            train_step(model, SetCriterion(), optimizer, images[image : image + 1], None, targets[image : image + 1],
+                       clip_max_norm=0.0, accumulation_steps=2, update=step == 1)
+            per_backward.append(len(reductions))
+        results[rank] = per_backward, {name: p.detach().clone() for name, p in model.module.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulated_gradients_are_averaged_across_processes_once_an_update(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(accumulation_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
+        results = dict(results)
+    for rank in (0, 1):
+        reductions, _ = results[rank]
+        assert reductions[0] == 0 < reductions[1], "DDP reduced the gradients of a batch that did not update"
+    # Reduced once, the processes' gradients are one average: both step to the same weights.
+    initial = dict(fresh_model().named_parameters())
+    moved = 0
+    for name, parameter in results[0][1].items():
+        torch.testing.assert_close(parameter, results[1][1][name], rtol=0, atol=0)
+        moved += not torch.equal(parameter, initial[name])
+    assert moved > 0
 
 def denoising_worker(rank: int, rendezvous: str, results: dict) -> None:
     torch.set_num_threads(1)

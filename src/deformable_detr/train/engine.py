@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data.loader import TRAINING_STEP, derived_seed
@@ -49,16 +51,21 @@ def train_step(
     gradient clipping (``clip_max_norm`` > 0) and the optimiser step.
 
     The loss is divided by ``accumulation_steps``, so that that many calls, the last one updating,
-    step by the mean of their gradients. Returns the losses and their weighted sum ``loss``, detached.
-    Raises :class:`NonFiniteLossError` before the backward pass, leaving gradients and weights as they were.
+    step by the mean of their gradients; under DistributedDataParallel the processes average their
+    gradients once, in the updating call. Returns the losses and their weighted sum ``loss``,
+    detached. Raises :class:`NonFiniteLossError` before the backward pass, leaving gradients and
+    weights as they were.
     """
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        outputs = model(images, padding_mask, targets=targets)  # the targets feed denoising queries, if any
-    losses = criterion(_to_float(outputs), targets)
-    loss = criterion.total_loss(losses)
-    if not math.isfinite(loss.item()):
-        raise NonFiniteLossError(f"non-finite loss ({loss.item()})")
-    (loss / accumulation_steps).backward()
+    # DDP reduces the gradients in every backward it sees, unless forward and backward run in no_sync.
+    accumulating = not update and isinstance(model, DistributedDataParallel)
+    with model.no_sync() if accumulating else contextlib.nullcontext():
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model(images, padding_mask, targets=targets)  # the targets feed denoising queries, if any
+        losses = criterion(_to_float(outputs), targets)
+        loss = criterion.total_loss(losses)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()})")
+        (loss / accumulation_steps).backward()
     if update:
         if clip_max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)

@@ -11,6 +11,7 @@ from deformable_detr.data import synthesize
 from deformable_detr.evaluation import evaluate_checkpoint
 from deformable_detr.explain import explain
 from deformable_detr.explore import explore
+from deformable_detr.export import export_model
 from deformable_detr.predict import detect_files
 
 COMMANDS = {
@@ -19,6 +20,7 @@ COMMANDS = {
     "explore": (["explore", "model.pt", "a.jpg", "--out", "a.html"], explore, ["encoder_layers", "max_bytes", "pad_to_multiple"]),
     "evaluate": (["evaluate", "model.pt", "--data", "data"], evaluate_checkpoint, ["split", "batch_size", "workers"]),
     "synthesize": (["synthesize", "data"], synthesize, ["image_size", "object_sizes", "seed"]),
+    "export": (["export", "model.pt", "--out", "model.onnx"], export_model, ["format", "opset"]),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, export
 from .checkpoints import load_pretrained, read_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .data.formats import FORMATS
@@ -105,9 +105,7 @@ def _explore(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export import export_model
-
-    export_model(load_pretrained(args.checkpoint), args.out, format=args.format, opset=args.opset)
+    export.export_model(load_pretrained(args.checkpoint), args.out, format=args.format, opset=args.opset)
     print(f"{args.out}: {args.format} graph with dynamic batch, height and width")
 
 
@@ -356,13 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     explorer.add_argument("--device", help="cpu, cuda, ... (default: cuda where there is one)")
     explorer.set_defaults(run=_explore, **_keyword_defaults(explore))
 
-    export = commands.add_parser("export", help="export the inference forward (ONNX), dynamic batch and image size",
-                                 epilog="The graph's inputs, outputs and limits: docs/export.md")
-    export.add_argument("checkpoint")
-    export.add_argument("--format", default="onnx", choices=["onnx"])
-    export.add_argument("--out", required=True)
-    export.add_argument("--opset", type=int, help="ONNX opset, 18 to 25 (default: the exporter's)")
-    export.set_defaults(run=_export)
+    exporter = commands.add_parser("export", help="export the inference forward (ONNX), dynamic batch and image size",
+                                   epilog="The graph's inputs, outputs and limits: docs/export.md")
+    exporter.add_argument("checkpoint")
+    exporter.add_argument("--format", choices=export.FORMATS, help="(default: %(default)s)")
+    exporter.add_argument("--out", required=True)
+    exporter.add_argument("--opset", type=int, help=f"ONNX opset, {export.MIN_OPSET} to {export.MAX_OPSET} (default: the exporter's)")
+    exporter.set_defaults(run=_export, **_keyword_defaults(export.export_model))
 
     convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference "
                                                   "or Hugging Face",

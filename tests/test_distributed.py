@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,15 @@ def fresh_model():
     return build_model("tiny", num_classes=4, dropout=0.0)
 
 
+
+def in_two_processes(worker: Callable[..., None], tmp_path: Path, *arguments: object) -> dict:
+    """Run ``worker(rank, rendezvous, results, *arguments)`` in two processes; what each put in
+    ``results``, by rank."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(str(tmp_path / "rendezvous"), results, *arguments), nprocs=2)
+        return dict(results)
+
 def worker(rank: int, rendezvous: str, results: dict, matches: MatchReplay) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
@@ -74,10 +84,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     matches = MatchReplay()
     with matches.recording():
         loss, gradients = loss_and_gradients(fresh_model(), *global_batch())
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(worker, args=(str(tmp_path / "rendezvous"), results, matches), nprocs=2)
-        results = dict(results)
+    results = in_two_processes(worker, tmp_path, matches)
     # Each process divides by the averaged box count, so the mean of their losses is the global loss,
     # and DDP's averaged gradients are the global gradient.
     torch.testing.assert_close((results[0][0] + results[1][0]) / 2, loss, rtol=1e-5, atol=1e-5)
@@ -114,10 +121,7 @@ def accumulation_worker(rank: int, rendezvous: str, results: dict) -> None:
 
 
 def test_accumulated_gradients_are_averaged_across_processes_once_an_update(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(accumulation_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
-        results = dict(results)
+    results = in_two_processes(accumulation_worker, tmp_path)
     for rank in (0, 1):
         reductions, _ = results[rank]
         assert reductions[0] == 0 < reductions[1], "DDP reduced the gradients of a batch that did not update"
@@ -128,6 +132,7 @@ def test_accumulated_gradients_are_averaged_across_processes_once_an_update(tmp_
         torch.testing.assert_close(parameter, results[1][1][name], rtol=0, atol=0)
         moved += not torch.equal(parameter, initial[name])
     assert moved > 0
+
 
 def denoising_worker(rank: int, rendezvous: str, results: dict) -> None:
     torch.set_num_threads(1)
@@ -150,10 +155,7 @@ def denoising_worker(rank: int, rendezvous: str, results: dict) -> None:
 
 
 def test_denoising_trains_under_ddp_when_a_process_has_no_objects(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(denoising_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
-        results = dict(results)
+    results = in_two_processes(denoising_worker, tmp_path)
     # Both processes took part in every step and hold the same averaged gradient.
     assert results[0].abs().sum() > 0
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
@@ -169,7 +171,7 @@ class RecordedAverage(WeightAverage):
         self.made.append(self)
 
 
-def averaging_worker(rank: int, rendezvous: str, data: str, results: dict) -> None:
+def averaging_worker(rank: int, rendezvous: str, results: dict, data: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
@@ -188,10 +190,7 @@ def test_every_process_averages_the_weights_the_main_one_does(tmp_path):
     # Each process builds its model from its own seed; the wrap in DistributedDataParallel gives them
     # all the main process's weights, the weights every average must start from.
     data = synthesize(tmp_path / "data", train=2, val=1, image_size=96, seed=1)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(averaging_worker, args=(str(tmp_path / "rendezvous"), str(data), results), nprocs=2)
-        results = dict(results)
+    results = in_two_processes(averaging_worker, tmp_path, str(data))
     saved = read_checkpoint(data / "run" / "checkpoint.pt").extra["ema"]
     assert saved["updates"] == 1
     for rank in (0, 1):

@@ -13,13 +13,13 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from deformable_detr.cli import main
-from deformable_detr.data import ImageProbe, check_data, synthesize
+from deformable_detr.data import ImageProbe, check_data, read_image, synthesize
 from deformable_detr.data import images as images_module
 
-from data_writers import write_coco, write_decompression_bomb, write_voc, write_yolo
+from data_writers import WRITERS, write_coco, write_decompression_bomb, write_voc, write_yolo
 
 
 def run(capsys, *argv):
@@ -54,6 +54,13 @@ def corrupt_png(path, size=(64, 48)):
         out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
         position += 12 + length
     path.write_bytes(out)
+
+
+def save_with_orientation(image, path, orientation):
+    """``image`` saved at ``path`` with an EXIF orientation tag, as a phone saves a photo."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    image.save(path, exif=exif)
 
 
 def coco_with(tmp_path, edit):
@@ -96,6 +103,8 @@ def fatal_cases(tmp_path):
     (missing / "JPEGImages" / "a.jpg").unlink()
     resized = write_voc(tmp_path / "resized")
     Image.new("RGB", (48, 64)).save(resized / "JPEGImages" / "a.jpg")
+    annotated_upright = write_voc(tmp_path / "annotated-upright")  # a.xml says 64x48: the picture a viewer shows
+    save_with_orientation(Image.new("RGB", (48, 64)), annotated_upright / "JPEGImages" / "a.jpg", 6)
     unknown_class = write_yolo(tmp_path / "unknown-class")
     (unknown_class / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n")
     not_json = write_coco(tmp_path / "not-json")
@@ -124,6 +133,9 @@ def fatal_cases(tmp_path):
         "unreadable image": (unreadable, f"{unreadable / 'train' / 'c.jpg'}: cannot read image (not an image format Pillow knows)"),
         "missing image": (missing, f"{missing / 'JPEGImages' / 'a.jpg'}: image file not found"),
         "image of another size": (resized, f"{resized / 'JPEGImages' / 'a.jpg'}: image is 48x64 but a.xml says 64x48"),
+        "image annotated as viewers show it": (annotated_upright, f"{annotated_upright / 'JPEGImages' / 'a.jpg'}: image is 48x64 "
+                                               "but a.xml says 64x48 (its EXIF orientation shows it turned 90° clockwise, as "
+                                               "annotated: save it upright)"),
         "unknown class (YOLO)": (unknown_class, f"{unknown_class / 'labels' / 'train' / 'a.txt'}: line 2: unknown class 5 (data.yaml names 0..1)"),
         "unknown class (COCO)": (coco_with(tmp_path / "category", unknown_category),
                                  "instances_train.json: annotation 1 (image 1): category id 7 is not among the declared categories"),
@@ -142,7 +154,8 @@ def fatal_cases(tmp_path):
     }  # fmt: skip
 
 
-FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size", "unknown class (YOLO)",
+FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size",
+         "image annotated as viewers show it", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
          "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text",
          "class names not keyed 0..n-1 (YOLO)"]  # fmt: skip
@@ -230,6 +243,26 @@ def test_evaluate_stops_on_a_bad_image_with_one_line(tmp_path, capsys, workers):
     assert code == 1 and len(said) == 1 and said[0].endswith("000002.jpg: cannot read image (broken data stream when reading image file)")
 
 
+@pytest.mark.parametrize("format", sorted(WRITERS))
+def test_images_that_viewers_show_turned_are_named_in_one_line_that_does_not_stop_training(tmp_path, capsys, format):
+    root = WRITERS[format](tmp_path / format)
+    paths = sorted(path for path in root.rglob("*.jpg"))
+    for path, orientation in zip(paths, (3, 6)):  # a and b; c stays as stored
+        save_with_orientation(Image.open(path), path, orientation)
+    code, out, _ = run(capsys, "check-data", root)
+    assert code == 0
+    line = (f"{paths[0]}: its EXIF orientation shows it turned 180° in viewers (and 1 more such images); training "
+            "reads the pixels as stored, so boxes drawn on the turned picture are misplaced: if they were, save the images upright")
+    assert f"  {line}\n" in out and out.rstrip().endswith("1 problem(s), 0 of which stop training")
+
+
+def test_a_tiff_is_read_and_checked_upright_as_pillow_reads_it(tmp_path):
+    path = tmp_path / "scan.tif"
+    save_with_orientation(Image.new("RGB", (30, 20)), path, 6)
+    assert images_module.inspect_image(path) == images_module.ImageInfo(20, 30)  # nothing left to turn
+    assert read_image(path).shape == read_image(path, upright=True).shape == (3, 30, 20)
+
+
 def test_the_check_is_cached_by_file_size_and_time(tmp_path, monkeypatch):
     monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path / "cache"))
     root = write_coco(tmp_path / "coco")
@@ -247,6 +280,20 @@ def test_the_check_is_cached_by_file_size_and_time(tmp_path, monkeypatch):
     os.utime(root / "train" / "a.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # same size, a new time
     assert check_data(root).stops_training and opened == ["a.jpg"]  # b.jpg's problem is remembered too
     assert ImageProbe.for_data(root).cache_file.parent == tmp_path / "cache" / "data-check"
+
+
+def test_a_cache_written_before_the_check_read_orientations_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path / "cache"))
+    root = write_coco(tmp_path / "coco")
+    path = root / "train" / "a.jpg"
+    save_with_orientation(Image.open(path), path, 8)
+    check_data(root)
+    cache = ImageProbe.for_data(root).cache_file
+    entries = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: entry[:-1] for key, entry in entries.items()}))  # without the orientation
+    problems = check_data(root).problems
+    assert len(problems) == 1 and "turned 90° anticlockwise" in str(problems[0])
+    assert json.loads(cache.read_text()) == entries
 
 
 def jpeg_with_thumbnail():

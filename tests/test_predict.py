@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops import FrozenBatchNorm2d, box_convert, box_iou
 
 from deformable_detr import evaluation, precision
 from deformable_detr.checkpoints import save_reference_checkpoint
 from deformable_detr.cli import main
-from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
+from deformable_detr.data import SYNTHETIC_CLASSES, read_image, synthesize
 from deformable_detr.model import build_model
 from deformable_detr.precision import forward
 from deformable_detr.predict import Detector, detect_files
 from deformable_detr.train import TrainConfig, train
 
 from data_writers import write_decompression_bomb
-from test_check_data import truncate
+from test_check_data import save_with_orientation, truncate
 
 IMAGE_SIZE = 96
 
@@ -74,6 +74,21 @@ def test_every_input_kind_gives_the_same_detections(detector, trained):
     for image in (pil, array, uint8, uint8.float() / 255, str(path)):
         assert_same(detector.predict(image, threshold=0.0), expected)
     assert_same(detector.predict(uint8[None], threshold=0.0)[0], expected)
+
+
+def test_a_photo_that_viewers_show_turned_is_read_upright_as_they_show_it(detector, trained, tmp_path):
+    upright = Image.open(val_images(trained[1])[0]).convert("RGB").crop((0, 0, IMAGE_SIZE, 64))
+    photo = tmp_path / "photo.png"  # lossless, so that the pixels read back are the upright ones exactly
+    save_with_orientation(upright.transpose(Image.Transpose.ROTATE_90), photo, 6)  # 6: turn clockwise to show
+    assert read_image(photo).shape == (3, IMAGE_SIZE, 64)  # data sets read it as stored
+    expected = detector.predict(upright, threshold=0.0)
+    for image in (photo, Image.open(photo)):
+        assert_same(detector.predict(image, threshold=0.0), expected)
+    assert torch.equal(expected.draw(photo), expected.draw(upright))
+    detect_files(detector, [photo], tmp_path / "out", threshold=0.0, progress=False)
+    assert Image.open(tmp_path / "out" / "photo.png").size == upright.size
+    boxes = [result["bbox"] for result in json.loads((tmp_path / "out" / "detections.json").read_text())]
+    torch.testing.assert_close(torch.tensor(boxes[:5]), box_convert(expected.boxes[:5], "xyxy", "xywh"), rtol=0, atol=1e-3)
 
 
 def test_threshold_keeps_only_confident_detections(detector, trained):

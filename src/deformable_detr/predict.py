@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
 from .checks import check_count, check_fraction
-from .data import IMAGE_SUFFIXES, DatasetError, as_rgb, inference_transforms, read_image
+from .data import IMAGE_SUFFIXES, DatasetError, as_rgb, inference_transforms, read_image, turned_upright
 from .data.transforms import max_side
 from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
 from .environment import usable_device
@@ -47,11 +47,12 @@ class Detections:
     labels: Tensor  # (K,) category ids
     names: list[str]  # K category names (the id as text where the checkpoint has no names)
 
-    def draw(self, image: Tensor) -> Tensor:
-        """``image`` (3, H, W) uint8, the one detected, with these boxes drawn and labelled with name and score."""
+    def draw(self, image: ImageInput) -> Tensor:
+        """``image``, the one detected (any one input :meth:`Detector.predict` takes, read as it reads
+        them), as (3, H, W) uint8 with these boxes drawn and labelled with name and score."""
         names = dict(zip(self.labels.tolist(), self.names))
         boxes = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
-        return draw_detections(image, boxes, names, threshold=0.0)
+        return draw_detections(as_image_tensor(image), boxes, names, threshold=0.0)
 
 
 class Detector:
@@ -103,7 +104,9 @@ class Detector:
         """Detections scoring at least ``threshold``, for one image or a list of them.
 
         An image is a file path, a PIL image, an RGB ``numpy`` array (H, W, 3) or a tensor
-        (3, H, W), uint8 or float in [0, 1]; an (N, 3, H, W) tensor is N images. A list is
+        (3, H, W), uint8 or float in [0, 1]; an (N, 3, H, W) tensor is N images. A file or PIL
+        image is turned upright as its EXIF orientation says, as viewers show it, and its boxes are
+        in that picture's pixels. A list is
         processed ``batch_size`` images at a time, in order of size (equal sizes together), each
         batch padded to a common size; results come back in the input order.
         """
@@ -152,11 +155,11 @@ class Detector:
 
 
 def as_image_tensor(image: ImageInput) -> Tensor:
-    """Any accepted image input as a uint8 RGB (3, H, W) tensor."""
+    """Any accepted image input as a uint8 RGB (3, H, W) tensor; files and PIL images upright."""
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image).as_subclass(Tensor)
+        return read_image(image, upright=True).as_subclass(Tensor)
     if isinstance(image, Image.Image):
-        return F.pil_to_tensor(as_rgb(image))
+        return F.pil_to_tensor(as_rgb(turned_upright(image)))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
@@ -218,7 +221,8 @@ def detect_files(
 ) -> list[str]:
     """Detect objects in image files and folders of them; write into ``out`` one annotated copy of
     each image and ``detections.json``, the run's detections in the COCO results format (with
-    ``file_name``; ``image_id`` numbers the inputs in order).
+    ``file_name``; ``image_id`` numbers the inputs in order). Images are read upright, as
+    :meth:`Detector.predict` reads files, and boxes are in the upright picture's pixels.
 
     Under torchrun the processes share the work: the inputs are cut into batches of ``batch_size``,
     batch k goes to process k mod N, and the main process merges their detections, so that
@@ -245,7 +249,7 @@ def detect_files(
             results, failures, readable = [], [], []
             for image_id, path in enumerate(files[start : start + batch_size], start=start):
                 try:
-                    image = read_image(path).as_subclass(Tensor)
+                    image = read_image(path, upright=True).as_subclass(Tensor)
                     check_resizable(image, detector.image_size, name=str(path))
                     readable.append((image_id, path, image))
                 except ValueError as error:  # DatasetError is one: a missing or unreadable file

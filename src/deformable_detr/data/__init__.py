@@ -5,7 +5,7 @@ from .check import DataReport, SplitReport, check_data, coco_split, load_split
 from .coco import CocoDataset, DatasetError, Problem, Split, read_coco, read_image
 from .collate import collate
 from .formats import FORMATS, detect_format, read_split, split_names
-from .images import IMAGE_SUFFIXES, ImageProbe, as_rgb, inspect_image
+from .images import IMAGE_SUFFIXES, ImageProbe, as_rgb, inspect_image, turned_upright
 from .loader import Loader, batches_per_epoch, data_loader
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import synthesize
@@ -46,6 +46,7 @@ __all__ = [
     "split_names",
     "synthesize",
     "train_transforms",
+    "turned_upright",
     "val_transforms",
     "voc_to_coco",
 ]

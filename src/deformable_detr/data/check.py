@@ -16,7 +16,7 @@ from typing import Any
 
 from .coco import CocoDataset, DatasetError, Problem, Split, Transforms, size_problem
 from .formats import detect_format, read_split, split_names
-from .images import ImageProbe
+from .images import EXIF_TURNS, ImageProbe
 
 # COCO's object size classes, by area in pixels: small below 32^2, large above 96^2 (as its APs, APm, APl).
 SMALL_AREA, LARGE_AREA = 32**2, 96**2
@@ -92,18 +92,23 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
     names = {category["id"]: category.get("name", str(category["id"])) for category in data["categories"]}
     report.classes = dict.fromkeys(names.values(), 0)
     images = {}
+    turned = []  # (path, EXIF orientation) of usable images that viewers show turned
     for image in data["images"]:
         path = split.image_dir / image["file_name"]
         info = probe(path)
         if info.problem is not None:
             problem = f"{path}: {info.problem}"
         else:
-            problem = size_problem(path, info.width, info.height, image, split.annotation_file)
+            problem = size_problem(path, info.width, info.height, image, split.annotation_file, info.orientation)
         if problem is not None:
             report.problems.append(Problem(problem))
-        else:
-            images[image["id"]] = image
+            continue
+        images[image["id"]] = image
+        if info.orientation != 1:
+            turned.append((path, info.orientation))
     report.images = len(data["images"])
+    if turned:
+        report.problems.append(_turned_problem(turned))
 
     with_objects = set()
     for annotation in data["annotations"]:
@@ -127,6 +132,19 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
             report.smallest = (width, height, image["file_name"])
     report.without_objects = len(images) - len(with_objects)
     return report
+
+
+def _turned_problem(turned: list[tuple[Path, int]]) -> Problem:
+    """One line for all the images whose EXIF orientation turns them in viewers: training reads
+    the stored pixels, so boxes drawn on what a viewer showed would be misplaced, and nothing in the
+    files says which was annotated (a swapped size, where the format records one, is caught above)."""
+    path, orientation = turned[0]
+    more = f" (and {len(turned) - 1} more such images)" if len(turned) > 1 else ""
+    return Problem(
+        f"{path}: its EXIF orientation shows it {EXIF_TURNS[orientation]} in viewers{more}; training reads "
+        "the pixels as stored, so boxes drawn on the turned picture are misplaced: if they were, save the images upright",
+        fatal=False,
+    )
 
 
 def _clipped_box(

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from ..checks import is_whole_number
-from .images import as_rgb
+from .images import EXIF_TURNS, SIDEWAYS_TURNS, as_rgb, turned_upright
 from .transforms import model_input
 
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
@@ -254,13 +254,20 @@ class CocoDataset(Dataset):
         return image
 
 
-def size_problem(path: Path, width: int, height: int, image: dict[str, Any], annotation_file: Path) -> str | None:
-    """The problem of an image file whose size is not its entry's, or None. The boxes are in the
-    annotated size; another size (e.g. an EXIF-rotated copy) misplaces them."""
+def size_problem(
+    path: Path, width: int, height: int, image: dict[str, Any], annotation_file: Path, orientation: int = 1
+) -> str | None:
+    """The problem of an image file whose stored size is not its entry's, or None. The boxes are in
+    the annotated size; another size misplaces them. ``orientation`` is the file's EXIF orientation:
+    a tag that turns it sideways explains a swapped size."""
     if (width, height) == (image["width"], image["height"]):
         return None
     source = Path(image.get("source", annotation_file)).name
-    return f"{path}: image is {width}x{height} but {source} says {image['width']}x{image['height']}"
+    problem = f"{path}: image is {width}x{height} but {source} says {image['width']}x{image['height']}"
+    if orientation in SIDEWAYS_TURNS and (height, width) == (image["width"], image["height"]):
+        # Boxes drawn on the picture a viewer shows; training reads the pixels as stored.
+        problem += f" (its EXIF orientation shows it {EXIF_TURNS[orientation]}, as annotated: save it upright)"
+    return problem
 
 
 def _check(data: dict[str, Any], image_dir: Path, annotation_file: Path) -> None:
@@ -274,15 +281,16 @@ def _check(data: dict[str, Any], image_dir: Path, annotation_file: Path) -> None
         raise DatasetError(f"{missing[0]}: image file not found{more}, listed in {annotation_file}")
 
 
-def read_image(path: str | Path) -> tv_tensors.Image:
-    """The image at ``path`` as uint8 RGB (3, H, W), in its stored orientation (as COCO's boxes are).
+def read_image(path: str | Path, *, upright: bool = False) -> tv_tensors.Image:
+    """The image at ``path`` as uint8 RGB (3, H, W): as stored (the frame data sets' boxes are in), or
+    ``upright``, turned as its EXIF orientation says, as viewers show it.
 
     Raises:
         DatasetError: naming the file, when it is missing or not a readable image.
     """
     try:
         with Image.open(path) as file:
-            return tv_tensors.Image(as_rgb(file))
+            return tv_tensors.Image(as_rgb(turned_upright(file) if upright else file))
     except UnidentifiedImageError:
         raise DatasetError(f"{path}: cannot read image (not an image format Pillow knows)") from None
     except (OSError, Image.DecompressionBombError) as error:  # the bomb: a small file that declares billions of pixels

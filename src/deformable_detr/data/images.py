@@ -1,8 +1,11 @@
 """Image files as the model and the data check see them.
 
-The model reads 8-bit RGB (:func:`as_rgb`). The data check decodes no pixels: decoding every image
+The model reads 8-bit RGB (:func:`as_rgb`). Data sets read each image as it is stored, the frame
+COCO's and VOC's recorded sizes describe; ``detect`` and :class:`~deformable_detr.Detector` read it
+:func:`turned_upright`, as viewers show a photo whose EXIF orientation tag turns it. The data check
+decodes no pixels: decoding every image
 of a large data set takes longer than anyone waits for training to start, so it reads each file's
-header (its size and pixel format), runs Pillow's ``verify`` (for PNG: every chunk's checksum) and,
+header (its size, pixel format and EXIF orientation), runs Pillow's ``verify`` (for PNG: every chunk's checksum) and,
 for JPEG, looks for the end-of-image marker, which a file cut short lacks. What it finds is
 remembered by file size and modification time, so checking an unchanged data set again opens no image.
 """
@@ -13,12 +16,12 @@ import hashlib
 import json
 import mmap
 import os
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from ..files import atomic_write, cache_folder
 
@@ -37,6 +40,14 @@ _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
 _SIXTEEN_BIT_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # 32-bit pixels have no range that says which value is white.
 _THIRTY_TWO_BIT = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+# What each EXIF orientation other than 1 (as stored) does to the picture a viewer shows.
+EXIF_TURNS = {
+    2: "mirrored left to right", 3: "turned 180°", 4: "flipped top to bottom", 5: "turned 90° and mirrored",
+    6: "turned 90° clockwise", 7: "turned 90° and mirrored", 8: "turned 90° anticlockwise",
+}  # fmt: skip
+SIDEWAYS_TURNS = frozenset({5, 6, 7, 8})  # those that swap width and height
 
 
 def _unreadable_pixels(mode: str) -> str | None:
@@ -60,11 +71,27 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def turned_upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says, as viewers show it (a copy, without the tag)."""
+    return ImageOps.exif_transpose(image)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The orientation that reading ``image`` as stored leaves unapplied."""
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        return 1  # Pillow turns a TIFF upright as it reads it, and gives its size so
+    # Image's own getexif reads what the header held. Pillow's PNG reader overrides it to decode the
+    # whole image in search of an eXIf chunk after the pixels, where writers do not put it.
+    value = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    return value if value in EXIF_TURNS else 1  # viewers ignore values outside 1-8, as Pillow does
+
+
 @dataclass(frozen=True)
 class ImageInfo:
-    width: int = 0
+    width: int = 0  # as stored, whatever the orientation
     height: int = 0
     problem: str | None = None  # why the file cannot be used as an image, if it cannot
+    orientation: int = 1  # EXIF orientation: 1 as stored, 2-8 turned for viewers (EXIF_TURNS)
 
 
 def inspect_image(path: str | os.PathLike) -> ImageInfo:
@@ -76,6 +103,7 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
             problem = _unreadable_pixels(image.mode)
             if problem is not None:
                 return ImageInfo(width, height, problem)
+            turn = _orientation(image)
             image.verify()
             if image_format == "JPEG" and not _jpeg_has_end(file):
                 return ImageInfo(width, height, "cannot read image (JPEG cut short: no end-of-image marker)")
@@ -85,7 +113,7 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
         return ImageInfo(problem="cannot read image (not an image format Pillow knows)")
     except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error ...
         return ImageInfo(problem=f"cannot read image ({error})")
-    return ImageInfo(width, height)
+    return ImageInfo(width, height, orientation=turn)
 
 
 def _jpeg_has_end(file: BinaryIO) -> bool:
@@ -122,6 +150,9 @@ def _jpeg_first_scan(data: mmap.mmap) -> int | None:
     return None
 
 
+_INFO_FIELDS = len(fields(ImageInfo))
+
+
 class ImageProbe:
     """:func:`inspect_image` with a memory: results are kept in ``cache_file`` (JSON) by each file's
     size and modification time, and a file is opened again only when either has changed.
@@ -131,7 +162,7 @@ class ImageProbe:
 
     def __init__(self, cache_file: Path | None = None) -> None:
         self.cache_file = cache_file
-        self._entries: dict[str, list] = {}  # path -> [size, mtime_ns, width, height, problem]
+        self._entries: dict[str, list] = {}  # path -> [size, mtime_ns, width, height, problem, orientation]
         self._changed = False
         if cache_file is not None and cache_file.is_file():
             try:
@@ -153,7 +184,8 @@ class ImageProbe:
             return ImageInfo(problem="image file not found")
         key = os.path.abspath(path)
         entry = self._entries.get(key)
-        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+        # An entry of another length was written by a version that learnt less of each image.
+        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns] and len(entry) == 2 + _INFO_FIELDS:
             return ImageInfo(*entry[2:])
         info = inspect_image(path)
         self._entries[key] = [stat.st_size, stat.st_mtime_ns, *astuple(info)]

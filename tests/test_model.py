@@ -129,7 +129,8 @@ def test_inference_equals_the_recorded_forward_to_the_bit(monkeypatch, autocast)
     assert normalised.data_ptr() == convolved.data_ptr()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"two_stage": True}], ids=["one_stage", "two_stage"])
+@pytest.mark.parametrize("overrides", [{}, {"two_stage": True}, {"one_to_many_queries": 20}],
+                         ids=["one_stage", "two_stage", "query_groups"])
 def test_the_forward_reads_no_tensor_values_on_the_host(monkeypatch, overrides):
     """On a GPU, reading a tensor's values (spatial_shapes', say) makes the host wait for the device.
     On the meta device, which has no values, such a read fails. The attention op, which reads values

@@ -258,8 +258,9 @@ class QueryGroups(NamedTuple):
 def group_attention_mask(group_sizes: list[int], device: torch.device | None = None) -> Tensor:
     """(Q, Q) self-attention mask for consecutive query groups: True (blocked) between queries of
     different groups, so that each group attends to its own queries only."""
-    sizes = torch.tensor(group_sizes, device=device)
-    groups = torch.repeat_interleave(torch.arange(len(group_sizes), device=device), sizes)
+    # Filled group by group on the device: repeat_interleave of a tensor of sizes would wait for the
+    # GPU to learn its output's length.
+    groups = torch.cat([torch.full((size,), group, device=device) for group, size in enumerate(group_sizes)])
     return groups[:, None] != groups[None, :]
 
 

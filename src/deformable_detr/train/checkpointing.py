@@ -94,7 +94,7 @@ def resume_from(
     check_resumable(path, extra["train_config"], config)
     # The global batch, the learning-rate schedule's updates per epoch and each process's share of
     # an epoch's samples all follow from it: a run on another number would be no continuation.
-    processes = extra.get("world_size", world_size())  # runs saved before it was stored: not checked
+    processes = extra["world_size"]
     if processes != world_size():
         raise TrainingError(
             f"{path}: the run was trained by {processes} process(es), now {world_size()}: resume it with "
@@ -104,15 +104,10 @@ def resume_from(
     model.load_state_dict(extra.get("model", checkpoint.state_dict))  # as trained, not the average
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    if "early_stopping" in extra:  # runs saved before early stopping kept nothing of it
-        early_stopping.restore(extra["early_stopping"])
-    best = extra.get("best", {})
-    # Runs saved before the best epoch's record was stored kept only its AP.
-    best_ap = best.get("AP", extra.get("best_ap", -1.0))
-    progress = extra.get("epoch_progress")
-    # Runs saved before the training time was stored start their clock anew.
-    return ResumePoint(extra["epoch"] + 1, EpochProgress(**progress) if progress else EpochProgress(), best, best_ap,
-                       extra.get("training_seconds", 0.0), extra.get("ema"))
+    early_stopping.restore(extra["early_stopping"])
+    best, progress = extra["best"], extra["epoch_progress"]
+    return ResumePoint(extra["epoch"] + 1, EpochProgress(**progress) if progress else EpochProgress(), best,
+                       best.get("AP", -1.0), extra["training_seconds"], extra.get("ema"))
 
 
 def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import R50_PRESETS, reference_state_dict_entries
 
@@ -172,6 +173,31 @@ def _transformer_positions(model, images):
         model(images)
     hook.remove()
     return positions
+
+
+@pytest.mark.parametrize("overrides", [{}, {"with_box_refine": False}, {"two_stage": True}],
+                         ids=["refinement", "one_head", "two_stage"])
+def test_boxes_and_reference_boxes_are_float32_under_bfloat16_autocast(overrides):
+    """In bfloat16's 8 significant bits a box edge past the image's middle moves in steps of 1/512 of
+    it: the box heads' last layers and the initial reference points compute in float32."""
+    model = build_model("tiny", **overrides).eval()
+    references = []
+    hook = model.transformer.register_forward_hook(lambda module, args, output: references.extend(output[1:3]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model([torch.randn(3, 96, 128)])
+    hook.remove()
+    boxes = [outputs["pred_boxes"], *(aux["pred_boxes"] for aux in outputs["aux_outputs"])]
+    if "enc_outputs" in outputs:
+        boxes.append(outputs["enc_outputs"]["pred_boxes"])
+    assert {tensor.dtype for tensor in boxes + references} == {torch.float32}
+
+    head, features = model.bbox_embed[0], torch.randn(5, model.config.d_model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = F.relu(head.layers[1](F.relu(head.layers[0](features))))
+        got = head(features)
+    assert hidden.dtype == torch.bfloat16
+    last = head.layers[-1]
+    assert torch.equal(got, F.linear(hidden.float(), last.weight, last.bias))  # not a float32 copy of bfloat16
 
 
 def test_position_embeddings_stay_float32_under_bfloat16_autocast():

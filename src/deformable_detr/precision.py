@@ -5,12 +5,14 @@ and ``torch.autocast`` use).
 Under autocast the convolutions and linear layers run in the low precision, where a CPU with
 AVX512-BF16 or AMX, or a recent GPU, computes them about twice as fast, and so does what follows
 them inside a layer (layer and group norms accumulate in float32 but return the low precision; the
-attention weights; the heads' boxes). The backbone's frozen batch norms are folded into the
+attention weights; the class scores). The backbone's frozen batch norms are folded into the
 convolutions before them (:func:`inference_model`): left in float32 between two low-precision
 convolutions, they and autocast's casts around them kept the r50 forward from its 2x. The feature
 maps' position embeddings stay float32, and so do the deformable attention's sampling locations and
 the reference points and valid ratios they are made from (the op reads the locations beside bfloat16
-values): 8 significant bits would misplace the samples by up to a pixel of the largest level.
+values): 8 significant bits would misplace the samples by up to a pixel of the largest level. For
+the same reason the box heads' last layers and the initial reference points compute in float32
+(:func:`~deformable_detr.model.transformer.box_linear`): every box and reference box is float32.
 The outputs are handed to post-processing in float32: scores through the sigmoid and the top-k,
 boxes scaled to pixels.
 bfloat16 keeps 8 significant bits, so what it costs is measured: docs/performance.md#bfloat16-inference.

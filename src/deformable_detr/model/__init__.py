@@ -1,11 +1,12 @@
 from .attention import AttentionRecord, MSDeformAttn, capture_attention
 from .backbone import build_backbone
-from .detector import MLP, DeformableDETR, build_model, evaluating, pad_images
+from .detector import MLP, BoxHead, DeformableDETR, build_model, evaluating, pad_images
 from .postprocess import postprocess
 from .transformer import DeformableTransformer, inverse_sigmoid
 
 __all__ = [
     "AttentionRecord",
+    "BoxHead",
     "MLP",
     "DeformableDETR",
     "DeformableTransformer",

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, get_config
 from .backbone import Joiner, build_backbone, resize_padding_mask
-from .transformer import DeformableTransformer, DenoisingQueries, clones, refine_boxes
+from .transformer import DeformableTransformer, DenoisingQueries, box_linear, clones, refine_boxes
 
 # Prefixes of the training-only parameters: the published architecture has none of them.
 TRAINING_ONLY = ("one_to_many_", "denoising_")
@@ -28,9 +28,21 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, dims[1:] + [output_dim]))
 
     def forward(self, x: Tensor) -> Tensor:
-        for index, layer in enumerate(self.layers):
-            x = layer(x) if index == len(self.layers) - 1 else F.relu(layer(x))
-        return x
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.output(x)
+
+    def output(self, x: Tensor) -> Tensor:
+        """The last layer, without an activation."""
+        return self.layers[-1](x)
+
+
+class BoxHead(MLP):
+    """The box head: an MLP whose last layer, which gives the box coordinates, computes in at least
+    float32 under autocast (:func:`~.transformer.box_linear`)."""
+
+    def output(self, x: Tensor) -> Tensor:
+        return box_linear(self.layers[-1], x)
 
 
 def pad_images(images: Sequence[Tensor], *, multiple: int = 1) -> tuple[Tensor, Tensor]:
@@ -103,7 +115,7 @@ class DeformableDETR(nn.Module):
         class_head = nn.Linear(d_model, config.num_classes)
         prior_probability = 0.01
         nn.init.constant_(class_head.bias, -math.log((1 - prior_probability) / prior_probability))
-        box_head = MLP(d_model, d_model, 4, 3)
+        box_head = BoxHead(d_model, d_model, 4, 3)
         nn.init.zeros_(box_head.layers[-1].weight)
         nn.init.zeros_(box_head.layers[-1].bias)
         # The initial box size is sigmoid(-2) ~ 0.12 of the image, unless two-stage proposals set it.

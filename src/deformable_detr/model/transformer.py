@@ -19,6 +19,18 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def box_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` for a layer whose outputs are box coordinates: computed in at least float32 under
+    autocast, whose bfloat16 would round them to 8 significant bits, 1/512 of the image for a box
+    edge past its middle (docs/performance.md#bfloat16-inference). Without autocast, ``layer(x)``."""
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return layer(x)
+    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+    with torch.autocast(device_type, enabled=False):
+        return F.linear(x.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype))
+
+
 def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
     """Boxes (cx, cy, w, h) in [0, 1]: a box head's ``delta`` applied to ``reference`` in logit space.
 
@@ -438,7 +450,7 @@ class DeformableTransformer(nn.Module):
             query_position, tgt = torch.split(query_embed, channels, dim=1)
             query_position = query_position[None].expand(batch, -1, -1)
             tgt = tgt[None].expand(batch, -1, -1)
-            reference_points = self.reference_points(query_position).sigmoid()
+            reference_points = box_linear(self.reference_points, query_position).sigmoid()
 
         denoised = denoising.boxes.shape[1] if denoising is not None else 0
         matched = tgt.shape[1] - denoised

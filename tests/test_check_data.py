@@ -256,6 +256,13 @@ def test_images_that_viewers_show_turned_are_named_in_one_line_that_does_not_sto
     assert f"  {line}\n" in out and out.rstrip().endswith("1 problem(s), 0 of which stop training")
 
 
+def test_a_malformed_exif_block_says_nothing_about_orientation_and_stops_nothing(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (20, 10)).save(path, exif=b"garbage")  # not the TIFF structure EXIF is
+    assert images_module.inspect_image(path) == images_module.ImageInfo(20, 10)
+    assert read_image(path, upright=True).shape == (3, 10, 20)
+
+
 def test_a_tiff_is_read_and_checked_upright_as_pillow_reads_it(tmp_path):
     path = tmp_path / "scan.tif"
     save_with_orientation(Image.new("RGB", (30, 20)), path, 6)

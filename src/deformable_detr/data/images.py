@@ -2,12 +2,13 @@
 
 The model reads 8-bit RGB (:func:`as_rgb`). Data sets read each image as it is stored, the frame
 COCO's and VOC's recorded sizes describe; ``detect`` and :class:`~deformable_detr.Detector` read it
-:func:`turned_upright`, as viewers show a photo whose EXIF orientation tag turns it. The data check
-decodes no pixels: decoding every image
-of a large data set takes longer than anyone waits for training to start, so it reads each file's
-header (its size, pixel format and EXIF orientation), runs Pillow's ``verify`` (for PNG: every chunk's checksum) and,
-for JPEG, looks for the end-of-image marker, which a file cut short lacks. What it finds is
-remembered by file size and modification time, so checking an unchanged data set again opens no image.
+:func:`turned_upright`, as viewers show a photo whose EXIF orientation tag turns it.
+
+The data check decodes no pixels: decoding every image of a large data set takes longer than anyone
+waits for training to start, so it reads each file's header (its size, pixel format and EXIF
+orientation), runs Pillow's ``verify`` (for PNG: every chunk's checksum) and, for JPEG, looks for
+the end-of-image marker, which a file cut short lacks. What it finds is remembered by file size and
+modification time, so checking an unchanged data set again opens no image.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import mmap
 import os
+import struct
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
@@ -48,6 +50,8 @@ EXIF_TURNS = {
     6: "turned 90° clockwise", 7: "turned 90° and mirrored", 8: "turned 90° anticlockwise",
 }  # fmt: skip
 SIDEWAYS_TURNS = frozenset({5, 6, 7, 8})  # those that swap width and height
+# What Pillow's EXIF parser raises for a block that is not the TIFF structure EXIF is.
+_MALFORMED_EXIF = (SyntaxError, ValueError, struct.error)
 
 
 def _unreadable_pixels(mode: str) -> str | None:
@@ -72,8 +76,12 @@ def as_rgb(image: Image.Image) -> Image.Image:
 
 
 def turned_upright(image: Image.Image) -> Image.Image:
-    """``image`` turned as its EXIF orientation tag says, as viewers show it (a copy, without the tag)."""
-    return ImageOps.exif_transpose(image)
+    """``image`` turned as its EXIF orientation tag says, as viewers show it (a copy, without the tag);
+    as it is where its EXIF block cannot be parsed."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except _MALFORMED_EXIF:
+        return image
 
 
 def _orientation(image: Image.Image) -> int:
@@ -82,7 +90,10 @@ def _orientation(image: Image.Image) -> int:
         return 1  # Pillow turns a TIFF upright as it reads it, and gives its size so
     # Image's own getexif reads what the header held. Pillow's PNG reader overrides it to decode the
     # whole image in search of an eXIf chunk after the pixels, where writers do not put it.
-    value = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    try:
+        value = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    except _MALFORMED_EXIF:  # says nothing of the orientation, and stops nothing
+        return 1
     return value if value in EXIF_TURNS else 1  # viewers ignore values outside 1-8, as Pillow does
 
 

@@ -22,6 +22,7 @@ from deformable_detr import Detector, build_model, ms_deform_attn_reference, sav
 from deformable_detr.cli import main
 from deformable_detr.explore import COORDINATES, SCORES, WEIGHTS, explore
 from deformable_detr.model import MSDeformAttn, capture_attention
+from deformable_detr.precision import forward
 from deformable_detr.visualize import head_colours
 
 from browser import chromium, find_chromium
@@ -223,6 +224,20 @@ def test_the_heat_map_is_the_weight_all_encoder_queries_put_on_each_pixel(page, 
     heat = heat.view_as(expected).float() * maximum / 65535
     assert maximum == pytest.approx(float(expected.max()), rel=1e-5)
     close_within(heat, expected, maximum / 65535)
+
+
+@pytest.mark.filterwarnings("ignore:bfloat16 is emulated:RuntimeWarning")  # where it is: these are its numbers
+def test_a_bfloat16_detector_is_explored_in_bfloat16_as_it_predicts(model, images):
+    detector = Detector(model, class_names=CLASS_NAMES, image_size=HEIGHT, dtype=torch.bfloat16)
+    meta, data = page_data(explore(detector, images[:1]).html)
+    layers = meta["decoderLayerCount"]
+    scores = decoded(meta, "score", embedded(meta["images"][0], data, "decoder.scores"), (layers, -1))[-1]
+    inputs = detector.prepare(images[0])[None]
+    with torch.no_grad():
+        in_bfloat16 = forward(detector.model, inputs, dtype=torch.bfloat16)["pred_logits"][0].sigmoid().amax(-1)
+        in_float32 = detector.model(inputs)["pred_logits"][0].sigmoid().amax(-1)
+    close_within(scores, in_bfloat16, SCORES.step)
+    assert (in_float32 - in_bfloat16).abs().max() > SCORES.step  # the two are told apart
 
 
 def test_without_refinement_the_decoder_starts_from_points(images):

@@ -34,6 +34,7 @@ from torch import Tensor
 from .checks import check_count, is_whole_number
 from .files import atomic_write
 from .model import AttentionRecord, capture_attention, evaluating, pad_images
+from .precision import forward
 from .predict import Detector, ImageInput, as_image_tensor
 from .visualize import head_colours, to_uint8
 
@@ -136,7 +137,8 @@ def explore(
 
     Args:
         detector: the model, with the input size and class names it was trained for. The model runs
-            once per image, alone and in eval mode (its mode is restored afterwards).
+            once per image, alone, in eval mode (its mode is restored afterwards) and in the
+            detector's dtype, as :meth:`Detector.predict` runs it.
         images: one image (any input :meth:`Detector.predict` takes for one) or a list or tuple of
             them; several get a picker, named by their file names.
         encoder_layers: the encoder layers whose attention the page holds: ``"last"``, ``"all"``
@@ -212,7 +214,7 @@ def _observe(detector: Detector, image: ImageInput, name: str, layers: list[int]
     hook = model.transformer.encoder.register_forward_pre_hook(lambda _, args: valid_ratios.append(args[3]))
     try:
         with evaluating(model), capture_attention(model) as records:
-            outputs = model(batch, padding_mask)
+            outputs = forward(model, batch, padding_mask, dtype=detector.dtype)
     finally:
         hook.remove()
     records = {record.name: record for record in records}

@@ -106,9 +106,9 @@ class Detector:
         An image is a file path, a PIL image, an RGB ``numpy`` array (H, W, 3) or a tensor
         (3, H, W), uint8 or float in [0, 1]; an (N, 3, H, W) tensor is N images. A file or PIL
         image is turned upright as its EXIF orientation says, as viewers show it, and its boxes are
-        in that picture's pixels. A list is
-        processed ``batch_size`` images at a time, in order of size (equal sizes together), each
-        batch padded to a common size; results come back in the input order.
+        in that picture's pixels. A list is processed ``batch_size`` images at a time, in order of
+        size (equal sizes together), each batch padded to a common size; results come back in the
+        input order.
         """
         check_fraction("threshold", threshold)
         check_count("batch_size", batch_size, at_least=1)

@@ -24,6 +24,7 @@ from deformable_detr.data import synthesize
 from deformable_detr.distributed import share_buffers
 from deformable_detr.evaluation import METRICS, evaluate_checkpoint
 from deformable_detr.train import SetCriterion, TrainConfig, loop, train
+from deformable_detr.train.criterion import average_num_boxes
 from deformable_detr.train.ema import WeightAverage
 from deformable_detr.train.engine import train_step
 
@@ -110,10 +111,11 @@ def accumulation_worker(rank: int, rendezvous: str, results: dict) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         images, targets = global_batch()
         per_backward = []
+        update_boxes = average_num_boxes(targets[2 * rank : 2 * rank + 2])
         for step in range(2):  # each process's two images, one a batch, one update
             image = 2 * rank + step
             train_step(model, SetCriterion(), optimizer, images[image : image + 1], None, targets[image : image + 1],
-                       clip_max_norm=0.0, accumulation_steps=2, update=step == 1)
+                       clip_max_norm=0.0, update_boxes=update_boxes, update=step == 1)
             per_backward.append(len(reductions))
         results[rank] = per_backward, {name: p.detach().clone() for name, p in model.module.named_parameters()}
     finally:

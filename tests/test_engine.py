@@ -19,6 +19,7 @@ from deformable_detr.cli import main
 from deformable_detr.data import synthesize
 from deformable_detr.predict import Detector
 from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, engine, loop, train
+from deformable_detr.train.criterion import average_num_boxes
 
 
 @pytest.fixture(scope="module")
@@ -110,23 +111,68 @@ class ScaledMean(torch.nn.Module):
 
 
 class ItsValue:
-    def __call__(self, outputs, targets):
-        return {"loss_ce": outputs["value"]}
+    """A loss of one box a batch: the model's value, divided by the box count as the set loss is."""
+
+    def __call__(self, outputs, targets, *, num_boxes):
+        return {"loss_ce": outputs["value"] / num_boxes}
 
     def total_loss(self, losses):
         return losses["loss_ce"]
 
 
+ONE_BOX = [{"labels": torch.zeros(1, dtype=torch.int64), "boxes": torch.full((1, 4), 0.5)}]
+
+
 def test_accumulation_steps_by_the_mean_gradient_of_each_group_the_epochs_last_shorter_one_too(tmp_path):
     model = ScaledMean()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # each update subtracts its gradient
-    loader = [(torch.full((1, 3, 2, 2), value), torch.zeros(1, 2, 2, dtype=torch.bool), [{}]) for value in (1.0, 2.0, 3.0, 4.0, 8.0)]
+    loader = [(torch.full((1, 3, 2, 2), value), torch.zeros(1, 2, 2, dtype=torch.bool), ONE_BOX)
+              for value in (1.0, 2.0, 3.0, 4.0, 8.0)]  # fmt: skip
     run = TrainConfig(data="unused", output_dir=str(tmp_path), accumulation_steps=4, clip_max_norm=0.0)
     weights = [model.weight.item() for _ in engine.train_updates(
         model, ItsValue(), loader, optimizer, device=torch.device("cpu"), epoch=0, batches=5, config=run,
         progress=engine.EpochProgress())]
     # The first update by the mean of 1, 2, 3 and 4; the second, of the fifth batch alone, as a plain step would.
     assert weights == [1 - 2.5, 1 - 2.5 - 8]
+
+
+def gradients(model):
+    return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+
+
+def test_accumulated_batches_step_by_the_gradient_of_one_batch_of_them_all():
+    """Each box weighs the same in an update, however its batches share the boxes: as in one batch of
+    them all (or in a batch split across processes)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=generator)  # one size: nothing padded in either way
+    targets = [{"labels": torch.randint(1, 4, (count,), generator=generator),
+                "boxes": torch.rand(count, 2, generator=generator).mul(0.5).add(0.25).repeat(1, 2) * torch.tensor([1, 1, 0.4, 0.4])}
+               for count in (1, 3, 2, 0)]  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=4, dropout=0.0)
+    optimizer, criterion = torch.optim.SGD(model.parameters(), lr=0.0), SetCriterion()
+    engine.train_step(model, criterion, optimizer, images, None, targets, clip_max_norm=0.0, update=False)
+    whole = gradients(model)
+    optimizer.zero_grad()
+    update_boxes = average_num_boxes(targets)
+    for half in (slice(0, 2), slice(2, 4)):  # 4 boxes, then 2
+        engine.train_step(model, criterion, optimizer, images[half], None, targets[half], clip_max_norm=0.0,
+                          update_boxes=update_boxes, update=False)
+    accumulated = gradients(model)
+    assert whole.keys() == accumulated.keys()
+    for name, gradient in whole.items():
+        torch.testing.assert_close(accumulated[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_outputs_that_are_not_finite_stop_the_step_before_the_matcher_refuses_them():
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=4)
+    with torch.no_grad():
+        model.transformer.encoder.layers[0].linear1.weight[0, 0] = float("nan")  # as after a bad update
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(engine.NonFiniteLossError, match=r"non-finite model outputs \(NaN or infinity\)"):
+        engine.train_step(model, SetCriterion(), optimizer, torch.randn(1, 3, 64, 64), None, ONE_BOX)
+    assert all(parameter.grad is None for parameter in model.parameters())
 
 
 def test_cli_pads_training_batches_to_the_multiple(data, tmp_path, monkeypatch):

@@ -75,14 +75,18 @@ class SetCriterion(nn.Module):
         self.one_to_many_weight = one_to_many_weight
         self.iou_aware = iou_aware
 
-    def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]], *, num_boxes: float | None = None
+    ) -> dict[str, Tensor]:
         """
         Args:
             outputs: the model's output dict (``pred_logits``, ``pred_boxes``, ``aux_outputs`` and,
                 two-stage, ``enc_outputs``).
             targets: per image ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) normalised (cx, cy, w, h).
+            num_boxes: what the losses are divided by; by default :func:`average_num_boxes` of ``targets``.
         """
-        num_boxes = average_num_boxes(targets, device=outputs["pred_logits"].device)
+        if num_boxes is None:
+            num_boxes = average_num_boxes(targets, device=outputs["pred_logits"].device)
         matches = self.matcher(outputs, targets)
         losses = self._losses(outputs, targets, matches, num_boxes)
         losses["class_error"] = _class_error(outputs["pred_logits"], targets, matches)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from ..data.loader import TRAINING_STEP, derived_seed
 from ..distributed import is_main_process, rank
 from .config import TrainConfig
-from .criterion import SetCriterion
+from .criterion import SetCriterion, average_num_boxes
 
 
 class TrainingError(RuntimeError):
@@ -28,10 +29,13 @@ class NonFiniteLossError(TrainingError):
     """The loss of a training step is NaN or infinite; raised before its backward pass."""
 
 
-def _batches(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
-    for images, padding_mask, targets in loader:
-        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
-        yield images.to(device), padding_mask.to(device), targets
+Batch = tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]  # images, padding mask, targets
+
+
+def _on(device: torch.device, batch: Batch) -> Batch:
+    images, padding_mask, targets = batch
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+    return images.to(device), padding_mask.to(device), targets
 
 
 def train_step(
@@ -44,28 +48,36 @@ def train_step(
     *,
     bf16: bool = False,
     clip_max_norm: float = 0.1,
-    accumulation_steps: int = 1,
+    update_boxes: float | None = None,
     update: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One training step: forward, the set loss with its auxiliary terms, backward and, if ``update``,
     gradient clipping (``clip_max_norm`` > 0) and the optimiser step.
 
-    The loss is divided by ``accumulation_steps``, so that that many calls, the last one updating,
-    step by the mean of their gradients; under DistributedDataParallel the processes average their
-    gradients once, in the updating call. Returns the losses and their weighted sum ``loss``,
-    detached. Raises :class:`NonFiniteLossError` before the backward pass, leaving gradients and
-    weights as they were.
+    Several calls, all but the last with ``update`` False, accumulate their gradients into one update;
+    under DistributedDataParallel the processes average their gradients once, in the updating call.
+    ``update_boxes`` is then the target boxes per process of all those batches
+    (:func:`~.criterion.average_num_boxes` of their targets): each batch's gradient is scaled so that
+    every box of the update weighs the same, as in one batch of them all. By default, this batch's.
+
+    Returns this batch's losses, each divided by its own box count (as logged), and their weighted
+    sum ``loss``, detached. Raises :class:`NonFiniteLossError` before the backward pass, leaving
+    gradients and weights as they were.
     """
     # DDP reduces the gradients in every backward it sees, unless forward and backward run in no_sync.
     accumulating = not update and isinstance(model, DistributedDataParallel)
     with model.no_sync() if accumulating else contextlib.nullcontext():
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(images, padding_mask, targets=targets)  # the targets feed denoising queries, if any
-        losses = criterion(_to_float(outputs), targets)
+            outputs = _to_float(model(images, padding_mask, targets=targets))  # the targets feed denoising queries, if any
+        # Checked before the loss: the matcher's assignment refuses a NaN cost with an error of its own.
+        if not _all_finite(outputs):
+            raise NonFiniteLossError("non-finite model outputs (NaN or infinity)")
+        batch_boxes = average_num_boxes(targets, device=images.device)
+        losses = criterion(outputs, targets, num_boxes=batch_boxes)
         loss = criterion.total_loss(losses)
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"non-finite loss ({loss.item()})")
-        (loss / accumulation_steps).backward()
+        (loss * (batch_boxes / (update_boxes or batch_boxes))).backward()
     if update:
         if clip_max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
@@ -84,6 +96,14 @@ class EpochProgress:
     seconds: float = 0.0
     lr: float | None = None  # the learning rate of the epoch's first update
     totals: dict[str, float] = field(default_factory=dict)  # each loss summed over the batches trained
+
+    def add(self, images: int, seconds: float, losses: dict[str, float]) -> None:
+        """Count one batch trained: its ``images``, the ``seconds`` it took and its ``losses``."""
+        self.batches += 1
+        self.images += images
+        self.seconds += seconds
+        for key, value in losses.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
 
     def record(self) -> dict[str, float]:
         """The epoch's learning rate, mean losses (``train_*``) and images/s."""
@@ -110,52 +130,74 @@ def train_updates(
     """Train on ``loader``, the batches of epoch ``epoch`` (``batches`` in all) after the
     ``progress.batches`` already trained; after each optimiser update, with ``progress`` counting it,
     yield its learning rate and its :data:`UPDATE_LOSSES` averaged over its batches (the caller steps
-    the learning-rate schedule). Each update steps by the mean gradient of its ``accumulation_steps``
-    batches, or of the fewer that end the epoch.
+    the learning-rate schedule). Each update accumulates ``accumulation_steps`` batches, or the fewer
+    that end the epoch, every box of them weighing the same (:func:`train_step`).
 
     A batch's random draws in the model (dropout, denoising noise) come from torch's generator
     seeded by (seed, epoch, batch, process), so that a resumed run draws what an uninterrupted one does.
     """
     model.train()
-    bar = tqdm(_batches(loader, device), initial=progress.batches, total=batches, desc=f"epoch {epoch}",
-               disable=not is_main_process(), dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
-    update_totals: dict[str, float] = {}
-    update_batches = 0
     last = time.perf_counter()
-    for images, padding_mask, targets in bar:
-        index = progress.batches
-        update = (index + 1) % config.accumulation_steps == 0 or index + 1 == batches
-        group_start = index - index % config.accumulation_steps
-        group_size = min(config.accumulation_steps, batches - group_start)
-        lr = optimizer.param_groups[0]["lr"]
-        _seed_draws(derived_seed(TRAINING_STEP, config.seed, epoch, index, rank()), device)
-        try:
-            losses = train_step(model, criterion, optimizer, images, padding_mask, targets, bf16=config.bf16,
-                                clip_max_norm=config.clip_max_norm, accumulation_steps=group_size,
-                                update=update)
-        except NonFiniteLossError as error:
-            raise TrainingError(
-                f"{error} at epoch {epoch}, step {index}: stopping; the last good checkpoint is kept in "
-                f"{config.output_dir}"
-            ) from None
-        if progress.lr is None:
-            progress.lr = lr
-        now = time.perf_counter()
-        progress.batches += 1
-        progress.images += len(images)
-        progress.seconds += now - last
-        last = now
-        for key, value in losses.items():
-            progress.totals[key] = progress.totals.get(key, 0.0) + float(value)
-            if key in UPDATE_LOSSES:
-                update_totals[key] = update_totals.get(key, 0.0) + float(value)
-        update_batches += 1
-        bar.set_postfix(loss=f"{progress.totals['loss'] / progress.batches:.3f}", lr=f"{lr:.1e}",
-                        images_s=f"{progress.images / progress.seconds:.1f}")
-        if update:
-            yield {"lr": lr, **{key: value / update_batches for key, value in update_totals.items()}}
-            update_totals, update_batches = {}, 0
+    with tqdm(initial=progress.batches, total=batches, desc=f"epoch {epoch}", disable=not is_main_process(),
+              dynamic_ncols=True) as bar:  # fmt: skip
+        for group in _update_groups(loader, progress.batches, batches, config.accumulation_steps):
+            # An update's box count is known before its first backward: its batches are read first.
+            update_boxes = average_num_boxes([target for _, _, targets in group for target in targets], device=device)
+            lr = optimizer.param_groups[0]["lr"]
+            progress.lr = lr if progress.lr is None else progress.lr
+            update_totals: dict[str, float] = {}
+            for position, batch in enumerate(group):
+                index = progress.batches
+                images, padding_mask, targets = _on(device, batch)
+                _seed_draws(derived_seed(TRAINING_STEP, config.seed, epoch, index, rank()), device)
+                try:
+                    losses = train_step(model, criterion, optimizer, images, padding_mask, targets, bf16=config.bf16,
+                                        clip_max_norm=config.clip_max_norm, update_boxes=update_boxes,
+                                        update=position == len(group) - 1)
+                except NonFiniteLossError as error:
+                    raise TrainingError(
+                        f"{error} at epoch {epoch}, step {index}: stopping; the last good checkpoint is kept in "
+                        f"{config.output_dir}"
+                    ) from None
+                now = time.perf_counter()
+                progress.add(len(images), now - last, {key: float(value) for key, value in losses.items()})
+                last = now
+                for key in UPDATE_LOSSES:
+                    if key in losses:
+                        update_totals[key] = update_totals.get(key, 0.0) + float(losses[key])
+                bar.update()
+                bar.set_postfix(loss=f"{progress.totals['loss'] / progress.batches:.3f}", lr=f"{lr:.1e}",
+                                images_s=f"{progress.images / progress.seconds:.1f}")
+            yield {"lr": lr, **{key: total / len(group) for key, total in update_totals.items()}}
+
+
+def _update_groups(loader: Iterable, first: int, batches: int, accumulation_steps: int) -> Iterator[list[Batch]]:
+    """The batches of ``loader`` (batch ``first`` on, of ``batches``), in the groups that make one
+    optimiser update each: ``accumulation_steps`` at a time from the epoch's start, fewer at its end."""
+    iterator = iter(loader)
+    index = first
+    while index < batches:
+        group = list(itertools.islice(iterator, min(accumulation_steps - index % accumulation_steps, batches - index)))
+        if not group:
+            return
+        yield group
+        index += len(group)
+
+
+def _all_finite(outputs: Any) -> bool:
+    """Whether every floating tensor of the model's ``outputs`` (nested in dicts and lists) is finite."""
+    tensors = []
+    pending = [outputs]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.values()
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            tensors.append(value.isfinite().all())
+    return bool(torch.stack(tensors).all())
 
 
 def _seed_draws(seed: int, device: torch.device) -> None:

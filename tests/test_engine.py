@@ -69,6 +69,17 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data, tmp
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
 
 
+def test_finetune_into_mixed_query_selection_clears_the_content_gain_it_holds_at_zero(tmp_path):
+    """A two-stage checkpoint trained without it has a content gain of about 1, which the gradient
+    hook would then hold there: queries neither learned (DINO) nor as published."""
+    save_checkpoint(tmp_path / "two_stage.pt", build_model("tiny", two_stage=True))
+    model = build_model("tiny", two_stage=True, mixed_query_selection=True)
+    loop._finetune(model, str(tmp_path / "two_stage.pt"))
+    gain = model.transformer.pos_trans_norm.weight
+    d_model = model.config.d_model
+    assert not gain[d_model:].any() and torch.equal(gain[:d_model], torch.ones(d_model))  # the position half as loaded
+
+
 def test_finetune_with_another_class_count(data, tmp_path, capsys):
     train(config(data, tmp_path / "first", epochs=1))
     train(config(data, tmp_path / "second", epochs=1, num_classes=9, finetune_from=str(tmp_path / "first" / "checkpoint.pt")))

@@ -349,11 +349,16 @@ class DeformableTransformer(nn.Module):
         if not self.two_stage:
             nn.init.zeros_(self.reference_points.bias)
         if self.mixed_query_selection:
-            content_gain, content = self.pos_trans_norm.weight[self.d_model :], self.pos_trans_norm.bias[self.d_model :]
             with torch.no_grad():
-                content_gain.zero_()
-                content.normal_()  # as DINO's learned content embedding
+                self.pos_trans_norm.bias[self.d_model :].normal_()  # as DINO's learned content embedding
+            self.clear_content_gain()
         nn.init.normal_(self.level_embed)
+
+    @torch.no_grad()
+    def clear_content_gain(self) -> None:
+        """Zero the content half of ``pos_trans_norm``'s gain, which mixed query selection holds at
+        zero (its gradient is zeroed): after loading weights trained without it, whose gain is not."""
+        self.pos_trans_norm.weight[self.d_model :].zero_()
 
     def encoder_proposals(
         self, memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]], valid_sizes: Tensor

@@ -85,6 +85,8 @@ def _finetune(model: DeformableDETR, path: str) -> str:
             f"{path}: does not fit the {model.config.backbone} model being trained "
             f"(missing {sorted(set(missing) - set(reinitialised))[:5]}, unexpected {unexpected[:5]})"
         )
+    if model.config.mixed_query_selection:
+        model.transformer.clear_content_gain()
     if not reinitialised:
         return f"fine-tuning from {path}: every weight loaded"
     old = checkpoint.config.num_classes

@@ -114,13 +114,30 @@ def assert_same_weights(first, second):
 @pytest.mark.parametrize("preset, overrides", [("tiny", {"two_stage": True}), ("r50_single_scale_dc5", {"num_classes": 21})])
 def test_convert_ours_to_reference_and_back_is_lossless(tmp_path, preset, overrides):
     model = build_model(preset, **overrides)
-    save_checkpoint(tmp_path / "ours.safetensors", model)
+    save_checkpoint(tmp_path / "ours.safetensors", model, image_size=256)
     assert convert_checkpoint(tmp_path / "ours.safetensors", tmp_path / "reference.pth") == "reference"
     assert read_checkpoint(tmp_path / "reference.pth").source_format == "reference"
+    assert sorted(torch.load(tmp_path / "reference.pth", weights_only=False)) == ["args", "model"], "the reference's layout"
     assert convert_checkpoint(tmp_path / "reference.pth", tmp_path / "back.safetensors") == "ours"
     back = read_checkpoint(tmp_path / "back.safetensors")
-    assert back.config == model.config
+    assert (back.config, back.image_size) == (model.config, 256)
     assert_same_weights(model.state_dict(), back.state_dict)
+
+
+def test_a_reference_file_without_an_image_size_says_it_is_not_recorded(tmp_path, capsys):
+    checkpoints.save_reference_checkpoint(tmp_path / "reference.pth", build_model("tiny"))  # none, as the released files
+    checkpoint = read_checkpoint(tmp_path / "reference.pth")
+    assert (checkpoint.image_size, checkpoint.input_size) == (None, 800)
+    assert main(["inspect", str(tmp_path / "reference.pth")]) == 0
+    assert "image size: not recorded (800 is assumed)" in capsys.readouterr().out
+    convert_checkpoint(tmp_path / "reference.pth", tmp_path / "ours.pt")
+    assert read_checkpoint(tmp_path / "ours.pt").image_size is None
+
+
+def test_save_reference_refuses_an_image_size_the_reader_would_refuse(tmp_path):
+    with pytest.raises(ValueError, match=r"^image_size is 0; expected a positive integer"):
+        checkpoints.save_reference_checkpoint(tmp_path / "model.pth", build_model("tiny"), image_size=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("preset", R50_PRESETS)

@@ -524,7 +524,9 @@ def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_
     (tmp_path / "hf" / "preprocessor_config.json").write_text('{"size": 640}')  # older processors' bare number
     assert read_checkpoint(tmp_path / "hf").image_size == 640
     (tmp_path / "hf" / "preprocessor_config.json").unlink()
-    assert read_checkpoint(tmp_path / "hf").image_size == 800, "without a processor: the published size"
+    assert read_checkpoint(tmp_path / "hf").image_size is None, "without a processor, the folder does not say"
+    assert main(["inspect", str(tmp_path / "hf")]) == 0
+    assert "image size: not recorded (800 is assumed)" in capsys.readouterr().out
 
     save_checkpoint(tmp_path / "narrow.pt", build_model("tiny", **{**OURS_SMALL, "backbone_width": 32}))
     assert main(["convert", str(tmp_path / "narrow.pt"), str(tmp_path / "narrow"), "--to", "huggingface"]) == 1

@@ -126,12 +126,19 @@ def save_checkpoint(
             torch.save(payload, temporary)
 
 
-def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR) -> None:
+def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR, *, image_size: int | None = None) -> None:
     """Write ``model`` in the reference implementation's layout (:func:`~deformable_detr.reference.reference_payload`),
-    atomically. It loads into the reference code and back through :func:`read_checkpoint`."""
+    with ``image_size`` (the shorter side it was trained for) among its flags where given,
+    atomically. It loads into the reference code and back through :func:`read_checkpoint`.
+
+    Raises:
+        TypeError: ``model`` is not a DeformableDETR.
+        ValueError: ``image_size`` is not a positive integer; nothing is written.
+    """
     _check_model(model)
+    payload = reference_payload(model, image_size=_image_size(image_size))
     with atomic_write(path) as temporary:
-        torch.save(reference_payload(model), temporary)
+        torch.save(payload, temporary)
 
 
 def _check_model(model: object) -> None:
@@ -217,9 +224,11 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
 
     By default the reference and Hugging Face formats become ours, and ours becomes the
     reference layout. What is written is the model alone: its weights (a training checkpoint's
-    average of the weights where it has one), with the class names and image size where the
-    layout has a place for them (ours, Hugging Face). Training state is never written, whatever
-    the destination's suffix: a converted ``.pt`` does not resume a run.
+    average of the weights where it has one), with the class names where the layout has a place
+    for them (ours, Hugging Face) and the image size where the source records it. A Hugging Face
+    folder's image processor needs a size: where the source records none, it gets the published
+    one. Training state is never written, whatever the destination's suffix: a converted ``.pt``
+    does not resume a run.
 
     Raises:
         CheckpointError: the source cannot be read, or the layout cannot hold its model (a
@@ -230,7 +239,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     _check_destination(Path(destination), layout)
     model = checkpoint.build_model()
     if layout == "reference":
-        save_reference_checkpoint(destination, model)
+        save_reference_checkpoint(destination, model, image_size=checkpoint.image_size)
     elif layout == "ours":
         save_checkpoint(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.image_size)
     elif layout == "huggingface":
@@ -316,13 +325,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return content
 
 
-def _huggingface_image_size(folder: Path) -> int:
-    """The shorter side the folder's image processor resizes to: the size the model was trained at."""
+def _huggingface_image_size(folder: Path) -> int | None:
+    """The shorter side the folder's image processor resizes to (the size the model was trained
+    at), or None where the folder has no processor that says."""
     processor = folder / "preprocessor_config.json"
     size = _read_json(processor).get("size") if processor.is_file() else None
     # Older processors wrote the shorter side as a bare number.
     shortest_edge = size.get("shortest_edge") if isinstance(size, dict) else size
-    return shortest_edge if isinstance(shortest_edge, int) else PUBLISHED_IMAGE_SIZE
+    return shortest_edge if isinstance(shortest_edge, int) else None
 
 
 def _huggingface_class_names(hf_config: Mapping[str, Any]) -> dict[int, str] | None:
@@ -429,11 +439,14 @@ def _read_pickled(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")
     state_dict = _state_dict(state_dict, "the 'model' entry" if "model" in payload else "the file")
     args = payload.get("args")
+    flags = vars(args) if args is not None else {}
     try:
-        config = config_from_reference(state_dict, vars(args) if args is not None else {})
+        config = config_from_reference(state_dict, flags)
     except KeyError as error:  # a weight the config is read from
         raise CheckpointError(f"{path}: missing weights, the first: {error.args[0]}") from None
-    return Checkpoint(path, config, state_dict, "reference", released_class_names(config), PUBLISHED_IMAGE_SIZE)
+    # Only files written here record the size (reference_payload); the released ones do not.
+    image_size = _image_size(flags.get("image_size"))
+    return Checkpoint(path, config, state_dict, "reference", released_class_names(config), image_size)
 
 
 def _state_dict(value: object, what: str) -> dict[str, Tensor]:

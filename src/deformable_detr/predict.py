@@ -86,8 +86,9 @@ class Detector:
         dtype: torch.dtype = torch.float32,
     ) -> Detector:
         """Any checkpoint :func:`~deformable_detr.load_pretrained` reads, with its class names
-        (COCO's for the released models) and the image size it was trained for, unless
-        ``image_size`` is given. ``device`` defaults to CUDA where there is one."""
+        (COCO's for the released models) and the image size it was trained for (the published
+        one where the file does not record it), unless ``image_size`` is given. ``device``
+        defaults to CUDA where there is one."""
         checkpoint = read_checkpoint(path)
         model = checkpoint.build_model(device=usable_device(device))
         return cls(model, class_names=checkpoint.class_names, dtype=dtype,

@@ -48,15 +48,21 @@ _FLAGS = {
 }
 
 
-def reference_payload(model: DeformableDETR) -> dict[str, Any]:
+def reference_payload(model: DeformableDETR, *, image_size: int | None = None) -> dict[str, Any]:
     """What the reference implementation saves for ``model``: its weights and its training flags.
 
     The file loads into the reference code (ResNet-50/101 backbones). Trainable batch norm (a
     backbone trained from scratch) becomes the reference's frozen batch norm, which computes the
     same in evaluation. Training-only options (hybrid matching's extra queries, ...) have no place
     in the reference: their tensors are left out, and the payload holds the published architecture.
+    ``image_size``, the shorter side the model was trained for, is kept as the flag ``image_size``
+    (our ``--image-size``), where given: the reference has no such flag and never reads ``args``
+    back, so the file still loads there, and reading it here gives the size back.
     """
-    args = argparse.Namespace(**{flag: getattr(model.config, field) for flag, field in _FLAGS.items()}, masks=False)
+    flags = {flag: getattr(model.config, field) for flag, field in _FLAGS.items()}
+    if image_size is not None:
+        flags["image_size"] = image_size
+    args = argparse.Namespace(**flags, masks=False)
     return {"model": without_batch_norm_counters(model.inference_state_dict()), "args": args}
 
 

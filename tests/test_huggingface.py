@@ -488,7 +488,7 @@ def test_ours_to_transformers_to_ours_is_bit_for_bit(written, tmp_path):
     back = read_checkpoint(tmp_path)
     assert back.config == ours.config
     assert_identical(back.state_dict, ours.state_dict())
-    assert {index: name for index, name in back.class_names.items() if not name.startswith("LABEL_")} == NAMES
+    assert back.class_names == NAMES, "transformers' LABEL_<id> for the ids without a name are no names"
 
 
 def test_the_object_detection_pipeline_runs_on_an_image(written):
@@ -533,6 +533,15 @@ def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_
     assert capsys.readouterr().err.strip().endswith("narrow.pt: backbone width 32 has no timm equivalent: timm's "
                                                     "ResNets have width 64")
     assert not (tmp_path / "narrow").exists()
+
+
+def test_reading_drops_only_transformers_placeholder_names(tmp_path):
+    save_huggingface(tmp_path, build_ours("plain"))  # no class names: LABEL_<id> for every id
+    assert read_checkpoint(tmp_path).class_names is None
+    config_file = tmp_path / "config.json"
+    id2label = {"0": "LABEL_0", "1": "cat", "2": "LABEL_7", "3": "LABEL_3", "4": "dog"}  # LABEL_7: a name, at id 2
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "id2label": id2label}))
+    assert read_checkpoint(tmp_path).class_names == {1: "cat", 2: "LABEL_7", 4: "dog"}
 
 
 def test_a_mixed_query_selection_model_runs_in_transformers_with_the_same_outputs(tmp_path):

@@ -336,11 +336,9 @@ def _huggingface_image_size(folder: Path) -> int | None:
 
 
 def _huggingface_class_names(hf_config: Mapping[str, Any]) -> dict[int, str] | None:
-    names = _class_names(hf_config.get("id2label"), field="id2label")
-    # transformers fills id2label with LABEL_<id> placeholders when a model was built without names.
-    if not names or all(name == f"LABEL_{identifier}" for identifier, name in names.items()):
-        return None
-    return names
+    names = _class_names(hf_config.get("id2label"), field="id2label") or {}
+    # transformers (and config_to_huggingface) name each id that has no name LABEL_<id>: not a name.
+    return {identifier: name for identifier, name in names.items() if name != f"LABEL_{identifier}"} or None
 
 
 def _read_safetensors(path: Path) -> Checkpoint:

@@ -266,6 +266,31 @@ def test_a_folder_without_images_is_refused_by_name(trained, tmp_path, capsys):
         Detector.from_checkpoint(checkpoint, device="cpu", image_size=0)
 
 
+def test_detect_refuses_to_write_over_its_inputs_before_anything_is_written(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    photos = tmp_path / "photos"
+    shutil.copytree(data / "val", photos)
+    screenshot = photos / "screenshot.png"
+    Image.open(val_images(data)[0]).save(screenshot)
+    before = {path.name: path.read_bytes() for path in photos.iterdir()}
+
+    assert main(["detect", str(checkpoint), str(photos), "--out", str(photos)]) == 1
+    assert capsys.readouterr().err == (f"deformable-detr: error: {photos}: the output folder is an input folder, "
+                                       f"where the annotated copies would be taken for images; choose another\n")
+    # The folder by another path: screenshot.png's annotated copy would be screenshot.png itself.
+    link = tmp_path / "link"
+    link.symlink_to(photos)
+    assert main(["detect", str(checkpoint), str(screenshot), "--out", str(link)]) == 1
+    assert capsys.readouterr().err == (f"deformable-detr: error: {screenshot}: an annotated copy would be written "
+                                       f"over this input image; choose another output folder\n")
+    assert {path.name: path.read_bytes() for path in photos.iterdir()} == before
+
+    # A .jpg file given by itself may have its copy beside it, as `detect photo.jpg --out .` does.
+    photo = photos / val_images(data)[0].name
+    assert main(["detect", str(checkpoint), str(photo), "--out", str(photos)]) == 0
+    assert (photos / f"{photo.stem}.png").is_file() and photo.read_bytes() == before[photo.name]
+
+
 def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):
     checkpoint, data = trained
     image = val_images(data)[0]

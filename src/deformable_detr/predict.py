@@ -223,7 +223,9 @@ def detect_files(
     """Detect objects in image files and folders of them; write into ``out`` one annotated copy of
     each image and ``detections.json``, the run's detections in the COCO results format (with
     ``file_name``; ``image_id`` numbers the inputs in order). Images are read upright, as
-    :meth:`Detector.predict` reads files, and boxes are in the upright picture's pixels.
+    :meth:`Detector.predict` reads files, and boxes are in the upright picture's pixels. ``out``
+    may be neither an input folder nor where an annotated copy would be written over an input
+    image: either is a ValueError, raised before anything is written.
 
     Under torchrun the processes share the work: the inputs are cut into batches of ``batch_size``,
     batch k goes to process k mod N, and the main process merges their detections, so that
@@ -240,6 +242,7 @@ def detect_files(
     out = Path(out)
     files = image_files(inputs)
     output_names = _output_names(files)
+    _check_inputs_are_kept(inputs, files, out, output_names)
     batches = range(0, len(files), batch_size)
     done = _DetectProgress.open(out, _fingerprint(detector, files, threshold, batch_size), len(batches),
                                 outputs=[*output_names, "detections.json"])
@@ -284,6 +287,32 @@ def _output_names(files: list[Path]) -> list[str]:
         taken.add(name)
         names.append(name)
     return names
+
+
+def _check_inputs_are_kept(
+    inputs: Sequence[str | os.PathLike], files: list[Path], out: Path, output_names: list[str]
+) -> None:
+    """Raise ValueError, before anything is written, where ``out`` is an input folder or an
+    annotated copy would be written over an input image."""
+    # An input folder is refused even where no copy replaces an image (.jpg inputs): the copies
+    # would join its images, and the next run on the folder would detect them as photos.
+    for folder in map(Path, inputs):
+        if folder.is_dir() and out.is_dir() and out.samefile(folder):
+            raise ValueError(f"{out}: the output folder is an input folder, where the annotated copies would be "
+                             f"taken for images; choose another")
+    # Compared as files, not as names: a link, another spelling of the path or a case-insensitive
+    # file system gives one file several names.
+    input_by_file = {_file_identity(path): path for path in files if path.is_file()}
+    for name in output_names:
+        target = out / name
+        if target.is_file() and (replaced := input_by_file.get(_file_identity(target))):
+            raise ValueError(f"{replaced}: an annotated copy would be written over this input image; "
+                             f"choose another output folder")
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def _fingerprint(detector: Detector, files: list[Path], threshold: float, batch_size: int) -> str:

@@ -32,6 +32,18 @@ def test_sampling_points_have_their_head_colour_and_an_area_by_weight():
     assert _count(picture, first) == 0  # drawn on a copy
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_points_recorded_on_a_gpu_are_drawn_as_on_the_cpu():
+    # What explain hands over from a model on a GPU: capture_attention keeps the records there.
+    generator = torch.Generator().manual_seed(0)
+    locations = torch.rand(8, 4, 4, 2, generator=generator)
+    weights = torch.rand(8, 4, 4, generator=generator)
+    reference = torch.rand(2, generator=generator)
+    picture = Image.new("RGB", (200, 100), "grey")
+    on_gpu = draw_sampling_points(picture, locations.cuda(), weights.cuda(), reference.cuda())
+    assert np.array_equal(np.array(on_gpu), np.array(draw_sampling_points(picture, locations, weights, reference)))
+
+
 def test_save_image_writes_the_format_its_suffix_names(tmp_path):
     image = torch.randint(0, 256, (3, 8, 12), dtype=torch.uint8)
     save_image(image, tmp_path / "picture.png")

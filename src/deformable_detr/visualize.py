@@ -51,7 +51,8 @@ def head_colours(num_heads: int) -> list[tuple[int, int, int]]:
 def draw_sampling_points(
     picture: Image.Image, locations: Tensor, weights: Tensor, reference: Tensor, *, box: Tensor | None = None
 ) -> Image.Image:
-    """A copy of ``picture`` with one query's deformable attention drawn on it.
+    """A copy of ``picture`` with one query's deformable attention drawn on it; the tensors may be
+    on any device.
 
     Args:
         locations: (M, L, P, 2) normalised (x, y) sampling locations of every head, level and point.
@@ -61,6 +62,8 @@ def draw_sampling_points(
         reference: (2,) normalised (x, y) reference point, drawn as a white cross.
         box: (4,) absolute (x1, y1, x2, y2) pixels, drawn in yellow under the points.
     """
+    # The picture is drawn on the CPU, and a model on a GPU records its attention there.
+    locations, weights, reference = (tensor.float().cpu() for tensor in (locations, weights, reference))
     picture = picture.copy()
     draw = ImageDraw.Draw(picture)
     if box is not None:
@@ -72,11 +75,11 @@ def draw_sampling_points(
     head_of_point = torch.arange(heads)[:, None, None].expand_as(weights).flatten()
     # Heaviest first, so that the smaller dots of lighter points stay visible on top.
     order = weights.flatten().argsort(descending=True)
-    centres = locations.reshape(-1, 2)[order].float().cpu() * torch.tensor([width, height])
-    radii = (weights.flatten()[order] / weights.max()).sqrt().float().cpu().mul(largest).clamp(min=1.5)
+    centres = locations.reshape(-1, 2)[order] * torch.tensor([width, height])
+    radii = (weights.flatten()[order] / weights.max()).sqrt().mul(largest).clamp(min=1.5)
     for (x, y), radius, head in zip(centres.tolist(), radii.tolist(), head_of_point[order].tolist()):
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colours[head], outline="black")
-    x, y = (reference.float().cpu() * torch.tensor([width, height])).tolist()
+    x, y = (reference * torch.tensor([width, height])).tolist()
     arm = largest * 1.5
     for colour, line_width in (("black", 5), ("white", 2)):  # outlined, to show on any background
         draw.line((x - arm, y, x + arm, y), fill=colour, width=line_width)

@@ -403,6 +403,13 @@ def test_postprocess_top_k_labels_and_absolute_boxes():
         postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(1, 1)] * 2, top_k=-1)
 
 
+def test_postprocess_scales_bfloat16_boxes_to_the_exact_image_size():
+    outputs = {"pred_logits": torch.zeros(1, 1, 2, dtype=torch.bfloat16),
+               "pred_boxes": torch.tensor([[[0.5, 0.5, 1.0, 1.0]]], dtype=torch.bfloat16)}  # the whole image
+    boxes = postprocess(outputs, [(1066, 1333)], top_k=1)[0]["boxes"]
+    assert boxes.dtype == torch.float32 and boxes.tolist() == [[0.0, 0.0, 1333.0, 1066.0]]
+
+
 
 BATCH_MISTAKES = {
     "uint8 images": (dict(images=torch.zeros(1, 3, 32, 32, dtype=torch.uint8)), "images must be a float (N, 3, H, W) batch"),

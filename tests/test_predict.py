@@ -195,7 +195,7 @@ def test_out_of_range_options_are_refused_by_name_before_anything_is_written(tra
     checkpoint, data = trained
     image, out = str(val_images(data)[0]), tmp_path / "out"
     command, *options = arguments
-    inputs = {"detect": [str(checkpoint), image, "--out", str(out)], "explain": [str(checkpoint), image, "--out", str(out)],
+    inputs = {"detect": [str(checkpoint), image, "--out", str(out)], "explain": [str(checkpoint), image, "--out", f"{out}.png"],
               "explore": [str(checkpoint), image, "--out", str(out)], "evaluate": [str(checkpoint), "--data", str(data)],
               "synthesize": [str(out)], "demo": []}[command]
     monkeypatch.chdir(tmp_path)  # where the demo would write runs/demo
@@ -291,14 +291,24 @@ def test_detect_refuses_to_write_over_its_inputs_before_anything_is_written(trai
     assert (photos / f"{photo.stem}.png").is_file() and photo.read_bytes() == before[photo.name]
 
 
-def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):
+def test_explain_command_draws_the_sampling_points(trained, tmp_path):
     checkpoint, data = trained
     image = val_images(data)[0]
     assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "explain.png"), "--top-k", "2"]) == 0
     picture = Image.open(tmp_path / "explain.png")
     assert picture.width > 3 * picture.height  # two detection panels and the encoder panel, side by side
-    assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "explain.xyz")]) == 1
-    assert "unknown image format '.xyz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("explain", "no suffix to name the image format"),
+    ("explain.xyz", "unknown image format '.xyz'"),
+    ("explain.psd", "PSD images can be read but not written"),
+])
+def test_explain_refuses_a_picture_it_cannot_write_before_the_model_loads(tmp_path, capsys, name, problem):
+    out = tmp_path / name
+    # Neither the checkpoint nor the image is there: the error is the picture's, so it came first.
+    assert main(["explain", str(tmp_path / "missing.pt"), str(tmp_path / "missing.jpg"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {out}: {problem}; use e.g. .png or .jpg\n"
 
 
 def test_evaluate_resizes_to_the_checkpoints_image_size_unless_told(trained, monkeypatch, capsys):

@@ -86,8 +86,9 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from .visualize import save_image
+    from .visualize import save_image, writable_image_format
 
+    writable_image_format(args.out)  # a picture that cannot be written is refused before the model loads and runs
     detector = _detector(args)
     picture = explain(detector, args.image, top_k=args.top_k, threshold=args.threshold,
                       encoder_point=args.encoder_point, encoder_level=args.encoder_level)

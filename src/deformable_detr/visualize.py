@@ -87,13 +87,24 @@ def draw_sampling_points(
     return picture
 
 
-def save_image(picture: Image.Image | Tensor, path: str | os.PathLike) -> None:
-    """Write a PIL image or a (3, H, W) uint8 tensor, whole or not at all, in the format its
-    suffix names (``.png``, ``.jpg``, ...)."""
+def writable_image_format(path: str | os.PathLike) -> str:
+    """The image format ``path``'s suffix names (``.png``, ``.jpg``, ...); ValueError, naming the
+    file, where it names none that Pillow writes."""
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
-        raise ValueError(f"{path}: unknown image format {path.suffix!r}; use e.g. .png or .jpg")
+        problem = f"unknown image format {path.suffix!r}" if path.suffix else "no suffix to name the image format"
+    elif image_format not in Image.SAVE:
+        problem = f"{image_format} images can be read but not written"
+    else:
+        return image_format
+    raise ValueError(f"{path}: {problem}; use e.g. .png or .jpg")
+
+
+def save_image(picture: Image.Image | Tensor, path: str | os.PathLike) -> None:
+    """Write a PIL image or a (3, H, W) uint8 tensor, whole or not at all, in the format its
+    suffix names (:func:`writable_image_format`)."""
+    image_format = writable_image_format(path)
     if isinstance(picture, Tensor):
         picture = Image.fromarray(picture.permute(1, 2, 0).cpu().numpy())
     with atomic_write(path) as temporary:

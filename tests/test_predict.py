@@ -291,10 +291,13 @@ def test_detect_refuses_to_write_over_its_inputs_before_anything_is_written(trai
     assert (photos / f"{photo.stem}.png").is_file() and photo.read_bytes() == before[photo.name]
 
 
-def test_explain_command_draws_the_sampling_points(trained, tmp_path):
+def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):
     checkpoint, data = trained
     image = val_images(data)[0]
-    assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "explain.png"), "--top-k", "2"]) == 0
+    assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "explain.png"), "--top-k", "2",
+                 "--threshold", "0"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == (f"{tmp_path / 'explain.png'}: sampling points of up to 2 detections scoring "
+                                       "at least 0.0, and of one encoder query\n")
     picture = Image.open(tmp_path / "explain.png")
     assert picture.width > 3 * picture.height  # two detection panels and the encoder panel, side by side
 

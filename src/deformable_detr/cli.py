@@ -93,7 +93,8 @@ def _explain(args: argparse.Namespace) -> None:
     picture = explain(detector, args.image, top_k=args.top_k, threshold=args.threshold,
                       encoder_point=args.encoder_point, encoder_level=args.encoder_level)
     save_image(picture, args.out)
-    print(f"{args.out}: sampling points of the top {args.top_k} detections and one encoder query")
+    print(f"{args.out}: sampling points of up to {args.top_k} detections scoring at least {args.threshold}, "
+          "and of one encoder query")
 
 
 def _explore(args: argparse.Namespace) -> None:

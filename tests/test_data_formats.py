@@ -81,6 +81,18 @@ def test_yolo_data_yaml_variants(tmp_path):
         read_yolo(tmp_path / "set", "test")
 
 
+def test_yolo_split_entries_from_one_folder_up_are_found_below_as_ultralytics_finds_them(tmp_path):
+    # A Roboflow export: data.yaml at the root, train/images and train/labels, "train: ../train/images".
+    root = write_yolo(tmp_path)
+    (root / "train").mkdir()
+    for kind in ("images", "labels"):
+        (root / kind / "train").rename(root / "train" / kind)
+    (root / "data.yaml").write_text("train: ../train/images\nnames: [cat, dog]\n")
+    split = read_yolo(root, "train")
+    assert [image["file_name"] for image in split.data["images"]] == [f"train/images/{name}.jpg" for name in IMAGES]
+    assert len(split.data["annotations"]) == 3 and split.problems == []
+
+
 def test_yolo_class_names_keyed_by_quoted_indices_go_by_number(tmp_path):
     root = write_yolo(tmp_path)
     names = ", ".join(f"'{index}': class{index}" for index in reversed(range(11)))

@@ -2,7 +2,8 @@
 
 ``data.yaml`` names each split's images (``train: images/train``; also a list of folders, or a
 ``.txt`` file listing images) relative to ``path`` (itself relative to the yaml's folder, which is
-the default), and the class names (``names``: a list, or a mapping from each index 0..n-1 to its
+the default; an entry ``../x`` not found there is ``x``, as Ultralytics reads Roboflow's exports),
+and the class names (``names``: a list, or a mapping from each index 0..n-1 to its
 name). An image's labels are in the file at the same place under ``labels/`` instead of ``images/``,
 with the suffix ``.txt``: one line ``class cx cy w h`` per object, normalised by the image's width
 and height.
@@ -123,9 +124,20 @@ def _files(folder: Path, suffixes: frozenset[str]) -> list[str]:
     )
 
 
+def _entry_path(entry: str, base: Path) -> Path:
+    """Where a split entry points: ``base / entry``, or, where that is not found and the entry starts
+    with ``../``, ``base`` / the rest, as Ultralytics reads it. Roboflow's exports need it: their
+    data.yaml sits at the export's root and names ``../train/images``."""
+    written = base / entry
+    if written.exists() or not entry.startswith("../"):
+        return written
+    within = base / entry.removeprefix("../")
+    return within if within.exists() else written
+
+
 def _listed_images(entry: str, base: Path) -> tuple[list[Path], list[Path]]:
     """The images one split entry names, and the folders among them (to look for stray labels in)."""
-    path = base / entry
+    path = _entry_path(entry, base)
     if path.is_dir():
         return [Path(file) for file in _files(path, IMAGE_SUFFIXES)], [path]
     if path.suffix == ".txt" and path.is_file():

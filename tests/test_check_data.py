@@ -141,7 +141,7 @@ def fatal_cases(tmp_path):
                                  "instances_train.json: annotation 1 (image 1): category id 7 is not among the declared categories"),
         "duplicate image ids": (coco_with(tmp_path / "duplicate", duplicate_image_id), "instances_train.json: image id 1 appears twice"),
         "annotation file": (not_json, "instances_train.json: not valid JSON (Expecting ',' delimiter: line 1 column 6 (char 5))"),
-        "label line": (bad_line, f"{bad_line / 'labels' / 'train' / 'b.txt'}: line 1: expected 'class cx cy w h', found '1 0.5 0.5'"),
+        "label line": (bad_line, f"{bad_line / 'labels' / 'train' / 'b.txt'}: line 1: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', found '1 0.5 0.5'"),
         "no images (COCO)": (coco_with(tmp_path / "empty-coco", no_images), "instances_train.json: the train split has no images"),
         "no images (YOLO)": (empty_yolo, f"{empty_yolo / 'data.yaml'}: the train split has no images"),
         "NaN box (YOLO)": (nan_yolo, f"{nan_yolo / 'labels' / 'train' / 'a.txt'}: line 1: expected finite coordinates, found '0 nan 0.5 0.2 0.2'"),

@@ -60,6 +60,16 @@ def test_yolo_centres_are_normalised_and_images_without_labels_are_negatives(fol
     assert not [a for a in split.data["annotations"] if a["image_id"] == image_c["id"]]
 
 
+def test_yolo_polygons_are_read_as_the_boxes_around_them(tmp_path):
+    root = write_yolo(tmp_path)
+    # A segmentation export's triangle, beside a box, in the 64x48 image a.
+    (root / "labels" / "train" / "a.txt").write_text("1 0.25 0.5 0.75 0.25 0.5 1\n0 0.5 0.5 0.2 0.2\n")
+    split = read_yolo(root, "train")
+    assert split.problems == []
+    in_a = [(a["category_id"], a["bbox"]) for a in split.data["annotations"] if a["image_id"] == 1]
+    assert in_a == [(2, pytest.approx([16, 12, 32, 36])), (1, pytest.approx([25.6, 19.2, 12.8, 9.6]))]
+
+
 def test_crowd_objects_are_kept_for_evaluation_and_left_out_of_training(folders):
     dataset, report = load_split(folders["coco"], "train")
     assert report.crowd == 1 and report.boxes == 4

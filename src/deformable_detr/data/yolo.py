@@ -3,10 +3,9 @@
 ``data.yaml`` names each split's images (``train: images/train``; also a list of folders, or a
 ``.txt`` file listing images) relative to ``path`` (itself relative to the yaml's folder, which is
 the default; an entry ``../x`` not found there is ``x``, as Ultralytics reads Roboflow's exports),
-and the class names (``names``: a list, or a mapping from each index 0..n-1 to its
-name). An image's labels are in the file at the same place under ``labels/`` instead of ``images/``,
+and the class names (``names``: a list, or a mapping from each index 0..n-1 to its name). An image's labels are in the file at the same place under ``labels/`` instead of ``images/``,
 with the suffix ``.txt``: one line ``class cx cy w h`` per object, normalised by the image's width
-and height.
+and height; a polygon ``class x1 y1 x2 y2 x3 y3 ...`` (a segmentation label) is the box around it.
 
 - Class index k becomes category id k + 1, so that ids start at 1 as in COCO and VOC.
 - Image sizes come from the image headers, which YOLO labels leave out.
@@ -147,7 +146,9 @@ def _listed_images(entry: str, base: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _read_labels(path: Path, num_classes: int, yaml_name: str) -> tuple[list[tuple[int, list[float], int]], list[Problem]]:
-    """``(class index, [cx, cy, w, h], line number)`` rows of one label file, and its problems."""
+    """``(class index, [cx, cy, w, h], line number)`` rows of one label file, and its problems. A
+    polygon (``class x1 y1 x2 y2 x3 y3 ...``, as segmentation labels are) is read as the box around
+    it, as Ultralytics trains detection on it."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -160,20 +161,31 @@ def _read_labels(path: Path, num_classes: int, yaml_name: str) -> tuple[list[tup
         if not values:
             continue
         try:
-            index, box = float(values[0]), [float(v) for v in values[1:]]
+            index, coordinates = float(values[0]), [float(v) for v in values[1:]]
         except ValueError:
-            index, box = -1.0, []
-        if len(box) != 4 or not index.is_integer():
-            problems.append(Problem(f"{path}: line {number}: expected 'class cx cy w h', found {line.strip()!r}"))
-        elif not all(math.isfinite(value) for value in box):  # float() reads "nan" and "inf"
+            index, coordinates = -1.0, []
+        is_polygon = len(coordinates) >= 6 and len(coordinates) % 2 == 0
+        if not index.is_integer() or not (len(coordinates) == 4 or is_polygon):
+            expected = "'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...'"
+            problems.append(Problem(f"{path}: line {number}: expected {expected}, found {line.strip()!r}"))
+        elif not all(math.isfinite(value) for value in coordinates):  # float() reads "nan" and "inf"
             problems.append(Problem(f"{path}: line {number}: expected finite coordinates, found {line.strip()!r}"))
         elif not 0 <= index < num_classes:
             problems.append(Problem(f"{path}: line {number}: unknown class {int(index)} ({yaml_name} names 0..{num_classes - 1})"))
-        elif box[2] < 0 or box[3] < 0:
+        elif is_polygon:
+            rows.append((int(index), _box_around(coordinates), number))
+        elif coordinates[2] < 0 or coordinates[3] < 0:
             problems.append(Problem(f"{path}: line {number}: negative width or height"))
         else:
-            rows.append((int(index), box, number))
+            rows.append((int(index), coordinates, number))
     return rows, problems
+
+
+def _box_around(polygon: list[float]) -> list[float]:
+    """``[cx, cy, w, h]`` of the box around the polygon ``[x1, y1, x2, y2, ...]``."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    left, top, right, bottom = min(xs), min(ys), max(xs), max(ys)
+    return [(left + right) / 2, (top + bottom) / 2, right - left, bottom - top]
 
 
 def read_yolo(root: str | Path, split: str, probe: Callable[[Path], ImageInfo] = inspect_image) -> Split:

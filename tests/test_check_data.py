@@ -123,6 +123,11 @@ def fatal_cases(tmp_path):
     Image.fromarray(np.ones((30, 50), dtype=np.float32)).save(float_pixels / "images" / "train" / "d.tif")
     names_from_one = write_yolo(tmp_path / "names-from-one")
     (names_from_one / "data.yaml").write_text("train: images/train\nnames: {1: cat, 2: dog}\n")
+    labels_elsewhere = write_yolo(tmp_path / "labels-elsewhere")
+    (labels_elsewhere / "labels").rename(labels_elsewhere / "annotations")
+    in_pixels = write_yolo(tmp_path / "in-pixels")
+    (in_pixels / "labels" / "train" / "a.txt").write_text("0 5 10 10 20\n1 47 29 34 38\n")
+    (in_pixels / "labels" / "train" / "b.txt").write_text("0 15.5 7.5 7 9\n")
     nan_voc = write_voc(tmp_path / "nan-voc")
     xml = nan_voc / "Annotations" / "a.xml"
     xml.write_text(xml.read_text().replace("<xmin>1</xmin>", "<xmin>nan</xmin>"))
@@ -145,6 +150,11 @@ def fatal_cases(tmp_path):
         "no images (COCO)": (coco_with(tmp_path / "empty-coco", no_images), "instances_train.json: the train split has no images"),
         "no images (YOLO)": (empty_yolo, f"{empty_yolo / 'data.yaml'}: the train split has no images"),
         "NaN box (YOLO)": (nan_yolo, f"{nan_yolo / 'labels' / 'train' / 'a.txt'}: line 1: expected finite coordinates, found '0 nan 0.5 0.2 0.2'"),
+        "labels not found (YOLO)": (labels_elsewhere, f"{labels_elsewhere / 'labels' / 'train'}: no label file for any of the 3 "
+                                    "images of the train split (YOLO labels are where the images are, with labels/ for "
+                                    "images/ and .txt for the image's suffix)"),
+        "labels in pixels (YOLO)": (in_pixels, f"{in_pixels / 'labels' / 'train' / 'a.txt'}: line 1: coordinates above 1 (and 2 "
+                                    "more such lines): they must be normalised to 0-1, divided by the image's width and height"),
         "32-bit pixels": (float_pixels, f"{float_pixels / 'images' / 'train' / 'd.tif'}: cannot read image (32-bit float pixels: save it with 8 or 16 bits a channel)"),
         "NaN box (VOC)": (nan_voc, f"{xml}: object 'cat' has a box corner that is not a finite number"),
         "duplicate category ids": (coco_with(tmp_path / "categories", duplicate_category_id), "instances_train.json: category id 1 appears twice"),
@@ -157,7 +167,7 @@ def fatal_cases(tmp_path):
 FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size",
          "image annotated as viewers show it", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
-         "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text",
+         "labels not found (YOLO)", "labels in pixels (YOLO)", "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text",
          "class names not keyed 0..n-1 (YOLO)"]  # fmt: skip
 
 
@@ -185,13 +195,13 @@ def tolerated_problems(tmp_path):
     """A YOLO set with every problem the data set works around, and their lines."""
     root = write_yolo(tmp_path / "yolo")
     labels = root / "labels" / "train"
-    # cx 0.9, w 0.4: from 0.7 to 1.1 of the width; a zero-width box; a box wholly right of the image.
-    (labels / "a.txt").write_text("0 0.9 0.5 0.4 0.2\n1 0.5 0.5 0 0.2\n1 1.5 0.5 0.2 0.2\n")
+    # cx 0.9, w 0.4: from 0.7 to 1.1 of the width; a zero-width box; a box wholly left of the image.
+    (labels / "a.txt").write_text("0 0.9 0.5 0.4 0.2\n1 0.5 0.5 0 0.2\n1 -0.5 0.5 0.2 0.2\n")
     (labels / "stray.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     return root, [
         f"{labels / 'a.txt'}, line 1: box [44.8, 19.2, 25.6, 9.6] reaches outside the 64x48 image (clipped)",
         f"{labels / 'a.txt'}, line 2: box [32, 19.2, 0, 9.6] has zero area (left out)",
-        f"{labels / 'a.txt'}, line 3: box [89.6, 19.2, 12.8, 9.6] lies outside the 64x48 image (left out)",
+        f"{labels / 'a.txt'}, line 3: box [-38.4, 19.2, 12.8, 9.6] lies outside the 64x48 image (left out)",
         f"{labels / 'stray.txt'}: label file without an image (ignored)",
     ]
 

@@ -70,6 +70,17 @@ def test_yolo_polygons_are_read_as_the_boxes_around_them(tmp_path):
     assert in_a == [(2, pytest.approx([16, 12, 32, 36])), (1, pytest.approx([25.6, 19.2, 12.8, 9.6]))]
 
 
+def test_yolo_coordinates_above_1_stop_training_beyond_rounding(tmp_path):
+    root = write_yolo(tmp_path)
+    labels = root / "labels" / "train" / "a.txt"
+    labels.write_text("0 0.5 0.5 1.005 0.2\n")  # rounded, or drawn a hair past both edges
+    assert read_yolo(root, "train").problems == []
+    labels.write_text("0 0.5 0.5 0.2 0.2\n1 0.2 0.2 0.5 0.2 1.02 0.9\n")  # a polygon's point past the edge
+    [problem] = read_yolo(root, "train").problems
+    assert problem.fatal and str(problem) == (f"{labels}: line 2: coordinates above 1: they must be normalised to 0-1, "
+                                              "divided by the image's width and height")  # fmt: skip
+
+
 def test_crowd_objects_are_kept_for_evaluation_and_left_out_of_training(folders):
     dataset, report = load_split(folders["coco"], "train")
     assert report.crowd == 1 and report.boxes == 4

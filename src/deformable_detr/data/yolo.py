@@ -27,6 +27,9 @@ from .coco import DatasetError, Problem, Split
 from .images import IMAGE_SUFFIXES, ImageInfo, inspect_image
 
 SPLITS = ("train", "val", "test")
+# Normalised coordinates this far above 1 are rounding, or a box drawn a hair past the image's edge;
+# coordinates in pixels are far above.
+NORMALISED_TOLERANCE = 0.01
 
 
 def data_yaml(root: str | Path) -> Path:
@@ -145,17 +148,20 @@ def _listed_images(entry: str, base: Path) -> tuple[list[Path], list[Path]]:
     raise DatasetError(f"{path}: image folder not found")
 
 
-def _read_labels(path: Path, num_classes: int, yaml_name: str) -> tuple[list[tuple[int, list[float], int]], list[Problem]]:
-    """``(class index, [cx, cy, w, h], line number)`` rows of one label file, and its problems. A
-    polygon (``class x1 y1 x2 y2 x3 y3 ...``, as segmentation labels are) is read as the box around
-    it, as Ultralytics trains detection on it."""
+def _read_labels(
+    path: Path, num_classes: int, yaml_name: str
+) -> tuple[list[tuple[int, list[float], int]], list[Problem], list[int]]:
+    """``(class index, [cx, cy, w, h], line number)`` rows of one label file, its problems, and the
+    numbers of its lines with coordinates above 1 (not normalised: in pixels, most likely). A polygon
+    (``class x1 y1 x2 y2 x3 y3 ...``, as segmentation labels are) is read as the box around it, as
+    Ultralytics trains detection on it."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        return [], []  # no objects
+        return [], [], []  # no objects
     except (OSError, UnicodeDecodeError) as error:
-        return [], [Problem(f"{path}: cannot read label file ({error})")]
-    rows, problems = [], []
+        return [], [Problem(f"{path}: cannot read label file ({error})")], []
+    rows, problems, unnormalised = [], [], []
     for number, line in enumerate(lines, start=1):
         values = line.split()
         if not values:
@@ -172,13 +178,15 @@ def _read_labels(path: Path, num_classes: int, yaml_name: str) -> tuple[list[tup
             problems.append(Problem(f"{path}: line {number}: expected finite coordinates, found {line.strip()!r}"))
         elif not 0 <= index < num_classes:
             problems.append(Problem(f"{path}: line {number}: unknown class {int(index)} ({yaml_name} names 0..{num_classes - 1})"))
+        elif max(coordinates) > 1 + NORMALISED_TOLERANCE:
+            unnormalised.append(number)
         elif is_polygon:
             rows.append((int(index), _box_around(coordinates), number))
         elif coordinates[2] < 0 or coordinates[3] < 0:
             problems.append(Problem(f"{path}: line {number}: negative width or height"))
         else:
             rows.append((int(index), coordinates, number))
-    return rows, problems
+    return rows, problems, unnormalised
 
 
 def _box_around(polygon: list[float]) -> list[float]:
@@ -188,10 +196,21 @@ def _box_around(polygon: list[float]) -> list[float]:
     return [(left + right) / 2, (top + bottom) / 2, right - left, bottom - top]
 
 
+def _unnormalised_problem(lines: list[tuple[Path, int]]) -> Problem:
+    """One line for all the label lines with coordinates above 1: a whole export in pixels would
+    otherwise fill the report."""
+    (path, number), more = lines[0], len(lines) - 1
+    others = f" (and {more:,} more such lines)" if more else ""
+    return Problem(
+        f"{path}: line {number}: coordinates above 1{others}: they must be normalised to 0-1, "
+        "divided by the image's width and height"
+    )
+
+
 def read_yolo(root: str | Path, split: str, probe: Callable[[Path], ImageInfo] = inspect_image) -> Split:
     """The YOLO data set's ``split`` as COCO instances data, image ids 1..N in path order; ``probe``
-    reads each image's size. Unusable label lines and label files without an image are problems of
-    the split.
+    reads each image's size. Unusable label lines, coordinates that are not normalised, no label file
+    for any image, and label files without an image are problems of the split.
 
     Raises:
         DatasetError: when ``data.yaml`` is unusable or does not name ``split``.
@@ -208,17 +227,30 @@ def read_yolo(root: str | Path, split: str, probe: Callable[[Path], ImageInfo] =
 
     problems: list[Problem] = []
     image_entries, annotations = [], []
+    unnormalised = []  # (label file, line number) of each line with coordinates above 1
     label_files = [label_path(image) for image in images]
     for image_id, (image, labels) in enumerate(zip(images, label_files), start=1):
         info = probe(image)
         image_entries.append({"id": image_id, "file_name": str(image).removeprefix(f"{base}{os.sep}"),
                               "width": info.width, "height": info.height, "source": str(labels)})  # fmt: skip
-        rows, label_problems = _read_labels(labels, len(names), yaml_path.name)
+        rows, label_problems, unnormalised_lines = _read_labels(labels, len(names), yaml_path.name)
         problems += label_problems
+        unnormalised += [(labels, number) for number in unnormalised_lines]
         for index, (cx, cy, w, h), number in rows:
             box = [(cx - w / 2) * info.width, (cy - h / 2) * info.height, w * info.width, h * info.height]
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": index + 1, "bbox": box,
                                 "area": box[2] * box[3], "iscrowd": 0, "source": f"{labels}, line {number}"})  # fmt: skip
+
+    if unnormalised:
+        problems.append(_unnormalised_problem(unnormalised))
+    # Each image without a label file is a negative; all of them, labels that were not found.
+    if images and not any(path.is_file() for path in label_files):
+        problems.append(
+            Problem(
+                f"{label_files[0].parent}: no label file for any of the {len(images):,} images of the {split} split "
+                "(YOLO labels are where the images are, with labels/ for images/ and .txt for the image's suffix)"
+            )
+        )
 
     expected = {str(path) for path in label_files}
     for folder in folders:

@@ -350,6 +350,18 @@ def test_a_jpeg_cut_short_fails_the_check_whatever_its_thumbnail_holds(tmp_path,
     assert images_module.inspect_image(path).problem == "cannot read image (JPEG cut short: no end-of-image marker)"
 
 
+def test_a_multi_picture_jpeg_cut_short_fails_the_check(tmp_path):
+    # Phones save MPO: a JPEG, then more pictures. Cut in half, its first picture lacks its end.
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", (16, 12))])
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with Image.open(path) as image:
+        assert image.format == "MPO"
+    assert images_module.inspect_image(path).problem == "cannot read image (JPEG cut short: no end-of-image marker)"
+
+
 @pytest.mark.parametrize("command", [["inspect"], ["detect", "{image}", "--out", "{out}"], ["export", "--out", "{out}/m.onnx"],
                                      ["evaluate", "--data", "{data}"], ["explain", "{image}", "--out", "{out}/e.png"]])  # fmt: skip
 def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, capsys, command):

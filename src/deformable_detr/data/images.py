@@ -36,6 +36,8 @@ _JPEG_TAIL = 64
 _JPEG_START_OF_SCAN = 0xDA
 # Markers that stand alone, without a length: TEM, RST0-7, SOI.
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+# Pillow names a phone's multi-picture JPEG "MPO"; training reads its first picture, a JPEG.
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 
 
 # Pillow's modes of 16-bit grayscale, which its own conversion to RGB clips at 255: nearly white.
@@ -116,7 +118,7 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
                 return ImageInfo(width, height, problem)
             turn = _orientation(image)
             image.verify()
-            if image_format == "JPEG" and not _jpeg_has_end(file):
+            if image_format in _JPEG_FORMATS and not _jpeg_has_end(file):
                 return ImageInfo(width, height, "cannot read image (JPEG cut short: no end-of-image marker)")
     except FileNotFoundError:
         return ImageInfo(problem="image file not found")

@@ -1,9 +1,18 @@
 import json
+import shutil
 
 import pytest
 from PIL import Image
 
-from deformable_detr.data import VOC_CLASSES, CocoDataset, DatasetError, split_names, voc_to_coco
+from deformable_detr.data import (
+    VOC_CLASSES,
+    CocoDataset,
+    DatasetError,
+    check_data,
+    read_split,
+    split_names,
+    voc_to_coco,
+)
 
 XML = """<annotation>
   <filename>{name}.jpg</filename>
@@ -53,6 +62,23 @@ def test_split_file_and_classes_found(tmp_path):
     assert [i["file_name"] for i in data["images"]] == ["a.jpg", "b.jpg"]
     # Classes come from every annotation file, so that all splits number them alike.
     assert {c["name"]: c["id"] for c in data["categories"]} == {"ant": 1, "cat": 2, "zebra": 3}
+
+
+@pytest.mark.parametrize("split_file", [True, False])
+def test_annotations_in_subfolders_are_read_with_or_without_a_split_file(tmp_path, split_file):
+    root = _voc(tmp_path, {"top": [("dog", (1, 1, 5, 5), False)]}, split=("train", ["cam1/a", "top"]))
+    for folder in ("Annotations", "JPEGImages"):
+        (root / folder / "cam1").mkdir()
+    Image.new("RGB", (50, 40)).save(root / "JPEGImages" / "cam1" / "a.jpg")
+    cat = OBJECT.format(name="cat", box=(2, 2, 9, 9), difficult=0)
+    xml = XML.format(name="a", width=50, height=40, objects=cat).replace("<filename>a.jpg</filename>", "")
+    (root / "Annotations" / "cam1" / "a.xml").write_text(xml)  # without <filename>: the image is named as it is
+    if not split_file:
+        shutil.rmtree(root / "ImageSets")
+    data = read_split(root, "train").data
+    assert [image["file_name"] for image in data["images"]] == ["cam1/a.jpg", "top.jpg"]
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "cat"), (2, "dog")]
+    assert check_data(root).problems == []
 
 
 def test_split_names_hold_underscores_and_leave_out_per_class_files(tmp_path):

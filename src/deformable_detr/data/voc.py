@@ -1,5 +1,6 @@
 """Pascal VOC folders (``Annotations/*.xml``, ``JPEGImages/``, optionally ``ImageSets/Main/<split>.txt``)
-read as COCO instances data.
+read as COCO instances data. Annotations may be in subfolders (one per camera or batch), which a split
+file names as ``cam1/000001``.
 
 - Boxes: VOC corners are 1-based pixel indices, both inclusive, so pixel ``xmin`` starts at
   ``xmin - 1`` and the box is ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` in COCO.
@@ -47,16 +48,17 @@ def _finite(text: str) -> float:
 
 
 def _read_annotation(
-    path: Path, image_dir: Path, probe: Callable[[Path], ImageInfo]
+    path: Path, annotation_dir: Path, image_dir: Path, probe: Callable[[Path], ImageInfo]
 ) -> tuple[dict, list[tuple[str, list[float], bool]]]:
-    """The image entry and ``(class name, COCO box, difficult)`` objects of one VOC XML file."""
+    """The image entry and ``(class name, COCO box, difficult)`` objects of the VOC XML file ``path``
+    in ``annotation_dir``; without a ``<filename>``, its image is named as it is, in ``image_dir``."""
     try:
         root = ElementTree.parse(path).getroot()
     except ElementTree.ParseError as error:
         raise DatasetError(f"{path}: not valid XML ({error})") from None
     except OSError as error:
         raise DatasetError(f"{path}: cannot read ({error.strerror})") from None
-    file_name = (root.findtext("filename") or f"{path.stem}.jpg").strip()
+    file_name = (root.findtext("filename") or path.relative_to(annotation_dir).with_suffix(".jpg").as_posix()).strip()
     try:
         width, height = (int(_finite(root.findtext(f"size/{tag}") or "0")) for tag in ("width", "height"))
     except ValueError:
@@ -124,7 +126,7 @@ def read_voc(
     """
     voc_root = Path(voc_root)
     annotation_dir, image_dir = voc_root / "Annotations", voc_root / "JPEGImages"
-    every_file = sorted(annotation_dir.glob("*.xml"))
+    every_file = sorted(annotation_dir.rglob("*.xml"))
     split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
     if split is None or (split == "train" and not split_file.parent.is_dir()):
         if not every_file:
@@ -139,14 +141,14 @@ def read_voc(
     read, problems = {}, []
     for path in paths:
         try:
-            read[path] = _read_annotation(path, image_dir, probe)
+            read[path] = _read_annotation(path, annotation_dir, image_dir, probe)
         except DatasetError as error:
             problems.append(Problem(str(error)))
     if classes is None:
         found = set()
         for path in every_file:
             with contextlib.suppress(DatasetError):  # a file outside the split is that split's problem
-                found.update(name for name, _, _ in (read.get(path) or _read_annotation(path, image_dir, probe))[1])
+                found.update(name for name, _, _ in (read.get(path) or _read_annotation(path, annotation_dir, image_dir, probe))[1])
         classes = sorted(found)
     category_ids = {name: index + 1 for index, name in enumerate(classes)}
 

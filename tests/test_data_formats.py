@@ -114,6 +114,22 @@ def test_yolo_split_entries_from_one_folder_up_are_found_below_as_ultralytics_fi
     assert len(split.data["annotations"]) == 3 and split.problems == []
 
 
+def test_yolo_images_in_linked_folders_are_found_and_a_link_back_up_is_walked_once(tmp_path):
+    root = write_yolo(tmp_path / "set")
+    images, labels = root / "images" / "train", root / "labels" / "train"
+    (tmp_path / "elsewhere").mkdir()
+    (images / "b.jpg").rename(tmp_path / "elsewhere" / "b.jpg")
+    (images / "batch2").symlink_to(tmp_path / "elsewhere")
+    (labels / "batch2").mkdir()
+    (labels / "b.txt").rename(labels / "batch2" / "b.txt")
+    (images / "again").symlink_to(images)
+    split = read_yolo(root, "train")
+    assert [image["file_name"] for image in split.data["images"]] == [
+        "images/train/a.jpg", "images/train/batch2/b.jpg", "images/train/c.jpg"
+    ]  # fmt: skip
+    assert split.problems == [] and len(split.data["annotations"]) == 3
+
+
 def test_yolo_class_names_keyed_by_quoted_indices_go_by_number(tmp_path):
     root = write_yolo(tmp_path)
     names = ", ".join(f"'{index}': class{index}" for index in reversed(range(11)))

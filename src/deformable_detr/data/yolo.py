@@ -116,14 +116,22 @@ def label_path(image: Path) -> Path:
 
 
 def _files(folder: Path, suffixes: frozenset[str]) -> list[str]:
-    """The files under ``folder`` with one of ``suffixes``, sorted (os.walk: pathlib's rglob took a
-    fifth of the check's time on 10,000 images)."""
-    return sorted(
-        os.path.join(parent, name)
-        for parent, _, names in os.walk(folder)
-        for name in names
-        if os.path.splitext(name)[1].lower() in suffixes
-    )
+    """The files under ``folder`` with one of ``suffixes``, sorted, through links to folders as
+    Ultralytics finds them (os.walk: pathlib's rglob took a fifth of the check's time on 10,000 images)."""
+    files = []
+    # Each folder to walk -> the real paths of it and of the folders above it: a link to one of them is a loop.
+    lineage = {os.fspath(folder): frozenset({os.path.realpath(folder)})}
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
+        files += (os.path.join(parent, name) for name in names if os.path.splitext(name)[1].lower() in suffixes)
+        above = lineage.pop(parent)
+        walked = []
+        for name in subfolders:
+            real_path = os.path.realpath(os.path.join(parent, name))
+            if real_path not in above:
+                walked.append(name)
+                lineage[os.path.join(parent, name)] = above | {real_path}
+        subfolders[:] = walked
+    return sorted(files)
 
 
 def _entry_path(entry: str, base: Path) -> Path:

@@ -9,6 +9,7 @@ from deformable_detr.data import (
     CocoDataset,
     DatasetError,
     check_data,
+    load_split,
     read_split,
     split_names,
     voc_to_coco,
@@ -127,6 +128,15 @@ def test_bad_xml_names_the_file(tmp_path, text, message):
     (root / "Annotations" / "a.xml").write_text(text)
     with pytest.raises(DatasetError, match=rf"a\.xml: .*{message}"):
         voc_to_coco(root, tmp_path / "out.json")
+
+
+def test_a_split_without_any_annotation_is_one_line_that_leaves_the_others_alone(tmp_path):
+    root = _voc(tmp_path, {"a": [("cat", (1, 1, 5, 5), False)]}, split=("train", ["a"]))
+    test = root / "ImageSets" / "Main" / "test.txt"
+    test.write_text("b\nc\n")  # as VOC's test set: its images listed, their annotations not given
+    problems = [str(problem) for problem in check_data(root).problems]
+    assert problems == [f"{test}: none of its 2 images has an annotation in {root / 'Annotations'} (a test set?)"]
+    assert load_split(root, "train")[1].problems == []
 
 
 def test_missing_split_file_and_annotations(tmp_path):

@@ -123,6 +123,9 @@ def read_voc(
     ``classes`` get ids 1..len(classes) in order (an object of another class is a problem); None takes
     the names found in all of ``Annotations/``, sorted. ``probe`` reads the size of images whose XML
     has none. A file that cannot be read is a problem of the split, as is an unknown class.
+
+    Raises:
+        DatasetError: when the split file is missing, or none of its images has an annotation file.
     """
     voc_root = Path(voc_root)
     annotation_dir, image_dir = voc_root / "Annotations", voc_root / "JPEGImages"
@@ -137,6 +140,11 @@ def read_voc(
             raise DatasetError(f"{split_file}: split file not found")
         names = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
         paths = [annotation_dir / f"{name}.xml" for name in names]
+        # As VOC's own test set: one line for the split, not one for each missing file.
+        if paths and not any(path.is_file() for path in paths):
+            raise DatasetError(
+                f"{split_file}: none of its {len(paths):,} images has an annotation in {annotation_dir} (a test set?)"
+            )
 
     read, problems = {}, []
     for path in paths:

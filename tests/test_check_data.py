@@ -93,6 +93,10 @@ def width_as_text(data):
     data["images"][2]["width"] = "50"  # image c, which has no objects
 
 
+def crowd_as_text(data):
+    data["annotations"][0]["iscrowd"] = "0"  # which reads as true
+
+
 def fatal_cases(tmp_path):
     """(data set, the line) for every problem that stops training."""
     corrupt = write_coco(tmp_path / "corrupt")
@@ -159,6 +163,7 @@ def fatal_cases(tmp_path):
         "NaN box (VOC)": (nan_voc, f"{xml}: object 'cat' has a box corner that is not a finite number"),
         "duplicate category ids": (coco_with(tmp_path / "categories", duplicate_category_id), "instances_train.json: category id 1 appears twice"),
         "width as text": (coco_with(tmp_path / "width", width_as_text), "instances_train.json: image 3: width '50' is not a positive whole number"),
+        "iscrowd as text": (coco_with(tmp_path / "crowd", crowd_as_text), "instances_train.json: annotation 1 (image 1): iscrowd '0' is not 0 or 1"),
         "class names not keyed 0..n-1 (YOLO)": (names_from_one, f"{names_from_one / 'data.yaml'}: 'names' must name each class index 0..1: "
                                                                "no name for 0; keys not among them: 2"),
     }  # fmt: skip
@@ -167,7 +172,7 @@ def fatal_cases(tmp_path):
 FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size",
          "image annotated as viewers show it", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
-         "labels not found (YOLO)", "labels in pixels (YOLO)", "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text",
+         "labels not found (YOLO)", "labels in pixels (YOLO)", "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text", "iscrowd as text",
          "class names not keyed 0..n-1 (YOLO)"]  # fmt: skip
 
 

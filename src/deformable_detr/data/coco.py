@@ -158,7 +158,15 @@ def _annotation_problem(annotation: Any, image_ids: set[int], category_ids: set[
         return f"{name}: no image with that id"
     if not is_whole_number(annotation["category_id"]) or annotation["category_id"] not in category_ids:
         return f"{name}: category id {annotation['category_id']!r} is not among the declared categories"
+    if not _is_crowd_flag(annotation.get("iscrowd", 0)):
+        return f"{name}: iscrowd {annotation['iscrowd']!r} is not 0 or 1"
     return None
+
+
+def _is_crowd_flag(value: Any) -> bool:
+    """Whether ``value`` is an ``iscrowd`` of 0 or 1, also as a float. Readers take anything else by its
+    truth, "0" as crowd: an object left out of training and of the scores."""
+    return (is_whole_number(value) or isinstance(value, float)) and value in (0, 1)
 
 
 def read_coco(root: str | Path, split: str) -> Split:

@@ -156,7 +156,8 @@ def read_voc(
         found = set()
         for path in every_file:
             with contextlib.suppress(DatasetError):  # a file outside the split is that split's problem
-                found.update(name for name, _, _ in (read.get(path) or _read_annotation(path, annotation_dir, image_dir, probe))[1])
+                _, objects = read.get(path) or _read_annotation(path, annotation_dir, image_dir, probe)
+                found.update(name for name, _, _ in objects)
         classes = sorted(found)
     category_ids = {name: index + 1 for index, name in enumerate(classes)}
 

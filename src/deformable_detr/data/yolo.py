@@ -3,13 +3,15 @@
 ``data.yaml`` names each split's images (``train: images/train``; also a list of folders, or a
 ``.txt`` file listing images) relative to ``path`` (itself relative to the yaml's folder, which is
 the default; an entry ``../x`` not found there is ``x``, as Ultralytics reads Roboflow's exports),
-and the class names (``names``: a list, or a mapping from each index 0..n-1 to its name). An image's labels are in the file at the same place under ``labels/`` instead of ``images/``,
-with the suffix ``.txt``: one line ``class cx cy w h`` per object, normalised by the image's width
-and height; a polygon ``class x1 y1 x2 y2 x3 y3 ...`` (a segmentation label) is the box around it.
+and the class names (``names``: a list, or a mapping from each index 0..n-1 to its name). An image's
+labels are in the file at the same place under ``labels/`` instead of ``images/``, with the suffix
+``.txt``: one line ``class cx cy w h`` per object, normalised by the image's width and height; a
+polygon ``class x1 y1 x2 y2 x3 y3 ...`` (a segmentation label) is the box around it.
 
 - Class index k becomes category id k + 1, so that ids start at 1 as in COCO and VOC.
 - Image sizes come from the image headers, which YOLO labels leave out.
-- An image without a label file has no objects: a negative example.
+- An image without a label file has no objects: a negative example. A split without any label file
+  is a problem: its labels were not found.
 """
 
 from __future__ import annotations

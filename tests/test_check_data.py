@@ -231,6 +231,19 @@ def test_train_goes_on_past_what_it_works_around_and_says_so(tmp_path, capsys, w
     assert "no validation split, so no best.pt" in out
 
 
+def test_a_validation_split_without_objects_is_refused_before_training_and_by_evaluate(tmp_path, capsys):
+    data = synthesize(tmp_path / "shapes", train=2, val=2, image_size=64, seed=1)
+    checkpoint = tmp_path / "run0" / "checkpoint.pt"
+    assert train(capsys, data, tmp_path, 0, "--val-split", "train")[0] == 0
+    path = data / "annotations" / "instances_val.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "annotations": []}))
+    line = f"deformable-detr: error: {data}: the 'val' split has no objects to score (crowd and difficult ones are not), so its COCO AP is not defined"
+    code, _, said = train(capsys, data, tmp_path / "again", 0)
+    assert code == 1 and said == [line]
+    code, _, said = run(capsys, "evaluate", checkpoint, "--data", data, "--workers", "0")
+    assert code == 1 and said == [line]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_only_decoding_finds_stops_the_run_with_one_line(tmp_path, capsys, workers):
     data = synthesize(tmp_path / "shapes", train=4, val=2, image_size=64, seed=1)

@@ -63,6 +63,17 @@ def test_crowd_and_empty_boxes_are_dropped_and_boxes_clipped(tmp_path):
                                                               [55 / 60, 35 / 40, 10 / 60, 10 / 40]]))  # fmt: skip
 
 
+def test_evaluation_sizes_an_object_without_an_area_by_its_box(tmp_path):
+    """COCO evaluation reads a missing area as 0, which would score every such object as small."""
+    image_dir, path = _write(tmp_path, [
+        {"category_id": 1, "bbox": [0, 0, 50, 30]},
+        {"category_id": 1, "bbox": [0, 0, 10, 10], "area": 0},
+        {"category_id": 3, "bbox": [0, 0, 10, 10], "area": 42.5},  # a mask's area, as the file gives it
+    ], sizes=((300, 300),))  # fmt: skip
+    areas = [annotation["area"] for annotation in CocoDataset(image_dir, path).coco.dataset["annotations"]]
+    assert areas == [1500, 100, 42.5]
+
+
 def test_images_without_annotations_are_kept_as_negatives(tmp_path):
     image_dir, path = _write(tmp_path, [{"category_id": 1, "bbox": [1, 1, 5, 5]}], sizes=((40, 60), (30, 30)))
     dataset = CocoDataset(image_dir, path)

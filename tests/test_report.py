@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import re
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -19,10 +20,11 @@ from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 from deformable_detr.data.coco import coco_index
 from deformable_detr.evaluation import CocoEvaluator, results_index
-from deformable_detr.report import write_report, write_training_curves
+from deformable_detr.report import curves, write_report, write_training_curves
 from deformable_detr.report.confusion import confusion_matrix
 from deformable_detr.report.document import escape
 from deformable_detr.report.errors import ERROR_KINDS, TRUE_POSITIVE, error_breakdown
+from deformable_detr.report.figures import confusion_figure
 from deformable_detr.report.per_class import PER_CLASS_AP, per_class_metrics
 from deformable_detr.train import TrainConfig, loop, train
 
@@ -205,7 +207,7 @@ def test_per_class_metrics_are_pycocotools_per_category_and_average_to_ap():
         assert np.mean(defined) == pytest.approx(headline, abs=1e-12), name
 
 
-NASTY_NAME = "<img src=x onerror=alert(1)> | *bold* [link](http://x) `code` $x$"
+NASTY_NAME = "<img src=x onerror=alert(1)> | *bold* [link](http://x) `code` $x$ driver's \"car\""
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +215,7 @@ def report(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("report")
     truth, detections = _random_set(seed=1, images=8)
     for image in truth.dataset["images"]:
+        image["file_name"] = f"IMG {image['id']} #({image['id']}.png"  # a space, "#" and "(" end a bare link
         Image.new("RGB", (image["width"], image["height"]), (90, 120, 150)).save(tmp_path / image["file_name"])
     names = {1: "circle", 2: NASTY_NAME, 3: "triangle"}
     # What a report killed while writing leaves; the next one into the folder removes it.
@@ -226,11 +229,11 @@ def report(tmp_path_factory):
 
 def test_report_writes_its_pictures_and_every_link_resolves(report):
     text = report.read_text()
-    links = re.findall(r"\]\(([^)]+)\)", text)
-    pictures = [link for link in links if link.endswith(".png")]
+    links = re.findall(r"\]\(([^)\s]+)\)", text)  # as CommonMark reads a link: no space, no bare ")"
+    pictures = [unquote(link) for link in links if link.endswith(".png")]
     assert {"pr_curves.png", "confusion_matrix.png"} <= set(pictures) and len(pictures) == 5  # 3 worst images
     for link in links:
-        assert (report.parent / link).is_file(), link
+        assert (report.parent / unquote(link)).is_file(), link
     assert not list(report.parent.glob(".*.tmp"))
     for link in pictures:
         with Image.open(report.parent / link) as picture:
@@ -249,7 +252,7 @@ def test_class_names_appear_escaped(report):
     row = next(line for line in text.splitlines() if line.startswith("| " + escape(NASTY_NAME)))
     assert len(re.findall(r"(?<!\\)\|", row)) == 10  # nine cells: the name's pipe does not split the row
     assert escape(NASTY_NAME) == (r"&lt;img src=x onerror=alert\(1\)&gt; \| \*bold\* \[link\]\(http://x\) "
-                                  r"\`code\` $x$")
+                                  r"\`code\` $x$ driver's " + '"car"')
     assert json.loads((report.parent / "per_class.json").read_text())["classes"][1]["name"] == NASTY_NAME
 
 
@@ -272,6 +275,26 @@ def test_training_curves_are_drawn(tmp_path):
     _log(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="empty.jsonl: no epoch logged yet"):
         write_training_curves(tmp_path / "empty.jsonl", tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("classes, counted", [(20, True), (21, False)])
+def test_a_confusion_matrix_writes_its_counts_up_to_twenty_classes_as_pascal_voc_has(classes, counted):
+    figure = confusion_figure(np.eye(classes + 1, dtype=int) * 3, [f"class {k}" for k in range(classes)], "title")
+    assert bool(figure.axes[0].texts) == counted
+
+
+def test_an_epoch_the_time_budget_cut_short_is_drawn_at_its_share(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure", lambda figure, out: drawn.append(figure))
+    losses = {"train_loss": 9.0, "train_loss_ce": 1.0, "train_loss_bbox": 0.3, "train_loss_giou": 0.5}
+    _log(tmp_path / "log.jsonl", [  # epoch 1 stopped at batch 5 of 20, then resumed with a larger budget
+        {"epoch": 0, **losses, "AP": 0.1, "AP50": 0.2, "training_minutes": 1.0},
+        {"epoch": 1, "batches": 5, "epoch_batches": 20, **losses, "AP": 0.2, "AP50": 0.3, "training_minutes": 1.25},
+        {"epoch": 1, **losses, "AP": 0.3, "AP50": 0.4, "training_minutes": 2.0},
+    ])  # fmt: skip
+    write_training_curves(tmp_path / "log.jsonl", tmp_path / "curves.png")
+    ap_panel = drawn[0].axes[-2]  # the epochs column's last row
+    assert list(ap_panel.lines[0].get_xdata()) == [1, 1.25, 2]
 
 
 def test_training_draws_curves_every_epoch_and_reports_on_best_pt_as_evaluate_does(tmp_path, monkeypatch, capsys):

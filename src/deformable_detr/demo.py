@@ -4,6 +4,7 @@ draw, report, and write the page that shows where the model looks (`explore`).""
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def demo_config(data: str | Path, output_dir: str | Path, *, minutes: float | No
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return TrainConfig(
         data=str(data), output_dir=str(output_dir), preset="tiny", epochs=epochs, max_minutes=minutes, batch_size=8,
-        lr=5e-4, lr_backbone=5e-4, lr_schedule="flat-cosine", lr_drop_epoch=round(epochs * COSINE_SHARE),
+        lr=5e-4, lr_backbone=5e-4, lr_schedule="flat-cosine", lr_drop_epoch=math.floor(epochs * COSINE_SHARE),
         warmup_epochs=0.5, min_lr_factor=0.05, image_size=IMAGE_SIZE,
         pad_to_multiple=32, workers=0, bf16=native_bf16(device),
         model_overrides={"two_stage": True, "mixed_query_selection": True, "denoising_groups": 5, "dropout": 0.0},

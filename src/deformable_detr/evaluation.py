@@ -187,7 +187,9 @@ def evaluate_checkpoint(
     check_dtype(dtype, device)
     read = read_checkpoint(checkpoint)
     model = inference_model(read.build_model(device=device), dtype)
-    dataset, _ = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1], format=format)
+    dataset, checked = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1],
+                                  format=format)
+    checked.check_scorable(data)
     _check_classes(read.class_names, model.config.num_classes, dataset, where=f"{data} ({split})", checkpoint=checkpoint)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     evaluation = detect_all(model, loader, device=device, coco=dataset.coco, dtype=dtype).evaluation()

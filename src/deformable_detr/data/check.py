@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .coco import CocoDataset, DatasetError, Problem, Split, Transforms, size_problem
+from .coco import CocoDataset, DatasetError, Problem, Split, Transforms, object_area, size_problem
 from .formats import detect_format, read_split, split_names
 from .images import EXIF_TURNS, ImageProbe
 
@@ -38,6 +38,13 @@ class SplitReport:
     smallest: tuple[float, float, str] | None = None  # width and height in pixels, and the image
     problems: list[Problem] = dataclasses.field(default_factory=list)
     unreadable: bool = False  # the split could not be read at all: its problem is all there is to say
+
+    def check_scorable(self, data: str | Path) -> None:
+        """Raise DatasetError where the split has no object that COCO evaluation scores (crowd and
+        difficult ones are not): its AP is then not defined."""
+        if self.boxes == self.crowd:
+            raise DatasetError(f"{data}: the {self.name!r} split has no objects to score (crowd and difficult ones "
+                               "are not), so its COCO AP is not defined")
 
     def lines(self) -> list[str]:
         if self.unreadable:
@@ -125,8 +132,7 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
         with_objects.add(image["id"])
         report.classes[names[annotation["category_id"]]] += 1
         width, height = box
-        # COCO's evaluation sizes objects by their annotated area (the mask's, where there is one).
-        area = annotation.get("area") or width * height
+        area = object_area(annotation)
         report.sizes["small" if area < SMALL_AREA else "medium" if area <= LARGE_AREA else "large"] += 1
         if report.smallest is None or width * height < report.smallest[0] * report.smallest[1]:
             report.smallest = (width, height, image["file_name"])

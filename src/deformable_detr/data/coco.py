@@ -220,7 +220,9 @@ class CocoDataset(Dataset):
         # COCO evaluation records a match as the matched annotation's id, and 0 as no match: ids
         # from 0 (as some exporters number them), repeated or left out would lose boxes. Nothing
         # else reads them, so the index numbers the annotations itself.
-        annotations = [{**annotation, "id": number} for number, annotation in enumerate(data["annotations"], start=1)]
+        # Its size classes read "area", which the evaluator takes for 0 where a file leaves it out.
+        annotations = [{**annotation, "id": number, "area": object_area(annotation)}
+                       for number, annotation in enumerate(data["annotations"], start=1)]
         self.coco = coco_index({**data, "annotations": annotations})
         self.ids = sorted(self.coco.imgs)
         self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
@@ -260,6 +262,12 @@ class CocoDataset(Dataset):
         if problem is not None:
             raise DatasetError(problem)
         return image
+
+
+def object_area(annotation: dict[str, Any]) -> float:
+    """The area COCO's evaluation sizes an object by (small, medium, large): its mask's, as the file
+    gives it, or its box's where the file gives none (or 0)."""
+    return annotation.get("area") or annotation["bbox"][2] * annotation["bbox"][3]
 
 
 def size_problem(

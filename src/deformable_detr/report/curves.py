@@ -71,10 +71,13 @@ def _draw_ap(column: Sequence[Axes], evaluated: list[dict[str, Any]], axis: str)
     best = max(evaluated, key=lambda record: record["AP"])
     for axes in column:
         axes.axvline(_position(best, axis), color="C3", linestyle="--", linewidth=1,
-                     label=f"best: after {best['epoch'] + 1} epochs, AP {best['AP']:.3f}")
+                     label=f"best: after {_position(best, 'epochs'):.3g} epochs, AP {best['AP']:.3f}")
     column[-1].legend(loc="upper left", fontsize="small")
 
 
 def _position(record: dict[str, Any], axis: str) -> float:
     """Where ``record`` goes on the axis of epochs trained or of training minutes."""
-    return record["training_minutes"] if axis == "minutes" else record["epoch"] + 1
+    if axis == "minutes":
+        return record["training_minutes"]
+    # An epoch the time budget cut short counts its share of batches trained.
+    return record["epoch"] + (record["batches"] / record["epoch_batches"] if "batches" in record else 1)

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from faster_coco_eval import COCOeval_faster
 
@@ -72,7 +73,8 @@ def write_report(
 
 def escape(text: str) -> str:
     """``text`` shown literally in Markdown and in the HTML GitHub makes of it, on one line."""
-    text = html.escape(" ".join(str(text).split()), quote=True)
+    # Quotes need no escape in Markdown text; as entities, the backslash before their "#" would break them.
+    text = html.escape(" ".join(str(text).split()), quote=False)
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", text)
 
 
@@ -179,6 +181,6 @@ def _markdown(
         lines += [f"Errors among the detections scoring at least {score_threshold}, labelled by kind, and the objects "
                   "no true positive among them found.", ""]
         for picture, error_count in pictures:
-            link = picture.relative_to(out).as_posix()
+            link = quote(picture.relative_to(out).as_posix())  # a space, "#" or ")" in a file name would end it
             lines += [f"![{escape(picture.stem)}: {error_count} errors]({link})", ""]
     return "\n".join(lines).rstrip() + "\n"

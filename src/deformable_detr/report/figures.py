@@ -18,10 +18,13 @@ from ..files import atomic_write
 
 # A legend with more classes than this would hide the curves: the curves are drawn without names.
 MOST_NAMED_CURVES = 12
-# Above this many classes, a confusion matrix's cells are too small for their counts (and its labels
-# are set small); it grows with the classes up to LARGEST_MATRIX inches (COCO's 80 fit at 1,500 pixels).
-MOST_COUNTED_CELLS = 20
+# Above this many classes (Pascal VOC's 20), a confusion matrix's cells are too small for their counts
+# (and its labels are set small); it grows with the classes up to LARGEST_MATRIX inches (COCO's 80
+# fit at 1,500 pixels).
+MOST_COUNTED_CLASSES = 20
 LARGEST_MATRIX = 15.0
+# The longest class name a confusion matrix's ticks show whole (per_class.json has them all).
+LONGEST_LABEL = 32
 KIND_COLOURS = {
     "true positive": "#2ca02c", "classification": "#d62728", "localisation": "#ff7f0e", "both": "#9467bd",
     "duplicate": "#e377c2", "background": "#8c564b", "missed": "#d62728", "object": "#ffffff",
@@ -57,6 +60,11 @@ def plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def _shortened(name: str) -> str:
+    """``name`` cut to LONGEST_LABEL characters: longer tick labels leave the matrix no room."""
+    return name if len(name) <= LONGEST_LABEL else name[: LONGEST_LABEL - 1] + "…"
+
+
 def precision_recall_figure(
     recall: np.ndarray, curves: Sequence[np.ndarray], names: Sequence[str], titles: Sequence[str]
 ) -> Figure:
@@ -82,21 +90,22 @@ def precision_recall_figure(
 def confusion_figure(counts: np.ndarray, names: Sequence[str], title: str) -> Figure:
     """``counts`` ((K + 1)², rows true, columns predicted, background last) coloured by the share of
     each row, with the counts written in the cells where they fit."""
-    labels = [plain(name) for name in names] + ["background"]
+    labels = [plain(_shortened(name)) for name in names] + ["background"]
     size = min(max(5.0, 0.45 * len(labels) + 2.5), LARGEST_MATRIX)
     figure = new_figure(size + 1, size)
     axes = figure.subplots()
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the row")
-    if len(labels) <= MOST_COUNTED_CELLS:
+    counted = len(names) <= MOST_COUNTED_CLASSES
+    if counted:
         for (row, column), count in np.ndenumerate(counts):
             if count:
                 colour = "white" if shares[row, column] > 0.5 else "black"
                 axes.text(column, row, str(count), ha="center", va="center", color=colour, fontsize="small")
-    ticks, fontsize = np.arange(len(labels)), "medium" if len(labels) <= MOST_COUNTED_CELLS else "xx-small"
-    axes.set_xticks(ticks, labels, rotation=45 if len(labels) <= MOST_COUNTED_CELLS else 90, ha="right",
-                    rotation_mode="anchor", fontsize=fontsize)
+    ticks, fontsize = np.arange(len(labels)), "medium" if counted else "xx-small"
+    axes.set_xticks(ticks, labels, rotation=45 if counted else 90, ha="right", rotation_mode="anchor",
+                    fontsize=fontsize)
     axes.set_yticks(ticks, labels, fontsize=fontsize)
     axes.set(xlabel="predicted class", ylabel="true class", title=title)
     return figure

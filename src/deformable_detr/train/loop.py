@@ -217,7 +217,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 minutes_trained = (training_seconds + progress.seconds) / 60
                 if finished:
                     training_seconds += progress.seconds
-                record = {"epoch": epoch, **({} if finished else {"batches": progress.batches}), **progress.record()}
+                cut_short = {} if finished else {"batches": progress.batches, "epoch_batches": batches}
+                record = {"epoch": epoch, **cut_short, **progress.record()}
                 if val_set is not None:
                     val_loader = data_loader(val_set, batch_size=config.batch_size, train=False,
                                              workers=config.workers, seed=config.seed, epoch=epoch)
@@ -324,6 +325,7 @@ def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
     if config.val_split in splits:
         val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format, probe=probe)
         _report_problems(report, config.data)
+        report.check_scorable(config.data)
     else:  # a data set may have no validation split, but a misspelt name would go unnoticed until the end
         _print(f"{config.data}: no {config.val_split!r} split (it has {', '.join(map(repr, splits))}), so no validation")
     probe.save()

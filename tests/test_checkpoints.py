@@ -475,3 +475,19 @@ def test_reference_file_missing_weights_names_the_first(tmp_path):
 def test_load_pretrained_refuses_an_unusable_device_before_reading(tmp_path, device, problem):
     with pytest.raises(ValueError, match=re.escape(problem)):
         load_pretrained(tmp_path / "absent.pt", device=device)  # the device is checked first
+
+
+def test_a_checkpoint_write_that_fails_is_an_os_error_naming_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch's archive writer reports a short write (a full disk) as a RuntimeError."""
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, build_model("tiny"))
+    before = path.read_bytes()
+
+    def full_disk(payload, file):
+        Path(file).write_bytes(b"the first bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 19315712 vs 19315604")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"^{re.escape(str(path))}: cannot be written \(\[enforce fail"):
+        save_checkpoint(path, build_model("tiny"))
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]

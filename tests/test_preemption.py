@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import torch_threads
 
+import deformable_detr
 import deformable_detr.train
 from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.cli import main
@@ -219,6 +220,51 @@ def test_a_finished_run_resumed_says_so_exits_0_and_writes_only_the_report_it_la
     assert capsys.readouterr().out.splitlines()[-2:] == conclusion
     reported = json.loads((run / "report" / "per_class.json").read_text())["metrics"]
     assert (run / "report" / "report.md").is_file() and reported == pytest.approx({key: best[key] for key in reported})
+
+
+def test_a_finished_run_resumed_removes_what_a_kill_left_half_written(data, straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight[0], run)
+    abandoned = [run / ".checkpoint.pt.k3j9x2.tmp", run / ".best.pt.a8f0q1.tmp"]
+    for path in abandoned:
+        path.write_bytes(b"half a checkpoint")
+    assert main(["train", *arguments(data, run, "--resume")]) == 0
+    assert "the run is already complete" in capsys.readouterr().out
+    assert not any(path.exists() for path in abandoned)
+
+
+class Killed(Exception):
+    """A kill, where a test cannot take one."""
+
+
+def test_a_kill_between_best_pt_and_the_checkpoint_leaves_them_agreeing(data, tmp_path, monkeypatch):
+    """best.pt is written before checkpoint.pt: a kill between them leaves a checkpoint from before
+    the epoch, whose resumed run writes the same best.pt again."""
+
+    def killed(source, destination):
+        raise Killed
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "_copy_atomically", killed)
+    with pytest.raises(Killed):
+        train(config(data, run, epochs=1))
+    monkeypatch.undo()
+    assert (run / "best.pt").is_file() and not (run / "checkpoint.pt").exists()
+    train(config(data, run, epochs=1, resume="auto"))
+    best, last = read_checkpoint(run / "best.pt").extra, read_checkpoint(run / "checkpoint.pt").extra
+    assert best["epoch"] == last["best"]["epoch"] == 0 and best["best"] == last["best"]
+
+
+def test_a_checkpoint_that_is_no_training_checkpoint_is_refused_in_one_line(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    deformable_detr.save_checkpoint(run / "checkpoint.pt", deformable_detr.build_model("tiny"))
+    with pytest.raises(TrainingError) as refused:
+        train(config(data, run, resume=True))
+    assert str(refused.value) == (
+        f"{run / 'checkpoint.pt'}: not a training checkpoint this version resumes (no train_config, world_size, "
+        f"optimizer, scheduler, early_stopping, epoch, epoch_progress, best, training_seconds); start a new run from "
+        f"its weights with --finetune-from {run / 'checkpoint.pt'}")
 
 
 def test_a_signal_during_the_last_epochs_evaluation_lets_the_run_end_with_its_report(data, tmp_path, monkeypatch,

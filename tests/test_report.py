@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 from urllib.parse import unquote
 
 import numpy as np
@@ -20,7 +21,7 @@ from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, synthesize
 from deformable_detr.data.coco import coco_index
 from deformable_detr.evaluation import CocoEvaluator, results_index
-from deformable_detr.report import curves, write_report, write_training_curves
+from deformable_detr.report import curves, document, write_report, write_training_curves
 from deformable_detr.report.confusion import confusion_matrix
 from deformable_detr.report.document import escape
 from deformable_detr.report.errors import ERROR_KINDS, TRUE_POSITIVE, error_breakdown
@@ -243,6 +244,23 @@ def test_report_writes_its_pictures_and_every_link_resolves(report):
     assert all(f"| {kind} | {errors['errors'][kind]['count']} |" in text for kind in ERROR_KINDS)
     confusion = json.loads((report.parent / "confusion_matrix.json").read_text())
     assert np.asarray(confusion["counts"]).shape == (5, 5) and confusion["classes"][1] == NASTY_NAME
+
+
+def test_a_report_rewritten_removes_the_old_report_md_before_anything_else(report, tmp_path, monkeypatch):
+    """report.md is written last, so it says the report is whole: a rewrite killed halfway must not
+    leave the old one beside new files."""
+    out = tmp_path / "report"
+    shutil.copytree(report.parent, out)
+    truth, detections = _random_set(seed=1, images=8)
+
+    def killed(figure, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(document, "save_figure", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(_evaluator(truth, detections).evaluation(), out, class_names={}, image_path=lambda _: None,
+                     title="a rewrite")
+    assert not (out / "report.md").exists()
 
 
 def test_class_names_appear_escaped(report):

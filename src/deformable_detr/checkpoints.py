@@ -123,7 +123,7 @@ def save_checkpoint(
             save_file(_unshared(model.state_dict()), temporary, metadata)
         else:
             payload = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **usage, **extra}
-            torch.save(payload, temporary)
+            _torch_save(payload, temporary, path)
 
 
 def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR, *, image_size: int | None = None) -> None:
@@ -138,7 +138,15 @@ def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR, *,
     _check_model(model)
     payload = reference_payload(model, image_size=_image_size(image_size))
     with atomic_write(path) as temporary:
+        _torch_save(payload, temporary, path)
+
+
+def _torch_save(payload: dict[str, Any], temporary: Path, path: Path) -> None:
+    """``torch.save`` into ``temporary`` (written for ``path``), a failed write an OSError naming ``path``."""
+    try:
         torch.save(payload, temporary)
+    except RuntimeError as error:  # torch's archive writer reports a short write (a full disk) so
+        raise OSError(f"{path}: cannot be written ({error})") from None
 
 
 def _check_model(model: object) -> None:

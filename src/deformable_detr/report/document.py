@@ -42,6 +42,8 @@ def write_report(
     out = Path(out_dir)
     if out.is_dir():
         remove_abandoned_writes(out)  # a report killed while writing left them
+    # Written last, it says the report is whole: an older one beside the new files would say it falsely.
+    (out / "report.md").unlink(missing_ok=True)
     truth, detections = evaluation.cocoGt, evaluation.cocoDt
     image_ids = [int(image_id) for image_id in evaluation.params.imgIds]  # numpy integers after evaluate()
     names = {category: class_names.get(category, str(category)) for category in sorted(truth.cats)}

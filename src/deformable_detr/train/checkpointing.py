@@ -77,6 +77,12 @@ class ResumePoint:
         return f"epoch {self.epoch}{within}"
 
 
+# What save_training_checkpoint writes beyond the model, and a resumed run reads (the average of the
+# weights, "ema", only where the run keeps one).
+_RESUMED = ("train_config", "world_size", "optimizer", "scheduler", "early_stopping", "epoch", "epoch_progress",
+            "best", "training_seconds")
+
+
 def resume_from(
     path: Path, config: TrainConfig, *, model: DeformableDETR, optimizer: Optimizer, scheduler: LRScheduler,
     early_stopping: EarlyStopping,
@@ -91,6 +97,10 @@ def resume_from(
     """
     checkpoint = read_checkpoint(path)
     extra = checkpoint.extra
+    missing = [key for key in _RESUMED if key not in extra]
+    if missing:
+        raise TrainingError(f"{path}: not a training checkpoint this version resumes (no {', '.join(missing)}); "
+                            f"start a new run from its weights with --finetune-from {path}")
     check_resumable(path, extra["train_config"], config)
     # The global batch, the learning-rate schedule's updates per epoch and each process's share of
     # an epoch's samples all follow from it: a run on another number would be no continuation.

@@ -142,13 +142,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
         """The run's optimiser updates before ``progress`` into ``epoch``: the step of its logs."""
         return epoch * updates_per_epoch + math.ceil(progress.batches / config.accumulation_steps)
 
-    def save(epoch: int, progress: EpochProgress | None) -> None:
+    def save(epoch: int, progress: EpochProgress | None, *, improved: bool = False) -> None:
+        """Write checkpoint.pt, and where the epoch ``improved`` best.pt first: a kill between the
+        two then leaves a checkpoint.pt from before the epoch, whose resumed run makes the same best.pt
+        again, never one that names an epoch best.pt does not hold."""
         if is_main_process():
-            save_training_checkpoint(last_path, model, config=config, class_names=train_set.category_names,
+            path = best_path if improved else last_path
+            save_training_checkpoint(path, model, config=config, class_names=train_set.category_names,
                                      optimizer=optimizer, scheduler=scheduler, ema=ema, early_stopping=stopping,
                                      epoch=epoch, progress=progress, best=best, training_seconds=training_seconds)
+            if improved:
+                _copy_atomically(best_path, last_path)
         schedule.written()
 
+    if is_main_process():
+        remove_abandoned_writes(output_dir, ["checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"])
     start = ResumePoint()
     if resuming:
         start = resume_from(last_path, config, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -167,8 +175,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _print(f"resuming from {last_path} at {start.describe(batches)}")
     elif config.finetune_from:
         _print(_finetune(model, config.finetune_from))
-    if is_main_process():
-        remove_abandoned_writes(output_dir, ["checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"])
 
     trained = DistributedDataParallel(model) if is_distributed() else model
     ema = None
@@ -235,9 +241,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if is_main_process():
                     _draw_curves(logger.epochs_path, output_dir / "curves.png")
                 # Where the budget ran out, a resumed run with a larger one goes on from within the epoch.
-                save(epoch, None if finished else progress)
-                if improved and is_main_process():
-                    _copy_atomically(last_path, best_path)
+                save(epoch, None if finished else progress, improved=improved)
                 (stop,) = any_process(signals.received is not None)
                 # Where the run ends here anyway, there would be nothing to resume: it ends as it would have.
                 ends = epoch + 1 == config.epochs or record.get("stopped_early") or out_of_time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sysconfig
 
 import pytest
 import torch
@@ -239,6 +240,25 @@ def test_an_avx2_limit_builds_the_kernel_without_avx512(monkeypatch):
         assert ("-mno-avx512f" in cpu._flags()) == (capability == "AVX2")
         paths[capability] = cpu.library_path()
     assert paths["AVX512"] != paths["AVX2"]  # cached apart
+
+
+def test_builds_are_cached_apart_for_each_python(monkeypatch):
+    """Another Python cannot import this one's build: it is cached by the extension suffix too."""
+    own = cpu.library_path()
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: ".cpython-312-x86_64-linux-gnu.so")
+    assert cpu.library_path() != own
+
+
+def test_a_cached_library_that_does_not_load_is_built_anew(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    library = cpu.library_path()
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"\x7fELF, damaged")  # or another Python's build
+    built = []
+    monkeypatch.setattr(cpu, "_build", lambda path: built.append(path) or "the module built anew")
+    assert cpu.load_extension() == "the module built anew" and built == [library]
 
 
 def test_a_build_publishes_the_library_only_once_it_is_whole(tmp_path, monkeypatch):

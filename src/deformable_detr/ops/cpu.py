@@ -9,6 +9,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import sysconfig
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -34,18 +35,25 @@ def _flags() -> list[str]:
     return flags
 
 
+# The lines of /proc/cpuinfo that tell processors apart: x86's, and ARM's, which has neither of those.
+_PROCESSOR_LINES = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+
+
 def _build_name() -> str:
-    """A name unique to this source, compiler flags, torch version and processor.
+    """A name unique to this source, compiler flags, torch version, Python and processor.
 
     The kernel is compiled with -march=native, so a cached build must not be reused on another
-    processor (a shared home folder, a copied cache); nor after an edit or a torch upgrade.
+    processor (a shared home folder, a copied cache); nor after an edit, a torch upgrade, or by
+    another Python, which cannot import it (its extension suffix names its version and ABI).
     """
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        processor = "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+        processor = "".join(sorted({line for line in lines if line.startswith(_PROCESSOR_LINES)}))
     except OSError:
-        processor = platform.processor() + platform.machine()
-    key = "\n".join([_SOURCE.read_text(), " ".join(_flags()), torch.__version__, processor])
+        processor = ""
+    processor += platform.processor() + platform.machine()
+    key = "\n".join([_SOURCE.read_text(), " ".join(_flags()), torch.__version__,
+                     sysconfig.get_config_var("EXT_SUFFIX"), processor])
     return f"ms_deform_attn_cpu_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
@@ -62,6 +70,15 @@ def _import_built(library: Path) -> ModuleType | None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _import_cached(library: Path) -> ModuleType | None:
+    """The cached build, or None where there is none, or one this interpreter cannot load (damaged,
+    say): it is then built anew over it."""
+    try:
+        return _import_built(library)
+    except ImportError:
+        return None
 
 
 def _build(library: Path) -> ModuleType:
@@ -96,7 +113,7 @@ def load_extension() -> ModuleType | None:
     library = library_path()
     try:
         # Importing the cached library directly skips torch's build checks (about a second).
-        _extension = _import_built(library) or _build(library)
+        _extension = _import_cached(library) or _build(library)
     except Exception as error:  # any build failure means: use the reference implementation
         message = str(error).strip()
         _failure = f"{type(error).__name__}: {message.splitlines()[-1] if message else ''}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -159,6 +160,34 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
     torch.testing.assert_close(output, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
     with use_implementation("cpu"), pytest.raises(RuntimeError, match="requested but could not be built"):
         ms_deform_attn(*inputs)
+
+
+def test_each_thread_forces_its_own_implementation():
+    """An export forces the reference in its thread (export.py); other threads keep theirs, and blocks
+    left in another order than entered restore each thread's own."""
+    from deformable_detr.ops import implementation_for
+
+    default = implementation_for("cpu")
+    entered, first_left = threading.Barrier(2), threading.Event()
+    seen = {}
+
+    def forcing(name, leaves_first):
+        with use_implementation(name):
+            entered.wait()
+            if not leaves_first:
+                first_left.wait()
+            seen[name] = implementation_for("cpu")
+        if leaves_first:
+            first_left.set()
+        seen[f"{name} after"] = implementation_for("cpu")
+
+    threads = [threading.Thread(target=forcing, args=("reference", True)), threading.Thread(target=forcing, args=("cpu", False))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"reference": "reference", "cpu": "cpu", "reference after": default, "cpu after": default}
+    assert implementation_for("cpu") == default
 
 
 def test_the_cpu_kernel_forced_for_tensors_elsewhere_is_an_error_not_the_reference():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -196,6 +199,25 @@ def test_the_public_op_traces_whole_under_torch_compile():
     compiled = torch.compile(ms_deform_attn, backend="aot_eager", fullgraph=True)
     with use_implementation("cpu"):
         torch.testing.assert_close(forward_and_gradients(compiled, case), forward_and_gradients(ms_deform_attn, case))
+
+
+def test_the_ops_first_call_in_a_process_may_be_a_compiled_one():
+    """The kernel is loaded as the trace reaches it, outside the graph: a process whose first call is
+    under torch.compile(fullgraph=True) traces it whole (test_the_public_op_traces_whole_under_torch_compile
+    cannot tell: this module has loaded the kernel already)."""
+    script = """
+import torch
+from deformable_detr.ops import cpu, ms_deform_attn
+assert cpu._extension is None
+value, locations, weights = torch.randn(1, 20, 2, 4), torch.rand(1, 3, 2, 1, 2, 2), torch.rand(1, 3, 2, 1, 2)
+arguments = (value, torch.tensor([[4, 5]]), torch.tensor([0]), locations, weights)
+compiled = torch.compile(ms_deform_attn, backend="aot_eager", fullgraph=True)(*arguments)
+torch.testing.assert_close(compiled, ms_deform_attn(*arguments))
+assert cpu._extension is not None
+"""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
 
 
 def test_dispatch_follows_the_requested_implementation(monkeypatch):

@@ -13,6 +13,7 @@ first, in one line that names the argument; the fused kernels guard their own me
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import itertools
 import os
@@ -46,7 +47,9 @@ def _checked(name: str) -> str:
     return name
 
 
-_implementation = _checked(os.environ.get("DEFORMABLE_DETR_OP", "auto"))
+_REQUESTED = _checked(os.environ.get("DEFORMABLE_DETR_OP", "auto"))
+# A context variable: each thread (and task) forces its own, and torch.compile guards on it.
+_implementation = contextvars.ContextVar("ms_deform_attn_implementation", default=_REQUESTED)
 _triton_kernel: ModuleType | None = None
 _triton_failure: str | None = None
 _triton_checks: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -57,12 +60,11 @@ def use_implementation(name: str) -> Iterator[None]:
     """Force ``"reference"``, ``"cpu"`` (the fused CPU kernel; an error where it cannot be built),
     ``"triton"`` (the fused Triton kernels, for CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``; an error where Triton is missing) or ``"auto"`` inside the block."""
-    global _implementation
-    previous, _implementation = _implementation, _checked(name)
+    token = _implementation.set(_checked(name))
     try:
         yield
     finally:
-        _implementation = previous
+        _implementation.reset(token)
 
 
 def load_triton_kernel() -> ModuleType | None:
@@ -133,23 +135,36 @@ def implementation_for(device: torch.device | str, dtype: torch.dtype = torch.fl
     fused CPU kernel), ``"triton"`` or ``"reference"``. Builds the CPU kernel, or imports Triton
     and checks it on the device (:func:`triton_runs_on`), where it must know whether they work;
     raises where a forced one does not."""
-    device_type = torch.device(device).type
-    if _implementation == "cpu" and device_type != "cpu":
+    device_type, requested = torch.device(device).type, _implementation.get()
+    if requested == "cpu" and device_type != "cpu":
         raise RuntimeError(f"the fused CPU kernel was requested for {device_type} tensors; it takes CPU tensors")
-    if _implementation in ("cpu", "auto") and device_type == "cpu":
-        if cpu.load_extension() is not None:
+    if requested in ("cpu", "auto") and device_type == "cpu":
+        if _cpu_kernel_loads():
             return "cpu"
-        if _implementation == "cpu":
+        if requested == "cpu":
             raise RuntimeError(f"the fused CPU kernel was requested but could not be built: {cpu.build_failure()}")
-    if _implementation == "triton":
-        if load_triton_kernel() is not None:
+    if requested == "triton":
+        if _triton_imports():
             return "triton"
         raise RuntimeError(f"the Triton kernels were requested but Triton could not be imported: {_triton_failure}")
-    if _implementation == "auto" and device_type == "cuda" and load_triton_kernel() is not None:
+    if requested == "auto" and device_type == "cuda" and _triton_imports():
         # Where no GPU is visible (asked by `deformable-detr info`): what one gets if it passes the check.
         if not torch.cuda.is_available() or triton_runs_on(device, dtype):
             return "triton"
     return "reference"
+
+
+# Whether each fused path can run: asked once a process, whose answer stays. Under torch.compile they
+# are answered as the trace reaches them (building or importing the kernels, which the trace could
+# not follow) and enter the graph as constants, so that the op's first call may be a compiled one.
+@torch.compiler.assume_constant_result
+def _cpu_kernel_loads() -> bool:
+    return cpu.load_extension() is not None
+
+
+@torch.compiler.assume_constant_result
+def _triton_imports() -> bool:
+    return load_triton_kernel() is not None
 
 
 def _readable_without_sync(tensor: Tensor) -> bool:

@@ -162,6 +162,18 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
         ms_deform_attn(*inputs)
 
 
+def test_a_missing_compiler_is_named_in_the_one_warning(tmp_path, monkeypatch):
+    from deformable_detr.ops import cpu
+
+    monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-c++")
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: no C\+\+ compiler: no-such-c\+\+ is not "
+                                            r"on PATH \(install one, e.g. g\+\+, or set CXX\)\); using the reference"):
+        assert cpu.load_extension() is None
+
+
 def test_each_thread_forces_its_own_implementation():
     """An export forces the reference in its thread (export.py); other threads keep theirs, and blocks
     left in another order than entered restore each thread's own."""

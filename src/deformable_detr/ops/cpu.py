@@ -88,6 +88,10 @@ def _build(library: Path) -> ModuleType:
     lock on the build folder lets one compile while the others wait, and the library appears at
     ``library`` only by a rename, so that no process imports a file the linker is still writing.
     """
+    # Said first, in one line: torch's build would end in ninja's "build stopped", the cause far above.
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler} is not on PATH (install one, e.g. g++, or set CXX)")
     if shutil.which("ninja") is None:
         import ninja  # the pip package ships the binary; a venv's bin folder may not be on PATH
 

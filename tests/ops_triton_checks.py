@@ -152,6 +152,32 @@ def test_64_bit_offsets_give_the_same_results(monkeypatch):
         assert torch.equal(got, want), name
 
 
+def test_heads_of_no_channels_give_empty_outputs_and_zero_gradients():
+    # D = 0: nothing to launch (a head of no channels has no channel block to split it into).
+    assert_follows_float64_reference(cast(random_case([(4, 6), (2, 3)], channels=0), torch.float32), 1e-5)
+
+
+@pytest.mark.parametrize("offsets", [tl.int32, tl.int64], ids=["32-bit offsets", "64-bit offsets"])
+def test_a_level_past_2_24_pixels_samples_and_scatters_exact_positions(monkeypatch, offsets):
+    # One level of 4096 x 8192 = 2**25 pixels, where row * width + col in float32 would round odd
+    # positions to even ones, and the last pixel's to the first past the level (past value). Pixel
+    # centres of power-of-two sizes are exact in float32: each query reads one pixel, whose value is
+    # its position less 2**24 (exact in float32), at a weight of a power of two (exact products).
+    monkeypatch.setattr(triton_kernel, "offset_dtype", lambda *shapes: offsets)
+    height, width = 4096, 8192
+    pixels = torch.tensor([[4095, 8191], [4095, 8189], [4095, 8190], [3000, 1], [2048, 4095], [100, 3]])  # (row, col)
+    positions = pixels[:, 0] * width + pixels[:, 1]
+    assert ((pixels[:, 0].float() * width + pixels[:, 1].float()).long() != positions).any()  # float32 would miss
+    value = (torch.arange(height * width, dtype=torch.int32) - 2**24).float().view(1, -1, 1, 1).requires_grad_()
+    locations = ((pixels.flip(-1) + 0.5) / torch.tensor([width, height])).float().view(1, -1, 1, 1, 1, 2)
+    weights = (2.0 ** torch.arange(len(pixels))).view(1, -1, 1, 1, 1)
+    output = on_device(value, torch.tensor([[height, width]]), torch.tensor([0]), locations, weights)
+    assert torch.equal(output.flatten(), weights.flatten() * (positions - 2**24).float())
+    (grad_value,) = torch.autograd.grad(output.sum(), value)
+    sampled = grad_value.flatten().nonzero().flatten()
+    assert torch.equal(sampled, positions.sort().values)
+    assert torch.equal(grad_value.flatten()[positions], weights.flatten())
+
 
 @pytest.mark.parametrize("start", [23, 10**9, 2**40 + 5], ids=["partly past value", "far past value", "past 32 bits"])
 def test_a_level_past_value_reads_as_zeros(start):

@@ -141,15 +141,21 @@ def _sample(locations_ptr, weights_ptr, rows, index, samples, shapes_ptr, level,
 
 
 @triton.jit
-def _corner(x, y, x_floor, y_floor, width, height, start, active, DX: tl.constexpr, DY: tl.constexpr, INDEX: tl.constexpr):
+def _corner(
+    x, y, x_floor, y_floor, width, height, start, columns, active, DX: tl.constexpr, DY: tl.constexpr, INDEX: tl.constexpr
+):
     """One of the four bilinear corners of a block of samples: the corner's position in the value
-    map, whether it is inside the map, and its weight along x and along y."""
+    map, whether it is inside the map, and its weight along x and along y. ``columns`` is the
+    level's width as an integer (``INDEX``), ``width`` and ``height`` as floats."""
     col = x_floor + DX
     row = y_floor + DY
     inside = active & (col >= 0) & (col < width) & (row >= 0) & (row < height)
-    # Outside corners get position 0, so that far-away samples cannot overflow the integer; they are
-    # masked. Inside ones are exact integers in float32 up to 16 M pixels a level.
-    position = start + tl.where(inside, row * width + col, 0).to(INDEX)
+    # The position in integers: row * width + col in float32 rounds past 2**24 pixels a level (to a
+    # neighbour, and at a level's last pixel to the first one past it). Outside corners are
+    # converted as 0, so that far-away samples cannot overflow the integer; they are masked.
+    row_index = tl.where(inside, row, 0).to(INDEX)
+    col_index = tl.where(inside, col, 0).to(INDEX)
+    position = start + row_index * columns + col_index
     return position, inside, 1 - tl.abs(x - col), 1 - tl.abs(y - row)
 
 
@@ -184,6 +190,7 @@ def _forward_kernel(
     accumulated = tl.zeros((BLOCK_Q, BLOCK_D), COMPUTE)
     for level in range(num_levels):
         start = tl.load(starts_ptr + level).to(INDEX)
+        columns = tl.load(shapes_ptr + 2 * level + 1).to(INDEX)
         in_level = active & _fits(shapes_ptr, starts_ptr, level, num_positions)
         for point in range(num_points):
             x, y, x_floor, y_floor, width, height, attention = _sample(
@@ -192,7 +199,7 @@ def _forward_kernel(
             # Each corner's tile is loaded and folded into the sum before the next is loaded.
             for corner in range(4):
                 position, inside, weight_x, weight_y = _corner(
-                    x, y, x_floor, y_floor, width, height, start, in_level, corner % 2, corner // 2, INDEX
+                    x, y, x_floor, y_floor, width, height, start, columns, in_level, corner % 2, corner // 2, INDEX
                 )
                 offsets = (position * row_stride)[:, None] + channel[None, :]
                 corner_value = tl.load(value_ptr + offsets, mask=inside[:, None] & channel_active[None, :], other=0)
@@ -239,6 +246,7 @@ def _backward_kernel(
     ).to(COMPUTE)
     for level in range(num_levels):
         start = tl.load(starts_ptr + level).to(INDEX)
+        columns = tl.load(shapes_ptr + 2 * level + 1).to(INDEX)
         in_level = active & _fits(shapes_ptr, starts_ptr, level, num_positions)
         for point in range(num_points):
             index = level * num_points + point
@@ -252,7 +260,7 @@ def _backward_kernel(
                 dx = corner % 2
                 dy = corner // 2
                 position, inside, weight_x, weight_y = _corner(
-                    x, y, x_floor, y_floor, width, height, start, in_level, dx, dy, INDEX
+                    x, y, x_floor, y_floor, width, height, start, columns, in_level, dx, dy, INDEX
                 )
                 mask = inside[:, None] & channel_active[None, :]
                 offsets = (position * row_stride)[:, None] + channel[None, :]
@@ -306,8 +314,8 @@ def _launch(
     batch, positions, heads, channels = value.shape
     locations = tensors[0]
     _, queries, _, levels, points, _ = locations.shape
-    if batch * queries * heads == 0:
-        return
+    if batch * queries * heads * channels == 0:
+        return  # nothing to compute (and no channel block to split a head of no channels into)
     block_d = channel_block(channels, value.dtype)
     # Starts past 32 bits are clamped, not wrapped, so that they stay past value (see _fits).
     starts = level_start_index.clamp(-(2**31), 2**31 - 1).to(torch.int32).contiguous()
@@ -355,8 +363,10 @@ def backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_s
     accumulation = torch.float64 if value.dtype == torch.float64 else torch.float32
     summed = splits_channels(value.shape[-1], value.dtype)
     grad_value = torch.zeros(value.shape, dtype=accumulation, device=value.device)
+    # Zeroed where programs add into them, and for heads of no channels, where no program runs.
+    zeroed = summed or value.shape[-1] == 0
     grad_locations, grad_weights = (
-        tensor.new_zeros(tensor.shape, dtype=accumulation) if summed else tensor.new_empty(tensor.shape)
+        tensor.new_zeros(tensor.shape, dtype=accumulation) if zeroed else tensor.new_empty(tensor.shape)
         for tensor in (sampling_locations, attention_weights)
     )
     _launch(

@@ -69,9 +69,11 @@ def _draw_ap(column: Sequence[Axes], evaluated: list[dict[str, Any]], axis: str)
                         color="C3", label="AP of the raw weights")
     column[-1].set(title="validation COCO AP", ylim=(0, 1))
     best = max(evaluated, key=lambda record: record["AP"])
+    epochs = _position(best, "epochs")
+    trained = f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"
     for axes in column:
         axes.axvline(_position(best, axis), color="C3", linestyle="--", linewidth=1,
-                     label=f"best: after {_position(best, 'epochs'):.3g} epochs, AP {best['AP']:.3f}")
+                     label=f"best: after {trained}, AP {best['AP']:.3f}")
     column[-1].legend(loc="upper left", fontsize="small")
 
 

@@ -184,5 +184,6 @@ def _markdown(
                   "no true positive among them found.", ""]
         for picture, error_count in pictures:
             link = quote(picture.relative_to(out).as_posix())  # a space, "#" or ")" in a file name would end it
-            lines += [f"![{escape(picture.stem)}: {error_count} errors]({link})", ""]
+            errors_found = f"{error_count} error{'' if error_count == 1 else 's'}"
+            lines += [f"![{escape(picture.stem)}: {errors_found}]({link})", ""]
     return "\n".join(lines).rstrip() + "\n"

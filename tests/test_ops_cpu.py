@@ -154,6 +154,23 @@ OUT_OF_BOUNDS = {
 }
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float64, torch.float16)],
+                         ids=["float32 weights beside bfloat16 values", "bfloat16 locations", "float64 locations"])
+def test_the_public_op_takes_dtype_mixes_the_kernel_lacks(dtypes):
+    """As the reference does: a CUDA autocast run gives float32 weights beside bfloat16 values."""
+    value_dtype, location_dtype, weight_dtype = dtypes
+    value, spatial_shapes, level_start_index, locations, weights = random_case([(6, 5), (3, 3)], channels=8)
+    mixed = [value.to(value_dtype), spatial_shapes, level_start_index, locations.to(location_dtype), weights.to(weight_dtype)]
+    expected = forward_and_gradients(ms_deform_attn_reference, [t.double() if t.is_floating_point() else t for t in mixed])
+    with use_implementation("cpu"):
+        actual = forward_and_gradients(ms_deform_attn, mixed)
+    for name, dtype, got, want in zip(["output", "grad value", "grad locations", "grad weights"],
+                                      [value_dtype, value_dtype, location_dtype, weight_dtype], actual, expected):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2, msg=name)
+
+
 @pytest.mark.parametrize("replacements, message", OUT_OF_BOUNDS.values(), ids=OUT_OF_BOUNDS.keys())
 def test_the_op_called_directly_refuses_what_it_cannot_index(replacements, message):
     arguments = two_levels(**replacements)

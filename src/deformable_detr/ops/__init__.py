@@ -221,6 +221,7 @@ def ms_deform_attn(
         _check_levels(value.shape[1], spatial_shapes, level_start_index)
     implementation = implementation_for(value.device, value.dtype)
     if implementation == "cpu":
+        sampling_locations, attention_weights = cpu.read_dtypes(value, sampling_locations, attention_weights)
         function = cpu.ms_deform_attn_cpu
     elif implementation == "triton":
         function = _triton_kernel.ms_deform_attn_triton

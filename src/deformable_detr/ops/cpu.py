@@ -130,6 +130,17 @@ def load_extension() -> ModuleType | None:
     return _extension
 
 
+def read_dtypes(value: Tensor, locations: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``locations`` and ``weights`` in dtypes the kernel reads beside ``value``: the weights in
+    value's, the locations in value's or float32 beside bfloat16 or float16 values (the model's
+    autocast mix). Other mixes (a CUDA autocast's float32 weights, say) are cast, as the reference
+    would compute them; the gradients return in each input's own dtype."""
+    half = value.dtype in (torch.bfloat16, torch.float16)
+    if locations.dtype != value.dtype and not (half and locations.dtype == torch.float32):
+        locations = locations.to(torch.float32 if half else value.dtype)
+    return locations, weights.to(value.dtype)
+
+
 def build_failure() -> str | None:
     """Why the kernel could not be built, or None."""
     return _failure

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -172,6 +175,21 @@ def test_a_missing_compiler_is_named_in_the_one_warning(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: no C\+\+ compiler: no-such-c\+\+ is not "
                                             r"on PATH \(install one, e.g. g\+\+, or set CXX\)\); using the reference"):
         assert cpu.load_extension() is None
+
+
+def test_an_unknown_implementation_in_the_environment_is_one_error_where_the_op_runs_not_at_import():
+    script = """
+import torch
+from deformable_detr.ops import implementation_for
+try:
+    implementation_for("cpu")
+except ValueError as error:
+    print(error)
+"""
+    environment = {**os.environ, "DEFORMABLE_DETR_OP": "CPU", "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout == "unknown ms_deform_attn implementation 'CPU'; choose from auto, reference, cpu, triton\n"
 
 
 def test_each_thread_forces_its_own_implementation():

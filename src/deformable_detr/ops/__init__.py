@@ -47,7 +47,8 @@ def _checked(name: str) -> str:
     return name
 
 
-_REQUESTED = _checked(os.environ.get("DEFORMABLE_DETR_OP", "auto"))
+# Checked where it is used, so that a wrong value is one error there, not a failed import.
+_REQUESTED = os.environ.get("DEFORMABLE_DETR_OP", "auto")
 # A context variable: each thread (and task) forces its own, and torch.compile guards on it.
 _implementation = contextvars.ContextVar("ms_deform_attn_implementation", default=_REQUESTED)
 _triton_kernel: ModuleType | None = None
@@ -135,7 +136,7 @@ def implementation_for(device: torch.device | str, dtype: torch.dtype = torch.fl
     fused CPU kernel), ``"triton"`` or ``"reference"``. Builds the CPU kernel, or imports Triton
     and checks it on the device (:func:`triton_runs_on`), where it must know whether they work;
     raises where a forced one does not."""
-    device_type, requested = torch.device(device).type, _implementation.get()
+    device_type, requested = torch.device(device).type, _checked(_implementation.get())
     if requested == "cpu" and device_type != "cpu":
         raise RuntimeError(f"the fused CPU kernel was requested for {device_type} tensors; it takes CPU tensors")
     if requested in ("cpu", "auto") and device_type == "cpu":

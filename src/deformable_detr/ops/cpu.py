@@ -64,21 +64,17 @@ def library_path() -> Path:
 
 
 def _import_built(library: Path) -> ModuleType | None:
+    """The cached build, or None where there is none, or one this interpreter cannot load (damaged,
+    say): it is then built anew over it."""
     if not library.is_file():
         return None
     spec = importlib.util.spec_from_file_location(library.stem, library)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _import_cached(library: Path) -> ModuleType | None:
-    """The cached build, or None where there is none, or one this interpreter cannot load (damaged,
-    say): it is then built anew over it."""
     try:
-        return _import_built(library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     except ImportError:
         return None
+    return module
 
 
 def _build(library: Path) -> ModuleType:
@@ -117,7 +113,7 @@ def load_extension() -> ModuleType | None:
     library = library_path()
     try:
         # Importing the cached library directly skips torch's build checks (about a second).
-        _extension = _import_cached(library) or _build(library)
+        _extension = _import_built(library) or _build(library)
     except Exception as error:  # any build failure means: use the reference implementation
         message = str(error).strip()
         _failure = f"{type(error).__name__}: {message.splitlines()[-1] if message else ''}"

@@ -142,10 +142,14 @@ def train_updates(
     with tqdm(initial=progress.batches, total=batches, desc=f"epoch {epoch}", disable=not is_main_process(),
               dynamic_ncols=True) as bar:  # fmt: skip
         for group in _update_groups(loader, progress.batches, batches, config.accumulation_steps):
-            # An update's box count is known before its first backward: its batches are read first.
-            update_boxes = average_num_boxes([target for _, _, targets in group for target in targets], device=device)
+            # An update's box count is known before its first backward: its batches are read first. A
+            # single batch's is its own, which train_step counts anyway (a sync across processes).
+            update_boxes = None
+            if len(group) > 1:
+                update_boxes = average_num_boxes([target for _, _, targets in group for target in targets], device=device)
             lr = optimizer.param_groups[0]["lr"]
-            progress.lr = lr if progress.lr is None else progress.lr
+            if progress.lr is None:
+                progress.lr = lr
             update_totals: dict[str, float] = {}
             for position, batch in enumerate(group):
                 index = progress.batches

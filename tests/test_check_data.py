@@ -317,18 +317,21 @@ def test_the_check_is_cached_by_file_size_and_time(tmp_path, monkeypatch):
     assert ImageProbe.for_data(root).cache_file.parent == tmp_path / "cache" / "data-check"
 
 
-def test_a_cache_written_before_the_check_read_orientations_is_read_again(tmp_path, monkeypatch):
+def test_a_cache_written_by_a_check_that_found_less_is_read_again(tmp_path, monkeypatch):
     monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path / "cache"))
     root = write_coco(tmp_path / "coco")
     path = root / "train" / "a.jpg"
-    save_with_orientation(Image.open(path), path, 8)
+    Image.open(path).save(path, "GIF")  # a GIF under a .jpg name reads all the same
+    truncate(path)
     check_data(root)
     cache = ImageProbe.for_data(root).cache_file
-    entries = json.loads(cache.read_text())
-    cache.write_text(json.dumps({key: entry[:-1] for key, entry in entries.items()}))  # without the orientation
-    problems = check_data(root).problems
-    assert len(problems) == 1 and "turned 90° anticlockwise" in str(problems[0])
-    assert json.loads(cache.read_text()) == entries
+    written = json.loads(cache.read_text())
+    # Before the check looked for a GIF's trailer or read orientations, it kept a plain mapping of paths.
+    for found in ([64, 48, None, 1], [64, 48, None]):
+        cache.write_text(json.dumps({**written["images"], str(path): [*written["images"][str(path)][:2], *found]}))
+        problems = check_data(root).problems
+        assert [str(problem) for problem in problems] == [f"{path}: cannot read image (GIF cut short: no trailer)"]
+        assert json.loads(cache.read_text()) == written
 
 
 def jpeg_with_thumbnail():
@@ -378,6 +381,77 @@ def test_a_multi_picture_jpeg_cut_short_fails_the_check(tmp_path):
     with Image.open(path) as image:
         assert image.format == "MPO"
     assert images_module.inspect_image(path).problem == "cannot read image (JPEG cut short: no end-of-image marker)"
+
+
+def pillow_bmp():
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 3), (90, 120, 150)).save(buffer, "BMP")  # rows of 15 bytes, padded to 16
+    return buffer.getvalue()
+
+
+def run_length_bmp(width=8, height=4):
+    """An 8-bit BMP whose pixels are run-length encoded (RLE8), which Pillow reads but does not write:
+    each row one run of colour 1, then the end of the row, the last row the end of the bitmap."""
+    palette = bytes([0, 0, 0, 0, 200, 100, 50, 0])  # black and a blue, as BGR and a zero
+    pixels = bytes([width, 1, 0, 0]) * (height - 1) + bytes([width, 1, 0, 1])
+    offset = 14 + 40 + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+    # The info header: its size, width, height, planes, bits, compression (1: RLE8), the pixel data's size,
+    # resolution, colours used and important.
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 0, 0, 2, 0)
+    return header + info + palette + pixels
+
+
+def pillow_tiff():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, "TIFF")  # uncompressed: the header, then the pixels
+    return buffer.getvalue()
+
+
+def grayscale_tiff(pixels, width, height, compression, tiled=False):
+    """An 8-bit grayscale TIFF of one strip or tile: the header, its directory, then the pixel data, as
+    many writers lay it out (libtiff, which Pillow compresses with, writes the directory last)."""
+    offsets, counts = (324, 325) if tiled else (273, 279)
+    layout = {322: width, 323: height} if tiled else {278: height}  # the tile's size, or rows per strip
+    tags = {256: width, 257: height, 258: 8, 259: compression, 262: 1, 277: 1, **layout, offsets: 0, counts: len(pixels)}
+    tags[offsets] = 8 + 2 + 12 * len(tags) + 4  # right after the directory
+    short = {258, 259, 262, 277}
+    entries = b"".join(struct.pack("<HHII", tag, 3 if tag in short else 4, 1, value) for tag, value in sorted(tags.items()))
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + b"\x00" * 4 + pixels
+
+
+def packbits_tiff():
+    rows = [bytes(range(row * 8, row * 8 + 8)) for row in range(4)]
+    return grayscale_tiff(b"".join(b"\x07" + row for row in rows), 8, 4, compression=32773)  # each row a literal run of 8
+
+
+def tiled_tiff():
+    return grayscale_tiff(bytes(range(256)), 16, 16, compression=1, tiled=True)
+
+
+@pytest.mark.parametrize("write", [pillow_bmp, run_length_bmp, pillow_tiff, packbits_tiff, tiled_tiff])
+def test_a_bmp_or_tiff_shorter_than_its_header_says_fails_the_check(tmp_path, write):
+    path = tmp_path / "image"
+    path.write_bytes(write())
+    with Image.open(path) as image:
+        image.load()  # a whole, good file
+        size, image_format = image.size, image.format
+    assert images_module.inspect_image(path) == images_module.ImageInfo(*size)
+    end = path.stat().st_size  # each of them ends with its pixel data
+    truncate(path)
+    line = f"cannot read image ({image_format} cut short: {end - 8} bytes, its pixel data ends at byte {end})"
+    assert images_module.inspect_image(path).problem == line
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_a_gif_cut_short_fails_the_check(tmp_path, frames):
+    path = tmp_path / "a.gif"
+    noise = np.random.default_rng(0).integers(0, 256, (frames, 48, 64, 3), dtype=np.uint8)
+    first, *rest = (Image.fromarray(frame) for frame in noise)
+    first.save(path, save_all=True, append_images=rest, loop=0, duration=100)
+    assert images_module.inspect_image(path) == images_module.ImageInfo(64, 48)
+    truncate(path)
+    assert images_module.inspect_image(path).problem == "cannot read image (GIF cut short: no trailer)"
 
 
 @pytest.mark.parametrize("command", [["inspect"], ["detect", "{image}", "--out", "{out}"], ["export", "--out", "{out}/m.onnx"],

@@ -6,9 +6,11 @@ COCO's and VOC's recorded sizes describe; ``detect`` and :class:`~deformable_det
 
 The data check decodes no pixels: decoding every image of a large data set takes longer than anyone
 waits for training to start, so it reads each file's header (its size, pixel format and EXIF
-orientation), runs Pillow's ``verify`` (for PNG: every chunk's checksum) and, for JPEG, looks for
-the end-of-image marker, which a file cut short lacks. What it finds is remembered by file size and
-modification time, so checking an unchanged data set again opens no image.
+orientation), runs Pillow's ``verify`` (for PNG: every chunk's checksum) and looks for what a file
+cut short lacks: JPEG's end-of-image marker, GIF's trailer, and for BMP and TIFF the bytes up to the
+end of the pixel data their headers place. (Pillow refuses a WebP cut short as it opens it.) What it
+finds is remembered by file size and modification time, so checking an unchanged data set again
+opens no image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import mmap
 import os
 import struct
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,6 +40,16 @@ _JPEG_START_OF_SCAN = 0xDA
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
 # Pillow names a phone's multi-picture JPEG "MPO"; training reads its first picture, a JPEG.
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+# A GIF ends with its last block's terminator, then the trailer; a file cut short ends inside a block.
+_GIF_END = b"\x00;"
+# Where a BMP records the size of its pixel data (the info header's biSizeImage), which run-length
+# encoded pixels need: their size does not follow from width and height.
+_BMP_DATA_SIZE_AT = 34
+# Where a TIFF's first page records its pixel data: strips, or tiles, each an offset and a byte count.
+_TIFF_DATA_TAGS = (
+    (TiffImagePlugin.STRIPOFFSETS, TiffImagePlugin.STRIPBYTECOUNTS),
+    (TiffImagePlugin.TILEOFFSETS, TiffImagePlugin.TILEBYTECOUNTS),
+)
 
 
 # Pillow's modes of 16-bit grayscale, which its own conversion to RGB clips at 255: nearly white.
@@ -112,14 +124,14 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
     try:
         with open(path, "rb") as file, Image.open(file) as image:
             width, height = image.size
-            image_format = image.format
             problem = _unreadable_pixels(image.mode)
             if problem is not None:
                 return ImageInfo(width, height, problem)
             turn = _orientation(image)
             image.verify()
-            if image_format in _JPEG_FORMATS and not _jpeg_has_end(file):
-                return ImageInfo(width, height, "cannot read image (JPEG cut short: no end-of-image marker)")
+            cut_short = _cut_short(image, file)
+            if cut_short is not None:
+                return ImageInfo(width, height, f"cannot read image ({cut_short})")
     except FileNotFoundError:
         return ImageInfo(problem="image file not found")
     except UnidentifiedImageError:
@@ -127,6 +139,55 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
     except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error ...
         return ImageInfo(problem=f"cannot read image ({error})")
     return ImageInfo(width, height, orientation=turn)
+
+
+def _cut_short(image: Image.Image, file: BinaryIO) -> str | None:
+    """How the image in ``file`` shows it was cut short, where a check that decodes nothing can tell:
+    a missing end marker, or fewer bytes than its header places its pixel data in."""
+    if image.format in _JPEG_FORMATS and not _jpeg_has_end(file):
+        return "JPEG cut short: no end-of-image marker"
+    if image.format == "GIF" and not _gif_has_end(file):
+        return "GIF cut short: no trailer"
+    if image.format == "BMP":
+        return _shorter_than_data("BMP", file, _bmp_data_end(image, file))
+    if image.format == "TIFF":
+        return _shorter_than_data("TIFF", file, _tiff_data_end(image))
+    return None
+
+
+def _shorter_than_data(format_name: str, file: BinaryIO, data_end: int | None) -> str | None:
+    """The problem of a ``file`` that ends before ``data_end``, where its header says its pixel data
+    ends (None: the header does not say)."""
+    size = os.fstat(file.fileno()).st_size
+    if data_end is None or size >= data_end:
+        return None
+    return f"{format_name} cut short: {size} bytes, its pixel data ends at byte {data_end}"
+
+
+def _gif_has_end(file: BinaryIO) -> bool:
+    file.seek(-len(_GIF_END), os.SEEK_END)
+    return file.read() == _GIF_END
+
+
+def _bmp_data_end(image: Image.Image, file: BinaryIO) -> int:
+    """Where the BMP's pixel data ends: after its rows, each padded to 4 bytes (the stride Pillow's
+    raw decoder is given), or, run-length encoded, after the size its header records."""
+    (tile,) = image.tile
+    if tile.codec_name == "raw":
+        _, top, _, bottom = tile.extents
+        return tile.offset + tile.args[1] * (bottom - top)
+    file.seek(_BMP_DATA_SIZE_AT)
+    return tile.offset + int.from_bytes(file.read(4), "little")
+
+
+def _tiff_data_end(image: Image.Image) -> int | None:
+    """Where the TIFF's first page's last strip or tile ends (compressed or not, the byte counts are
+    what is stored); None for a file that records no byte counts."""
+    for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
+        offsets, counts = image.tag_v2.get(offsets_tag), image.tag_v2.get(counts_tag)
+        if offsets and counts:
+            return max(offset + count for offset, count in zip(offsets, counts))
+    return None
 
 
 def _jpeg_has_end(file: BinaryIO) -> bool:
@@ -163,7 +224,10 @@ def _jpeg_first_scan(data: mmap.mmap) -> int | None:
     return None
 
 
-_INFO_FIELDS = len(fields(ImageInfo))
+# The version of what the check finds, to raise whenever it learns to find more (2: BMP, TIFF and GIF
+# files cut short): a cache of another version would call an unchanged file fine
+# that the check now refuses, so it is read as empty, as are those from before the number was kept.
+_CACHE_VERSION = 2
 
 
 class ImageProbe:
@@ -175,13 +239,9 @@ class ImageProbe:
 
     def __init__(self, cache_file: Path | None = None) -> None:
         self.cache_file = cache_file
-        self._entries: dict[str, list] = {}  # path -> [size, mtime_ns, width, height, problem, orientation]
+        # path -> [size, mtime_ns, width, height, problem, orientation]
+        self._entries: dict[str, list] = {} if cache_file is None else _read_cache(cache_file)
         self._changed = False
-        if cache_file is not None and cache_file.is_file():
-            try:
-                self._entries = json.loads(cache_file.read_text())
-            except (OSError, ValueError):
-                pass  # an unreadable cache is only a slower check
 
     @classmethod
     def for_data(cls, root: str | os.PathLike) -> ImageProbe:
@@ -197,8 +257,7 @@ class ImageProbe:
             return ImageInfo(problem="image file not found")
         key = os.path.abspath(path)
         entry = self._entries.get(key)
-        # An entry of another length was written by a version that learnt less of each image.
-        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns] and len(entry) == 2 + _INFO_FIELDS:
+        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
             return ImageInfo(*entry[2:])
         info = inspect_image(path)
         self._entries[key] = [stat.st_size, stat.st_mtime_ns, *astuple(info)]
@@ -209,5 +268,17 @@ class ImageProbe:
         if self.cache_file is None or not self._changed:
             return
         with atomic_write(self.cache_file) as temporary:
-            temporary.write_text(json.dumps(self._entries))
+            temporary.write_text(json.dumps({"version": _CACHE_VERSION, "images": self._entries}))
         self._changed = False
+
+
+def _read_cache(cache_file: Path) -> dict[str, list]:
+    """The entries ``cache_file`` holds: none where it is missing, unreadable (only a slower check) or
+    of another version."""
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict) or cache.get("version") != _CACHE_VERSION:
+        return {}
+    return cache["images"]

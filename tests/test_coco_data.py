@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deformable_detr.data import CocoDataset, DatasetError, coco_split, read_image, synthesize
+from deformable_detr.data import CocoDataset, DatasetError, coco_split, inspect_image, read_image, synthesize
 from deformable_detr.predict import as_image_tensor
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]
@@ -189,6 +189,21 @@ def test_an_image_of_32_bit_pixels_is_refused_naming_the_file(tmp_path):
     Image.fromarray(np.ones((4, 5), dtype=np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(DatasetError, match=r"float\.tif: cannot read image \(32-bit float pixels: save it with 8 or 16 bits"):
         read_image(tmp_path / "float.tif")
+
+def test_an_image_of_signed_16_bit_pixels_is_refused_as_such(tmp_path):
+    # Pillow reads them as 32-bit integers; the file's tags say what they are.
+    path = tmp_path / "depth.tif"
+    Image.fromarray(np.array([[-32768, -1, 0, 32767]], dtype=np.int16).view(np.uint16)).save(path, tiffinfo={339: 2})
+    line = "cannot read image (signed 16-bit pixels: save it unsigned, with 8 or 16 bits a channel)"
+    assert inspect_image(path).problem == line
+    for upright in (False, True):  # training reads images as stored, detect upright
+        with pytest.raises(DatasetError) as raised:
+            read_image(path, upright=upright)
+        assert str(raised.value) == f"{path}: {line}"
+    with Image.open(path) as opened, pytest.raises(ValueError) as raised:
+        as_image_tensor(opened)
+    assert str(raised.value) == line
+
 
 def test_image_of_another_size_than_annotated(tmp_path):
     image_dir, path = _write(tmp_path, [], sizes=((20, 30),))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .checkpoints import read_checkpoint
 from .checks import check_count, check_fraction
-from .data import IMAGE_SUFFIXES, DatasetError, as_rgb, inference_transforms, read_image, turned_upright
+from .data import IMAGE_SUFFIXES, DatasetError, as_rgb, inference_transforms, read_image
 from .data.transforms import max_side
 from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
 from .environment import usable_device
@@ -160,7 +160,7 @@ def as_image_tensor(image: ImageInput) -> Tensor:
     if isinstance(image, (str, os.PathLike)):
         return read_image(image, upright=True).as_subclass(Tensor)
     if isinstance(image, Image.Image):
-        return F.pil_to_tensor(as_rgb(turned_upright(image)))
+        return F.pil_to_tensor(as_rgb(image, upright=True))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from ..checks import is_whole_number
-from .images import EXIF_TURNS, SIDEWAYS_TURNS, as_rgb, turned_upright
+from .images import EXIF_TURNS, SIDEWAYS_TURNS, as_rgb
 from .transforms import model_input
 
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
@@ -306,7 +306,7 @@ def read_image(path: str | Path, *, upright: bool = False) -> tv_tensors.Image:
     """
     try:
         with Image.open(path) as file:
-            return tv_tensors.Image(as_rgb(turned_upright(file) if upright else file))
+            return tv_tensors.Image(as_rgb(file, upright=upright))
     except UnidentifiedImageError:
         raise DatasetError(f"{path}: cannot read image (not an image format Pillow knows)") from None
     except (OSError, Image.DecompressionBombError) as error:  # the bomb: a small file that declares billions of pixels

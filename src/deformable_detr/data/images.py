@@ -56,6 +56,10 @@ _TIFF_DATA_TAGS = (
 _SIXTEEN_BIT_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # 32-bit pixels have no range that says which value is white.
 _THIRTY_TWO_BIT = {"I": "32-bit integer", "F": "32-bit float"}
+# TIFF's SampleFormat of signed integers. Pillow reads signed 16-bit pixels as mode I, as 32-bit ones;
+# tools map them to 8 bits in ways that disagree (a CT scan's window, negatives clipped, a shift by
+# 32768), so the owner of the data chooses.
+_TIFF_SIGNED = 2
 
 
 # What each EXIF orientation other than 1 (as stored) does to the picture a viewer shows.
@@ -68,21 +72,33 @@ SIDEWAYS_TURNS = frozenset({5, 6, 7, 8})  # those that swap width and height
 _MALFORMED_EXIF = (SyntaxError, ValueError, struct.error)
 
 
-def _unreadable_pixels(mode: str) -> str | None:
-    if mode in _THIRTY_TWO_BIT:
-        return f"cannot read image ({_THIRTY_TWO_BIT[mode]} pixels: save it with 8 or 16 bits a channel)"
+def _unreadable_pixels(image: Image.Image) -> str | None:
+    if _signed_sixteen_bit(image):
+        return "cannot read image (signed 16-bit pixels: save it unsigned, with 8 or 16 bits a channel)"
+    if image.mode in _THIRTY_TWO_BIT:
+        return f"cannot read image ({_THIRTY_TWO_BIT[image.mode]} pixels: save it with 8 or 16 bits a channel)"
     return None
 
 
-def as_rgb(image: Image.Image) -> Image.Image:
-    """``image`` in 8-bit RGB: 16-bit grayscale scaled from its whole range (65535 -> 255).
+def _signed_sixteen_bit(image: Image.Image) -> bool:
+    if not isinstance(image, TiffImagePlugin.TiffImageFile):
+        return False
+    tags = image.tag_v2
+    return tags.get(TiffImagePlugin.SAMPLEFORMAT) == (_TIFF_SIGNED,) and tags.get(TiffImagePlugin.BITSPERSAMPLE) == (16,)
+
+
+def as_rgb(image: Image.Image, *, upright: bool = False) -> Image.Image:
+    """``image`` in 8-bit RGB, as stored or ``upright`` (:func:`turned_upright`): 16-bit grayscale
+    scaled from its whole range (65535 -> 255).
 
     Raises:
-        ValueError: for 32-bit pixels, whose white is not known.
+        ValueError: for 32-bit and signed 16-bit pixels, whose mapping to 8 bits is not known.
     """
-    problem = _unreadable_pixels(image.mode)
+    problem = _unreadable_pixels(image)  # before turning: a turned copy no longer knows a TIFF's tags
     if problem is not None:
         raise ValueError(problem)
+    if upright:
+        image = turned_upright(image)
     if image.mode in _SIXTEEN_BIT_GRAY:
         pixels = np.asarray(image).astype(np.uint32)
         image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
@@ -124,7 +140,7 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
     try:
         with open(path, "rb") as file, Image.open(file) as image:
             width, height = image.size
-            problem = _unreadable_pixels(image.mode)
+            problem = _unreadable_pixels(image)
             if problem is not None:
                 return ImageInfo(width, height, problem)
             turn = _orientation(image)
@@ -225,7 +241,7 @@ def _jpeg_first_scan(data: mmap.mmap) -> int | None:
 
 
 # The version of what the check finds, to raise whenever it learns to find more (2: BMP, TIFF and GIF
-# files cut short): a cache of another version would call an unchanged file fine
+# files cut short, signed 16-bit pixels): a cache of another version would call an unchanged file fine
 # that the check now refuses, so it is read as empty, as are those from before the number was kept.
 _CACHE_VERSION = 2
 

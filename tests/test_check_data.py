@@ -103,8 +103,10 @@ def fatal_cases(tmp_path):
     truncate(corrupt / "train" / "b.jpg")
     unreadable = write_coco(tmp_path / "unreadable")
     (unreadable / "train" / "c.jpg").write_text("not an image")
-    missing = write_voc(tmp_path / "missing")
-    (missing / "JPEGImages" / "a.jpg").unlink()
+    missing = write_coco(tmp_path / "missing")
+    (missing / "train" / "a.jpg").unlink()
+    missing_voc = write_voc(tmp_path / "missing-voc")
+    (missing_voc / "JPEGImages" / "a.jpg").unlink()
     resized = write_voc(tmp_path / "resized")
     Image.new("RGB", (48, 64)).save(resized / "JPEGImages" / "a.jpg")
     annotated_upright = write_voc(tmp_path / "annotated-upright")  # a.xml says 64x48: the picture a viewer shows
@@ -140,7 +142,9 @@ def fatal_cases(tmp_path):
         "decompression bomb": (bomb, f"{bomb / 'train' / 'a.jpg'}: cannot read image (Image size (400000000 pixels) "
                                      "exceeds limit of 178956970 pixels, could be decompression bomb DOS attack.)"),
         "unreadable image": (unreadable, f"{unreadable / 'train' / 'c.jpg'}: cannot read image (not an image format Pillow knows)"),
-        "missing image": (missing, f"{missing / 'JPEGImages' / 'a.jpg'}: image file not found"),
+        "missing image": (missing, f"{missing / 'train' / 'a.jpg'}: image file not found"),
+        "missing image (VOC)": (missing_voc, f"{missing_voc / 'Annotations' / 'a.xml'}: image not found: no "
+                                f"{missing_voc / 'JPEGImages' / 'a'}.jpg (nor with another image suffix)"),
         "image of another size": (resized, f"{resized / 'JPEGImages' / 'a.jpg'}: image is 48x64 but a.xml says 64x48"),
         "image annotated as viewers show it": (annotated_upright, f"{annotated_upright / 'JPEGImages' / 'a.jpg'}: image is 48x64 "
                                                "but a.xml says 64x48 (its EXIF orientation shows it turned 90° clockwise, as "
@@ -169,7 +173,7 @@ def fatal_cases(tmp_path):
     }  # fmt: skip
 
 
-FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "image of another size",
+FATAL = ["corrupt image", "decompression bomb", "unreadable image", "missing image", "missing image (VOC)", "image of another size",
          "image annotated as viewers show it", "unknown class (YOLO)",
          "unknown class (COCO)", "duplicate image ids", "annotation file", "label line", "no images (COCO)", "no images (YOLO)",
          "labels not found (YOLO)", "labels in pixels (YOLO)", "32-bit pixels", "NaN box (YOLO)", "NaN box (VOC)", "duplicate category ids", "width as text", "iscrowd as text",

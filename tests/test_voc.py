@@ -82,6 +82,44 @@ def test_annotations_in_subfolders_are_read_with_or_without_a_split_file(tmp_pat
     assert check_data(root).problems == []
 
 
+def test_the_image_is_named_after_the_annotation_whatever_its_filename_says(tmp_path):
+    root = _voc(tmp_path, {"a": [("cat", (1, 1, 5, 5), False)], "b": []}, split=("train", ["a", "b"]))
+    stale = root / "Annotations" / "a.xml"
+    stale.write_text(stale.read_text().replace("<filename>a.jpg", "<filename>IMG_0001.jpg"))  # renamed since
+    (root / "JPEGImages" / "b.jpg").unlink()
+    Image.new("RGB", (50, 40)).save(root / "JPEGImages" / "b.png")
+    assert [image["file_name"] for image in read_split(root, "train").data["images"]] == ["a.jpg", "b.png"]
+    assert check_data(root).problems == []
+
+
+def test_filename_names_the_image_where_none_is_named_after_the_annotation(tmp_path):
+    root = _voc(tmp_path, {"a": [("cat", (1, 1, 5, 5), False)]}, split=("train", ["a", "cam1/b"]))
+    (root / "JPEGImages" / "a.jpg").rename(root / "JPEGImages" / "photo.jpg")
+    (root / "Annotations" / "a.xml").write_text(XML.format(name="photo", width=50, height=40, objects=""))
+    for folder in ("Annotations", "JPEGImages"):
+        (root / folder / "cam1").mkdir()
+    Image.new("RGB", (50, 40)).save(root / "JPEGImages" / "cam1" / "IMG_2.jpg")
+    (root / "Annotations" / "cam1" / "b.xml").write_text(XML.format(name="IMG_2", width=50, height=40, objects=""))
+    assert [image["file_name"] for image in read_split(root, "train").data["images"]] == ["photo.jpg", "cam1/IMG_2.jpg"]
+    assert check_data(root).problems == []
+
+
+def test_an_annotation_without_its_image_names_the_xml_and_what_was_looked_for(tmp_path):
+    root = _voc(tmp_path, {"a": [("cat", (1, 1, 5, 5), False)], "b": [], "c": []}, split=("train", ["a", "b", "c"]))
+    images, a, b = root / "JPEGImages", root / "Annotations" / "a.xml", root / "Annotations" / "b.xml"
+    (images / "a.jpg").unlink()
+    (images / "b.jpg").unlink()
+    b.write_text(XML.format(name="IMG_0002", width=50, height=40, objects=""))
+    report = check_data(root)
+    assert [str(problem) for problem in report.problems] == [
+        f"{a}: image not found: no {images / 'a'}.jpg (nor with another image suffix)",
+        f"{b}: image not found: no {images / 'b'}.jpg (nor with another image suffix), "
+        f"nor {images / 'IMG_0002.jpg'}, its <filename>",
+    ]
+    assert report.stops_training
+    assert read_split(root, "train").data["categories"][0]["name"] == "cat"  # still a class, from a.xml
+
+
 def test_split_names_hold_underscores_and_leave_out_per_class_files(tmp_path):
     root = _voc(tmp_path, {"2012_000001": [], "2012_000002": []}, split=("train", ["2012_000001"]))
     main = root / "ImageSets" / "Main"

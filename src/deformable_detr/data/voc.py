@@ -2,6 +2,10 @@
 read as COCO instances data. Annotations may be in subfolders (one per camera or batch), which a split
 file names as ``cam1/000001``.
 
+- The image of ``Annotations/<id>.xml`` is ``JPEGImages/<id>.jpg``, as the VOC devkit and torchvision
+  name it, whatever its ``<filename>`` says: labelling tools write the name the image had then, which
+  renaming leaves stale. Another image suffix will do (``.png``, ``.JPG``); only where no image is
+  named after the id is ``<filename>`` read, in the id's folder, for images named unlike their XML.
 - Boxes: VOC corners are 1-based pixel indices, both inclusive, so pixel ``xmin`` starts at
   ``xmin - 1`` and the box is ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` in COCO.
 - ``difficult`` objects become ``iscrowd=1``: VOC evaluation neither rewards nor penalises
@@ -23,13 +27,17 @@ from pathlib import Path
 
 from ..files import atomic_write
 from .coco import DatasetError, Problem, Split
-from .images import ImageInfo, inspect_image
+from .images import IMAGE_SUFFIXES, ImageInfo, inspect_image
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )  # fmt: skip
+# The suffixes of an image named after its annotation, in the order they are looked for: the devkit's first.
+_ID_IMAGE_SUFFIXES = tuple(
+    variant for suffix in (".jpg", *sorted(IMAGE_SUFFIXES - {".jpg"})) for variant in (suffix, suffix.upper())
+)
 
 
 def _text(element: ElementTree.Element, tag: str, path: Path) -> str:
@@ -47,18 +55,36 @@ def _finite(text: str) -> float:
     return number
 
 
-def _read_annotation(
-    path: Path, annotation_dir: Path, image_dir: Path, probe: Callable[[Path], ImageInfo]
-) -> tuple[dict, list[tuple[str, list[float], bool]]]:
-    """The image entry and ``(class name, COCO box, difficult)`` objects of the VOC XML file ``path``
-    in ``annotation_dir``; without a ``<filename>``, its image is named as it is, in ``image_dir``."""
+def _parse(path: Path) -> ElementTree.Element:
     try:
-        root = ElementTree.parse(path).getroot()
+        return ElementTree.parse(path).getroot()
     except ElementTree.ParseError as error:
         raise DatasetError(f"{path}: not valid XML ({error})") from None
     except OSError as error:
         raise DatasetError(f"{path}: cannot read ({error.strerror})") from None
-    file_name = (root.findtext("filename") or path.relative_to(annotation_dir).with_suffix(".jpg").as_posix()).strip()
+
+
+def _image_file(root: ElementTree.Element, path: Path, identifier: str, image_dir: Path) -> str:
+    """The image of the annotation ``path`` of id ``identifier``, relative to ``image_dir``: the one
+    named after the id, or else the one its ``<filename>`` names, in the id's folder."""
+    candidates = [f"{identifier}{suffix}" for suffix in _ID_IMAGE_SUFFIXES]
+    looked_for = f"{image_dir / identifier}.jpg (nor with another image suffix)"
+    filename = (root.findtext("filename") or "").strip()
+    named = (Path(identifier).parent / filename).as_posix()
+    if filename and named not in candidates:
+        candidates.append(named)
+        looked_for += f", nor {image_dir / named}, its <filename>"
+    found = next((name for name in candidates if (image_dir / name).is_file()), None)
+    if found is None:
+        raise DatasetError(f"{path}: image not found: no {looked_for}")
+    return found
+
+
+def _image_entry(
+    root: ElementTree.Element, path: Path, identifier: str, image_dir: Path, probe: Callable[[Path], ImageInfo]
+) -> dict:
+    """The COCO image entry of the annotation ``path`` of id ``identifier``."""
+    file_name = _image_file(root, path, identifier, image_dir)
     try:
         width, height = (int(_finite(root.findtext(f"size/{tag}") or "0")) for tag in ("width", "height"))
     except ValueError:
@@ -69,7 +95,11 @@ def _read_annotation(
         if info.problem is not None:
             raise DatasetError(f"{path}: no image size, and {image_dir / file_name}: {info.problem}")
         width, height = info.width, info.height
+    return {"file_name": file_name, "width": width, "height": height, "source": str(path)}
 
+
+def _objects(root: ElementTree.Element, path: Path) -> list[tuple[str, list[float], bool]]:
+    """The ``(class name, COCO box, difficult)`` objects of the annotation ``path``."""
     objects = []
     for element in root.iter("object"):
         name = _text(element, "name", path)
@@ -84,7 +114,16 @@ def _read_annotation(
             raise DatasetError(f"{path}: object {name!r} has xmax < xmin or ymax < ymin")
         difficult = (element.findtext("difficult") or "0").strip() == "1"
         objects.append((name, [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], difficult))
-    return {"file_name": file_name, "width": width, "height": height, "source": str(path)}, objects
+    return objects
+
+
+def _read_annotation(
+    path: Path, annotation_dir: Path, image_dir: Path, probe: Callable[[Path], ImageInfo]
+) -> tuple[dict, list[tuple[str, list[float], bool]]]:
+    """The image entry and objects of the VOC XML file ``path`` in ``annotation_dir``."""
+    root = _parse(path)
+    identifier = path.relative_to(annotation_dir).with_suffix("").as_posix()
+    return _image_entry(root, path, identifier, image_dir, probe), _objects(root, path)
 
 
 def voc_splits(voc_root: str | Path) -> list[str]:
@@ -156,7 +195,7 @@ def read_voc(
         found = set()
         for path in every_file:
             with contextlib.suppress(DatasetError):  # a file outside the split is that split's problem
-                _, objects = read.get(path) or _read_annotation(path, annotation_dir, image_dir, probe)
+                objects = read[path][1] if path in read else _objects(_parse(path), path)
                 found.update(name for name, _, _ in objects)
         classes = sorted(found)
     category_ids = {name: index + 1 for index, name in enumerate(classes)}

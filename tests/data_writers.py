@@ -33,6 +33,19 @@ def write_coco(root: Path, images: dict = IMAGES, split: str = "train") -> Path:
     return root
 
 
+def write_roboflow(root: Path, images: dict = IMAGES, folder: str = "train") -> Path:
+    """The COCO set as Roboflow exports it: ``<folder>/_annotations.coco.json`` beside the images (``valid``
+    for validation), with a category 0 named after the data set, the others' supercategory, without objects."""
+    annotations = write_coco(root, images, folder) / "annotations" / f"instances_{folder}.json"
+    data = json.loads(annotations.read_text())
+    pets = [{**category, "supercategory": "pets"} for category in data["categories"]]
+    data["categories"] = [{"id": 0, "name": "pets", "supercategory": "none"}, *pets]
+    (root / folder / "_annotations.coco.json").write_text(json.dumps(data))
+    annotations.unlink()
+    annotations.parent.rmdir()
+    return root
+
+
 def write_voc(root: Path, images: dict = IMAGES, split: str = "train") -> Path:
     for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / folder).mkdir(parents=True, exist_ok=True)

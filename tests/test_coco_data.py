@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deformable_detr.data import CocoDataset, DatasetError, coco_split, inspect_image, read_image, synthesize
+from deformable_detr.data import CocoDataset, DatasetError, coco_split, inspect_image, read_coco, read_image, synthesize
 from deformable_detr.predict import as_image_tensor
+
+from data_writers import write_coco
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]
 
@@ -80,6 +82,15 @@ def test_images_without_annotations_are_kept_as_negatives(tmp_path):
     assert len(dataset) == 2
     _, target = dataset[1]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+
+
+def test_a_category_without_objects_that_only_groups_others_is_left_out(tmp_path):
+    root = write_coco(tmp_path)  # cat (1) and dog (2) have objects
+    path = root / "annotations" / "instances_train.json"
+    categories = [{"id": 0, "name": "pets", "supercategory": "none"}, {"id": 1, "name": "cat", "supercategory": "pets"},
+                  {"id": 2, "name": "dog", "supercategory": "pets"}, {"id": 3, "name": "bird", "supercategory": "pets"}]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "categories": categories}))
+    assert [category["id"] for category in read_coco(root, "train").data["categories"]] == [1, 2, 3]
 
 
 def test_num_classes_is_the_largest_category_id_plus_one(tmp_path):

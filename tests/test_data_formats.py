@@ -10,7 +10,7 @@ from deformable_detr.cli import main
 from deformable_detr.data import DatasetError, check_data, detect_format, load_split, read_split, read_yolo, split_names
 from deformable_detr.data.yolo import label_path
 
-from data_writers import CLASSES, IMAGES, WRITERS, write_coco, write_voc, write_yolo
+from data_writers import CLASSES, IMAGES, WRITERS, write_coco, write_roboflow, write_voc, write_yolo
 
 
 def targets(dataset):
@@ -186,6 +186,30 @@ def test_a_split_of_no_images_stops_training_in_every_format(tmp_path, format):
     with pytest.raises(DatasetError) as error:
         load_split(root, "train")
     assert str(error.value) == line
+
+
+def test_a_roboflow_coco_export_is_read_with_valid_as_the_val_split(tmp_path):
+    root = write_roboflow(tmp_path, folder="train")
+    write_roboflow(root, folder="valid")
+    write_roboflow(root, {"c": IMAGES["c"]}, folder="test")
+    (root / "README.roboflow.txt").write_text("exported from roboflow.com\n")
+    assert detect_format(root) == "coco"
+    assert split_names(root, "coco") == ["test", "train", "val"]
+    dataset, report = load_split(root, "val")
+    assert report.problems == [] and dataset.annotation_file == root / "valid" / "_annotations.coco.json"
+    # Category 0, only the others' supercategory, is not a class.
+    assert dataset.category_names == {1: "cat", 2: "dog"} and dataset.num_classes == 3
+    assert check_data(root).problems == []
+    with pytest.raises(DatasetError, match=r"other/_annotations\.coco\.json: annotation file not found"):
+        read_split(root, "other")
+
+
+def test_coco_images_may_be_in_images_split_as_cvat_and_datumaro_export_them(tmp_path):
+    root = write_coco(tmp_path)
+    (root / "images").mkdir()
+    (root / "train").rename(root / "images" / "train")
+    assert read_split(root, "train").image_dir == root / "images" / "train"
+    assert check_data(root).problems == []
 
 
 def test_voc_without_split_files_is_one_training_split(tmp_path):

@@ -39,6 +39,10 @@ from .transforms import model_input
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 
 
+# Roboflow's COCO export: this file in each split's folder, beside its images.
+ROBOFLOW_ANNOTATIONS = "_annotations.coco.json"
+
+
 class DatasetError(ValueError):
     """A data file that cannot be used; the message names the file and the problem."""
 
@@ -170,15 +174,61 @@ def _is_crowd_flag(value: Any) -> bool:
 
 
 def read_coco(root: str | Path, split: str) -> Split:
-    """The split laid out as COCO is: ``root/<split>/`` images and ``root/annotations/instances_<split>.json``.
+    """The split of a COCO data set: ``root/annotations/instances_<split>.json`` with the images in
+    ``root/<split>/`` (COCO's layout) or ``root/images/<split>/`` (CVAT's and Datumaro's), or, where
+    there is no such file at all, ``root/<split>/_annotations.coco.json`` with the images beside it
+    (Roboflow's, whose ``valid/`` is the split ``val``).
 
     Raises:
         DatasetError: when the file is missing or not COCO instances JSON at all.
     """
     root = Path(root)
-    path = root / "annotations" / f"instances_{split}.json"
+    roboflow = {} if _instances_files(root) else _roboflow_splits(root)
+    if roboflow:
+        image_dir = roboflow.get(split, root / split)
+        path = image_dir / ROBOFLOW_ANNOTATIONS
+    else:
+        folders = (root / split, root / "images" / split)
+        image_dir = next((folder for folder in folders if folder.is_dir()), folders[0])
+        path = root / "annotations" / f"instances_{split}.json"
     data = _read_json(path)
-    return Split(split, root / split, path, data, coco_problems(data, path))
+    problems = coco_problems(data, path)
+    _leave_out_grouping_categories(data)
+    return Split(split, image_dir, path, data, problems)
+
+
+def coco_splits(root: str | Path) -> list[str]:
+    """The splits of the COCO data set ``root`` (see :func:`read_coco`); none where it is not one."""
+    root = Path(root)
+    instances = _instances_files(root)
+    if instances:
+        return [path.stem.removeprefix("instances_") for path in instances]
+    return sorted(_roboflow_splits(root))
+
+
+def _instances_files(root: Path) -> list[Path]:
+    return sorted((root / "annotations").glob("instances_*.json"))
+
+
+def _roboflow_splits(root: Path) -> dict[str, Path]:
+    """The splits of a Roboflow export, each its folder. Its ``valid/`` is the split ``val`` (where it
+    has no ``val/``), as its YOLO export's data.yaml names it and ``train`` looks for it by default."""
+    folders = {path.parent.name: path.parent for path in root.glob(f"*/{ROBOFLOW_ANNOTATIONS}")}
+    if "valid" in folders and "val" not in folders:
+        folders["val"] = folders.pop("valid")
+    return folders
+
+
+def _leave_out_grouping_categories(data: dict[str, Any]) -> None:
+    """Leave out of the checked ``data`` the categories that only group others: without objects of
+    their own, and the supercategory of categories with objects. Roboflow declares one, id 0 (named
+    after the data set), which would otherwise be a class in the checkpoint, report and data check."""
+    used = {annotation["category_id"] for annotation in data["annotations"]}
+    # A list, compared by ==: a name or supercategory may be any JSON value, a list too.
+    groups = [category["supercategory"] for category in data["categories"]
+              if category["id"] in used and isinstance(category.get("supercategory"), str)]
+    data["categories"] = [category for category in data["categories"]
+                          if category["id"] in used or category.get("name") not in groups]  # fmt: skip
 
 
 def coco_index(data: dict[str, Any]) -> COCO:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .coco import DatasetError, Split, read_coco
+from .coco import ROBOFLOW_ANNOTATIONS, DatasetError, Split, coco_splits, read_coco
 from .images import ImageInfo, inspect_image
 from .voc import read_voc, voc_splits
 from .yolo import data_yaml, read_yolo, yolo_splits
@@ -15,18 +15,19 @@ FORMATS = ("coco", "voc", "yolo")
 
 def detect_format(root: str | Path) -> str:
     """``"yolo"`` for a ``data.yaml`` (or a folder with one), ``"voc"`` for a folder with ``Annotations/``,
-    ``"coco"`` for one with ``annotations/instances_<split>.json``."""
+    ``"coco"`` for one with ``annotations/instances_<split>.json`` or ``<split>/_annotations.coco.json``."""
     root = Path(root)
     if data_yaml(root).is_file():
         return "yolo"
     if (root / "Annotations").is_dir():
         return "voc"
-    if any((root / "annotations").glob("instances_*.json")):
+    if coco_splits(root):
         return "coco"
     if not root.exists():
         raise DatasetError(f"{root}: no such data folder")
     raise DatasetError(
-        f"{root}: not a COCO, VOC or YOLO data set (no annotations/instances_<split>.json, Annotations/ or data.yaml)"
+        f"{root}: not a COCO, VOC or YOLO data set (no annotations/instances_<split>.json, "
+        f"<split>/{ROBOFLOW_ANNOTATIONS}, Annotations/ or data.yaml)"
     )
 
 
@@ -34,7 +35,7 @@ def split_names(root: str | Path, format: str) -> list[str]:
     """The splits the data set ``root`` in ``format`` has."""
     check_format(format)
     if format == "coco":
-        return sorted(p.stem.removeprefix("instances_") for p in (Path(root) / "annotations").glob("instances_*.json"))
+        return coco_splits(root)
     if format == "voc":
         return voc_splits(root)
     return yolo_splits(root)

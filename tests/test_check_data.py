@@ -215,6 +215,23 @@ def tolerated_problems(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("name", ["cat", "Cat"])  # as evaluation compares names: whatever the case
+def test_categories_that_share_a_name_are_counted_apart_and_named_in_a_line_that_does_not_stop_training(
+    tmp_path, capsys, name
+):
+    def another_cat(data):  # as merging two data sets leaves it
+        data["categories"].append({"id": 7, "name": name})
+        data["annotations"].append({**data["annotations"][0], "id": 99, "category_id": 7})
+
+    root = coco_with(tmp_path, another_cat)
+    code, out, _ = run(capsys, "check-data", root)
+    assert code == 0
+    assert f"  classes: cat (id 1) 2, dog 1, {name} (id 7) 1\n" in out
+    line = (f"{root / 'annotations' / 'instances_train.json'}: categories 1 and 7 share the name 'cat': trained and "
+            "scored as separate classes, their detections named alike (merged data sets? give them one id)")
+    assert f"  {line}\n" in out and out.rstrip().endswith("1 problem(s), 0 of which stop training")
+
+
 def test_check_data_reports_what_training_works_around(tmp_path, capsys):
     root, lines = tolerated_problems(tmp_path)
     code, out, _ = run(capsys, "check-data", root)

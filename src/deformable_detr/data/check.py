@@ -10,6 +10,7 @@ without opening its images.
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ class SplitReport:
     without_objects: int = 0
     boxes: int = 0
     crowd: int = 0  # COCO crowd boxes and VOC difficult objects: neither trained on nor scored
-    classes: dict[str, int] = dataclasses.field(default_factory=dict)  # name -> boxes, in category id order
+    classes: dict[int, int] = dataclasses.field(default_factory=dict)  # category id -> boxes, in the file's order
+    class_names: dict[int, str] = dataclasses.field(default_factory=dict)  # category id -> name
     sizes: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(("small", "medium", "large"), 0))
     smallest: tuple[float, float, str] | None = None  # width and height in pixels, and the image
     problems: list[Problem] = dataclasses.field(default_factory=list)
@@ -51,7 +53,8 @@ class SplitReport:
             return [f"{self.name}: cannot be read", *(f"  {problem}" for problem in self.problems)]
         counts = f"{self.images:,} images ({self.without_objects:,} without objects), {self.boxes:,} boxes"
         lines = [f"{self.name}: {counts} ({self.crowd:,} crowd or difficult)"]
-        lines.append("  classes: " + ", ".join(f"{name} {count:,}" for name, count in self.classes.items()))
+        labels = _class_labels(self.class_names)
+        lines.append("  classes: " + ", ".join(f"{labels[category]} {count:,}" for category, count in self.classes.items()))
         sizes = ", ".join(f"{count:,} {size}" for size, count in self.sizes.items())
         if self.smallest is not None:
             width, height, image = self.smallest
@@ -59,6 +62,20 @@ class SplitReport:
         lines.append(f"  object sizes: {sizes}")
         lines += [f"  {problem}" for problem in self.problems]
         return lines
+
+
+def _class_labels(names: dict[int, str]) -> dict[int, str]:
+    """Each category's name, with its id where other categories share the name."""
+    shared = {category for ids in _ids_by_name(names).values() if len(ids) > 1 for category in ids}
+    return {category: f"{name} (id {category})" if category in shared else name for category, name in names.items()}
+
+
+def _ids_by_name(names: dict[int, str]) -> dict[str, list[int]]:
+    """The category ids of each name, compared as evaluation compares them: whatever the case and spaces around."""
+    ids: dict[str, list[int]] = defaultdict(list)
+    for category, name in names.items():
+        ids[str(name).strip().lower()].append(category)
+    return ids
 
 
 @dataclass
@@ -96,8 +113,9 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
         # Nothing to train on or evaluate. An empty folder or list is a mistake, not a choice: a data
         # set without validation has no validation split at all.
         report.problems.append(Problem(f"{split.annotation_file}: the {split.name} split has no images"))
-    names = {category["id"]: category.get("name", str(category["id"])) for category in data["categories"]}
-    report.classes = dict.fromkeys(names.values(), 0)
+    report.class_names = {category["id"]: category.get("name", str(category["id"])) for category in data["categories"]}
+    report.classes = dict.fromkeys(report.class_names, 0)
+    report.problems += _shared_names(report.class_names, split.annotation_file)
     images = {}
     turned = []  # (path, EXIF orientation) of usable images that viewers show turned
     for image in data["images"]:
@@ -130,7 +148,7 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
             report.crowd += 1
             continue
         with_objects.add(image["id"])
-        report.classes[names[annotation["category_id"]]] += 1
+        report.classes[annotation["category_id"]] += 1
         width, height = box
         area = object_area(annotation)
         report.sizes["small" if area < SMALL_AREA else "medium" if area <= LARGE_AREA else "large"] += 1
@@ -138,6 +156,19 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
             report.smallest = (width, height, image["file_name"])
     report.without_objects = len(images) - len(with_objects)
     return report
+
+
+def _shared_names(names: dict[int, str], annotation_file: Path) -> list[Problem]:
+    """One problem for each name that several categories share, most often left by merging data sets.
+    It does not stop training: the ids stay apart, counted, trained and scored as classes of their own,
+    and some data sets give two classes one name under different supercategories; but the model's
+    detections of either are named alike, and a merge's duplicates split one class in two."""
+    return [
+        Problem(f"{annotation_file}: categories {', '.join(map(str, ids[:-1]))} and {ids[-1]} share the name "
+                f"{names[ids[0]]!r}: trained and scored as separate classes, their detections named alike "
+                "(merged data sets? give them one id)", fatal=False)
+        for ids in _ids_by_name(names).values() if len(ids) > 1
+    ]  # fmt: skip
 
 
 def _turned_problem(turned: list[tuple[Path, int]]) -> Problem:

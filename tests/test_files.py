@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -70,3 +71,46 @@ def test_the_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_pa
         temporary.write_bytes(b"weights")
     assert events == [("fsync", str(temporary)), ("replace", str(path)), ("fsync", str(tmp_path))]
     assert path.read_bytes() == b"weights"
+
+
+def refuse_folders(call, error_number: int):
+    """``call`` (os.open or os.fsync) raising ``error_number`` for a folder, as a file system that
+    cannot sync one does."""
+
+    def refusing(*args, **kwargs):
+        target = args[0]
+        is_folder = os.path.isdir(target) if isinstance(target, (str, os.PathLike)) else stat.S_ISDIR(os.fstat(target).st_mode)
+        if is_folder:
+            raise OSError(error_number, os.strerror(error_number))
+        return call(*args, **kwargs)
+
+    return refusing
+
+
+@pytest.mark.parametrize(("call", "error_number"), [
+    ("fsync", errno.EINVAL),  # CIFS, some FUSE file systems
+    ("fsync", errno.ENOTSUP),
+    ("fsync", errno.EBADF),
+    ("open", errno.EACCES),  # Windows opens no folder
+])
+def test_a_folder_the_file_system_cannot_sync_leaves_the_write_done(tmp_path, monkeypatch, call, error_number):
+    monkeypatch.setattr(os, call, refuse_folders(getattr(os, call), error_number))
+    path = tmp_path / "checkpoint.pt"
+    with atomic_write(path) as temporary:
+        temporary.write_bytes(b"weights")
+    assert path.read_bytes() == b"weights" and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_disk_that_fails_the_sync_fails_the_write_in_one_line_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"before")
+
+    def failing_fsync(descriptor):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError) as error:
+        with atomic_write(path) as temporary:
+            temporary.write_bytes(b"weights")
+    assert str(error.value) == f"{path}: cannot write there (Input/output error)"
+    assert path.read_bytes() == b"before" and list(tmp_path.iterdir()) == [path]

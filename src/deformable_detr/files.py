@@ -26,11 +26,11 @@ os.umask(_UMASK)
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is synced to the disk and renamed onto
-    ``path``, and the rename synced too.
+    ``path``, and the rename synced too where the file system can sync a folder.
 
     On any error the temporary file is removed and ``path`` keeps its previous content. Where
     ``path`` cannot be written (a folder in its place, a file where its folder should be, no
-    permission) the ``OSError`` is one line naming ``path`` and the problem.
+    permission, a disk that fails the sync) the ``OSError`` is one line naming ``path`` and the problem.
     """
     path = Path(path)
     temporary = _temporary_beside(path)
@@ -38,12 +38,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         # Without the syncs a file system may write the rename before the data (XFS does): after a
         # power loss the name could hold an empty file, and the previous content be gone.
-        _sync(temporary)
         try:
+            _sync(temporary)
             os.replace(temporary, path)
+            _sync_folder(path.parent)
         except OSError as error:
             raise _write_error(path, error) from error
-        _sync(path.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -55,6 +55,25 @@ def _sync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# What a system says where it cannot sync a folder at all: Windows will not open one (EACCES,
+# EISDIR), nor will a folder the user may write but not read (EACCES, EPERM); CIFS and some FUSE
+# file systems refuse fsync on one (EINVAL, EBADF, ENOTSUP). PostgreSQL's fsync_fname_ext ignores
+# the same. A real failure (EIO) still fails the write.
+_FOLDER_SYNC_UNSUPPORTED = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EISDIR, errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP}
+)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Sync a rename in ``folder`` where the file system can: where it cannot, the rename is done and
+    there is no better to be had."""
+    try:
+        _sync(folder)
+    except OSError as error:
+        if error.errno not in _FOLDER_SYNC_UNSUPPORTED:
+            raise
 
 
 def _temporary_beside(path: Path) -> Path:
@@ -74,8 +93,8 @@ def _temporary_beside(path: Path) -> Path:
 
 
 def _write_error(path: Path, error: OSError) -> OSError:
-    """``error``, raised creating or renaming the temporary file, as what stops ``path`` being
-    written: the temporary file's name would mean nothing to the user."""
+    """``error``, raised creating, syncing or renaming the temporary file, as what stops ``path``
+    being written: the temporary file's name would mean nothing to the user."""
     if path.is_dir():
         problem = "is a folder, not a file"
     elif (file_in_the_way := next((folder for folder in path.parents if folder.is_file()), None)) is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from deformable_detr import build_model, evaluation, export
+from deformable_detr import build_model, evaluation, export, report
 from deformable_detr.checkpoints import load_pretrained, read_checkpoint, save_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
@@ -110,6 +110,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
     with pytest.raises(TrainingError, match="non-finite loss .* at epoch 1, step 0"):
         train(dataclasses.replace(run, epochs=2, resume=True))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_curves_that_cannot_be_drawn_are_a_warning_after_the_epochs_checkpoint(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    checkpointed = []
+
+    def failing_drawing(log_path, out):
+        checkpointed.append(read_checkpoint(run / "checkpoint.pt").extra["epoch"])
+        raise RuntimeError("Failed to allocate bitmap\n(matplotlib's details)")
+
+    monkeypatch.setattr(report, "write_training_curves", failing_drawing)
+    with pytest.warns(UserWarning) as warned:
+        train(config(data, run, val_split="none"))
+    assert checkpointed == [0, 1], "the curves were drawn before the epoch's checkpoint was written"
+    assert [str(warning.message) for warning in warned] == [
+        f"{run / 'curves.png'}: not drawn (Failed to allocate bitmap); training goes on"] * 2
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
 
 
 class ScaledMean(torch.nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -238,10 +239,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 # Logged before the checkpoint is written: a run resumed from an earlier one drops it.
                 logger.log_epoch({**record, "training_minutes": minutes_trained},
                                  updates_before(epoch, progress))
-                if is_main_process():
-                    _draw_curves(logger.epochs_path, output_dir / "curves.png")
                 # Where the budget ran out, a resumed run with a larger one goes on from within the epoch.
                 save(epoch, None if finished else progress, improved=improved)
+                if is_main_process():
+                    _draw_curves(logger.epochs_path, output_dir / "curves.png")
                 (stop,) = any_process(signals.received is not None)
                 # Where the run ends here anyway, there would be nothing to resume: it ends as it would have.
                 ends = epoch + 1 == config.epochs or record.get("stopped_early") or out_of_time
@@ -344,9 +345,15 @@ def _report_problems(report: SplitReport, data: str) -> None:
 
 
 def _draw_curves(log_path: Path, out: Path) -> None:
-    from ..report import write_training_curves  # matplotlib is loaded only to draw
+    """Draw the curves of ``log_path`` into ``out``, or warn in one line where they cannot be: a
+    picture is not worth a run of days, whatever stops it (matplotlib, a full disk)."""
+    try:
+        from ..report import write_training_curves  # matplotlib is loaded only to draw
 
-    write_training_curves(log_path, out)
+        write_training_curves(log_path, out)
+    except Exception as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        warnings.warn(f"{out}: not drawn ({reason}); training goes on", stacklevel=2)
 
 
 def _evaluate(model: DeformableDETR, ema: WeightAverage | None, loader: Any, *, device: torch.device,

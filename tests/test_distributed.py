@@ -265,8 +265,8 @@ def test_torchrun_trains_and_evaluates_like_one_process(shapes, tmp_path):
 
     # The main process alone writes and prints: one log record, one TensorBoard file, no stray
     # temporary files, one line of metrics.
-    assert sorted(path.name for path in run.iterdir()) == ["best.pt", "checkpoint.pt", "curves.png", "log.jsonl",
-                                                           "report", "steps.jsonl", "tensorboard"]
+    assert sorted(path.name for path in run.iterdir()) == [".lock", "best.pt", "checkpoint.pt", "curves.png",
+                                                           "log.jsonl", "report", "steps.jsonl", "tensorboard"]
     assert len(list((run / "tensorboard").iterdir())) == 1
     (record,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert record["epoch"] == 0

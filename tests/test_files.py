@@ -1,14 +1,20 @@
-"""atomic_write: the whole file or the previous one, with a new file's usual permissions."""
+"""atomic_write: the whole file or the previous one, with a new file's usual permissions;
+exclusive_lock: one holder at a time, named to the others."""
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
+import threading
+import time
+import warnings
 
 import pytest
 
-from deformable_detr.files import atomic_write
+from deformable_detr import files
+from deformable_detr.files import LockHeld, atomic_write, exclusive_lock
 
 
 def test_written_file_has_the_permissions_of_any_new_file(tmp_path):
@@ -114,3 +120,47 @@ def test_a_disk_that_fails_the_sync_fails_the_write_in_one_line_naming_the_file(
             temporary.write_bytes(b"weights")
     assert str(error.value) == f"{path}: cannot write there (Input/output error)"
     assert path.read_bytes() == b"before" and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_lock_is_refused_to_another_holder_named_in_it_until_let_go(tmp_path):
+    path = tmp_path / ".lock"
+    # Two opens of the file: flock's locks conflict between them as between processes.
+    with exclusive_lock(path):
+        with pytest.raises(LockHeld) as held:
+            with exclusive_lock(path):
+                pytest.fail("locked twice")
+    assert held.value.holder == f"process {os.getpid()} on {socket.gethostname()}"
+    with exclusive_lock(path):
+        pass
+
+
+def test_a_wait_for_a_lock_takes_it_once_let_go_or_gives_up_after_its_time(tmp_path):
+    path = tmp_path / ".lock"
+    holder = exclusive_lock(path)
+    holder.__enter__()
+    with pytest.raises(LockHeld):
+        with exclusive_lock(path, wait=0.3):
+            pytest.fail("locked twice")
+    threading.Timer(0.3, holder.__exit__, (None, None, None)).start()
+    started = time.monotonic()
+    with exclusive_lock(path, wait=60):
+        assert 0.3 <= time.monotonic() - started < 60
+
+
+def test_without_locks_the_block_runs_unlocked_with_a_warning_where_the_file_system_lacks_them(tmp_path, monkeypatch):
+    def unsupported(descriptor, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))  # Lustre mounted without -o flock
+
+    monkeypatch.setattr(files.fcntl, "flock", unsupported)
+    with pytest.warns(UserWarning) as warned:
+        with exclusive_lock(tmp_path / ".lock"):
+            pass
+    assert [str(warning.message) for warning in warned] == [
+        f"{tmp_path / '.lock'}: not locked, as its file system keeps no locks (Function not implemented): nothing "
+        f"keeps another process out"]
+
+    monkeypatch.setattr(files, "fcntl", None)  # Windows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with exclusive_lock(tmp_path / "windows.lock"):
+            pass

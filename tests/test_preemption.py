@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
 from deformable_detr.evaluation import format_metrics
+from deformable_detr.files import exclusive_lock
 from deformable_detr.train import (
     REQUEUE_STATUS,
     TrainConfig,
@@ -293,6 +295,25 @@ def test_another_number_of_processes_is_refused_in_one_line(data, straight, tmp_
     assert error.count("\n") == 1 and error.startswith(
         f"deformable-detr: error: {run / 'checkpoint.pt'}: the run was trained by 2 process(es), now 1: resume it with 2"
     )
+
+
+def test_a_folder_another_run_holds_is_refused_in_one_line_by_a_resumed_run_after_its_wait(data, tmp_path,
+                                                                                            monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(loop, "OUTPUT_LOCK_WAIT_SECONDS", 0.5)
+    holder = f"process {os.getpid()} on {socket.gethostname()} holds {run / '.lock'}"
+    with exclusive_lock(run / ".lock"):  # as another run's main process holds it
+        with pytest.raises(TrainingError) as refused:
+            train(config(data, run))
+        assert str(refused.value) == (f"{run}: another run is writing there ({holder}): let it end, or use another "
+                                      f"output directory")
+        started = time.monotonic()
+        with pytest.raises(TrainingError) as refused:
+            train(config(data, run, resume="auto"))  # a requeued job's, its predecessor ending
+        assert time.monotonic() - started >= 0.5
+        assert str(refused.value).startswith(f"{run}: another run is writing there still after 0.5 s ({holder}): ")
+    assert list(run.iterdir()) == [run / ".lock"]
 
 
 def test_resume_auto_starts_a_run_or_continues_it(data, tmp_path, monkeypatch):

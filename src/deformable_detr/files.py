@@ -1,14 +1,22 @@
-"""Where the package keeps files, and writing them so that a killed process, a full disk or a
-machine that loses power never leaves a half-written one behind."""
+"""Where the package keeps files, writing them so that a killed process, a full disk or a machine
+that loses power never leaves a half-written one behind, and a lock that keeps a second writer out."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import socket
 import tempfile
+import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows, where a lock is not taken
+    fcntl = None
 
 
 def cache_folder() -> Path:
@@ -113,3 +121,73 @@ def remove_abandoned_writes(folder: Path, names: Iterable[str] | None = None) ->
         # mkstemp's names: "." + the file's name + "." + random letters and digits + ".tmp".
         if names is None or temporary.name[1:].rsplit(".", 2)[0] in names:
             temporary.unlink(missing_ok=True)
+
+
+# flock's answer on a file system that keeps no locks: Lustre mounted without -o flock (ENOSYS), NFS
+# without its lock service (ENOLCK), some FUSE file systems (EOPNOTSUPP).
+_LOCKS_UNSUPPORTED = frozenset({errno.ENOSYS, errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP})
+# How often a wait for a lock asks for it again.
+_LOCK_POLL_SECONDS = 0.2
+
+
+class LockHeld(OSError):
+    """Another process holds the lock on ``path``; ``holder`` is what it wrote there (its id and host)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path}: held by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (made where missing) for the block, with this
+    process's id and host written in it for another process to name; where another process holds
+    it, wait up to ``wait`` seconds for it to let go.
+
+    The lock is ``flock``'s: the system lets go of it when its process ends however it ends (and its
+    forked children, which share it, have ended), so none is ever left stale. On Windows no lock is
+    taken; on a file system that keeps no locks, none either, with a warning.
+
+    Raises:
+        LockHeld: another process holds it still after ``wait`` seconds.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = Path(path)
+    # Written in place, not by atomic_write: the lock belongs to this file, which a rename would replace.
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _lock(descriptor, path, wait):
+            yield
+            return
+        os.ftruncate(descriptor, 0)  # a killed holder's name
+        os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(descriptor, 0)
+            # Released for the forked children that share it too (loader workers), which closing would not do.
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+def _lock(descriptor: int, path: Path, wait: float) -> bool:
+    """Lock ``descriptor`` (``path``), waiting up to ``wait`` seconds for another holder to let go;
+    False, with a warning, where the file system keeps no locks."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockHeld(path, path.read_text().strip() or "another process") from None
+            time.sleep(_LOCK_POLL_SECONDS)
+        except OSError as error:
+            if error.errno not in _LOCKS_UNSUPPORTED:
+                raise
+            warnings.warn(f"{path}: not locked, as its file system keeps no locks ({error.strerror}): nothing keeps "
+                          f"another process out", stacklevel=4)
+            return False

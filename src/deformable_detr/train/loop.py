@@ -3,10 +3,12 @@ checkpoints, logs and resumption (DETR's ``main.py``; one epoch is :mod:`.engine
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from ..distributed import (
     world_size,
 )
 from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics, write_evaluation_report
-from ..files import atomic_write, remove_abandoned_writes
+from ..files import LockHeld, atomic_write, exclusive_lock, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
 from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
 from .config import TrainConfig
@@ -105,12 +107,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     update with the checkpoint written, raising :class:`TrainingStopped` (docs/preemption.md), unless
     the run ends there anyway. A run resumed once complete trains nothing and returns ``{}``, having
     written the report where a stop or a kill came before it.
+
+    The main process locks ``output_dir`` (``.lock``) for the run: another run there is refused, a
+    resumed one after waiting :data:`OUTPUT_LOCK_WAIT_SECONDS` for its predecessor to end.
     """
     device = setup_distributed(config.rendezvous_timeout)
     if is_distributed():
         _print(describe_world())
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with _output_dir_held(output_dir, wait=OUTPUT_LOCK_WAIT_SECONDS if config.resume else 0.0):
+        return _train(config, device, output_dir)
+
+
+def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[str, Any]:
+    """:func:`train`'s run, on ``device``, once this run holds ``output_dir``."""
     last_path, best_path = output_dir / "checkpoint.pt", output_dir / "best.pt"
     schedule = CheckpointSchedule(every=config.checkpoint_every, minutes=config.checkpoint_minutes)
     resuming = _resuming(config, last_path)
@@ -262,6 +273,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
         logger.close()
     _conclude(best, best_detections, val_set, config, keep_report=False)
     return record
+
+
+# How long a resumed run waits for the lock of its output folder: the run before it (a requeued job's,
+# a restarted group's) may still be ending. A process killed while writing lives until the write is
+# done, and its loader workers, which share its lock, until they notice it is gone (in seconds).
+OUTPUT_LOCK_WAIT_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def _output_dir_held(output_dir: Path, *, wait: float) -> Iterator[None]:
+    """Hold ``output_dir`` for the block, by the main process's lock on its ``.lock``, taken within
+    ``wait`` seconds; where another process holds it, every process raises :class:`TrainingError`."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if is_main_process():
+            try:
+                held.enter_context(exclusive_lock(output_dir / ".lock", wait=wait))
+            except LockHeld as lock:
+                still = f" still after {wait:g} s" if wait else ""
+                refusal = (f"{output_dir}: another run is writing there{still} ({lock.holder} holds {lock.path}): "
+                           f"let it end, or use another output directory")
+        refusal = main_process_decides(refusal)
+        if refusal is not None:
+            raise TrainingError(refusal)
+        yield
 
 
 def _why_complete(start: ResumePoint, stopping: EarlyStopping, config: TrainConfig, batches: int) -> str | None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.data import synthesize
 from deformable_detr.distributed import share_buffers
 from deformable_detr.evaluation import METRICS, evaluate_checkpoint
-from deformable_detr.train import SetCriterion, TrainConfig, loop, train
+from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, loop, train
 from deformable_detr.train.criterion import average_num_boxes
 from deformable_detr.train.ema import WeightAverage
 from deformable_detr.train.engine import train_step
@@ -198,6 +200,36 @@ def test_every_process_averages_the_weights_the_main_one_does(tmp_path):
     for rank in (0, 1):
         for name, tensor in saved["model"].items():
             torch.testing.assert_close(results[rank][name], tensor, rtol=0, atol=0, msg=f"{name} on process {rank}")
+
+
+def resuming_worker(rank: int, rendezvous: str, results: dict, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        config = TrainConfig(data="", output_dir="run", resume="auto")
+        outcome = [loop._resuming(config, Path(folder) / "shared" / "checkpoint.pt")]
+        # The same name, each process's own file: as on each node's own disk.
+        os.chdir(Path(folder) / f"node{rank}")
+        try:
+            outcome.append(loop._resuming(config, Path("run") / "checkpoint.pt"))
+        except TrainingError as error:
+            outcome.append(str(error))
+        results[rank] = outcome
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_that_find_different_checkpoints_all_stop_in_one_line(tmp_path):
+    for folder in ("shared", "node0/run", "node1/run"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "shared" / "checkpoint.pt").write_bytes(b"weights")
+    (tmp_path / "node0" / "run" / "checkpoint.pt").write_bytes(b"weights")  # rank 0's node alone has one
+    results = in_two_processes(resuming_worker, tmp_path, str(tmp_path))
+    written = datetime.fromtimestamp((tmp_path / "node0" / "run" / "checkpoint.pt").stat().st_mtime)
+    host = socket.gethostname()
+    assert results[0] == results[1] == [True, (
+        f"run/checkpoint.pt: the processes find different files there (0.0 MB written {written:%Y-%m-%d %H:%M:%S} on "
+        f"{host}; none on {host}): the output directory must be one folder that every node shares, as the main "
+        f"process alone writes it")]
 
 
 def test_sync_batch_norm_checkpoints_load_as_batch_norm(tmp_path):

@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from datetime import timedelta
 from typing import TypeVar
 
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 T = TypeVar("T")
+H = TypeVar("H", bound=Hashable)
 
 
 def is_distributed() -> bool:
@@ -129,6 +130,16 @@ def gather_objects(value: T) -> list[T]:
     parts: list[T | None] = [None] * world_size()
     dist.all_gather_object(parts, value)
     return parts
+
+
+def hosts_by_value(value: H) -> dict[H, list[str]]:
+    """Each value the processes hold (picklable), with the hosts of the processes that hold it, in
+    rank order (collective)."""
+    hosts: dict[H, list[str]] = {}
+    for host, held in gather_objects((socket.gethostname(), value)):
+        if host not in hosts.setdefault(held, []):
+            hosts[held].append(host)
+    return hosts
 
 
 def main_process_decides(value: T) -> T:

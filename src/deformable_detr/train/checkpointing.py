@@ -4,8 +4,10 @@ continuing a run from it exactly."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..checkpoints import read_checkpoint, save_checkpoint
-from ..distributed import is_main_process, world_size
+from ..distributed import hosts_by_value, is_main_process, world_size
 from ..model import DeformableDETR
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .early_stopping import EarlyStopping
@@ -81,6 +83,41 @@ class ResumePoint:
 # weights, "ema", only where the run keeps one).
 _RESUMED = ("train_config", "world_size", "optimizer", "scheduler", "early_stopping", "epoch", "epoch_progress",
             "best", "training_seconds")
+
+
+def found_by_every_process(path: Path) -> bool:
+    """Whether the checkpoint ``path`` exists, every process finding the same file there (by its size
+    and modification time, which tell one write from another).
+
+    Raises:
+        TrainingError: the processes find different files there, or some find none: the nodes'
+            own disks rather than one folder they share, where each would go on from another point.
+    """
+    found = hosts_by_value(_identity(path))
+    if len(found) > 1:
+        views = "; ".join(f"{_describe(identity)} on {', '.join(hosts)}" for identity, hosts in found.items())
+        raise TrainingError(f"{path}: the processes find different files there ({views}): the output directory "
+                            f"must be one folder that every node shares, as the main process alone writes it")
+    return next(iter(found)) is not None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``path``'s size and modification time; None where there is no such file."""
+    try:
+        # Opened, not only looked up: NFS asks its server for an opened file's attributes
+        # (close-to-open), where a lookup may answer from a cache older than the last checkpoint.
+        with path.open("rb") as file:
+            status = os.fstat(file.fileno())
+    except FileNotFoundError:
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
+def _describe(identity: tuple[int, int] | None) -> str:
+    if identity is None:
+        return "none"
+    size, modified = identity
+    return f"{size / 1e6:.1f} MB written {datetime.fromtimestamp(modified / 1e9):%Y-%m-%d %H:%M:%S}"
 
 
 def resume_from(

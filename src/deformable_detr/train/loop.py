@@ -45,7 +45,13 @@ from ..distributed import (
 from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics, write_evaluation_report
 from ..files import LockHeld, atomic_write, exclusive_lock, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
-from .checkpointing import CheckpointSchedule, ResumePoint, resume_from, save_training_checkpoint
+from .checkpointing import (
+    CheckpointSchedule,
+    ResumePoint,
+    found_by_every_process,
+    resume_from,
+    save_training_checkpoint,
+)
 from .config import TrainConfig
 from .criterion import SetCriterion
 from .early_stopping import EarlyStopping
@@ -333,8 +339,9 @@ def _conclude(best: dict[str, Any], detections: CocoEvaluator | None, val_set: C
 
 def _resuming(config: TrainConfig, last_path: Path) -> bool:
     """Whether the run goes on from ``last_path``, as ``config.resume`` says: True (it must exist),
-    False (it must not) or ``"auto"`` (if it exists, as a requeued or restarted job wants)."""
-    saved = main_process_decides(last_path.is_file())
+    False (it must not) or ``"auto"`` (if it exists, as a requeued or restarted job wants). Every
+    process must find the same file there (:func:`~.checkpointing.found_by_every_process`)."""
+    saved = found_by_every_process(last_path)
     if config.resume is True and not saved:
         raise TrainingError(f"{last_path}: no checkpoint to resume from")
     if config.resume is False and saved:

@@ -283,7 +283,8 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
 
 # How long a resumed run waits for the lock of its output folder: the run before it (a requeued job's,
 # a restarted group's) may still be ending. A process killed while writing lives until the write is
-# done, and its loader workers, which share its lock, until they notice it is gone (in seconds).
+# done, and its loader workers, which share its lock, until they notice it is gone (about 5 s after
+# a kill -9: a torchrun group restarted at once meets them).
 OUTPUT_LOCK_WAIT_SECONDS = 60.0
 
 

@@ -4,6 +4,7 @@ that the records follow the sampling formula, and that the picture shows it."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -142,15 +143,27 @@ def test_explain_encoder_point_moves_only_the_encoder_panel(detector):
     assert not torch.equal(left[:, panel_width + 8 :], right[:, panel_width + 8 :])
 
 
-def test_explain_takes_paths_and_pil_images_and_skips_low_scores(detector, tmp_path):
+def test_explain_takes_paths_and_pil_images(detector, tmp_path):
     image = torch.randint(0, 256, (3, HEIGHT, WIDTH), dtype=torch.uint8)
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     pil.save(tmp_path / "image.png")
     from_tensor = _pixels(explain(detector, image))
     assert torch.equal(_pixels(explain(detector, pil)), from_tensor)
     assert torch.equal(_pixels(explain(detector, tmp_path / "image.png")), from_tensor)
-    # No score reaches 1: the encoder panel alone.
-    assert explain(detector, image, threshold=1.0).width == round(WIDTH * MIN_PANEL_SIDE / HEIGHT)
+
+
+def test_explain_says_that_no_detection_reaches_the_threshold_and_the_highest_score(detector):
+    image = torch.randint(0, 256, (3, HEIGHT, WIDTH), dtype=torch.uint8)
+    highest = float(detector.predict(image, threshold=0.0).scores.max())
+    with pytest.warns(UserWarning) as caught:
+        picture = explain(detector, image, threshold=1.0)
+    assert [str(warning.message) for warning in caught] == [
+        f"no detection scores at least 1.0 (the highest scores {highest:.3f}): only the encoder query is drawn"
+    ]
+    assert picture.width == round(WIDTH * MIN_PANEL_SIDE / HEIGHT)  # the encoder panel alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explain(detector, image, threshold=0.0)
 
 
 @pytest.mark.parametrize("option, message", [

@@ -9,6 +9,7 @@ The picture carries its own legend.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,8 @@ def explain(
             runs once in eval mode (its mode is restored afterwards).
         image: any one image :meth:`Detector.predict` takes, prepared as it prepares them.
         top_k: detections to explain (distinct objects, best score first), one panel each.
-        threshold: the lowest score a detection needs for a panel.
+        threshold: the lowest score a detection needs for a panel; where none reaches it, a warning
+            says so, with the highest score.
         encoder_point: (x, y) as fractions of the image width and height, the encoder query to show;
             by default the centre of the best detection (the image centre if there is none).
         encoder_level: the feature level whose pixel is the encoder query.
@@ -86,6 +88,11 @@ def explain(
     # Faded halfway to white, the photo leaves the coloured dots the contrast.
     background = background.div(2).add(128).to(torch.uint8)
     detections = _top_queries(outputs, (height, width), top_k, threshold)
+    if not len(detections["queries"]):
+        # The picture alone would not tell a threshold set too high from a model that sees nothing.
+        highest = float(outputs["pred_logits"].sigmoid().max())
+        warnings.warn(f"no detection scores at least {threshold} (the highest scores {highest:.3f}): "
+                      "only the encoder query is drawn", stacklevel=2)
     panels = []
     for index, query in enumerate(detections["queries"].tolist()):
         label = int(detections["labels"][index])

@@ -266,6 +266,15 @@ def test_a_folder_without_images_is_refused_by_name(trained, tmp_path, capsys):
         Detector.from_checkpoint(checkpoint, device="cpu", image_size=0)
 
 
+def test_an_input_that_is_not_there_is_refused_by_name_before_anything_is_written(trained, tmp_path, capsys):
+    # A mistyped path, unlike an unreadable image among good ones, is not skipped.
+    checkpoint, data = trained
+    missing = tmp_path / "nothere"
+    assert main(["detect", str(checkpoint), str(val_images(data)[0]), str(missing), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {missing}: no such file or folder\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_detect_refuses_to_write_over_its_inputs_before_anything_is_written(trained, tmp_path, capsys):
     checkpoint, data = trained
     photos = tmp_path / "photos"

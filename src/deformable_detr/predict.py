@@ -197,10 +197,16 @@ def check_resizable(image: Tensor, image_size: int, *, name: str = "the image") 
 
 
 def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The inputs, with each folder replaced by the image files in it (sorted, not recursive); a
-    folder without any is an error, as a missing file is when it is read."""
+    """The inputs, with each folder replaced by the image files in it (sorted, not recursive).
+
+    Raises:
+        DatasetError: an input is not there (a mistyped path, not an unreadable image), or is a
+            folder without images.
+    """
     files = []
     for item in map(Path, inputs):
+        if not item.exists():
+            raise DatasetError(f"{item}: no such file or folder")
         if item.is_dir():
             images = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not images:
@@ -223,9 +229,10 @@ def detect_files(
     """Detect objects in image files and folders of them; write into ``out`` one annotated copy of
     each image and ``detections.json``, the run's detections in the COCO results format (with
     ``file_name``; ``image_id`` numbers the inputs in order). Images are read upright, as
-    :meth:`Detector.predict` reads files, and boxes are in the upright picture's pixels. ``out``
-    may be neither an input folder nor where an annotated copy would be written over an input
-    image: either is a ValueError, raised before anything is written.
+    :meth:`Detector.predict` reads files, and boxes are in the upright picture's pixels. An input
+    that is not there, or a folder without images, is a ValueError, as is an ``out`` that is an input
+    folder or where an annotated copy would be written over an input image: all raised before
+    anything is written.
 
     Under torchrun the processes share the work: the inputs are cut into batches of ``batch_size``,
     batch k goes to process k mod N, and the main process merges their detections, so that

@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.ops import FrozenBatchNorm2d, box_convert, box_iou
 
 from deformable_detr import evaluation, precision
-from deformable_detr.checkpoints import save_reference_checkpoint
+from deformable_detr.checkpoints import read_checkpoint, save_checkpoint, save_reference_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, read_image, synthesize
 from deformable_detr.model import build_model
@@ -336,6 +336,25 @@ def test_evaluate_resizes_to_the_checkpoints_image_size_unless_told(trained, mon
     assert capsys.readouterr().out.count("AP50") == 2
 
 
+def test_evaluate_batches_as_the_checkpoints_training_did_so_its_ap_is_trainings_unless_told(trained, tmp_path,
+                                                                                             monkeypatch, capsys):
+    # A batch is padded to its largest image, and padding moves scores: training evaluated in batches of 4.
+    checkpoint, data = trained
+    batch_sizes = []
+    data_loader = evaluation.data_loader
+    monkeypatch.setattr(evaluation, "data_loader",
+                        lambda dataset, **options: batch_sizes.append(options["batch_size"]) or data_loader(dataset, **options))
+    logged = json.loads((checkpoint.parent / "log.jsonl").read_text().splitlines()[-1])
+    assert evaluation.evaluate_checkpoint(checkpoint, data, workers=0)["AP"] == logged["AP"]
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--batch-size", "3"]) == 0
+    # A checkpoint that does not record its training: the reference code's batch of 2.
+    read = read_checkpoint(checkpoint)
+    weights = tmp_path / "weights.pt"
+    save_checkpoint(weights, read.build_model(), class_names=read.class_names, image_size=read.image_size)
+    assert main(["evaluate", str(weights), "--data", str(data), "--workers", "0"]) == 0
+    assert batch_sizes == [4, 3, 2]
+
+
 @pytest.mark.parametrize("option, message", [({"image_size": 0}, "image_size must be a whole number of at least 1, got 0"),
                                              ({"batch_size": "2"}, "batch_size must be a whole number of at least 1, got '2'")])
 def test_evaluate_refuses_options_out_of_range_before_loading_anything(trained, option, message):
@@ -439,8 +458,8 @@ def test_evaluate_and_explain_take_bf16(trained, tmp_path, monkeypatch):
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--bf16"]) == 0
     assert main(["explain", str(checkpoint), str(val_images(data)[0]), "--out", str(tmp_path / "x.png"), "--bf16"]) == 0
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0"]) == 0
-    # evaluate: two batches of two images; explain: one forward.
-    assert dtypes == [torch.bfloat16] * 3 + [torch.float32] * 2
+    # evaluate: one batch of four images, as training evaluated; explain: one forward.
+    assert dtypes == [torch.bfloat16] * 2 + [torch.float32]
 
 
 @pytest.fixture(scope="module")

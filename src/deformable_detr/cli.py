@@ -24,7 +24,7 @@ from .data.formats import FORMATS
 from .data.synthetic import synthesize
 from .demo import EPOCHS, MINUTES, run_demo
 from .distributed import is_main_process, setup_distributed, wait_for_all
-from .evaluation import evaluate_checkpoint, format_metrics
+from .evaluation import DEFAULT_BATCH_SIZE, evaluate_checkpoint, format_metrics
 from .explain import explain
 from .explore import explore
 from .model import build_model
@@ -399,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set")
     _add_format_argument(evaluate)
     evaluate.add_argument("--split", help="default: %(default)s")
-    evaluate.add_argument("--batch-size", type=int, help="default: %(default)s")
+    evaluate.add_argument("--batch-size", type=int,
+                          help="images a batch, per process (default: the checkpoint's training batch, with which it "
+                               f"reproduces the AP training reported; {DEFAULT_BATCH_SIZE} where it records none)")
     evaluate.add_argument("--image-size", type=int, help="shorter side images are resized to (default: the checkpoint's)")
     evaluate.add_argument("--workers", type=int, help="data-loading processes (default: %(default)s)")
     evaluate.add_argument("--report", metavar="DIR", help="also write a report: per-class AP, precision-recall "

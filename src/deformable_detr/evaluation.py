@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from .checkpoints import read_checkpoint
+from .checkpoints import Checkpoint, read_checkpoint
 from .checks import check_count
 from .data import CocoDataset, data_loader, load_split, recipe
 from .data.coco import coco_index
@@ -37,6 +37,8 @@ from .precision import check_dtype, forward, inference_model
 
 # Names of COCOeval.stats, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# The batch evaluate_checkpoint runs where the checkpoint records no training batch (the reference code's).
+DEFAULT_BATCH_SIZE = 2
 
 
 class CocoEvaluator:
@@ -167,7 +169,7 @@ def write_results_json(path: str | os.PathLike, results: list[dict[str, Any]]) -
 
 
 def evaluate_checkpoint(
-    checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", batch_size: int = 2,
+    checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", batch_size: int | None = None,
     image_size: int | None = None, workers: int = 2, format: str | None = None, dtype: torch.dtype = torch.float32,
     report: str | os.PathLike | None = None,
 ) -> dict[str, float]:
@@ -176,16 +178,23 @@ def evaluate_checkpoint(
     images are resized as in validation to ``image_size``, by default the size the checkpoint was
     trained for. The model computes in ``dtype`` (:mod:`deformable_detr.precision`).
 
+    Each batch of ``batch_size`` images is padded to its largest, and padding moves scores a little
+    (docs/detect.md#batches-and-padding): by default the batch is the one the checkpoint's training
+    evaluated with, per process (:data:`DEFAULT_BATCH_SIZE` where the file records no training), so
+    that, run with as many processes, it gives the AP training reported.
+
     ``report`` is a folder to write the evaluation's report into (:func:`~deformable_detr.report.write_report`)."""
     if report is not None and Path(report).exists() and not Path(report).is_dir():
         raise ValueError(f"{report}: not a folder, so the report cannot go there")
-    check_count("batch_size", batch_size, at_least=1)
+    if batch_size is not None:
+        check_count("batch_size", batch_size, at_least=1)
     check_count("workers", workers, at_least=0)
     if image_size is not None:
         check_count("image_size", image_size, at_least=1)
     device = setup_distributed()
     check_dtype(dtype, device)
     read = read_checkpoint(checkpoint)
+    batch_size = _training_batch_size(read) if batch_size is None else batch_size
     model = inference_model(read.build_model(device=device), dtype)
     dataset, checked = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1],
                                   format=format)
@@ -196,6 +205,12 @@ def evaluate_checkpoint(
     if report is not None:
         write_evaluation_report(evaluation, report, dataset, checkpoint=checkpoint, data=data, split=split)
     return metrics(evaluation)
+
+
+def _training_batch_size(checkpoint: Checkpoint) -> int:
+    """The batch per process that ``checkpoint``'s training evaluated with, where it records its
+    training; else :data:`DEFAULT_BATCH_SIZE`."""
+    return checkpoint.extra.get("train_config", {}).get("batch_size", DEFAULT_BATCH_SIZE)
 
 
 def _check_classes(

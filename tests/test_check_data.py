@@ -187,7 +187,15 @@ def test_check_data_reports_what_stops_training(tmp_path, capsys, case):
     assert code == 1 and said == []
     problems = [text for text in out.splitlines() if line in text]
     assert len(problems) == 1 and problems[0].strip().endswith(line)
-    assert out.rstrip().endswith("1 problem(s), 1 of which stop training")
+    assert out.rstrip().endswith("1 problem(s), 1 of which stop training or evaluation on train")
+
+
+def test_the_summary_names_the_splits_a_problem_stops(tmp_path, capsys):
+    # A broken test split stops evaluating on it, not training, which reads train and val.
+    root = write_yolo(write_yolo(tmp_path), split="test")
+    (root / "labels" / "test" / "a.txt").write_text("5 0.5 0.5 0.2 0.2\n")
+    code, out, _ = run(capsys, "check-data", root)
+    assert code == 1 and out.rstrip().endswith("1 problem(s), 1 of which stop training or evaluation on test")
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -200,7 +202,7 @@ def test_a_roboflow_coco_export_is_read_with_valid_as_the_val_split(tmp_path):
     # Category 0, only the others' supercategory, is not a class.
     assert dataset.category_names == {1: "cat", 2: "dog"} and dataset.num_classes == 3
     assert check_data(root).problems == []
-    with pytest.raises(DatasetError, match=r"other/_annotations\.coco\.json: annotation file not found"):
+    with pytest.raises(DatasetError, match=re.escape(f"{root}: no 'other' split (it has 'test', 'train', 'val')")):
         read_split(root, "other")
 
 
@@ -219,6 +221,32 @@ def test_voc_without_split_files_is_one_training_split(tmp_path):
     (root / "ImageSets" / "Main").rmdir()
     assert split_names(root, "voc") == ["train"]
     assert len(read_split(root, "train").data["images"]) == 3
+
+
+@pytest.mark.parametrize("format", WRITERS)
+def test_an_unknown_split_is_one_line_naming_the_splits_there_in_every_format(tmp_path, capsys, format):
+    root = WRITERS[format](WRITERS[format](tmp_path), split="val")
+    line = f"{root}: no 'valid' split (it has 'train', 'val')"
+    with pytest.raises(DatasetError) as error:
+        load_split(root, "valid")  # as train and evaluate read a split
+    assert str(error.value) == line
+    assert main(["check-data", str(root), "--split", "valid"]) == 1
+    assert capsys.readouterr() == ("", f"deformable-detr: error: {line}\n")
+
+
+@pytest.mark.parametrize("case", ["a YOLO set forced to COCO", "a data.yaml naming no split"])
+def test_a_data_set_without_splits_in_its_format_is_one_line_not_no_problems(tmp_path, capsys, case):
+    root = write_yolo(tmp_path)
+    if case == "a YOLO set forced to COCO":
+        format, line = "coco", f"{root}: no COCO splits (no annotations/instances_<split>.json or <split>/_annotations.coco.json)"
+    else:
+        (root / "data.yaml").write_text("names: [cat, dog]\n")
+        format, line = "yolo", f"{root}: no YOLO splits (no train, val or test images in data.yaml)"
+    assert main(["check-data", str(root), "--format", format]) == 1
+    assert capsys.readouterr() == ("", f"deformable-detr: error: {line}\n")
+    with pytest.raises(DatasetError) as error:
+        load_split(root, "train", format=format)
+    assert str(error.value) == line
 
 
 def test_format_detection_and_forcing(tmp_path, folders):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .coco import CocoDataset, DatasetError, Problem, Split, Transforms, object_area, size_problem
-from .formats import detect_format, read_split, split_names
+from .formats import detect_format, read_split, require_split, split_names
 from .images import EXIF_TURNS, ImageProbe
 
 # COCO's object size classes, by area in pixels: small below 32^2, large above 96^2 (as its APs, APm, APl).
@@ -95,13 +95,20 @@ class DataReport:
         return any(problem.fatal for problem in self.problems)
 
     def __str__(self) -> str:
-        fatal = sum(problem.fatal for problem in self.problems)
-        total = len(self.problems)
-        summary = f"{total} problem(s), {fatal} of which stop training" if total else "no problems"
         lines = [f"{self.root}: {self.format.upper()} data set"]
         for split in self.splits:
             lines += split.lines()
-        return "\n".join([*lines, summary])
+        return "\n".join([*lines, self._summary()])
+
+    def _summary(self) -> str:
+        """How many problems, and the splits some of them stop training or evaluation on: a broken test
+        split stops nothing that reads only train and val."""
+        if not self.problems:
+            return "no problems"
+        fatal = sum(problem.fatal for problem in self.problems)
+        stopped = [split.name for split in self.splits if any(problem.fatal for problem in split.problems)]
+        where = f" or evaluation on {', '.join(stopped)}" if stopped else ""
+        return f"{len(self.problems)} problem(s), {fatal} of which stop training{where}"
 
 
 def check_split(split: Split, probe: ImageProbe) -> SplitReport:
@@ -208,13 +215,21 @@ def _clipped_box(
 
 def check_data(root: str | Path, *, format: str | None = None, splits: list[str] | None = None) -> DataReport:
     """Check every split of the data set ``root`` (or those in ``splits``), in ``format`` (detected
-    when None). A split that cannot be read at all is reported with that one problem."""
+    when None). A split that cannot be read at all is reported with that one problem.
+
+    Raises:
+        DatasetError: the data set has no splits in ``format``, or not one of ``splits`` (the line
+            names those it has).
+    """
     if isinstance(splits, str):  # it would be read as one split a letter
         raise TypeError(f"splits is a list of split names, such as [{splits!r}], not a str")
     root = Path(root)
     format = format or detect_format(root)
+    for name in splits or []:
+        require_split(root, name, format)
     probe = ImageProbe.for_data(root)
     reports = []
+    # Where there are none, split_names raises: no split checked is not "no problems".
     for name in splits or split_names(root, format):
         try:
             reports.append(check_split(read_split(root, name, format, probe), probe))

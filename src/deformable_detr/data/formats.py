@@ -11,6 +11,13 @@ from .voc import read_voc, voc_splits
 from .yolo import data_yaml, read_yolo, yolo_splits
 
 FORMATS = ("coco", "voc", "yolo")
+_SPLITS_OF = {"coco": coco_splits, "voc": voc_splits, "yolo": yolo_splits}  # each format's splits of a data set
+# Where each format names its splits, for the line that says a data set has none.
+_WHERE_SPLITS_ARE = {
+    "coco": f"annotations/instances_<split>.json or <split>/{ROBOFLOW_ANNOTATIONS}",
+    "voc": "ImageSets/Main/<split>.txt",
+    "yolo": "train, val or test images in data.yaml",
+}
 
 
 def detect_format(root: str | Path) -> str:
@@ -32,27 +39,42 @@ def detect_format(root: str | Path) -> str:
 
 
 def split_names(root: str | Path, format: str) -> list[str]:
-    """The splits the data set ``root`` in ``format`` has."""
+    """The splits the data set ``root`` in ``format`` has.
+
+    Raises:
+        DatasetError: it has none in that format (a data set of another format, most often).
+    """
     check_format(format)
-    if format == "coco":
-        return coco_splits(root)
-    if format == "voc":
-        return voc_splits(root)
-    return yolo_splits(root)
+    names = _SPLITS_OF[format](root)
+    if not names:
+        raise DatasetError(f"{root}: no {format.upper()} splits (no {_WHERE_SPLITS_ARE[format]})")
+    return names
 
 
 def read_split(
     root: str | Path, split: str, format: str | None = None, probe: Callable[[Path], ImageInfo] = inspect_image
 ) -> Split:
     """The split ``split`` of the data set ``root``, in ``format`` (detected when None). ``probe``
-    gives image sizes to the formats whose annotations lack them."""
+    gives image sizes to the formats whose annotations lack them.
+
+    Raises:
+        DatasetError: the data set has no such split (the line names those it has), or it cannot be read.
+    """
     format = format or detect_format(root)
+    require_split(root, split, format)
     if format == "coco":
         return read_coco(root, split)
     if format == "voc":
         return read_voc(root, split, probe=probe)
-    check_format(format)
     return read_yolo(root, split, probe)
+
+
+def require_split(root: str | Path, split: str, format: str) -> None:
+    """Raise DatasetError, naming the splits the data set ``root`` in ``format`` has, where ``split``
+    is not one of them."""
+    names = split_names(root, format)
+    if split not in names:
+        raise DatasetError(f"{root}: no {split!r} split (it has {', '.join(map(repr, names))})")
 
 
 def check_format(format: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -247,6 +248,45 @@ def test_a_data_set_without_splits_in_its_format_is_one_line_not_no_problems(tmp
     with pytest.raises(DatasetError) as error:
         load_split(root, "train", format=format)
     assert str(error.value) == line
+
+
+def roboflow_yolo(root):
+    """The writers' YOLO set as Roboflow exports it: train/ and valid/ with images/ and labels/ each, and a
+    data.yaml at the root naming ../train/images, ../valid/images and ../test/images, which it has not."""
+    write_yolo(root, split="train")
+    write_yolo(root, {"b": IMAGES["b"]}, split="val")
+    for split, folder in (("train", "train"), ("val", "valid")):
+        (root / folder).mkdir()
+        for kind in ("images", "labels"):
+            (root / kind / split).rename(root / folder / kind)
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\ntest: ../test/images\n"
+                                    "nc: 2\nnames: [cat, dog]\n")
+    return root
+
+
+def test_a_yolo_test_split_whose_images_are_not_there_is_left_out_as_ultralytics_leaves_it(tmp_path, capsys):
+    root = roboflow_yolo(tmp_path / "set")
+    assert split_names(root, "yolo") == ["train", "val"]
+    assert main(["check-data", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")] == [str(root), "train", "val", "no problems"]
+    # A missing train or val split is not left out, and the paths tried are named as a path is written.
+    shutil.rmtree(root / "valid")
+    with pytest.raises(DatasetError) as error:
+        load_split(root, "val")
+    assert str(error.value) == f"{tmp_path / 'valid' / 'images'}: image folder not found (nor {root / 'valid' / 'images'})"
+
+
+def test_yolo_problems_name_files_by_the_path_given_as_the_other_formats_do(tmp_path, monkeypatch):
+    root = write_yolo(tmp_path / "set")
+    (root / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n")
+    (root / "images" / "train" / "b.jpg").write_bytes(b"not a picture")
+    monkeypatch.chdir(tmp_path)
+    problems = [str(problem) for problem in check_data("set").problems]
+    assert [problem.split(":")[0] for problem in problems] == ["set/labels/train/a.txt", "set/images/train/b.jpg"]
+    # From inside the data set, its labels/ folder is still where the images/ folder is.
+    monkeypatch.chdir(root)
+    assert [str(problem).split(":")[0] for problem in check_data(".").problems] == ["labels/train/a.txt", "images/train/b.jpg"]
 
 
 def test_format_detection_and_forcing(tmp_path, folders):

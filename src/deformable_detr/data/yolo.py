@@ -12,6 +12,9 @@ polygon ``class x1 y1 x2 y2 x3 y3 ...`` (a segmentation label) is the box around
 - Image sizes come from the image headers, which YOLO labels leave out.
 - An image without a label file has no objects: a negative example. A split without any label file
   is a problem: its labels were not found.
+- A test split none of whose folders is there is no split (:func:`yolo_splits`).
+- Paths stay relative where they were given so, as in the other formats, with ``..`` read in the
+  text (``set/../test`` is ``test``).
 """
 
 from __future__ import annotations
@@ -53,8 +56,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def yolo_splits(root: str | Path) -> list[str]:
-    """The splits ``data.yaml`` names, of ``train``, ``val`` and ``test``."""
-    return _named_splits(_read_yaml(data_yaml(root)))
+    """The splits ``data.yaml`` names, of ``train``, ``val`` and ``test``, but for a test split none of
+    whose images are there: Roboflow's exports name ``../test/images`` whether they hold a test split
+    or not, and Ultralytics, which checks that train's and val's images are there, ignores it."""
+    yaml_path = data_yaml(root)
+    config = _read_yaml(yaml_path)
+    named = _named_splits(config)
+    if "test" in named and not _images_there(config, "test", yaml_path):
+        named.remove("test")
+    return named
+
+
+def _images_there(config: dict[str, Any], split: str, yaml_path: Path) -> bool:
+    """Whether any of the folders or lists ``split`` names is there."""
+    base = _base_folder(config, yaml_path)
+    return any(path.exists() for entry in _split_entries(config, split, yaml_path) for path in _entry_paths(entry, base))
 
 
 def _named_splits(config: dict[str, Any]) -> list[str]:
@@ -63,11 +79,19 @@ def _named_splits(config: dict[str, Any]) -> list[str]:
 
 def _base_folder(config: dict[str, Any], yaml_path: Path) -> Path:
     """The folder the split entries are relative to: ``path``, itself relative to the yaml's folder
-    (the default), made absolute (label paths are found by an "/images/" in them)."""
+    (the default)."""
     folder = config.get("path")
     if folder is not None and not isinstance(folder, str):
         raise DatasetError(f"{yaml_path}: 'path' must be a path, not {folder!r}")
-    return (yaml_path.parent / (folder or "")).absolute()
+    return _normalised(yaml_path.parent / (folder or ""))
+
+
+def _normalised(path: Path) -> Path:
+    """``path`` with each ``..`` taken off with the folder before it (``set/../test`` is ``test``),
+    relative where it was: problems name files as the user writes them, as the other formats' do. It
+    is read in the text, as a shell's ``cd`` reads it: where that folder is a link, ``..`` is beside
+    the link, not beside its target."""
+    return Path(os.path.normpath(path))
 
 
 def _split_entries(config: dict[str, Any], split: str, yaml_path: Path) -> list[str]:
@@ -109,11 +133,12 @@ def _class_index(key: Any) -> int | None:
 def label_path(image: Path) -> Path:
     """Where the labels of ``image`` are: the last ``images`` folder of its path becomes ``labels``
     (beside the image where there is none)."""
-    # On strings: pathlib's parsing took a third of the check's time on 10,000 images.
+    # On strings: pathlib's parsing took a third of the check's time on 10,000 images. The separator
+    # put in front finds a relative path's first folder too ("images/train").
     folder, name = os.path.split(image)
-    head, found, tail = (folder + os.sep).rpartition(f"{os.sep}images{os.sep}")
+    head, found, tail = f"{os.sep}{folder}{os.sep}".rpartition(f"{os.sep}images{os.sep}")
     if found:
-        folder = f"{head}{os.sep}labels{os.sep}{tail}"
+        folder = f"{head}{os.sep}labels{os.sep}{tail}".removeprefix(os.sep)
     return Path(folder, f"{os.path.splitext(name)[0]}.txt")
 
 
@@ -136,26 +161,27 @@ def _files(folder: Path, suffixes: frozenset[str]) -> list[str]:
     return sorted(files)
 
 
-def _entry_path(entry: str, base: Path) -> Path:
-    """Where a split entry points: ``base / entry``, or, where that is not found and the entry starts
-    with ``../``, ``base`` / the rest, as Ultralytics reads it. Roboflow's exports need it: their
-    data.yaml sits at the export's root and names ``../train/images``."""
-    written = base / entry
-    if written.exists() or not entry.startswith("../"):
-        return written
-    within = base / entry.removeprefix("../")
-    return within if within.exists() else written
+def _entry_paths(entry: str, base: Path) -> list[Path]:
+    """Where a split entry may point, in the order looked at: ``base / entry``, and where the entry
+    starts with ``../``, ``base`` / the rest, as Ultralytics reads it. Roboflow's exports need it:
+    their data.yaml sits at the export's root and names ``../train/images``."""
+    paths = [_normalised(base / entry)]
+    if entry.startswith("../"):
+        paths.append(_normalised(base / entry.removeprefix("../")))
+    return paths
 
 
 def _listed_images(entry: str, base: Path) -> tuple[list[Path], list[Path]]:
     """The images one split entry names, and the folders among them (to look for stray labels in)."""
-    path = _entry_path(entry, base)
+    candidates = _entry_paths(entry, base)
+    path = next((candidate for candidate in candidates if candidate.exists()), candidates[0])
     if path.is_dir():
         return [Path(file) for file in _files(path, IMAGE_SUFFIXES)], [path]
     if path.suffix == ".txt" and path.is_file():
         lines = (line.strip() for line in path.read_text().splitlines())
-        return [path.parent / line for line in lines if line], []
-    raise DatasetError(f"{path}: image folder not found")
+        return [_normalised(path.parent / line) for line in lines if line], []
+    also = "".join(f" (nor {candidate})" for candidate in candidates[1:])
+    raise DatasetError(f"{path}: image folder not found{also}")
 
 
 def _read_labels(
@@ -217,6 +243,16 @@ def _unnormalised_problem(lines: list[tuple[Path, int]]) -> Problem:
     )
 
 
+def _file_name(image: str, base: Path) -> str:
+    """The ``file_name`` of ``image`` in the split's COCO data, whose folder is ``base``: its path from
+    there, or, for an image outside it, its absolute path (which ``base /`` leaves as it is)."""
+    prefix = f"{base}{os.sep}"
+    if image.startswith(prefix):  # most images: a string test, where relpath would normalise both paths again
+        return image.removeprefix(prefix)
+    relative = os.path.relpath(image, base)
+    return os.path.abspath(image) if relative.split(os.sep)[0] == os.pardir else relative
+
+
 def read_yolo(root: str | Path, split: str, probe: Callable[[Path], ImageInfo] = inspect_image) -> Split:
     """The YOLO data set's ``split`` as COCO instances data, image ids 1..N in path order; ``probe``
     reads each image's size. Unusable label lines, coordinates that are not normalised, no label file
@@ -241,7 +277,7 @@ def read_yolo(root: str | Path, split: str, probe: Callable[[Path], ImageInfo] =
     label_files = [label_path(image) for image in images]
     for image_id, (image, labels) in enumerate(zip(images, label_files), start=1):
         info = probe(image)
-        image_entries.append({"id": image_id, "file_name": str(image).removeprefix(f"{base}{os.sep}"),
+        image_entries.append({"id": image_id, "file_name": _file_name(str(image), base),
                               "width": info.width, "height": info.height, "source": str(labels)})  # fmt: skip
         rows, label_problems, unnormalised_lines = _read_labels(labels, len(names), yaml_path.name)
         problems += label_problems

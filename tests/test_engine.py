@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -38,15 +39,33 @@ def weights(path):
     return read_checkpoint(path).state_dict
 
 
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A finished run of one epoch (of :func:`config`, without a report), to copy."""
+    run = tmp_path_factory.mktemp("trained")
+    train(config(data, run, epochs=1, report=False))
+    return run
+
+
+def copy_of(run, tmp_path):
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def command(data, run, *flags: str) -> list[str]:
+    """The command line of :func:`config`'s run in ``run``, with ``flags``."""
+    return ["train", "--data", str(data), "--output-dir", str(run), "--epochs", "1", "--batch-size", "4",
+            "--image-size", "96", "--workers", "0", "--seed", "3", "--no-report", *flags]
+
+
 def test_resume_continues_exactly(data, tmp_path):
     straight = config(data, tmp_path / "straight")
     train(straight)
     interrupted = config(data, tmp_path / "interrupted", epochs=1)
     train(interrupted)
-    with pytest.raises(TrainingError, match="pass resume=True"):
+    with pytest.raises(TrainingError, match="exists: pass resume=True to continue that run"):
         train(dataclasses.replace(interrupted, epochs=2))
     with pytest.raises(TrainingError, match=r"checkpoint.pt: the run was trained with other settings: "
-                                            r"batch_size 4 \(now 2\), lr 0.0002 \(now 0.001\); "):
+                                            r"batch_size=4 \(now 2\), lr=0.0002 \(now 0.001\); "):
         train(dataclasses.replace(interrupted, epochs=2, resume=True, batch_size=2, lr=1e-3))
     # How long it runs may change.
     train(dataclasses.replace(interrupted, epochs=2, resume=True, max_minutes=60.0))
@@ -58,6 +77,17 @@ def test_resume_continues_exactly(data, tmp_path):
     assert len(log) == 2 and (tmp_path / "interrupted" / "best.pt").is_file()
 
 
+def test_the_command_line_names_flags_where_python_names_fields(data, trained, tmp_path, capsys):
+    run = copy_of(trained, tmp_path)
+    assert main(command(data, run)) == 1
+    assert capsys.readouterr().err == (f"deformable-detr: error: {run / 'checkpoint.pt'} exists: pass --resume to continue "
+                                       f"that run, or use another output directory\n")
+    assert main(command(data, run, "--resume", "--batch-size", "2", "--lr", "0.001")) == 1
+    assert capsys.readouterr().err.startswith(
+        f"deformable-detr: error: {run / 'checkpoint.pt'}: the run was trained with other settings: --batch-size 4 "
+        f"(now 2), --lr 0.0002 (now 0.001); resume with its settings (only --epochs, --max-minutes, --patience, ")
+
+
 def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data, tmp_path):
     run = config(data, tmp_path / "run", epochs=1)
     train(run)
@@ -65,7 +95,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data, tmp
     payload = torch.load(last, weights_only=True)
     del payload["train_config"]["iou_aware_classification"]  # as an older version saved it
     torch.save(payload, last)
-    with pytest.raises(TrainingError, match=r"iou_aware_classification False \(now True\)"):
+    with pytest.raises(TrainingError, match=r"iou_aware_classification=False \(now True\)"):
         train(dataclasses.replace(run, epochs=2, resume=True, iou_aware_classification=True))
     train(dataclasses.replace(run, epochs=2, resume=True))
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
@@ -230,26 +260,27 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     assert error.count("\n") == 1 and "nowhere: no such data folder" in error
 
 
-@pytest.mark.parametrize("setting, value, expected", [
-    ("batch_size", 0, "batch_size (--batch-size) must be at least 1"),
-    ("accumulation_steps", 0, "accumulation_steps (--accumulation-steps) must be at least 1"),
-    ("epochs", -2, "epochs (--epochs) must be at least 1"),
-    ("num_classes", 0, "num_classes (--num-classes) must be at least 1"),
-    ("image_size", 0, "image_size (--image-size) must be at least 1"),
-    ("warmup_epochs", -1.0, "warmup_epochs (--warmup-epochs) must be at least 0"),
-    ("lr", float("nan"), "lr (--lr) must be at least 0"),
-    ("max_minutes", 0.0, "max_minutes (--max-minutes) must be above 0"),
-    ("checkpoint_every", 0, "checkpoint_every (--checkpoint-every) must be at least 1"),
-    ("checkpoint_minutes", -1.0, "checkpoint_minutes (--checkpoint-minutes) must be above 0"),
-    ("min_lr_factor", 1.5, "min_lr_factor (--min-lr-factor) must be within [0, 1]"),
-    ("lr_drop_epoch", 0, "lr_drop_epoch (--lr-drop-epoch) must be at least 1 with the step schedule"),
+@pytest.mark.parametrize("setting, value, rule", [
+    ("batch_size", 0, "must be at least 1"),
+    ("accumulation_steps", 0, "must be at least 1"),
+    ("epochs", -2, "must be at least 1"),
+    ("num_classes", 0, "must be at least 1"),
+    ("image_size", 0, "must be at least 1"),
+    ("warmup_epochs", -1.0, "must be at least 0"),
+    ("lr", float("nan"), "must be at least 0"),
+    ("max_minutes", 0.0, "must be above 0"),
+    ("checkpoint_every", 0, "must be at least 1"),
+    ("checkpoint_minutes", -1.0, "must be above 0"),
+    ("min_lr_factor", 1.5, "must be within [0, 1]"),
+    ("lr_drop_epoch", 0, "must be at least 1 with the step schedule"),
 ])
-def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_path, capsys, setting, value, expected):
-    with pytest.raises(ValueError, match=re.escape(expected)):
+def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_path, capsys, setting, value, rule):
+    """By the field's name in Python, by the flag's on the command line."""
+    with pytest.raises(ValueError, match=re.escape(f"{setting} {rule}, got {value}")):
         config(data, tmp_path / "run", **{setting: value})
     flag = "--" + setting.replace("_", "-")
     assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), flag, str(value)]) == 1
-    assert capsys.readouterr().err == f"deformable-detr: error: {expected}, got {value}\n"
+    assert capsys.readouterr().err == f"deformable-detr: error: {flag} {rule}, got {value}\n"
     assert not (tmp_path / "run").exists()
 
 
@@ -258,8 +289,8 @@ def test_settings_out_of_range_are_refused_before_anything_is_written(data, tmp_
     ("epochs", 1.5, "config field epochs is 1.5; expected int"),
     ("lr", "1e-4", "config field lr is '1e-4'; expected float"),
     ("model_overrides", ["x"], "config field model_overrides is ['x']; expected dict"),
-    ("seed", -1, "seed (--seed) must be at least 0, got -1"),
-    ("ema", 1.5, "ema (--ema) is a decay in [0, 1), got 1.5"),
+    ("seed", -1, "seed must be at least 0, got -1"),
+    ("ema", 1.5, "ema is a decay in [0, 1), got 1.5"),
 ])
 def test_settings_of_the_wrong_type_are_refused_by_name(data, tmp_path, setting, value, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
@@ -272,12 +303,12 @@ def test_settings_of_the_wrong_type_are_refused_by_name(data, tmp_path, setting,
 
 
 @pytest.mark.parametrize("settings, expected", [
-    ({"preset": "r51"}, "preset (--preset) must be one of 'r50', 'r50_single_scale', 'r50_single_scale_dc5', "
+    ({"preset": "r51"}, "preset must be one of 'r50', 'r50_single_scale', 'r50_single_scale_dc5', "
                         "'r50_box_refine', 'r50_two_stage', 'tiny', got 'r51'"),
-    ({"lr_schedule": "linear"}, "lr_schedule (--lr-schedule) must be one of 'step', 'cosine', 'flat-cosine', got 'linear'"),
-    ({"resume": "always"}, "resume (--resume) must be one of True, False, 'auto', got 'always'"),
+    ({"lr_schedule": "linear"}, "lr_schedule must be one of 'step', 'cosine', 'flat-cosine', got 'linear'"),
+    ({"resume": "always"}, "resume must be one of True, False, 'auto', got 'always'"),
     ({"warmup_steps": 100, "warmup_epochs": 0.5},
-     "warmup_steps (--warmup-steps) and warmup_epochs (--warmup-epochs) are one or the other, got 100 and 0.5"),
+     "warmup_steps and warmup_epochs are one or the other, got 100 and 0.5"),
 ])
 def test_settings_that_cannot_go_together_or_name_nothing_are_refused(data, tmp_path, settings, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
@@ -287,7 +318,7 @@ def test_settings_that_cannot_go_together_or_name_nothing_are_refused(data, tmp_
 
 
 def test_fewer_classes_than_the_data_has_are_refused(data, tmp_path):
-    with pytest.raises(TrainingError, match="category ids go up to 5, so --num-classes must be at least 6, not 2"):
+    with pytest.raises(TrainingError, match="category ids go up to 5, so num_classes must be at least 6, not 2"):
         train(config(data, tmp_path / "run", num_classes=2))
 
 
@@ -359,7 +390,7 @@ def test_early_stopping_stops_at_the_evaluation_its_patience_predicts_and_keeps_
 
     assert train(dataclasses.replace(run, resume=True)) == {}
     assert "the run is already complete: it stopped early" in capsys.readouterr().out
-    with pytest.raises(TrainingError, match="no 'none' split to evaluate, so nothing for --patience to count"):
+    with pytest.raises(TrainingError, match="no 'none' split to evaluate, so nothing for patience to count"):
         train(config(data, tmp_path / "without_validation", patience=2, val_split="none"))
     train(dataclasses.replace(run, resume=True, patience=3))  # more patience: on to the better epoch 4
     assert read_checkpoint(tmp_path / "run" / "best.pt").extra["epoch"] == 4

@@ -323,7 +323,7 @@ def test_resume_auto_starts_a_run_or_continues_it(data, tmp_path, monkeypatch):
     assert position(tmp_path / "run") == (1, 0) and len(batches.ids) == BATCHES
     train(dataclasses.replace(run, epochs=2))
     assert position(tmp_path / "run") == (2, 0) and len(batches.ids) == 2 * BATCHES
-    with pytest.raises(TrainingError, match="checkpoint.pt exists: pass resume=True"):
+    with pytest.raises(TrainingError, match="checkpoint.pt exists: pass resume=True to continue"):
         train(dataclasses.replace(run, resume=False))
 
 

@@ -30,6 +30,7 @@ from .explore import explore
 from .model import build_model
 from .predict import Detector, detect_files
 from .train import TrainConfig, TrainingError, TrainingStopped
+from .train.config import settings_named_as_flags
 from .train.ema import DEFAULT_DECAY
 from .train.optim import SCHEDULES
 
@@ -134,7 +135,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def _train(args: argparse.Namespace) -> None:
     from .train import train
 
-    train(_train_config(args))  # it prints the best epoch, its metrics and where best.pt is
+    with settings_named_as_flags():
+        train(_train_config(args))  # it prints the best epoch, its metrics and where best.pt is
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..distributed import hosts_by_value, is_main_process, world_size
 from ..model import DeformableDETR
-from .config import RESUMABLE_FIELDS, TrainConfig
+from .config import RESUMABLE_FIELDS, TrainConfig, setting, setting_value
 from .early_stopping import EarlyStopping
 from .ema import WeightAverage
 from .engine import EpochProgress, TrainingError
@@ -137,7 +137,7 @@ def resume_from(
     missing = [key for key in _RESUMED if key not in extra]
     if missing:
         raise TrainingError(f"{path}: not a training checkpoint this version resumes (no {', '.join(missing)}); "
-                            f"start a new run from its weights with --finetune-from {path}")
+                            f"start a new run from its weights with {setting('finetune_from', str(path))}")
     check_resumable(path, extra["train_config"], config)
     # The global batch, the learning-rate schedule's updates per epoch and each process's share of
     # an epoch's samples all follow from it: a run on another number would be no continuation.
@@ -146,7 +146,7 @@ def resume_from(
         raise TrainingError(
             f"{path}: the run was trained by {processes} process(es), now {world_size()}: resume it with "
             f"{processes} (torchrun --nproc-per-node {processes}), as its batches, learning-rate schedule and "
-            f"order depend on it; or start a new run from its weights (--finetune-from {path})"
+            f"order depend on it; or start a new run from its weights ({setting('finetune_from', str(path))})"
         )
     model.load_state_dict(extra.get("model", checkpoint.state_dict))  # as trained, not the average
     optimizer.load_state_dict(extra["optimizer"])
@@ -163,14 +163,14 @@ def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> 
     to TrainConfig after it was saved) counts as its default, which is how the run trained."""
     defaults = dataclasses.asdict(TrainConfig(data="", output_dir=""))
     differing = [
-        f"{name} {stored.get(name, defaults[name])!r} (now {value!r})"
+        f"{setting(name, stored.get(name, defaults[name]))} (now {setting_value(value)})"
         for name, value in dataclasses.asdict(config).items()
         if name not in (*RESUMABLE_FIELDS, "resume") and stored.get(name, defaults[name]) != value
     ]
     if differing:
         raise TrainingError(
             f"{path}: the run was trained with other settings: {', '.join(differing)}; resume with its settings "
-            f"(only {', '.join(RESUMABLE_FIELDS)} may change) or start a new run in another output directory"
+            f"(only {', '.join(map(setting, RESUMABLE_FIELDS))} may change) or start a new run in another output directory"
         )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,24 +90,24 @@ class TrainConfig:
         for name, low in bounds.items():
             value = getattr(self, name)
             if value is not None and not value >= low:  # NaN fails too
-                raise ValueError(f"{_setting(name)} must be at least {low}, got {value}")
+                raise ValueError(f"{setting(name)} must be at least {low}, got {value}")
         for name in _ABOVE_ZERO:
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"{_setting(name)} must be above 0, got {value}")
+                raise ValueError(f"{setting(name)} must be above 0, got {value}")
         if not 0 <= self.min_lr_factor <= 1:
-            raise ValueError(f"{_setting('min_lr_factor')} must be within [0, 1], got {self.min_lr_factor}")
+            raise ValueError(f"{setting('min_lr_factor')} must be within [0, 1], got {self.min_lr_factor}")
         if self.ema is not None and not 0 <= self.ema < 1:
-            raise ValueError(f"{_setting('ema')} is a decay in [0, 1), got {self.ema}")
+            raise ValueError(f"{setting('ema')} is a decay in [0, 1), got {self.ema}")
         for name, choices in (("preset", tuple(PRESETS)), ("lr_schedule", SCHEDULES), ("resume", (True, False, "auto"))):
             if getattr(self, name) not in choices:
-                raise ValueError(f"{_setting(name)} must be one of {', '.join(map(repr, choices))}, "
+                raise ValueError(f"{setting(name)} must be one of {', '.join(map(repr, choices))}, "
                                  f"got {getattr(self, name)!r}")
         if self.lr_schedule == "step" and self.lr_drop_epoch < 1:  # it drops every lr_drop_epoch epochs
-            raise ValueError(f"{_setting('lr_drop_epoch')} must be at least 1 with the step schedule, "
+            raise ValueError(f"{setting('lr_drop_epoch')} must be at least 1 with the step schedule, "
                              f"got {self.lr_drop_epoch}")
         if self.warmup_steps and self.warmup_epochs:
-            raise ValueError(f"{_setting('warmup_steps')} and {_setting('warmup_epochs')} are one or the other, "
+            raise ValueError(f"{setting('warmup_steps')} and {setting('warmup_epochs')} are one or the other, "
                              f"got {self.warmup_steps} and {self.warmup_epochs}")
 
     def model_config(self, num_classes: int) -> ModelConfig:
@@ -121,9 +124,43 @@ class TrainConfig:
                           **{**from_scratch, **self.model_overrides})
 
 
-def _setting(name: str) -> str:
-    """A setting as messages name it: the field and its flag."""
-    return f"{name} (--{name.replace('_', '-')})"
+# How messages name a setting: as the TrainConfig field, for the Python API, or as the train command's
+# flag while the command runs, so that each reader is told what to type.
+_NAMED_AS_FLAGS: ContextVar[bool] = ContextVar("named_as_flags", default=False)
+_NO_VALUE = object()
+# The flags not named after their field.
+_FLAGS = {"report": "--no-report", "model_overrides": "--model-option"}
+
+
+@contextlib.contextmanager
+def settings_named_as_flags() -> Iterator[None]:
+    """Within the block, messages name settings by the train command's flags (``--batch-size 4``)."""
+    token = _NAMED_AS_FLAGS.set(True)
+    try:
+        yield
+    finally:
+        _NAMED_AS_FLAGS.reset(token)
+
+
+def setting(name: str, value: Any = _NO_VALUE) -> str:
+    """The TrainConfig field ``name``, with ``value`` where given, as messages name it: ``batch_size=4``,
+    or while the train command runs (:func:`settings_named_as_flags`) ``--batch-size 4`` (``--resume``
+    for a switch's True)."""
+    if not _NAMED_AS_FLAGS.get():
+        return name if value is _NO_VALUE else f"{name}={setting_value(value)}"
+    flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
+    return flag if value is _NO_VALUE or value is True else f"{flag} {setting_value(value)}"
+
+
+def setting_value(value: Any) -> str:
+    """A setting's value as messages show it: as Python writes it, or as the train command's flags take it."""
+    if not _NAMED_AS_FLAGS.get():
+        return repr(value)
+    if value is None:
+        return "none"
+    if isinstance(value, dict):  # model options
+        return " ".join(f"{key}={option}" for key, option in value.items()) or "none"
+    return str(value)
 
 
 # The settings' ranges (None, where a setting allows it, is always valid).

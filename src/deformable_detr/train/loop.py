@@ -52,7 +52,7 @@ from .checkpointing import (
     resume_from,
     save_training_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, setting
 from .criterion import SetCriterion
 from .early_stopping import EarlyStopping
 from .ema import WeightAverage
@@ -135,10 +135,11 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
 
     train_set, val_set = _datasets(config)
     if val_set is None and config.patience is not None:
-        raise TrainingError(f"{config.data}: no {config.val_split!r} split to evaluate, so nothing for --patience to count")
+        raise TrainingError(f"{config.data}: no {config.val_split!r} split to evaluate, so nothing for {setting('patience')} "
+                            f"to count")
     if config.num_classes is not None and config.num_classes < train_set.num_classes:
-        raise TrainingError(f"{config.data}: category ids go up to {train_set.num_classes - 1}, so --num-classes must "
-                            f"be at least {train_set.num_classes}, not {config.num_classes}")
+        raise TrainingError(f"{config.data}: category ids go up to {train_set.num_classes - 1}, so {setting('num_classes')} "
+                            f"must be at least {train_set.num_classes}, not {config.num_classes}")
     model = build_model(config.model_config(config.num_classes or train_set.num_classes)).to(device)
     if is_distributed() and device.type == "cuda":
         # Batch norm over the global batch. torch's SyncBatchNorm needs an accelerator (its training
@@ -346,7 +347,7 @@ def _resuming(config: TrainConfig, last_path: Path) -> bool:
     if config.resume is True and not saved:
         raise TrainingError(f"{last_path}: no checkpoint to resume from")
     if config.resume is False and saved:
-        raise TrainingError(f"{last_path} exists: pass resume=True (--resume) to continue that run, or use "
+        raise TrainingError(f"{last_path} exists: pass {setting('resume', True)} to continue that run, or use "
                             f"another output directory")
     return saved
 

@@ -317,6 +317,25 @@ def test_settings_that_cannot_go_together_or_name_nothing_are_refused(data, tmp_
     assert config(data, tmp_path / "run", lr_schedule="flat-cosine", lr_drop_epoch=0).lr_drop_epoch == 0
 
 
+@pytest.mark.parametrize("option, value, flag", [("num_classes", 3, "--num-classes"),
+                                                 ("backbone_weights", "DEFAULT", "--backbone-weights")])
+def test_model_options_the_run_sets_itself_are_refused_naming_their_flag(data, tmp_path, capsys, option, value, flag):
+    """They were offered, and failed after the data check with a traceback (get_config given them twice)."""
+    with pytest.raises(ValueError, match=re.escape(f"model_overrides {option}={value!r}: pass {option}={value!r} instead")):
+        config(data, tmp_path / "run", model_overrides={option: value})
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output-dir", str(run), "--model-option", f"{option}={value}"]) == 1
+    assert capsys.readouterr().err == (f"deformable-detr: error: --model-option {option}={value}: pass {flag} {value} "
+                                       f"instead (the run sets the model's {option})\n")
+    assert not run.exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--output-dir", str(run), "--model-option", "size=3"])
+    offered = capsys.readouterr().err.splitlines()[-1]
+    assert "is not KEY=VALUE with KEY one of backbone, dilation," in offered and option not in offered
+    with pytest.raises(ValueError, match="model_overrides size: not a model option; they are backbone, dilation,"):
+        config(data, run, model_overrides={"size": 3})
+
+
 def test_fewer_classes_than_the_data_has_are_refused(data, tmp_path):
     with pytest.raises(TrainingError, match="category ids go up to 5, so num_classes must be at least 6, not 2"):
         train(config(data, tmp_path / "run", num_classes=2))

@@ -30,7 +30,7 @@ from .explore import explore
 from .model import build_model
 from .predict import Detector, detect_files
 from .train import TrainConfig, TrainingError, TrainingStopped
-from .train.config import settings_named_as_flags
+from .train.config import MODEL_OPTIONS, settings_named_as_flags
 from .train.ema import DEFAULT_DECAY
 from .train.optim import SCHEDULES
 
@@ -269,15 +269,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backbone", help="a torchvision ResNet: resnet18, resnet50, resnet101, ...")
     group.add_argument("--num-feature-levels", type=int)
     group.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE",
-                       help="any ModelConfig field, e.g. position_embedding=learned (repeatable)")
+                       help="any ModelConfig field but num_classes and backbone_weights (their own flags), e.g. "
+                            "position_embedding=learned (repeatable)")
 
 
 def _model_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` as a ModelConfig field and its value, parsed by the field's type."""
+    """``KEY=VALUE`` as a ModelConfig field and its value, parsed by the field's type. (TrainConfig refuses in
+    one line the fields that are not model options, with the flag that sets them.)"""
     key, separator, value = text.partition("=")
     field_types = typing.get_type_hints(ModelConfig)
     if not separator or key not in field_types:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY one of {', '.join(field_types)}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY one of {', '.join(MODEL_OPTIONS)}")
     field_type = field_types[key]
     if isinstance(field_type, types.UnionType):  # X | None
         if value.lower() in ("none", "null"):

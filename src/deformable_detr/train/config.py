@@ -86,6 +86,7 @@ class TrainConfig:
         # Caught here, before anything is written: further in, each would fail obscurely (a division
         # by zero, an empty tensor) or, worse, train something else than asked without a word.
         check_field_types(self)
+        self._check_model_overrides()
         bounds = {**dict.fromkeys(_AT_LEAST_ONE, 1), **dict.fromkeys(_NOT_NEGATIVE, 0)}
         for name, low in bounds.items():
             value = getattr(self, name)
@@ -110,6 +111,14 @@ class TrainConfig:
             raise ValueError(f"{setting('warmup_steps')} and {setting('warmup_epochs')} are one or the other, "
                              f"got {self.warmup_steps} and {self.warmup_epochs}")
 
+    def _check_model_overrides(self) -> None:
+        for key, value in self.model_overrides.items():
+            if key in _SET_BY_THE_RUN:
+                raise ValueError(f"{setting('model_overrides')} {key}={setting_value(value)}: pass "
+                                 f"{setting(key, value)} instead (the run sets the model's {key})")
+            if key not in MODEL_OPTIONS:
+                raise ValueError(f"{setting('model_overrides')} {key}: not a model option; they are {', '.join(MODEL_OPTIONS)}")
+
     def model_config(self, num_classes: int) -> ModelConfig:
         """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.
 
@@ -122,6 +131,11 @@ class TrainConfig:
         from_scratch = {} if self.backbone_weights or self.finetune_from else {"backbone_norm": "batch"}
         return get_config(self.preset, num_classes=num_classes, backbone_weights=self.backbone_weights,
                           **{**from_scratch, **self.model_overrides})
+
+
+# ModelConfig fields the run sets from settings of its own, and those model_overrides may set.
+_SET_BY_THE_RUN = ("num_classes", "backbone_weights")
+MODEL_OPTIONS = tuple(field.name for field in dataclasses.fields(ModelConfig) if field.name not in _SET_BY_THE_RUN)
 
 
 # How messages name a setting: as the TrainConfig field, for the Python API, or as the train command's

@@ -182,7 +182,7 @@ def averaging_worker(rank: int, rendezvous: str, results: dict, data: str) -> No
         loop.WeightAverage = RecordedAverage
         # One update of one image on each process; the average keeps half of the weights it started from.
         train(TrainConfig(data=data, output_dir=str(Path(data) / "run"), epochs=1, batch_size=1, image_size=96,
-                          workers=0, val_split="none", ema=0.5, ema_warmup=0))
+                          workers=0, val_split=None, ema=0.5, ema_warmup=0))
         average = RecordedAverage.made[0].model
         share_buffers(average)  # batch norm's statistics, as before every evaluation
         results[rank] = average.state_dict()

@@ -152,7 +152,7 @@ def test_curves_that_cannot_be_drawn_are_a_warning_after_the_epochs_checkpoint(d
 
     monkeypatch.setattr(report, "write_training_curves", failing_drawing)
     with pytest.warns(UserWarning) as warned:
-        train(config(data, run, val_split="none"))
+        train(config(data, run, val_split=None))
     assert checkpointed == [0, 1], "the curves were drawn before the epoch's checkpoint was written"
     assert [str(warning.message) for warning in warned] == [
         f"{run / 'curves.png'}: not drawn (Failed to allocate bitmap); training goes on"] * 2
@@ -341,10 +341,24 @@ def test_fewer_classes_than_the_data_has_are_refused(data, tmp_path):
         train(config(data, tmp_path / "run", num_classes=2))
 
 
-def test_a_missing_validation_split_is_said_with_the_splits_there_are(data, tmp_path, capsys):
-    _, val_set = loop._datasets(config(data, tmp_path / "run", val_split="vall"))
+def test_a_data_set_without_the_default_validation_split_trains_without_validation_and_says_so(tmp_path, capsys):
+    without = synthesize(tmp_path / "shapes", train=2, val=0, image_size=64, seed=1)
+    _, val_set = loop._datasets(config(without, tmp_path / "run"))
     assert val_set is None
-    assert f"{data}: no 'vall' split (it has 'train', 'val'), so no validation" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"{without}: no 'val' split (it has 'train'), so no validation\n"
+
+
+@pytest.mark.parametrize("split", ["train_split", "val_split"])
+def test_a_split_named_that_the_data_set_lacks_is_refused_with_the_splits_it_has(data, tmp_path, capsys, split):
+    """A misspelt --val-split trained the whole run without validation, saying so only among the progress bars."""
+    with pytest.raises(TrainingError) as refused:
+        loop._datasets(config(data, tmp_path / "run", **{split: "valid"}))
+    assert str(refused.value) == f"{split}='valid': {data} has no such split (it has 'train', 'val')"
+    flag = "--" + split.replace("_", "-")
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), flag, "valid"]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {flag} valid: {data} has no such split (it has 'train', 'val')\n"
+    _, val_set = loop._datasets(config(data, tmp_path / "run", val_split=None))  # no validation, asked for
+    assert val_set is None
 
 
 def test_cli_evaluates_a_checkpoint(data, tmp_path, capsys):
@@ -409,8 +423,8 @@ def test_early_stopping_stops_at_the_evaluation_its_patience_predicts_and_keeps_
 
     assert train(dataclasses.replace(run, resume=True)) == {}
     assert "the run is already complete: it stopped early" in capsys.readouterr().out
-    with pytest.raises(TrainingError, match="no 'none' split to evaluate, so nothing for patience to count"):
-        train(config(data, tmp_path / "without_validation", patience=2, val_split="none"))
+    with pytest.raises(TrainingError, match="no validation split, so nothing for patience to count"):
+        train(config(data, tmp_path / "without_validation", patience=2, val_split=None))
     train(dataclasses.replace(run, resume=True, patience=3))  # more patience: on to the better epoch 4
     assert read_checkpoint(tmp_path / "run" / "best.pt").extra["epoch"] == 4
 

@@ -317,7 +317,7 @@ def test_a_folder_another_run_holds_is_refused_in_one_line_by_a_resumed_run_afte
 
 
 def test_resume_auto_starts_a_run_or_continues_it(data, tmp_path, monkeypatch):
-    run = config(data, tmp_path / "run", epochs=1, resume="auto", val_split="none")
+    run = config(data, tmp_path / "run", epochs=1, resume="auto", val_split=None)
     batches = Batches(monkeypatch)
     train(run)
     assert position(tmp_path / "run") == (1, 0) and len(batches.ids) == BATCHES
@@ -336,7 +336,7 @@ def test_checkpoints_within_an_epoch_every_n_updates(data, tmp_path, monkeypatch
         save(payload, file)
 
     monkeypatch.setattr(torch, "save", recording_save)
-    train(config(data, tmp_path / "run", epochs=1, val_split="none", accumulation_steps=2, checkpoint_every=2))
+    train(config(data, tmp_path / "run", epochs=1, val_split=None, accumulation_steps=2, checkpoint_every=2))
     # Every second update (of 2 batches each); the last update's is the epoch's own, after it.
     assert written == [(-1, 4), (0, None)]
 

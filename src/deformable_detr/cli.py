@@ -170,7 +170,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set (see check-data)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--train-split", help="e.g. train2017 for COCO (default: %(default)s)")
-    parser.add_argument("--val-split", help="e.g. val2017 for COCO; evaluated after every epoch (default: %(default)s)")
+    parser.add_argument("--val-split", help="e.g. val2017 for COCO; evaluated after every epoch (default: %(default)s, where the "
+                                             "data set has it)")
     parser.add_argument("--preset", choices=list(PRESETS), help="default: %(default)s")
     parser.add_argument("--num-classes", type=int, help="default: the largest category id + 1")
     parser.add_argument("--epochs", type=int, help="default: %(default)s")

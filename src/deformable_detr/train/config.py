@@ -13,6 +13,8 @@ from ..config import PRESETS, ModelConfig, check_field_types, get_config
 from ..distributed import RENDEZVOUS_TIMEOUT
 from .optim import SCHEDULES
 
+VAL_SPLIT = "val"
+
 
 @dataclass
 class TrainConfig:
@@ -53,7 +55,9 @@ class TrainConfig:
     workers: int = 2
     seed: int = 42
     train_split: str = "train"
-    val_split: str = "val"
+    # The split evaluated after every epoch, which the data set must have; where it has no split of the
+    # default's name, or with None, there is no validation.
+    val_split: str | None = VAL_SPLIT
     format: str | None = None  # "coco", "voc" or "yolo"; detected from the files when None
     finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads re-initialised if needed
     backbone_weights: str | None = None

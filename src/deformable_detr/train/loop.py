@@ -52,7 +52,7 @@ from .checkpointing import (
     resume_from,
     save_training_checkpoint,
 )
-from .config import TrainConfig, setting
+from .config import VAL_SPLIT, TrainConfig, setting
 from .criterion import SetCriterion
 from .early_stopping import EarlyStopping
 from .ema import WeightAverage
@@ -135,8 +135,7 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
 
     train_set, val_set = _datasets(config)
     if val_set is None and config.patience is not None:
-        raise TrainingError(f"{config.data}: no {config.val_split!r} split to evaluate, so nothing for {setting('patience')} "
-                            f"to count")
+        raise TrainingError(f"{config.data}: no validation split, so nothing for {setting('patience')} to count")
     if config.num_classes is not None and config.num_classes < train_set.num_classes:
         raise TrainingError(f"{config.data}: category ids go up to {train_set.num_classes - 1}, so {setting('num_classes')} "
                             f"must be at least {train_set.num_classes}, not {config.num_classes}")
@@ -367,19 +366,40 @@ def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
     image probe."""
     train_transforms, val_transforms = recipe(config.image_size)
     data_format = config.format or detect_format(config.data)
+    splits = split_names(config.data, data_format)
+    _check_split_exists(config, "train_split", splits)
+    validated = _validated(config, splits)
     probe = ImageProbe.for_data(config.data)
     train_set, report = load_split(config.data, config.train_split, train_transforms, format=data_format, probe=probe)
     _report_problems(report, config.data)
     val_set = None
-    splits = split_names(config.data, data_format)
-    if config.val_split in splits:
+    if validated:
         val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format, probe=probe)
         _report_problems(report, config.data)
         report.check_scorable(config.data)
-    else:  # a data set may have no validation split, but a misspelt name would go unnoticed until the end
-        _print(f"{config.data}: no {config.val_split!r} split (it has {', '.join(map(repr, splits))}), so no validation")
     probe.save()
     return train_set, val_set
+
+
+def _validated(config: TrainConfig, splits: list[str]) -> bool:
+    """Whether the run evaluates ``config.val_split``: a split it names must be one of ``splits``, but
+    the default's name may be missing (a data set without a validation split), which is said."""
+    if config.val_split is None:
+        return False
+    if config.val_split == VAL_SPLIT and VAL_SPLIT not in splits:
+        _print(f"{config.data}: no {VAL_SPLIT!r} split (it has {', '.join(map(repr, splits))}), so no validation")
+        return False
+    _check_split_exists(config, "val_split", splits)
+    return True
+
+
+def _check_split_exists(config: TrainConfig, field: str, splits: list[str]) -> None:
+    """Refuse, before a split is read, the setting ``field`` where it names none of ``splits``: a
+    misspelt split would otherwise be found missing file by file, or, for validation, not at all."""
+    name = getattr(config, field)
+    if name not in splits:
+        raise TrainingError(f"{setting(field, name)}: {config.data} has no such split (it has "
+                            f"{', '.join(map(repr, splits))})")
 
 
 def _report_problems(report: SplitReport, data: str) -> None:

@@ -88,6 +88,45 @@ def test_the_command_line_names_flags_where_python_names_fields(data, trained, t
         f"(now 2), --lr 0.0002 (now 0.001); resume with its settings (only --epochs, --max-minutes, --patience, ")
 
 
+def test_a_run_resumes_on_its_data_however_spelt_wherever_it_lies_but_not_on_other_data(data, trained, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A trailing slash, a path from another working directory, a copy on another node's disk are
+    the same data; the same folder holding other objects is not."""
+    run = copy_of(trained, tmp_path)
+    finished = config(data, run, epochs=1, report=False, resume=True)  # resumed, it has nothing left to train
+    monkeypatch.chdir(data.parent)
+    for place in (f"{data}/", data.name, f"../{data.parent.name}/{data.name}", shutil.copytree(data, tmp_path / "copy")):
+        assert train(dataclasses.replace(finished, data=str(place))) == {}
+        assert "the run is already complete" in capsys.readouterr().out
+    changed = shutil.copytree(data, tmp_path / "changed")
+    annotations = changed / "annotations" / "instances_train.json"
+    instances = json.loads(annotations.read_text())
+    instances["annotations"][0]["category_id"] = instances["annotations"][0]["category_id"] % 5 + 1
+    annotations.write_text(json.dumps(instances))
+    with pytest.raises(TrainingError) as refused:
+        train(dataclasses.replace(finished, data=str(changed)))
+    assert str(refused.value) == (
+        f"{changed}: its 'train' split is not the one the run in {run / 'checkpoint.pt'} trained on (8 images and "
+        f"{len(instances['annotations'])} boxes as then, but other objects): resume it on that data, or start a new run from its "
+        f"weights (finetune_from='{run / 'checkpoint.pt'}')")
+    left_out = instances["images"].pop()
+    instances["annotations"] = [box for box in instances["annotations"] if box["image_id"] != left_out["id"]]
+    annotations.write_text(json.dumps(instances))
+    with pytest.raises(TrainingError, match=r"\(8 images and \d+ boxes then, 7 images and \d+ boxes now\)"):
+        train(dataclasses.replace(finished, data=str(changed)))
+
+
+def test_a_run_resumes_whether_or_not_the_weights_it_started_from_are_where_they_were(data, tmp_path, capsys):
+    """They are in its checkpoint; whether it started from any changes the model (its batch norm)."""
+    save_checkpoint(tmp_path / "start.pt", build_model("tiny", num_classes=6))
+    started = config(data, tmp_path / "run", epochs=1, report=False, finetune_from=str(tmp_path / "start.pt"))
+    train(started)
+    (tmp_path / "start.pt").rename(tmp_path / "moved.pt")
+    assert train(dataclasses.replace(started, finetune_from=str(tmp_path / "moved.pt"), resume=True)) == {}
+    with pytest.raises(TrainingError, match=re.escape(f"finetune_from='{tmp_path / 'start.pt'}' (now None)")):
+        train(dataclasses.replace(started, finetune_from=None, resume=True))
+
+
 def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(data, tmp_path):
     run = config(data, tmp_path / "run", epochs=1)
     train(run)

@@ -4,12 +4,14 @@ continuing a run from it exactly."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -17,10 +19,13 @@ from torch.optim.lr_scheduler import LRScheduler
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..distributed import hosts_by_value, is_main_process, world_size
 from ..model import DeformableDETR
-from .config import RESUMABLE_FIELDS, TrainConfig, setting, setting_value
+from .config import RESUMABLE_FIELDS, STARTING_WEIGHTS, TrainConfig, setting, setting_value
 from .early_stopping import EarlyStopping
 from .ema import WeightAverage
 from .engine import EpochProgress, TrainingError
+
+if TYPE_CHECKING:
+    from ..data import CocoDataset
 
 
 def save_training_checkpoint(
@@ -29,6 +34,7 @@ def save_training_checkpoint(
     *,
     config: TrainConfig,
     class_names: dict[int, str],
+    training_data: dict[str, Any],
     optimizer: Optimizer,
     scheduler: LRScheduler,
     ema: WeightAverage | None,
@@ -43,7 +49,8 @@ def save_training_checkpoint(
     those the checkpoint is used with: :func:`~deformable_detr.checkpoints.read_checkpoint`), where the
     run is (``epoch``, and ``progress`` into it, or None once it has ended), the training time of the
     epochs finished (``progress`` has the rest), the best epoch's record, what early stopping has
-    seen, the config and the number of processes.
+    seen, the config, the number of processes and what identifies the ``training_data``
+    (:func:`data_identity`).
 
     Nothing random is saved: the order of an epoch's samples, their augmentation and a step's draws
     in the model all follow from the seed and the position.
@@ -53,8 +60,25 @@ def save_training_checkpoint(
                     epoch=epoch if progress is None else epoch - 1,  # the last epoch finished
                     epoch_progress=None if progress is None else dataclasses.asdict(progress),
                     best=best, training_seconds=training_seconds, world_size=world_size(),
-                    train_config=dataclasses.asdict(config), early_stopping=early_stopping.state(),
+                    train_config=dataclasses.asdict(config), training_data=training_data,
+                    early_stopping=early_stopping.state(),
                     **({} if ema is None else {"ema": ema.state_dict()}))
+
+
+def data_identity(dataset: CocoDataset) -> dict[str, Any]:
+    """What identifies the data ``dataset`` holds, wherever it lies: its image and box counts, and a
+    digest of its classes and of every image's file name, size and objects (class, box, crowd), in
+    the order training reads them. (Each format reads file names relative to the data set's folder.)"""
+    coco = dataset.coco
+    images = [coco.imgs[image_id] for image_id in dataset.ids]
+    content = [
+        sorted(dataset.category_names.items()),
+        [[image["file_name"], image["width"], image["height"],
+          [[box["category_id"], box["bbox"], box.get("iscrowd", 0)] for box in coco.imgToAnns[image["id"]]]]
+         for image in images],
+    ]
+    digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    return {"images": len(images), "boxes": len(coco.anns), "sha256": digest}
 
 
 @dataclass
@@ -80,7 +104,7 @@ class ResumePoint:
 
 
 # What save_training_checkpoint writes beyond the model, and a resumed run reads (the average of the
-# weights, "ema", only where the run keeps one).
+# weights, "ema", only where the run keeps one; "training_data" where a version that records it wrote it).
 _RESUMED = ("train_config", "world_size", "optimizer", "scheduler", "early_stopping", "epoch", "epoch_progress",
             "best", "training_seconds")
 
@@ -121,16 +145,17 @@ def _describe(identity: tuple[int, int] | None) -> str:
 
 
 def resume_from(
-    path: Path, config: TrainConfig, *, model: DeformableDETR, optimizer: Optimizer, scheduler: LRScheduler,
-    early_stopping: EarlyStopping,
+    path: Path, config: TrainConfig, *, training_data: dict[str, Any], model: DeformableDETR, optimizer: Optimizer,
+    scheduler: LRScheduler, early_stopping: EarlyStopping,
 ) -> ResumePoint:
     """Load the run saved in ``path`` into ``model`` (the weights as trained, not their average),
     ``optimizer``, ``scheduler`` (the schedule as saved, never overridden) and ``early_stopping``;
     where it goes on, with the state of the weights' average.
 
     Raises:
-        TrainingError: ``config`` changes what the run trains (see :func:`check_resumable`), or the
-            number of processes is not the run's.
+        TrainingError: ``config`` changes what the run trains (see :func:`check_resumable`), its
+            ``training_data`` (:func:`data_identity`) are not the run's, or the number of processes
+            is not the run's.
     """
     checkpoint = read_checkpoint(path)
     extra = checkpoint.extra
@@ -139,6 +164,7 @@ def resume_from(
         raise TrainingError(f"{path}: not a training checkpoint this version resumes (no {', '.join(missing)}); "
                             f"start a new run from its weights with {setting('finetune_from', str(path))}")
     check_resumable(path, extra["train_config"], config)
+    _check_same_data(path, extra.get("training_data"), training_data, config)
     # The global batch, the learning-rate schedule's updates per epoch and each process's share of
     # an epoch's samples all follow from it: a run on another number would be no continuation.
     processes = extra["world_size"]
@@ -162,16 +188,35 @@ def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> 
     what it trains; only :data:`RESUMABLE_FIELDS` may differ. A field the run does not store (added
     to TrainConfig after it was saved) counts as its default, which is how the run trained."""
     defaults = dataclasses.asdict(TrainConfig(data="", output_dir=""))
-    differing = [
-        f"{setting(name, stored.get(name, defaults[name]))} (now {setting_value(value)})"
-        for name, value in dataclasses.asdict(config).items()
-        if name not in (*RESUMABLE_FIELDS, "resume") and stored.get(name, defaults[name]) != value
-    ]
+    differing = []
+    for name, value in dataclasses.asdict(config).items():
+        was = stored.get(name, defaults[name])
+        if name not in (*RESUMABLE_FIELDS, "resume") and _as_trained(name, was) != _as_trained(name, value):
+            differing.append(f"{setting(name, was)} (now {setting_value(value)})")
     if differing:
         raise TrainingError(
             f"{path}: the run was trained with other settings: {', '.join(differing)}; resume with its settings "
             f"(only {', '.join(map(setting, RESUMABLE_FIELDS))} may change) or start a new run in another output directory"
         )
+
+
+def _as_trained(name: str, value: Any) -> Any:
+    """What of the setting ``name``'s ``value`` changes what a run trains: of the weights it started
+    from, whether there were any (:data:`STARTING_WEIGHTS`); of any other setting, the value."""
+    return value is not None if name in STARTING_WEIGHTS else value
+
+
+def _check_same_data(path: Path, recorded: dict[str, Any] | None, now: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume the run saved in ``path`` on training data other than those it ``recorded``
+    (:func:`data_identity`; a run saved before this version recorded none, and is not checked)."""
+    if recorded is None or recorded["sha256"] == now["sha256"]:
+        return
+    then_counts, now_counts = (f"{data['images']} images and {data['boxes']} boxes" for data in (recorded, now))
+    differ = f"{then_counts} then, {now_counts} now" if then_counts != now_counts else f"{now_counts} as then, but other objects"
+    raise TrainingError(
+        f"{config.data}: its {config.train_split!r} split is not the one the run in {path} trained on ({differ}): "
+        f"resume it on that data, or start a new run from its weights ({setting('finetune_from', str(path))})"
+    )
 
 
 class CheckpointSchedule:

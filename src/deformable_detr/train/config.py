@@ -189,9 +189,14 @@ _NOT_NEGATIVE = ("seed", "lr", "lr_backbone", "weight_decay", "lr_drop_epoch", "
 _ABOVE_ZERO = ("max_minutes", "checkpoint_minutes", "rendezvous_timeout")
 
 
-# What a resumed run may change: how long it runs (and when it gives up), where its files are, how often it writes a
-# checkpoint and how many workers load its data (each sample's augmentation follows from its index,
-# whichever worker reads it), not what it trains. (The optimiser and scheduler states come from the
+# What a resumed run may change: how long it runs (and when it gives up), where its files are (its
+# output directory; its data, however spelt, from any working directory, or copied to another node,
+# as the data must hold what it held: checkpointing.data_identity), how often it writes a checkpoint
+# and how many workers load its data (each sample's augmentation follows from its index, whichever
+# worker reads it), not what it trains. (The optimiser and scheduler states come from the
 # checkpoint, so a new lr or lr drop would not even apply.)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "patience", "min_improvement", "report", "workers", "output_dir",
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "patience", "min_improvement", "report", "workers", "output_dir", "data",
                     "checkpoint_every", "checkpoint_minutes", "rendezvous_timeout")
+# The weights a run started from: their values are in its checkpoint, so a resumed run may find them
+# elsewhere or not at all; only whether it started from any changes what it trains (TrainConfig.model_config).
+STARTING_WEIGHTS = ("finetune_from", "backbone_weights")

@@ -48,6 +48,7 @@ from ..model import DeformableDETR, build_model
 from .checkpointing import (
     CheckpointSchedule,
     ResumePoint,
+    data_identity,
     found_by_every_process,
     resume_from,
     save_training_checkpoint,
@@ -134,6 +135,7 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
     _seed_everything(config.seed + rank())
 
     train_set, val_set = _datasets(config)
+    training_data = data_identity(train_set)
     if val_set is None and config.patience is not None:
         raise TrainingError(f"{config.data}: no validation split, so nothing for {setting('patience')} to count")
     if config.num_classes is not None and config.num_classes < train_set.num_classes:
@@ -167,7 +169,7 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
         if is_main_process():
             path = best_path if improved else last_path
             save_training_checkpoint(path, model, config=config, class_names=train_set.category_names,
-                                     optimizer=optimizer, scheduler=scheduler, ema=ema, early_stopping=stopping,
+                                     training_data=training_data, optimizer=optimizer, scheduler=scheduler, ema=ema, early_stopping=stopping,
                                      epoch=epoch, progress=progress, best=best, training_seconds=training_seconds)
             if improved:
                 _copy_atomically(best_path, last_path)
@@ -177,8 +179,8 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
         remove_abandoned_writes(output_dir, ["checkpoint.pt", "best.pt", "log.jsonl", "steps.jsonl", "curves.png"])
     start = ResumePoint()
     if resuming:
-        start = resume_from(last_path, config, model=model, optimizer=optimizer, scheduler=scheduler,
-                            early_stopping=stopping)
+        start = resume_from(last_path, config, training_data=training_data, model=model, optimizer=optimizer,
+                            scheduler=scheduler, early_stopping=stopping)
         complete = _why_complete(start, stopping, config, batches)
         if complete is not None:
             _print(f"{last_path}: the run is already complete: {complete}")

@@ -88,6 +88,28 @@ def test_the_command_line_names_flags_where_python_names_fields(data, trained, t
         f"(now 2), --lr 0.0002 (now 0.001); resume with its settings (only --epochs, --max-minutes, --patience, ")
 
 
+def test_resume_on_the_command_line_takes_the_runs_settings_for_the_flags_left_out(data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """As torchrun restarts and Slurm requeues give the whole command line again, that still resumes;
+    and the data, given as a relative path, are found from another working directory."""
+    monkeypatch.chdir(data.parent)
+    train(config(data.name, tmp_path / "run", epochs=1, report=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", "../run", "--resume"]) == 0
+    assert "../run/checkpoint.pt: the run is already complete" in capsys.readouterr().out
+    assert main(command(data, "../run", "--resume")) == 0  # the same values given again
+    assert main(["train", "--output-dir", "../run", "--resume", "--batch-size", "2", "--pad-to-multiple", "32"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "deformable-detr: error: ../run/checkpoint.pt: the run was trained with other settings: --batch-size 4 (now 2), "
+        "--pad-to-multiple 1 (now 32); ")
+    assert main(["train", "--output-dir", "../other", "--resume"]) == 1
+    assert capsys.readouterr().err == "deformable-detr: error: --data is needed to start a run (../other/checkpoint.pt: no run to resume)\n"
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_run_resumes_on_its_data_however_spelt_wherever_it_lies_but_not_on_other_data(data, trained, tmp_path,
                                                                                          monkeypatch, capsys):
     """A trailing slash, a path from another working directory, a copy on another node's disk are

@@ -30,6 +30,7 @@ from .explore import explore
 from .model import build_model
 from .predict import Detector, detect_files
 from .train import TrainConfig, TrainingError, TrainingStopped
+from .train.checkpointing import with_recorded_settings
 from .train.config import MODEL_OPTIONS, settings_named_as_flags
 from .train.ema import DEFAULT_DECAY
 from .train.optim import SCHEDULES
@@ -126,10 +127,11 @@ def _synthesize(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The flags given (one left out is None), with a resumed run's recorded settings for those left out."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    given = {key: value for key, value in vars(args).items() if key in fields and value is not None}
     named = {flag: getattr(args, flag) for flag in _MODEL_FLAGS if getattr(args, flag) is not None}
-    model_overrides = {**dict(args.model_option or []), **named}
-    return TrainConfig(**{key: value for key, value in vars(args).items() if key in fields}, model_overrides=model_overrides)
+    return with_recorded_settings({**given, "model_overrides": {**dict(args.model_option or []), **named}})
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -166,8 +168,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The train command's flags, one per TrainConfig field; their defaults are TrainConfig's."""
-    parser.add_argument("--data", required=True, help="a COCO, Pascal VOC or YOLO data set (see check-data)")
+    """The train command's flags, one per TrainConfig field. Left out, a flag is None, and the setting
+    TrainConfig's default or, resuming, the run's (the help shows TrainConfig's: :class:`_TrainHelp`)."""
+    parser.add_argument("--data", help="a COCO, Pascal VOC or YOLO data set (see check-data); resuming, default: the run's")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--train-split", help="e.g. train2017 for COCO (default: %(default)s)")
     parser.add_argument("--val-split", help="e.g. val2017 for COCO; evaluated after every epoch (default: %(default)s, where the "
@@ -199,7 +202,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the EMA's warm-up ramp, in updates of 32 images (default: %(default)s)")
     parser.add_argument("--clip-max-norm", type=float, help="gradient clipping; 0 turns it off (default: %(default)s)")
     parser.add_argument("--accumulation-steps", type=int, help="batches per optimiser update (default: %(default)s)")
-    parser.add_argument("--bf16", action="store_true",
+    parser.add_argument("--bf16", action="store_true", default=None,
                         help="bfloat16 autocast: faster where the hardware has it (AMX or AVX512-BF16 CPUs, Ampere+ GPUs)")
     parser.add_argument("--image-size", type=int, help="largest short side of the augmentation recipe (default: %(default)s)")
     parser.add_argument("--pad-to-multiple", type=int,
@@ -208,8 +211,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-loading processes; on a machine with few cores 0 can be faster (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="default: %(default)s")
     parser.add_argument("--resume", nargs="?", const=True, choices=["auto"],
-                        help="continue the run in --output-dir; `--resume auto` continues it if there is one, else "
-                             "starts it (requeued jobs, torchrun --max-restarts)")
+                        help="continue the run in --output-dir, with its settings for the flags left out; `--resume "
+                             "auto` continues it if there is one, else starts it (requeued jobs, torchrun --max-restarts)")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
                         help="also write checkpoint.pt every N optimiser updates (default: after every epoch only)")
     parser.add_argument("--checkpoint-minutes", type=float, metavar="M",
@@ -223,7 +226,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after N evaluations in a row without a better AP (default: never)")
     parser.add_argument("--min-improvement", type=float, metavar="AP",
                         help="what counts as better for --patience: an AP higher by more than this (default: %(default)s)")
-    parser.add_argument("--no-report", dest="report", action="store_false",
+    parser.add_argument("--no-report", dest="report", action="store_false", default=None,
                         help="at the end, no evaluation report of best.pt in OUTPUT_DIR/report (docs/report.md)")
     parser.add_argument("--rendezvous-timeout", type=float, metavar="SECONDS",
                         help="under torchrun: how long the processes wait for each other to join (default: %(default)s)")
@@ -239,11 +242,22 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_argument("--one-to-many-repeats", type=int, help="k of hybrid matching (default: %(default)s)")
     options.add_argument("--one-to-many-weight", type=float,
                          help="weight of the one-to-many group's loss (default: %(default)s)")
-    options.add_argument("--iou-aware-classification", action="store_true",
+    options.add_argument("--iou-aware-classification", action="store_true", default=None,
                          help="varifocal loss: a matched query's class target is its box's IoU with the target's")
-    parser.set_defaults(**{
-        field.name: field.default for field in dataclasses.fields(TrainConfig) if field.default is not dataclasses.MISSING
-    })
+
+
+class _TrainHelp(argparse.HelpFormatter):
+    """The train command's help, with each flag's default as TrainConfig has it: the flags default to
+    None, so that one left out is told from one given (a resumed run takes the run's settings for those)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        field = _TRAIN_FIELDS.get(action.dest)
+        if field is None or action.help is None:
+            return action.help
+        return action.help.replace("%(default)s", str(field.default))
+
+
+_TRAIN_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 
 
 def _add_precision_argument(parser: argparse.ArgumentParser) -> None:
@@ -390,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthesizer.add_argument("--seed", type=int, help="(default: %(default)s)")
     synthesizer.set_defaults(run=_synthesize, **_keyword_defaults(synthesize))
 
-    train = commands.add_parser("train", help="train on a COCO, Pascal VOC or YOLO data set",
+    train = commands.add_parser("train", help="train on a COCO, Pascal VOC or YOLO data set", formatter_class=_TrainHelp,
                                 epilog="Data formats, the recipe, torchrun: docs/training.md; stopping and resuming: "
                                        "docs/preemption.md; the training-only options: docs/training-options.md")
     _add_training_arguments(train)

@@ -49,8 +49,8 @@ def save_training_checkpoint(
     those the checkpoint is used with: :func:`~deformable_detr.checkpoints.read_checkpoint`), where the
     run is (``epoch``, and ``progress`` into it, or None once it has ended), the training time of the
     epochs finished (``progress`` has the rest), the best epoch's record, what early stopping has
-    seen, the config, the number of processes and what identifies the ``training_data``
-    (:func:`data_identity`).
+    seen, the config (its data as an absolute path, which a resume without one finds from any working
+    directory), the number of processes and what identifies the ``training_data`` (:func:`data_identity`).
 
     Nothing random is saved: the order of an epoch's samples, their augmentation and a step's draws
     in the model all follow from the seed and the position.
@@ -60,7 +60,8 @@ def save_training_checkpoint(
                     epoch=epoch if progress is None else epoch - 1,  # the last epoch finished
                     epoch_progress=None if progress is None else dataclasses.asdict(progress),
                     best=best, training_seconds=training_seconds, world_size=world_size(),
-                    train_config=dataclasses.asdict(config), training_data=training_data,
+                    train_config={**dataclasses.asdict(config), "data": os.path.abspath(config.data)},
+                    training_data=training_data,
                     early_stopping=early_stopping.state(),
                     **({} if ema is None else {"ema": ema.state_dict()}))
 
@@ -181,6 +182,31 @@ def resume_from(
     best, progress = extra["best"], extra["epoch_progress"]
     return ResumePoint(extra["epoch"] + 1, EpochProgress(**progress) if progress else EpochProgress(), best,
                        best.get("AP", -1.0), extra["training_seconds"], extra.get("ema"))
+
+
+def with_recorded_settings(settings: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of ``settings`` (those a command line gives): where they resume (``resume``) a
+    run that their ``output_dir`` holds, its recorded settings stand for those not given, so that a
+    resume names only what it changes, and given ones that change what it trains are refused as it
+    resumes (:func:`check_resumable`). Model options given join the run's."""
+    path = Path(settings["output_dir"]) / "checkpoint.pt"
+    recorded = _recorded_settings(path) if settings.get("resume") else {}
+    model_overrides = {**recorded.get("model_overrides", {}), **settings.get("model_overrides", {})}
+    combined = {**recorded, **settings, "model_overrides": model_overrides}
+    if "data" not in combined:
+        there = f" ({path}: no run to resume)" if settings.get("resume") else ""
+        raise ValueError(f"{setting('data')} is needed to start a run{there}")
+    return TrainConfig(**combined)
+
+
+def _recorded_settings(path: Path) -> dict[str, Any]:
+    """The settings the run saved in ``path`` was started with, of those this version has, but where
+    its files go and whether it resumes; none where there is no such file."""
+    if not path.is_file():
+        return {}
+    recorded = read_checkpoint(path).extra.get("train_config", {})  # none: resume_from says what it is
+    wanted = {field.name for field in dataclasses.fields(TrainConfig)} - {"output_dir", "resume"}
+    return {name: value for name, value in recorded.items() if name in wanted}
 
 
 def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:

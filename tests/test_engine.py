@@ -167,7 +167,7 @@ def test_finetune_into_mixed_query_selection_clears_the_content_gain_it_holds_at
     hook would then hold there: queries neither learned (DINO) nor as published."""
     save_checkpoint(tmp_path / "two_stage.pt", build_model("tiny", two_stage=True))
     model = build_model("tiny", two_stage=True, mixed_query_selection=True)
-    loop._finetune(model, str(tmp_path / "two_stage.pt"))
+    loop._finetune(model, str(tmp_path / "two_stage.pt"), {1: "shape"})
     gain = model.transformer.pos_trans_norm.weight
     d_model = model.config.d_model
     assert not gain[d_model:].any() and torch.equal(gain[:d_model], torch.ones(d_model))  # the position half as loaded
@@ -176,10 +176,29 @@ def test_finetune_into_mixed_query_selection_clears_the_content_gain_it_holds_at
 def test_finetune_with_another_class_count(data, tmp_path, capsys):
     train(config(data, tmp_path / "first", epochs=1))
     train(config(data, tmp_path / "second", epochs=1, num_classes=9, finetune_from=str(tmp_path / "first" / "checkpoint.pt")))
-    assert "class heads re-initialised for 9 classes (checkpoint had 6)" in capsys.readouterr().out
+    assert "class heads taken by class name for 5 of the data's 5 classes\n" in capsys.readouterr().out
     second = weights(tmp_path / "second" / "checkpoint.pt")
     assert second["class_embed.0.weight"].shape == (9, 128)
     assert read_checkpoint(tmp_path / "second" / "checkpoint.pt").config.backbone_norm == "frozen"
+
+
+def test_finetuning_takes_each_classs_rows_of_the_class_heads_by_its_name(tmp_path):
+    """Where the data number the checkpoint's classes otherwise (a VOC export sorts them by name), or
+    have others: the heads were loaded by id, as long as the class count was the same."""
+    started = build_model("tiny", num_classes=4, two_stage=True, denoising_groups=1)
+    save_checkpoint(tmp_path / "rgb.pt", started, class_names={1: "red", 2: "green", 3: "blue"})
+    model = build_model("tiny", num_classes=4, two_stage=True, denoising_groups=1)
+    new = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = loop._finetune(model, str(tmp_path / "rgb.pt"), {1: "blue", 2: "green", 3: "cyan"})
+    assert report == (f"fine-tuning from {tmp_path / 'rgb.pt'}: class heads taken by class name for 2 of the data's 3 "
+                      f"classes (1 at another id); started anew for cyan")
+    for name in ("class_embed.0.weight", "class_embed.3.bias", "transformer.decoder.class_embed.1.weight",
+                 "denoising_label_embed.weight"):
+        old = started.state_dict()[name]
+        expected = [new[name][0], old[3], old[2], new[name][3]]  # no class, blue, green, cyan
+        assert all(torch.equal(row, want) for row, want in zip(model.state_dict()[name], expected)), name
+    assert loop._finetune(model, str(tmp_path / "rgb.pt"), {1: "red", 2: "green", 3: "blue"}).endswith(
+        "every weight loaded")
 
 
 def test_finetuning_refuses_a_checkpoint_whose_other_weights_have_other_shapes(data, tmp_path):

@@ -217,7 +217,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write checkpoint.pt every N optimiser updates (default: after every epoch only)")
     parser.add_argument("--checkpoint-minutes", type=float, metavar="M",
                         help="also write checkpoint.pt once M minutes have passed since the last one")
-    parser.add_argument("--finetune-from", help="checkpoint to start from; class heads re-initialised if needed")
+    parser.add_argument("--finetune-from", help="checkpoint to start from; its class heads follow the data's classes by name")
     parser.add_argument("--backbone-weights", help="torchvision weights name (IMAGENET1K_V1) or local file")
     parser.add_argument("--max-minutes", type=float,
                         help="a training-time budget: stop once it has passed (within an epoch if need be); the "

@@ -59,7 +59,7 @@ class TrainConfig:
     # default's name, or with None, there is no validation.
     val_split: str | None = VAL_SPLIT
     format: str | None = None  # "coco", "voc" or "yolo"; detected from the files when None
-    finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads re-initialised if needed
+    finetune_from: str | None = None  # any checkpoint load_pretrained reads; class heads follow the classes by name
     backbone_weights: str | None = None
     # A training-time budget: the run stops at the first update past it (evaluated and checkpointed
     # there), and the learning-rate schedule counts the share of it spent as that share of the epochs.

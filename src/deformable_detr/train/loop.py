@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -69,38 +69,85 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-# The tensors with a row per class, of another shape in a checkpoint of another class count.
+# The tensors with a row per class id, of another shape in a checkpoint of another class count.
 _CLASS_TENSORS = ("class_embed", "denoising_label_embed")
 
 
-def _finetune(model: DeformableDETR, path: str) -> str:
-    """Load every weight of ``path``; class heads of another class count start anew.
+def _finetune(model: DeformableDETR, path: str, class_names: dict[int, str]) -> str:
+    """Load every weight of ``path``. The class heads' rows follow the data's classes (``class_names``)
+    by name where the checkpoint records its classes' names, the rows of classes it lacks starting
+    anew; otherwise they are kept where the class count is the same, and start anew where not.
 
-    Returns a one-line report of what was re-initialised. Raises :class:`TrainingError` where any
-    other weight differs (another ``num_queries`` or ``d_model`` would otherwise train from scratch
+    Returns a one-line report of the class heads. Raises :class:`TrainingError` where any other
+    weight differs (another ``num_queries`` or ``d_model`` would otherwise train from scratch
     unnoticed)."""
     checkpoint = read_checkpoint(path)
     own = model.state_dict()
-    reinitialised = sorted(
-        name for name, tensor in checkpoint.state_dict.items() if name in own and own[name].shape != tensor.shape
-    )
     for name, tensor in checkpoint.state_dict.items():
-        if name in reinitialised and not any(part in _CLASS_TENSORS for part in name.split(".")):
+        if name in own and own[name].shape != tensor.shape and not _is_class_tensor(name):
             raise TrainingError(f"{path}: {name} is {tuple(tensor.shape)} there but {tuple(own[name].shape)} in the "
                                 f"model being trained: only the class heads may differ")
-    kept = {name: tensor for name, tensor in checkpoint.state_dict.items() if name not in reinitialised}
-    missing, unexpected = model.load_state_dict(kept, strict=False)
-    if unexpected or set(missing) != set(reinitialised):
-        raise TrainingError(
-            f"{path}: does not fit the {model.config.backbone} model being trained "
-            f"(missing {sorted(set(missing) - set(reinitialised))[:5]}, unexpected {unexpected[:5]})"
-        )
+    heads = {name: tensor for name, tensor in checkpoint.state_dict.items() if name in own and _is_class_tensor(name)}
+    if checkpoint.class_names is None:
+        fitted, report = _heads_by_id(heads, own, checkpoint.config.num_classes, model.config.num_classes)
+    else:
+        fitted, report = _heads_by_name(heads, own, _rows_by_name(checkpoint.class_names, class_names), class_names)
+    missing, unexpected = model.load_state_dict({**checkpoint.state_dict, **fitted}, strict=False)
+    if missing or unexpected:
+        raise TrainingError(f"{path}: does not fit the {model.config.backbone} model being trained "
+                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     if model.config.mixed_query_selection:
         model.transformer.clear_content_gain()
-    if not reinitialised:
-        return f"fine-tuning from {path}: every weight loaded"
-    old = checkpoint.config.num_classes
-    return f"fine-tuning from {path}: class heads re-initialised for {model.config.num_classes} classes (checkpoint had {old}): {', '.join(reinitialised)}"
+    return f"fine-tuning from {path}: {report}"
+
+
+def _is_class_tensor(name: str) -> bool:
+    return any(part in _CLASS_TENSORS for part in name.split("."))
+
+
+def _heads_by_id(heads: dict[str, Tensor], own: dict[str, Tensor], old_count: int,
+                 new_count: int) -> tuple[dict[str, Tensor], str]:
+    """The class heads where the checkpoint does not name its classes: ``heads`` as they are, or
+    ``own`` (new ones) where the class count differs; and the report."""
+    if old_count == new_count:
+        return heads, "every weight loaded"
+    return ({name: own[name] for name in heads},
+            f"class heads re-initialised for {new_count} classes (checkpoint had {old_count}): {', '.join(sorted(heads))}")
+
+
+def _rows_by_name(old_names: dict[int, str], new_names: dict[int, str]) -> dict[int, int]:
+    """For each class id of ``new_names`` whose name is that of one class of ``old_names``, that
+    class's id. (A name several classes share, which the data check allows, tells none of them.)"""
+    old_ids, new_ids = _ids_by_name(old_names), _ids_by_name(new_names)
+    return {new_ids[name]: old_ids[name] for name in new_ids.keys() & old_ids.keys()}
+
+
+def _ids_by_name(names: dict[int, str]) -> dict[str, int]:
+    """The id of each name that only one class has."""
+    ids: dict[str, list[int]] = {}
+    for class_id, name in names.items():
+        ids.setdefault(name, []).append(class_id)
+    return {name: found[0] for name, found in ids.items() if len(found) == 1}
+
+
+def _heads_by_name(heads: dict[str, Tensor], own: dict[str, Tensor], rows: dict[int, int],
+                   class_names: dict[int, str]) -> tuple[dict[str, Tensor], str]:
+    """The class heads with each of the data's classes (``class_names``) in the checkpoint's row of
+    its name (``rows``: new id -> checkpoint id), and ``own`` (new) rows for the others; and the report."""
+    same_ids = all(old == new for new, old in rows.items()) and len(rows) == len(class_names)
+    if same_ids and all(tensor.shape == own[name].shape for name, tensor in heads.items()):
+        return heads, "every weight loaded"
+    new_ids, old_ids = list(rows), list(rows.values())
+    fitted = {}
+    for name, tensor in heads.items():
+        fitted[name] = own[name].clone()
+        fitted[name][new_ids] = tensor[old_ids]
+    moved = sum(new != old for new, old in rows.items())
+    started = [name for class_id, name in sorted(class_names.items()) if class_id not in rows]
+    more = f" and {len(started) - 5} more" if len(started) > 5 else ""
+    return fitted, (f"class heads taken by class name for {len(rows)} of the data's {len(class_names)} classes"
+                    + (f" ({moved} at another id)" if moved else "")
+                    + (f"; started anew for {', '.join(started[:5])}{more}" if started else ""))
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -194,7 +241,7 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
                 group["lr"] = base_lr * factor(scheduler.last_epoch)
         _print(f"resuming from {last_path} at {start.describe(batches)}")
     elif config.finetune_from:
-        _print(_finetune(model, config.finetune_from))
+        _print(_finetune(model, config.finetune_from, train_set.category_names))
 
     trained = DistributedDataParallel(model) if is_distributed() else model
     ema = None

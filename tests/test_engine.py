@@ -441,6 +441,17 @@ def test_a_split_named_that_the_data_set_lacks_is_refused_with_the_splits_it_has
     assert val_set is None
 
 
+def test_images_much_smaller_than_the_training_size_are_said_with_the_size_to_pass(data, tmp_path, capsys):
+    """The shapes' shorter sides are about 81 px: the default 800 scales them up almost tenfold."""
+    with pytest.raises(TrainingError, match="num_classes must be at least 6"):  # refused once the data are read
+        train(config(data, tmp_path / "run", image_size=800, num_classes=2))
+    assert capsys.readouterr().out == (f"{data}: its training images' median shorter side is 81 px, which image_size=800 "
+                                       f"scales up 9.9x, making every step slower for no detail they hold; image_size=81 "
+                                       f"trains at their size\n")
+    train_set, _ = loop._datasets(config(data, tmp_path / "run"))
+    assert loop._image_size_hint(train_set, config(data, tmp_path / "run", image_size=160)) is None  # twice is fine
+
+
 def test_cli_evaluates_a_checkpoint(data, tmp_path, capsys):
     train(config(data, tmp_path / "run", epochs=1))
     capsys.readouterr()

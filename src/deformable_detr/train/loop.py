@@ -7,6 +7,7 @@ import contextlib
 import math
 import random
 import shutil
+import statistics
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,6 +183,9 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
     _seed_everything(config.seed + rank())
 
     train_set, val_set = _datasets(config)
+    hint = None if resuming else _image_size_hint(train_set, config)
+    if hint is not None:
+        _print(hint)
     training_data = data_identity(train_set)
     if val_set is None and config.patience is not None:
         raise TrainingError(f"{config.data}: no validation split, so nothing for {setting('patience')} to count")
@@ -449,6 +453,18 @@ def _check_split_exists(config: TrainConfig, field: str, splits: list[str]) -> N
     if name not in splits:
         raise TrainingError(f"{setting(field, name)}: {config.data} has no such split (it has "
                             f"{', '.join(map(repr, splits))})")
+
+
+def _image_size_hint(train_set: CocoDataset, config: TrainConfig) -> str | None:
+    """A line where the training images are much smaller than ``config.image_size`` (their median
+    shorter side under half of it, from the sizes the split records), to which the recipe scales
+    them up: every step then computes on pixels the images do not hold."""
+    shorter = statistics.median(min(image["width"], image["height"]) for image in train_set.coco.imgs.values())
+    if shorter >= config.image_size / 2:
+        return None
+    return (f"{config.data}: its training images' median shorter side is {shorter:g} px, which "
+            f"{setting('image_size', config.image_size)} scales up {config.image_size / shorter:.1f}x, making every "
+            f"step slower for no detail they hold; {setting('image_size', round(shorter))} trains at their size")
 
 
 def _report_problems(report: SplitReport, data: str) -> None:

@@ -334,10 +334,26 @@ def test_cli_pads_training_batches_to_the_multiple(data, tmp_path, monkeypatch):
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
-    code = main(["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"), "--workers", "0"])
+    code = main(["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "runs" / "run"),
+                 "--workers", "0"])
     assert code == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "nowhere: no such data folder" in error
+    assert not (tmp_path / "runs").exists()  # the run made it, and left nothing in it
+
+
+def test_a_run_that_fails_before_it_begins_removes_only_the_folders_it_made_where_they_are_empty(data, tmp_path):
+    (tmp_path / "mine").mkdir()
+    for output_dir in (tmp_path / "mine", tmp_path / "runs" / "run"):
+        with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+            train(config(data, output_dir, resume=True))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine"]
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == [".lock"]
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    (tmp_path / "runs" / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        train(config(data, tmp_path / "runs" / "run", resume=True))
+    assert (tmp_path / "runs" / "run" / "notes.txt").is_file()
 
 
 @pytest.mark.parametrize("setting, value, rule", [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import socket
+from urllib.error import URLError
 
 import pytest
 import torch
@@ -374,6 +376,20 @@ def test_backbone_weights_through_torchvision_weights_api(monkeypatch):
     model = build_model("tiny", backbone_width=64, backbone_weights="IMAGENET1K_V1")
     assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, expected["conv1.weight"])
+
+
+def test_backbone_weights_that_cannot_be_downloaded_are_one_line_naming_the_file_to_fetch(monkeypatch):
+    def no_internet(weights, *args, **kwargs):
+        raise URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", no_internet)
+    with pytest.raises(OSError) as failed:
+        build_model("tiny", backbone_width=64, backbone_weights="DEFAULT")
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    assert str(failed.value) == (
+        f"resnet18 weights DEFAULT: the download of {url} failed ([Errno -2] Name or service not known); without "
+        f"internet, fetch that file elsewhere and give its path as the backbone weights (--backbone-weights "
+        f"{url.rsplit('/', 1)[1]}), or put it in {torch.hub.get_dir()}/checkpoints")
 
 
 @pytest.mark.parametrize("width", [64, 24])  # the missing file comes first, before the width it is for

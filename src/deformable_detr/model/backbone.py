@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +52,30 @@ def load_resnet(
     state_dict = _read_state_dict(Path(weights)) if local_file else None  # a missing file is the first thing to say
     if width != 64 and weights is not None:
         raise ValueError(f"backbone weights {weights!r} are for width 64, not {width}: a narrower ResNet trains from scratch")
-    resnet = torchvision.models.get_model(
-        name,
-        weights=None if local_file else weights,
-        norm_layer=FrozenBatchNorm2d if frozen_norm else nn.BatchNorm2d,
-        replace_stride_with_dilation=[False, False, dilation],
-    )
+    try:
+        resnet = torchvision.models.get_model(
+            name,
+            weights=None if local_file else weights,
+            norm_layer=FrozenBatchNorm2d if frozen_norm else nn.BatchNorm2d,
+            replace_stride_with_dilation=[False, False, dilation],
+        )
+    except (URLError, ConnectionError, TimeoutError) as error:  # the download of named weights
+        raise OSError(_download_failed(name, weights, error)) from error
     if state_dict is not None:
         resnet.load_state_dict(state_dict)
     if width != 64:
         _rebuild_with_width(resnet, width, dilation=dilation)
     return resnet
+
+
+def _download_failed(name: str, weights: str, error: OSError) -> str:
+    """One line for torchvision's weights ``weights`` of ``name`` not downloaded (no internet, as on
+    many cluster nodes): from where, and how to give them as a local file instead."""
+    url = torchvision.models.get_model_weights(name)[weights].url
+    reason = getattr(error, "reason", error)
+    return (f"{name} weights {weights}: the download of {url} failed ({reason}); without internet, fetch that file "
+            f"elsewhere and give its path as the backbone weights (--backbone-weights {Path(url).name}), or put it "
+            f"in {Path(torch.hub.get_dir()) / 'checkpoints'}")
 
 
 def _rebuild_with_width(resnet: ResNet, width: int, *, dilation: bool) -> None:

@@ -164,15 +164,43 @@ def train(config: TrainConfig) -> dict[str, Any]:
     written the report where a stop or a kill came before it.
 
     The main process locks ``output_dir`` (``.lock``) for the run: another run there is refused, a
-    resumed one after waiting :data:`OUTPUT_LOCK_WAIT_SECONDS` for its predecessor to end.
+    resumed one after waiting :data:`OUTPUT_LOCK_WAIT_SECONDS` for its predecessor to end. A run
+    that made ``output_dir`` and fails before it writes there (bad data, weights it cannot read)
+    removes it.
     """
     device = setup_distributed(config.rendezvous_timeout)
     if is_distributed():
         _print(describe_world())
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(output_dir)
     with _output_dir_held(output_dir, wait=OUTPUT_LOCK_WAIT_SECONDS if config.resume else 0.0):
-        return _train(config, device, output_dir)
+        try:
+            return _train(config, device, output_dir)
+        except BaseException:
+            if made is not None and is_main_process():
+                _remove_if_unused(output_dir, made)
+            raise
+
+
+def _make_folder(folder: Path) -> Path | None:
+    """Make ``folder`` and its missing parents; the first of them this made, None where it was there."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def _remove_if_unused(folder: Path, made: Path) -> None:
+    """Remove ``folder`` and its parents up to ``made`` where it holds nothing but its lock, which
+    this process holds: a run that failed before it began leaves no empty folder behind. (Whatever
+    cannot be removed stays: the failure is what the run reports.)"""
+    if any(path.name != ".lock" for path in folder.iterdir()):
+        return
+    with contextlib.suppress(OSError):
+        (folder / ".lock").unlink(missing_ok=True)
+        for empty in (folder, *folder.parents):
+            empty.rmdir()
+            if empty == made:
+                return
 
 
 def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[str, Any]:

@@ -266,7 +266,7 @@ def test_a_checkpoint_that_is_no_training_checkpoint_is_refused_in_one_line(data
     assert str(refused.value) == (
         f"{run / 'checkpoint.pt'}: not a training checkpoint this version resumes (no train_config, world_size, "
         f"optimizer, scheduler, early_stopping, epoch, epoch_progress, best, training_seconds); start a new run from "
-        f"its weights with --finetune-from {run / 'checkpoint.pt'}")
+        f"its weights with finetune_from='{run / 'checkpoint.pt'}'")
 
 
 def test_a_signal_during_the_last_epochs_evaluation_lets_the_run_end_with_its_report(data, tmp_path, monkeypatch,

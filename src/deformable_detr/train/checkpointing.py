@@ -69,7 +69,8 @@ def save_training_checkpoint(
 def data_identity(dataset: CocoDataset) -> dict[str, Any]:
     """What identifies the data ``dataset`` holds, wherever it lies: its image and box counts, and a
     digest of its classes and of every image's file name, size and objects (class, box, crowd), in
-    the order training reads them. (Each format reads file names relative to the data set's folder.)"""
+    the order training reads them. The file names are as the split records them, relative to the data
+    set's folder (but where a YOLO list names images by absolute paths)."""
     coco = dataset.coco
     images = [coco.imgs[image_id] for image_id in dataset.ids]
     content = [
@@ -222,7 +223,8 @@ def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> 
     if differing:
         raise TrainingError(
             f"{path}: the run was trained with other settings: {', '.join(differing)}; resume with its settings "
-            f"(only {', '.join(map(setting, RESUMABLE_FIELDS))} may change) or start a new run in another output directory"
+            f"(only {', '.join(map(setting, RESUMABLE_FIELDS))} may change) or start a new run in another output "
+            f"directory"
         )
 
 
@@ -237,8 +239,8 @@ def _check_same_data(path: Path, recorded: dict[str, Any] | None, now: dict[str,
     (:func:`data_identity`; a run saved before this version recorded none, and is not checked)."""
     if recorded is None or recorded["sha256"] == now["sha256"]:
         return
-    then_counts, now_counts = (f"{data['images']} images and {data['boxes']} boxes" for data in (recorded, now))
-    differ = f"{then_counts} then, {now_counts} now" if then_counts != now_counts else f"{now_counts} as then, but other objects"
+    then, counts = (f"{data['images']} images and {data['boxes']} boxes" for data in (recorded, now))
+    differ = f"{then} then, {counts} now" if then != counts else f"{counts} as then, but other objects"
     raise TrainingError(
         f"{config.data}: its {config.train_split!r} split is not the one the run in {path} trained on ({differ}): "
         f"resume it on that data, or start a new run from its weights ({setting('finetune_from', str(path))})"

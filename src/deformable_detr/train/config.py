@@ -121,7 +121,8 @@ class TrainConfig:
                 raise ValueError(f"{setting('model_overrides')} {key}={setting_value(value)}: pass "
                                  f"{setting(key, value)} instead (the run sets the model's {key})")
             if key not in MODEL_OPTIONS:
-                raise ValueError(f"{setting('model_overrides')} {key}: not a model option; they are {', '.join(MODEL_OPTIONS)}")
+                raise ValueError(f"{setting('model_overrides')} {key}: not a model option; they are "
+                                 f"{', '.join(MODEL_OPTIONS)}")
 
     def model_config(self, num_classes: int) -> ModelConfig:
         """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.

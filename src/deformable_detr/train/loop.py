@@ -112,8 +112,8 @@ def _heads_by_id(heads: dict[str, Tensor], own: dict[str, Tensor], old_count: in
     ``own`` (new ones) where the class count differs; and the report."""
     if old_count == new_count:
         return heads, "every weight loaded"
-    return ({name: own[name] for name in heads},
-            f"class heads re-initialised for {new_count} classes (checkpoint had {old_count}): {', '.join(sorted(heads))}")
+    return ({name: own[name] for name in heads}, f"class heads re-initialised for {new_count} classes (checkpoint "
+                                                  f"had {old_count}): {', '.join(sorted(heads))}")
 
 
 def _rows_by_name(old_names: dict[int, str], new_names: dict[int, str]) -> dict[int, int]:
@@ -248,8 +248,9 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
         if is_main_process():
             path = best_path if improved else last_path
             save_training_checkpoint(path, model, config=config, class_names=train_set.category_names,
-                                     training_data=training_data, optimizer=optimizer, scheduler=scheduler, ema=ema, early_stopping=stopping,
-                                     epoch=epoch, progress=progress, best=best, training_seconds=training_seconds)
+                                     training_data=training_data, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                                     early_stopping=stopping, epoch=epoch, progress=progress, best=best,
+                                     training_seconds=training_seconds)
             if improved:
                 _copy_atomically(best_path, last_path)
         schedule.written()
@@ -475,8 +476,8 @@ def _validated(config: TrainConfig, splits: list[str]) -> bool:
 
 
 def _check_split_exists(config: TrainConfig, field: str, splits: list[str]) -> None:
-    """Refuse, before a split is read, the setting ``field`` where it names none of ``splits``: a
-    misspelt split would otherwise be found missing file by file, or, for validation, not at all."""
+    """Refuse, before any split is read, the setting ``field`` where it names none of ``splits``, with
+    their names: a misspelt one would otherwise fail later as a file not found."""
     name = getattr(config, field)
     if name not in splits:
         raise TrainingError(f"{setting(field, name)}: {config.data} has no such split (it has "

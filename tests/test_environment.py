@@ -72,6 +72,15 @@ def test_bfloat16_is_emulated_where_the_instruction_set_is_limited_below_it(monk
             assert not environment.native_bf16(torch.device("cpu"))
 
 
+def test_bfloat16_support_takes_a_device_name_as_torch_does(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    for variable in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(variable, raising=False)
+    assert environment.native_bf16("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not environment.native_bf16("cpu")
+
+
 def test_fused_gpu_kernel_status_per_visible_gpu(monkeypatch):
     assert dict(environment.report())["fused gpu kernel"] == "no GPU visible" or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

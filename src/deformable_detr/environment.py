@@ -45,10 +45,12 @@ def cpu_extensions() -> dict[str, bool]:
 _ISA_LIMITS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 in hardware (CUDA GPUs from Ampere on; CPUs with AMX
-    or AVX512-BF16, unless ``ONEDNN_MAX_CPU_ISA`` or ``ATEN_CPU_CAPABILITY`` keeps torch from using
-    them), where bf16 autocast makes training faster; elsewhere it is emulated, and slower."""
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` (a torch.device or its name: "cpu", "cuda:1") computes in bfloat16 in
+    hardware (CUDA GPUs from Ampere on; CPUs with AMX or AVX512-BF16, unless ``ONEDNN_MAX_CPU_ISA``
+    or ``ATEN_CPU_CAPABILITY`` keeps torch from using them), where bf16 autocast makes training
+    faster; elsewhere it is emulated, and slower."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     limited = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISA_LIMITS_WITHOUT_BF16

@@ -98,6 +98,13 @@ def test_class_names_and_image_size_travel_in_our_checkpoints(tmp_path, suffix):
     assert (checkpoint.class_names, checkpoint.image_size, checkpoint.extra) == ({1: "cat", 7: "dog"}, 320, {})
 
 
+def test_a_safetensors_file_is_as_readable_as_any_other_written(tmp_path):
+    model = build_model("tiny")
+    save_checkpoint(tmp_path / "model.pt", model)
+    save_checkpoint(tmp_path / "model.safetensors", model)  # safetensors replaces the file it is given with a private one
+    assert (tmp_path / "model.safetensors").stat().st_mode == (tmp_path / "model.pt").stat().st_mode
+
+
 def test_ours_named_like_a_hugging_face_file_reads_as_ours_beside_any_config_json(tmp_path):
     save_checkpoint(tmp_path / "model.safetensors", build_model("tiny", num_classes=5), class_names={1: "cat"})
     (tmp_path / "config.json").write_text('{"learning_rate": 0.001}')  # another tool's, in the same folder

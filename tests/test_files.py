@@ -17,10 +17,23 @@ from deformable_detr import files
 from deformable_detr.files import LockHeld, atomic_write, exclusive_lock
 
 
-def test_written_file_has_the_permissions_of_any_new_file(tmp_path):
+def write_into(temporary):
+    temporary.write_text("x")
+
+
+def replace_with_a_private_file(temporary):
+    # As safetensors' save_file does: it writes a file of its own, private, and renames it onto the one given.
+    private = temporary.with_name("private")
+    private.write_text("x")
+    private.chmod(0o600)
+    os.replace(private, temporary)
+
+
+@pytest.mark.parametrize("writer", [write_into, replace_with_a_private_file])
+def test_written_file_has_the_permissions_of_any_new_file(tmp_path, writer):
     (tmp_path / "plain.txt").write_text("x")
     with atomic_write(tmp_path / "atomic.txt") as temporary:
-        temporary.write_text("x")
+        writer(temporary)
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
 
 

@@ -29,11 +29,14 @@ def cache_folder() -> Path:
 # Read once, at import: os.umask can only be read by setting it, which is not safe among threads.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# What a written file gets: the permissions any new file would, where mkstemp's are private.
+_NEW_FILE_MODE = 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is synced to the disk and renamed onto
+    """Yield a temporary path beside ``path``; on success it gets the permissions any new file gets
+    (whether the caller wrote into it or replaced it), is synced to the disk and renamed onto
     ``path``, and the rename synced too where the file system can sync a folder.
 
     On any error the temporary file is removed and ``path`` keeps its previous content. Where
@@ -47,6 +50,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         # Without the syncs a file system may write the rename before the data (XFS does): after a
         # power loss the name could hold an empty file, and the previous content be gone.
         try:
+            # Set once the writer is done: some replace the file rather than write into it
+            # (safetensors' save_file writes a private file of its own and renames it onto it).
+            os.chmod(temporary, _NEW_FILE_MODE)
             _sync(temporary)
             os.replace(temporary, path)
             _sync_folder(path.parent)
@@ -94,9 +100,7 @@ def _temporary_beside(path: Path) -> Path:
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
         raise _write_error(path, error) from error
-    os.close(descriptor)
-    # mkstemp makes the file private (0600); the result gets the permissions any new file would.
-    os.chmod(temporary, 0o666 & ~_UMASK)
+    os.close(descriptor)  # private (0600) while it is written, as mkstemp makes it
     return Path(temporary)
 
 

@@ -347,26 +347,39 @@ def test_a_whole_number_is_a_float_field(tmp_path):
     assert read_checkpoint(tmp_path / "dropout.pt").config.dropout == 0
 
 
-def test_convert_refuses_a_name_that_promises_another_format(tmp_path, capsys):
+@pytest.mark.parametrize("name, layout, read_as", [
+    ("model.safetensors", "ours", "deformable-detr"),
+    ("model.pt", "ours", "deformable-detr"),
+    ("model.pth", "reference", "reference"),
+    ("model-hf", "huggingface", "huggingface"),
+])  # fmt: skip
+def test_the_destinations_name_chooses_the_layout(tmp_path, capsys, name, layout, read_as):
+    # Of a width transformers can hold, as small as the tests' others.
+    save_checkpoint(tmp_path / "ours.pt", build_model("tiny", backbone_width=64, d_model=64, dim_feedforward=64))
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / name)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / name}: written in the {layout} layout\n"
+    assert read_checkpoint(tmp_path / name).source_format == read_as
+
+
+@pytest.mark.parametrize("name, to, problem", [
+    ("model.bin", [], "its name does not tell the layout to write: name it .safetensors or .pt (ours), .pth "
+                      "(reference) or a folder without a suffix (huggingface), or choose one with --to"),
+    ("model.safetensors", ["--to", "reference"], "the reference layout (--to reference) is a PyTorch file, not "
+                                                 ".safetensors; name it .pth, or choose --to ours for a .safetensors file"),
+    ("hf.pt", ["--to", "huggingface"], "the huggingface layout (--to huggingface) is a folder, not a .pt file; name "
+                                       "a folder without a suffix, or choose --to ours for a file"),
+])  # fmt: skip
+def test_convert_refuses_a_name_that_promises_another_format_naming_the_flag(tmp_path, capsys, name, to, problem):
     save_checkpoint(tmp_path / "ours.pt", build_model("tiny"))
-    # Ours converts to the reference layout by default: a PyTorch file that would be read as safetensors.
-    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "model.safetensors")]) == 1
-    assert capsys.readouterr().err == (
-        f"deformable-detr: error: {tmp_path / 'model.safetensors'}: the reference layout is a PyTorch file (.pth), "
-        "not .safetensors; choose the ours layout for a .safetensors file\n"
-    )
-    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "hf.pt"), "--to", "huggingface"]) == 1
-    assert capsys.readouterr().err == (
-        f"deformable-detr: error: {tmp_path / 'hf.pt'}: the huggingface layout is a folder, not a .pt file\n"
-    )
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / name), *to]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: {tmp_path / name}: {problem}\n"
     assert sorted(tmp_path.iterdir()) == [tmp_path / "ours.pt"]
-    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "model.safetensors"), "--to", "ours"]) == 0
 
 
 def test_convert_onto_a_folder_names_the_destination(tmp_path, capsys):
     save_checkpoint(tmp_path / "ours.pt", build_model("tiny"))
     (tmp_path / "cv").mkdir()
-    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "cv")]) == 1
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "cv"), "--to", "ours"]) == 1
     assert capsys.readouterr().err == f"deformable-detr: error: {tmp_path / 'cv'}: is a folder, not a file\n"
     assert sorted(tmp_path.iterdir()) == [tmp_path / "cv", tmp_path / "ours.pt"]
 

@@ -37,6 +37,9 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # files with messages about pickle opcodes ("101"), so they are told apart first.
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02")
 _CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+LAYOUTS = ("ours", "reference", "huggingface")
+# The layout a conversion writes where none is chosen, by the destination's suffix (none: a folder).
+_LAYOUT_OF_SUFFIX = {".safetensors": "ours", ".pt": "ours", ".pth": "reference", "": "huggingface"}
 # Released reference checkpoints pickle their training flags as an argparse.Namespace. It is the
 # only class allowed on top of weights-only loading: a plain attribute bag, safe to rebuild.
 _SAFE_CLASSES = (argparse.Namespace,)
@@ -230,10 +233,12 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     transformers' ``save_pretrained`` writes, see :func:`~deformable_detr.huggingface.save_huggingface`);
     returns the layout written.
 
-    By default the reference and Hugging Face formats become ours, and ours becomes the
-    reference layout. What is written is the model alone: its weights (a training checkpoint's
-    average of the weights where it has one), with the class names where the layout has a place
-    for them (ours, Hugging Face) and the image size where the source records it. A Hugging Face
+    By default the destination's name chooses: ``.safetensors`` or ``.pt`` ours, ``.pth`` the
+    reference layout, a name without a suffix a Hugging Face folder; another name is refused.
+
+    What is written is the model alone: its weights (a training checkpoint's average of the
+    weights where it has one), with the class names where the layout has a place for them (ours,
+    Hugging Face) and the image size where the source records it. A Hugging Face
     folder's image processor needs a size: where the source records none, it gets the published
     one. Training state is never written, whatever the destination's suffix: a converted ``.pt``
     does not resume a run.
@@ -241,32 +246,44 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     Raises:
         CheckpointError: the source cannot be read, or the layout cannot hold its model (a
             backbone timm has no equivalent for, in a Hugging Face folder).
+        ValueError: an unknown layout, or a destination whose name promises another (or no) layout.
     """
+    destination = Path(destination)
+    layout = layout or _layout_named_by(destination)
+    _check_destination(destination, layout)
     checkpoint = read_checkpoint(source)
-    layout = layout or ("reference" if checkpoint.source_format == FORMAT else "ours")
-    _check_destination(Path(destination), layout)
     model = checkpoint.build_model()
     if layout == "reference":
         save_reference_checkpoint(destination, model, image_size=checkpoint.image_size)
     elif layout == "ours":
         save_checkpoint(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.image_size)
-    elif layout == "huggingface":
+    else:
         try:
             save_huggingface(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.input_size)
         except ValueError as error:
             raise CheckpointError(f"{source}: {error}") from None
-    else:
-        raise ValueError(f"unknown checkpoint layout {layout!r}; choose 'ours', 'reference' or 'huggingface'")
+    return layout
+
+
+def _layout_named_by(destination: Path) -> str:
+    layout = _LAYOUT_OF_SUFFIX.get(destination.suffix)
+    if layout is None:
+        raise ValueError(f"{destination}: its name does not tell the layout to write: name it .safetensors or .pt "
+                         "(ours), .pth (reference) or a folder without a suffix (huggingface), or choose one with --to")
     return layout
 
 
 def _check_destination(destination: Path, layout: str) -> None:
-    """Refuse a name that promises another format than ``layout``'s, which reading it back would assume."""
+    """Refuse an unknown layout, or a name that promises another format than ``layout``'s, which
+    reading it back would assume."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "reference" and destination.suffix == ".safetensors":
-        raise ValueError(f"{destination}: the reference layout is a PyTorch file (.pth), not .safetensors; "
-                         "choose the ours layout for a .safetensors file")
+        raise ValueError(f"{destination}: the reference layout (--to reference) is a PyTorch file, not .safetensors; "
+                         "name it .pth, or choose --to ours for a .safetensors file")
     if layout == "huggingface" and destination.suffix in _CHECKPOINT_FILE_SUFFIXES:
-        raise ValueError(f"{destination}: the huggingface layout is a folder, not a {destination.suffix} file")
+        raise ValueError(f"{destination}: the huggingface layout (--to huggingface) is a folder, not a "
+                         f"{destination.suffix} file; name a folder without a suffix, or choose --to ours for a file")
 
 
 def _first_problem(error: RuntimeError) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import __version__, export
-from .checkpoints import load_pretrained, read_checkpoint
+from .checkpoints import LAYOUTS, load_pretrained, read_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .data.formats import FORMATS
 from .data.synthetic import synthesize
@@ -383,14 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--opset", type=int, help=f"ONNX opset, {export.MIN_OPSET} to {export.MAX_OPSET} (default: the exporter's)")
     exporter.set_defaults(run=_export, **_keyword_defaults(export.export_model))
 
-    convert = commands.add_parser("convert", help="rewrite a checkpoint: reference or Hugging Face -> ours, ours -> reference "
-                                                  "or Hugging Face",
+    convert = commands.add_parser("convert", help="rewrite a checkpoint (ours, reference or Hugging Face) in the layout "
+                                                  "the destination's name tells, or --to",
                                       epilog="The formats and what survives each: docs/checkpoints.md; the transformers "
                                              "folder: docs/export.md")
     convert.add_argument("source")
-    convert.add_argument("destination", help="ours: .safetensors (weights) or .pt; reference: .pth; huggingface: a folder")
-    convert.add_argument("--to", choices=["ours", "reference", "huggingface"],
-                         help="default: ours, or reference when the source is ours")
+    convert.add_argument("destination", help="its name chooses the layout: .safetensors or .pt ours, .pth reference, "
+                                             "a folder (a name without a suffix) huggingface")
+    convert.add_argument("--to", choices=LAYOUTS, help="the layout to write (default: the one the destination's name chooses)")
     convert.set_defaults(run=_convert)
 
     synthesizer = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format",

@@ -530,8 +530,11 @@ def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_
 
     save_checkpoint(tmp_path / "narrow.pt", build_model("tiny", **{**OURS_SMALL, "backbone_width": 32}))
     assert main(["convert", str(tmp_path / "narrow.pt"), str(tmp_path / "narrow"), "--to", "huggingface"]) == 1
-    assert capsys.readouterr().err.strip().endswith("narrow.pt: backbone width 32 has no timm equivalent: timm's "
-                                                    "ResNets have width 64")
+    assert capsys.readouterr().err == (
+        f"deformable-detr: error: {tmp_path / 'narrow.pt'}: backbone width 32 has no timm equivalent (timm's ResNets "
+        "have width 64): transformers holds a model trained at width 64 (every preset but tiny; --model-option "
+        "backbone_width=64), and this one can be exported to ONNX instead (deformable-detr export)\n"
+    )
     assert not (tmp_path / "narrow").exists()
 
 

@@ -524,7 +524,9 @@ def _require_published(config: ModelConfig) -> None:
     if config.backbone not in _TIMM_RESNETS:
         raise ValueError(f"backbone {config.backbone} has no timm equivalent: expected one of {', '.join(sorted(_TIMM_RESNETS))}")
     if config.backbone_width != 64:
-        raise ValueError(f"backbone width {config.backbone_width} has no timm equivalent: timm's ResNets have width 64")
+        raise ValueError(f"backbone width {config.backbone_width} has no timm equivalent (timm's ResNets have width 64): "
+                         "transformers holds a model trained at width 64 (every preset but tiny; --model-option "
+                         "backbone_width=64), and this one can be exported to ONNX instead (deformable-detr export)")
 
 
 def preprocessor_config(image_size: int) -> dict[str, Any]:

@@ -63,7 +63,8 @@ def export_model(
     ONNX: input ``images`` (batch, 3, height, width), outputs ``pred_logits`` and ``pred_boxes``,
     all three sizes dynamic; ``opset`` (``MIN_OPSET`` to ``MAX_OPSET``) defaults to the exporter's own.
     The file is written atomically and holds the weights (no external data file). The model is
-    exported in eval mode and left in the mode it was in.
+    exported in eval mode and left in the mode it was in. A line naming each of the export's long
+    steps (tracing and translating the model, optimising the graph) is printed as it starts.
 
     Raises:
         ExportError: an unknown format, an opset the exporter cannot write, or a failure writing
@@ -78,7 +79,7 @@ def export_model(
     # The temporary file is created before the (long) export, so an unwritable path fails at once.
     with atomic_write(path) as temporary:
         try:
-            written = _export_onnx(model, temporary, opset=opset)
+            written = _export_onnx(model, temporary, opset=opset, destination=path)
         except OSError as error:  # writing the temporary file, which the user never named
             raise ExportError(f"{path}: cannot write the ONNX file: {error.strerror or error}") from error
         # The exporter logs a failed conversion and writes the graph in the opset it has instead.
@@ -87,28 +88,33 @@ def export_model(
     return path
 
 
-def _export_onnx(model: DeformableDETR, path: Path, *, opset: int | None) -> int:
-    """Write the ONNX file; returns the opset it was written in."""
+def _export_onnx(model: DeformableDETR, temporary: Path, *, opset: int | None, destination: Path) -> int:
+    """Write the ONNX file for ``destination`` into ``temporary``, with a line naming each long step
+    as it starts; returns the opset it was written in."""
     # Batch 2 and every feature map at least 2 x 2 (the coarsest one is 4 x 5 at stride 64): the
     # trace would assume a size of 1 stays 1. The values are never read (fake tensors).
     device = next(model.parameters()).device
     example = torch.zeros(2, 3, 256, 320, device=device)
     # The fused CPU kernel is an opaque custom op with no ONNX counterpart; the reference
     # implementation is made of grid_sample and tensor arithmetic, which ONNX has.
-    with evaluating(model), use_implementation("reference"), torch.no_grad(), _quiet_onnx_optimizer():
+    with evaluating(model), use_implementation("reference"), torch.no_grad():
+        print(f"{destination}: tracing the model (torch.export) and translating it to ONNX", flush=True)
         program = torch.onnx.export(
             _Predictions(model).eval(),
             (example,),
-            path,
             dynamo=True,  # the TorchScript exporter freezes the level sizes to the example's
             input_names=["images"],
             output_names=["pred_logits", "pred_boxes"],
             # Named dimensions become Dim.DYNAMIC: an error if the trace fixed them to the example's.
             dynamic_shapes={"images": {0: "batch", 2: "height", 3: "width"}},
             opset_version=opset,
-            external_data=False,
+            optimize=False,  # run below, as a step of its own
             verbose=False,
         )
+    print(f"{destination}: optimising the graph (onnxscript)", flush=True)
+    with _quiet_onnx_optimizer():
+        program.optimize()
+    program.save(temporary, external_data=False)
     return program.model.opset_imports[""]
 
 

@@ -72,7 +72,8 @@ def _add_feed_forward(
         hidden = dropout(F.relu(linear1(block), inplace=True))
         return output_dropout(linear2(hidden)).add_(block)
 
-    if not (x.device.type == "cpu" and len(rows) > FEED_FORWARD_ROWS and eager_inference()):
+    # eager_inference first: under torch.export len() of a dynamic size would fix it to the traced one.
+    if not (eager_inference() and x.device.type == "cpu" and len(rows) > FEED_FORWARD_ROWS):
         return add_feed_forward(rows).view(x.shape)
     return torch.cat([add_feed_forward(block) for block in rows.split(FEED_FORWARD_ROWS)]).view(x.shape)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from conftest import torch_threads
 
 import deformable_detr
@@ -503,3 +504,17 @@ def test_torchrun_stops_cleanly_restarts_a_group_whose_worker_died_and_ends_as_t
     assert main(["train", *arguments(data, run, "--batch-size", "1", "--resume", "--epochs", "3")]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "the run was trained by 2 process(es), now 1: resume it with 2" in error
+
+
+def test_a_resumed_run_does_not_read_its_backbone_weights_again(data, tmp_path):
+    # Its checkpoint holds them: a file since moved, or a name a node without internet cannot
+    # download, does not stop the resume, and its checkpoints still name the weights it started from.
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    run = config(data, tmp_path / "run", epochs=1, val_split=None, backbone_weights=str(weights),
+                 model_overrides={**MODEL, "backbone_width": 64})
+    train(run)
+    weights.unlink()
+    train(dataclasses.replace(run, epochs=2, resume=True))
+    assert position(tmp_path / "run") == (2, 0)
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt").config.backbone_weights == str(weights)

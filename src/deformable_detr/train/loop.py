@@ -4,6 +4,7 @@ checkpoints, logs and resumption (DETR's ``main.py``; one epoch is :mod:`.engine
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import shutil
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..checkpoints import read_checkpoint
+from ..config import ModelConfig
 from ..data import (
     CocoDataset,
     ImageProbe,
@@ -100,6 +102,17 @@ def _finetune(model: DeformableDETR, path: str, class_names: dict[int, str]) -> 
     if model.config.mixed_query_selection:
         model.transformer.clear_content_gain()
     return f"fine-tuning from {path}: {report}"
+
+
+def _build(model_config: ModelConfig, *, resuming: bool) -> DeformableDETR:
+    """The model of ``model_config``. A resumed run's weights all come from its checkpoint, so its
+    backbone's starting weights are not read, nor downloaded (a cluster node may have no internet)
+    only to be replaced; its config still names them, for the checkpoints it writes."""
+    if not resuming:
+        return build_model(model_config)
+    model = build_model(dataclasses.replace(model_config, backbone_weights=None))
+    model.config = model_config
+    return model
 
 
 def _is_class_tensor(name: str) -> bool:
@@ -220,7 +233,7 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
     if config.num_classes is not None and config.num_classes < train_set.num_classes:
         raise TrainingError(f"{config.data}: category ids go up to {train_set.num_classes - 1}, so {setting('num_classes')} "
                             f"must be at least {train_set.num_classes}, not {config.num_classes}")
-    model = build_model(config.model_config(config.num_classes or train_set.num_classes)).to(device)
+    model = _build(config.model_config(config.num_classes or train_set.num_classes), resuming=resuming).to(device)
     if is_distributed() and device.type == "cuda":
         # Batch norm over the global batch. torch's SyncBatchNorm needs an accelerator (its training
         # forward raises on CPU tensors), so on the CPU each process normalises by its own share of

@@ -578,8 +578,10 @@ def test_the_notebook_frame_runs_the_page_in_its_sandbox(browser, page, tmp_path
     # Its script is its own: the notebook's window has no explore object, and the frame cannot reach the notebook.
     assert tab.evaluate("typeof window.explore") == "undefined"
     assert frame.evaluate("(() => { try { return window.parent.document.title; } catch { return 'refused'; } })()") == "refused"
-    box = tab.locator("iframe").bounding_box()
-    tab.mouse.move(box["x"] + 100, box["y"] + 250)
+    # The picture's place in the notebook's viewport, once the frame has laid it out.
+    box = frame.locator("#picture").bounding_box()
+    tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    frame.wait_for_function("window.explore.drawn.points.length > 0")
     assert len(frame.evaluate("window.explore.drawn.points")) == 8 * 4 * 4
     tab.close()
     assert errors == []

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .checkpoints import Checkpoint, read_checkpoint
 from .checks import check_count
 from .data import CocoDataset, data_loader, load_split, recipe
-from .data.coco import coco_index
+from .data.coco import class_key, coco_index
 from .distributed import gather_objects, is_main_process, setup_distributed
 from .files import atomic_write
 from .model import evaluating, postprocess
@@ -223,7 +223,7 @@ def _check_classes(
                          f"{dataset.num_classes - 1}")
     for identifier, name in sorted((class_names or {}).items()):
         other = dataset.category_names.get(identifier)
-        if other is not None and other.strip().lower() != name.strip().lower():
+        if other is not None and class_key(other) != class_key(name):
             raise ValueError(f"{checkpoint}: class {identifier} is {name!r} there but {other!r} in {where}")
 
 

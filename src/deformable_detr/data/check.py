@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .coco import CocoDataset, DatasetError, Problem, Split, Transforms, object_area, size_problem
+from .coco import (
+    CocoDataset,
+    DatasetError,
+    Problem,
+    Split,
+    Transforms,
+    category_names,
+    class_key,
+    object_area,
+    size_problem,
+)
 from .formats import detect_format, read_split, require_split, split_names
 from .images import EXIF_TURNS, ImageProbe
 
@@ -71,10 +81,10 @@ def _class_labels(names: dict[int, str]) -> dict[int, str]:
 
 
 def _ids_by_name(names: dict[int, str]) -> dict[str, list[int]]:
-    """The category ids of each name, compared as evaluation compares them: whatever the case and spaces around."""
+    """The category ids of each name, compared as evaluation compares them (:func:`~.coco.class_key`)."""
     ids: dict[str, list[int]] = defaultdict(list)
     for category, name in names.items():
-        ids[str(name).strip().lower()].append(category)
+        ids[class_key(name)].append(category)
     return ids
 
 
@@ -120,7 +130,7 @@ def check_split(split: Split, probe: ImageProbe) -> SplitReport:
         # Nothing to train on or evaluate. An empty folder or list is a mistake, not a choice: a data
         # set without validation has no validation split at all.
         report.problems.append(Problem(f"{split.annotation_file}: the {split.name} split has no images"))
-    report.class_names = {category["id"]: category.get("name", str(category["id"])) for category in data["categories"]}
+    report.class_names = category_names(data)
     report.classes = dict.fromkeys(report.class_names, 0)
     report.problems += _shared_names(report.class_names, split.annotation_file)
     images = {}

@@ -275,7 +275,7 @@ class CocoDataset(Dataset):
                        for number, annotation in enumerate(data["annotations"], start=1)]
         self.coco = coco_index({**data, "annotations": annotations})
         self.ids = sorted(self.coco.imgs)
-        self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
+        self.category_names = category_names(data)
         self.num_classes = max(self.category_names) + 1
         self.transforms = transforms if transforms is not None else model_input()
 
@@ -312,6 +312,16 @@ class CocoDataset(Dataset):
         if problem is not None:
             raise DatasetError(problem)
         return image
+
+
+def category_names(data: dict[str, Any]) -> dict[int, str]:
+    """Each category id of the COCO instances ``data`` with its name (its id, where it has none)."""
+    return {category["id"]: category.get("name", str(category["id"])) for category in data["categories"]}
+
+
+def class_key(name: object) -> str:
+    """A class name as classes are told apart by name: whatever its case and the spaces around it."""
+    return str(name).strip().lower()
 
 
 def object_area(annotation: dict[str, Any]) -> float:

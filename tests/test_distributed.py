@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -230,6 +231,31 @@ def test_processes_that_find_different_checkpoints_all_stop_in_one_line(tmp_path
         f"run/checkpoint.pt: the processes find different files there (0.0 MB written {written:%Y-%m-%d %H:%M:%S} on "
         f"{host}; none on {host}): the output directory must be one folder that every node shares, as the main "
         f"process alone writes it")]
+
+
+def first_run_worker(rank: int, rendezvous: str, results: dict, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        os.chdir(Path(folder) / f"node{rank}")  # the same name, each process's own folder
+        try:
+            train(TrainConfig(data="nowhere", output_dir="run"))
+        except TrainingError as error:
+            results[rank] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_first_run_on_each_nodes_own_disk_stops_before_it_begins(tmp_path):
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    results = in_two_processes(first_run_worker, tmp_path, str(tmp_path))
+    host = socket.gethostname()
+    assert results[0] == results[1]
+    assert re.fullmatch(
+        rf"run: the processes on {host} do not find the lock the main process holds there \(run/\.lock, process "
+        rf"\d+ on {host}\): the output directory must be one folder that every node shares, as the main process "
+        rf"alone writes it", results[0])
+    assert not (tmp_path / "node0" / "run").exists()  # made by the run, which wrote nothing there
 
 
 def test_sync_batch_norm_checkpoints_load_as_batch_norm(tmp_path):

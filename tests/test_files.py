@@ -138,11 +138,12 @@ def test_a_disk_that_fails_the_sync_fails_the_write_in_one_line_naming_the_file(
 def test_a_lock_is_refused_to_another_holder_named_in_it_until_let_go(tmp_path):
     path = tmp_path / ".lock"
     # Two opens of the file: flock's locks conflict between them as between processes.
-    with exclusive_lock(path):
+    with exclusive_lock(path) as holder:
+        assert holder == path.read_text() == f"process {os.getpid()} on {socket.gethostname()}"
         with pytest.raises(LockHeld) as held:
             with exclusive_lock(path):
                 pytest.fail("locked twice")
-    assert held.value.holder == f"process {os.getpid()} on {socket.gethostname()}"
+    assert held.value.holder == holder
     with exclusive_lock(path):
         pass
 
@@ -166,8 +167,8 @@ def test_without_locks_the_block_runs_unlocked_with_a_warning_where_the_file_sys
 
     monkeypatch.setattr(files.fcntl, "flock", unsupported)
     with pytest.warns(UserWarning) as warned:
-        with exclusive_lock(tmp_path / ".lock"):
-            pass
+        with exclusive_lock(tmp_path / ".lock") as holder:
+            assert holder is None  # nothing another process could check it by
     assert [str(warning.message) for warning in warned] == [
         f"{tmp_path / '.lock'}: not locked, as its file system keeps no locks (Function not implemented): nothing "
         f"keeps another process out"]
@@ -175,5 +176,5 @@ def test_without_locks_the_block_runs_unlocked_with_a_warning_where_the_file_sys
     monkeypatch.setattr(files, "fcntl", None)  # Windows
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with exclusive_lock(tmp_path / "windows.lock"):
-            pass
+        with exclusive_lock(tmp_path / "windows.lock") as holder:
+            assert holder is None

@@ -143,10 +143,12 @@ class LockHeld(OSError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[str | None]:
     """Hold an exclusive lock on the file ``path`` (made where missing) for the block, with this
     process's id and host written in it for another process to name; where another process holds
-    it, wait up to ``wait`` seconds for it to let go.
+    it, wait up to ``wait`` seconds for it to let go. Yields what it wrote there (None where it took
+    no lock), on the file system by then: what a process on another node reads there where the
+    folder is one they share.
 
     The lock is ``flock``'s: the system lets go of it when its process ends however it ends (and its
     forked children, which share it, have ended), so none is ever left stale. On Windows no lock is
@@ -156,19 +158,21 @@ def exclusive_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[No
         LockHeld: another process holds it still after ``wait`` seconds.
     """
     if fcntl is None:
-        yield
+        yield None
         return
     path = Path(path)
     # Written in place, not by atomic_write: the lock belongs to this file, which a rename would replace.
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         if not _lock(descriptor, path, wait):
-            yield
+            yield None
             return
+        holder = f"process {os.getpid()} on {socket.gethostname()}"
         os.ftruncate(descriptor, 0)  # a killed holder's name
-        os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        os.pwrite(descriptor, holder.encode(), 0)
+        os.fsync(descriptor)  # NFS keeps a write in its client until then
         try:
-            yield
+            yield holder
         finally:
             os.ftruncate(descriptor, 0)
             # Released for the forked children that share it too (loader workers), which closing would not do.

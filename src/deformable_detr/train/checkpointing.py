@@ -111,6 +111,10 @@ _RESUMED = ("train_config", "world_size", "optimizer", "scheduler", "early_stopp
             "best", "training_seconds")
 
 
+# Why every process must find what the main process writes, for messages.
+ONE_SHARED_FOLDER = "the output directory must be one folder that every node shares, as the main process alone writes it"
+
+
 def found_by_every_process(path: Path) -> bool:
     """Whether the checkpoint ``path`` exists, every process finding the same file there (by its size
     and modification time, which tell one write from another).
@@ -122,8 +126,7 @@ def found_by_every_process(path: Path) -> bool:
     found = hosts_by_value(_identity(path))
     if len(found) > 1:
         views = "; ".join(f"{_describe(identity)} on {', '.join(hosts)}" for identity, hosts in found.items())
-        raise TrainingError(f"{path}: the processes find different files there ({views}): the output directory "
-                            f"must be one folder that every node shares, as the main process alone writes it")
+        raise TrainingError(f"{path}: the processes find different files there ({views}): {ONE_SHARED_FOLDER}")
     return next(iter(found)) is not None
 
 

@@ -36,6 +36,7 @@ from ..data import (
 from ..distributed import (
     any_process,
     describe_world,
+    hosts_by_value,
     is_distributed,
     is_main_process,
     main_process_decides,
@@ -49,6 +50,7 @@ from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_
 from ..files import LockHeld, atomic_write, exclusive_lock, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
 from .checkpointing import (
+    ONE_SHARED_FOLDER,
     CheckpointSchedule,
     ResumePoint,
     data_identity,
@@ -186,8 +188,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _print(describe_world())
     output_dir = Path(config.output_dir)
     made = _make_folder(output_dir)
-    with _output_dir_held(output_dir, wait=OUTPUT_LOCK_WAIT_SECONDS if config.resume else 0.0):
+    with _output_dir_held(output_dir, wait=OUTPUT_LOCK_WAIT_SECONDS if config.resume else 0.0) as holder:
         try:
+            _held_for_every_process(output_dir / ".lock", holder)
             return _train(config, device, output_dir)
         except BaseException:
             if made is not None and is_main_process():
@@ -384,22 +387,39 @@ OUTPUT_LOCK_WAIT_SECONDS = 60.0
 
 
 @contextlib.contextmanager
-def _output_dir_held(output_dir: Path, *, wait: float) -> Iterator[None]:
+def _output_dir_held(output_dir: Path, *, wait: float) -> Iterator[str | None]:
     """Hold ``output_dir`` for the block, by the main process's lock on its ``.lock``, taken within
-    ``wait`` seconds; where another process holds it, every process raises :class:`TrainingError`."""
+    ``wait`` seconds; where another process holds it, every process raises :class:`TrainingError`.
+    Yields, on every process, what the main process wrote in the lock (None where it took none)."""
     with contextlib.ExitStack() as held:
-        refusal = None
+        refusal = holder = None
         if is_main_process():
             try:
-                held.enter_context(exclusive_lock(output_dir / ".lock", wait=wait))
+                holder = held.enter_context(exclusive_lock(output_dir / ".lock", wait=wait))
             except LockHeld as lock:
                 still = f" still after {wait:g} s" if wait else ""
                 refusal = (f"{output_dir}: another run is writing there{still} ({lock.holder} holds {lock.path}): "
                            f"let it end, or use another output directory")
-        refusal = main_process_decides(refusal)
+        refusal, holder = main_process_decides((refusal, holder))
         if refusal is not None:
             raise TrainingError(refusal)
-        yield
+        yield holder
+
+
+def _held_for_every_process(lock: Path, holder: str | None) -> None:
+    """Refuse a run whose processes do not all find the main process's ``holder`` in ``lock``: nodes
+    that each write their own disk, caught before the first epoch rather than at a resume
+    (:func:`~.checkpointing.found_by_every_process`). Nothing to compare where no lock was taken."""
+    if holder is None:
+        return
+    try:
+        found = lock.read_text()
+    except FileNotFoundError:
+        found = None
+    elsewhere = [host for seen, hosts in hosts_by_value(found).items() if seen != holder for host in hosts]
+    if elsewhere:
+        raise TrainingError(f"{lock.parent}: the processes on {', '.join(elsewhere)} do not find the lock the main "
+                            f"process holds there ({lock}, {holder}): {ONE_SHARED_FOLDER}")
 
 
 def _why_complete(start: ResumePoint, stopping: EarlyStopping, config: TrainConfig, batches: int) -> str | None:

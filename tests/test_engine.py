@@ -413,6 +413,16 @@ def test_settings_that_cannot_go_together_or_name_nothing_are_refused(data, tmp_
     assert config(data, tmp_path / "run", lr_schedule="flat-cosine", lr_drop_epoch=0).lr_drop_epoch == 0
 
 
+@pytest.mark.parametrize("option, parsed, flag", [("two_stage=false", "two_stage=False", "--two-stage"),
+                                                 ("num_queries=100", "num_queries=100", "--num-queries 300")])
+def test_a_model_option_and_its_own_flag_that_disagree_are_refused(data, tmp_path, capsys, option, parsed, flag):
+    """The flag used to win, silently."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output-dir", str(run), "--model-option", option, *flag.split()]) == 1
+    assert capsys.readouterr().err == f"deformable-detr: error: --model-option {parsed} and {flag} disagree: give one of them\n"
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("option, value, flag", [("num_classes", 3, "--num-classes"),
                                                  ("backbone_weights", "DEFAULT", "--backbone-weights")])
 def test_model_options_the_run_sets_itself_are_refused_naming_their_flag(data, tmp_path, capsys, option, value, flag):

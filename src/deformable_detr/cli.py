@@ -130,8 +130,20 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The flags given (one left out is None), with a resumed run's recorded settings for those left out."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     given = {key: value for key, value in vars(args).items() if key in fields and value is not None}
+    options = dict(args.model_option or [])
     named = {flag: getattr(args, flag) for flag in _MODEL_FLAGS if getattr(args, flag) is not None}
-    return with_recorded_settings({**given, "model_overrides": {**dict(args.model_option or []), **named}})
+    for key, value in named.items():
+        if key in options and options[key] != value:
+            raise ValueError(f"--model-option {key}={options[key]} and {_model_flag(key, value)} disagree: give one of them")
+    return with_recorded_settings({**given, "model_overrides": {**options, **named}})
+
+
+def _model_flag(key: str, value: Any) -> str:
+    """How a model flag gives ``key`` ``value`` on the command line: ``--no-two-stage``, ``--num-queries 300``."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -257,6 +257,17 @@ def test_weights_that_do_not_fit_their_config(tmp_path):
         load_pretrained(tmp_path / "mismatch.pt")
 
 
+def test_weights_that_do_not_fit_are_counted_not_listed(tmp_path):
+    # torch's message names every missing weight: a whole encoder layer's here, hundreds for another backbone.
+    model = build_model("tiny")
+    config = {**model.config.to_dict(), "encoder_layers": model.config.encoder_layers + 1}
+    torch.save({"format": "deformable-detr", "config": config, "model": model.state_dict()}, tmp_path / "short.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained(tmp_path / "short.pt")
+    assert re.fullmatch(r".*short.pt: weights do not fit the model it describes: \d+ weights differ, "
+                        r"the first: transformer\.encoder\.layers\.2\.\S+ \(missing\)", str(error.value))
+
+
 @pytest.mark.parametrize(
     "content, problem",
     [

@@ -90,7 +90,10 @@ class Checkpoint:
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as error:
-            raise CheckpointError(f"{self.path}: weights do not fit the model it describes: {_first_problem(error)}") from None
+            # torch's message lists every weight that differs (thousands of characters for a checkpoint
+            # of another backbone); the count and the first one say it in a line.
+            problem = _weights_mismatch(self.state_dict, model) or _first_problem(error)
+            raise CheckpointError(f"{self.path}: weights do not fit the model it describes: {problem}") from None
         return model.to(device).eval()
 
 
@@ -196,13 +199,22 @@ def _unloadable_part(value: object, where: str, seen: set[int] | None = None) ->
 
 def _check_fits(weights: Mapping[str, Tensor], model: DeformableDETR, what: str) -> None:
     # load_pretrained loads them with strict=True: the same names, each of the same shape.
+    problem = _weights_mismatch(weights, model)
+    if problem:
+        raise ValueError(f"{what} does not fit the model: {problem}")
+
+
+def _weights_mismatch(weights: Mapping[str, Tensor], model: DeformableDETR) -> str | None:
+    """How many of ``weights`` differ from ``model``'s in name or shape, and the first of them; None
+    where they fit."""
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     found = {name: tensor.shape for name, tensor in weights.items()}
     different = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
-    if different:
-        first = different[0]
-        problem = "missing" if first not in found else "not the model's" if first not in expected else "of another shape"
-        raise ValueError(f"{what} does not fit the model: {len(different)} weights differ, the first: {first} ({problem})")
+    if not different:
+        return None
+    first = different[0]
+    problem = "missing" if first not in found else "not the model's" if first not in expected else "of another shape"
+    return f"{len(different)} weights differ, the first: {first} ({problem})"
 
 
 def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

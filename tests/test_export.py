@@ -200,6 +200,12 @@ def test_unwritable_path_fails_with_one_line(tmp_path):
     assert str(error.value) == f"{blocker / 'model.onnx'}: {blocker} is a file, not a folder"
 
 
+def test_a_checkpoint_path_for_the_model_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(TypeError, match=r"model is a PosixPath; .* load_pretrained\(path\) reads a checkpoint file"):
+        export_model(tmp_path / "best.pt", tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failed_write_names_the_file_not_the_temporary_one(tmp_path, monkeypatch):
     full_disk = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/the/temporary/file")
     monkeypatch.setattr(torch.onnx, "export", fake_export(FakeProgram(save_error=full_disk)))

@@ -413,6 +413,12 @@ def test_missing_key_is_named(small_base):
             state_dict_from_huggingface(broken, config)
 
 
+def test_a_checkpoint_path_for_the_model_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(TypeError, match=r"model is a str; .* load_pretrained\(path\) reads a checkpoint file"):
+        save_huggingface(tmp_path / "hf", "runs/best.pt")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_unexpected_key_is_named(small_base):
     state_dict, config = small_base
     for extra in ["model.encoder.layers.0.extra.weight", "model.encoder.layers.7.mlp.fc1.weight", "bbox_embed.0.layers.3.bias"]:

@@ -227,6 +227,16 @@ def test_images_the_model_cannot_take_are_refused_before_it_runs(detector, image
         detector.predict(image)
 
 
+@pytest.mark.parametrize("model, message", [
+    ("runs/best.pt", "model is a str; expected a DeformableDETR (from build_model or load_pretrained); "
+                     "Detector.from_checkpoint(path) reads a checkpoint file"),
+    (torch.nn.Linear(2, 2), "model is a Linear; expected a DeformableDETR (from build_model or load_pretrained)"),
+], ids=["path", "module"])
+def test_a_detector_of_something_other_than_a_model_is_refused_in_one_line(model, message):
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        Detector(model)
+
+
 def test_a_float_image_a_little_outside_its_range_is_clamped_as_a_resize_leaves_it(detector):
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     overshot = image.clone()

@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .environment import usable_device
 from .files import atomic_write
 from .huggingface import config_from_huggingface, save_huggingface, state_dict_from_huggingface
-from .model import DeformableDETR, build_model
+from .model import DeformableDETR, build_model, check_model
 from .reference import PUBLISHED_IMAGE_SIZE, config_from_reference, reference_payload, released_class_names
 
 FORMAT = "deformable-detr"
@@ -117,7 +117,7 @@ def save_checkpoint(
         ValueError: an argument :func:`read_checkpoint` would refuse to read back, named; nothing is written.
     """
     path = Path(path)
-    _check_model(model)
+    check_model(model)
     if path.suffix == ".safetensors" and extra:
         raise ValueError(f"{path}: a .safetensors checkpoint holds weights only; use .pt for {sorted(extra)}")
     # Stored as the reader returns them, so that what is written is what it reads back.
@@ -141,7 +141,7 @@ def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR, *,
         TypeError: ``model`` is not a DeformableDETR.
         ValueError: ``image_size`` is not a positive integer; nothing is written.
     """
-    _check_model(model)
+    check_model(model)
     payload = reference_payload(model, image_size=_image_size(image_size))
     with atomic_write(path) as temporary:
         _torch_save(payload, temporary, path)
@@ -153,12 +153,6 @@ def _torch_save(payload: dict[str, Any], temporary: Path, path: Path) -> None:
         torch.save(payload, temporary)
     except RuntimeError as error:  # torch's archive writer reports a short write (a full disk) so
         raise OSError(f"{path}: cannot be written ({error})") from None
-
-
-def _check_model(model: object) -> None:
-    # Anything else fails deep inside, on the config or the weights' names it lacks.
-    if not isinstance(model, DeformableDETR):
-        raise TypeError(f"model is a {type(model).__name__}; expected a DeformableDETR (from build_model or load_pretrained)")
 
 
 def _check_extra(extra: Mapping[str, object], model: DeformableDETR) -> None:

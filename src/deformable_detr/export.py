@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .files import atomic_write
-from .model import DeformableDETR, evaluating
+from .model import DeformableDETR, check_model, evaluating
 from .ops import use_implementation
 
 FORMATS = ("onnx",)
@@ -67,10 +67,12 @@ def export_model(
     steps (tracing and translating the model, optimising the graph) is printed as it starts.
 
     Raises:
+        TypeError: ``model`` is not a DeformableDETR.
         ExportError: an unknown format, an opset the exporter cannot write, or a failure writing
             the file (a full disk, say).
         OSError: ``path`` cannot be written (a folder in its place, say), found before exporting.
     """
+    check_model(model)
     if format not in FORMATS:
         raise ExportError(f"unsupported export format {format!r}; choose from {', '.join(FORMATS)}")
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:

@@ -555,7 +555,15 @@ def save_huggingface(
 ) -> None:
     """Write ``model`` as the folder transformers' ``save_pretrained`` writes (``config.json``,
     ``model.safetensors``) and ``preprocessor_config.json`` for inputs resized to ``image_size``,
-    each file atomically, the config last."""
+    each file atomically, the config last.
+
+    Raises:
+        TypeError: ``model`` is not a DeformableDETR.
+        ValueError: a model transformers cannot hold (a backbone timm has no equivalent for).
+    """
+    from .model import check_model  # deferred: keeps this module free of import cycles with checkpoints
+
+    check_model(model)
     folder = Path(folder)
     tensors = state_dict_to_huggingface(model.inference_state_dict(), model.config)
     with atomic_write(folder / "model.safetensors") as temporary:

@@ -28,7 +28,7 @@ from .distributed import is_main_process, main_process_decides, rank, wait_for_a
 from .environment import usable_device
 from .evaluation import coco_results, write_results_json
 from .files import atomic_write, remove_abandoned_writes
-from .model import DeformableDETR, postprocess
+from .model import DeformableDETR, check_model, postprocess
 from .precision import check_dtype, forward, inference_model
 from .reference import PUBLISHED_IMAGE_SIZE
 from .visualize import draw_detections, save_image
@@ -72,6 +72,7 @@ class Detector:
 
     def __init__(self, model: DeformableDETR, *, class_names: dict[int, str] | None = None,
                  image_size: int = PUBLISHED_IMAGE_SIZE, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        check_model(model, file_reader="Detector.from_checkpoint")
         check_count("image_size", image_size, at_least=1)
         check_dtype(dtype, next(model.parameters()).device)
         self.model = inference_model(model.eval(), dtype)

@@ -1,6 +1,6 @@
 from .attention import AttentionRecord, MSDeformAttn, capture_attention
 from .backbone import build_backbone
-from .detector import MLP, BoxHead, DeformableDETR, build_model, evaluating, pad_images
+from .detector import MLP, BoxHead, DeformableDETR, build_model, check_model, evaluating, pad_images
 from .postprocess import postprocess
 from .transformer import DeformableTransformer, inverse_sigmoid
 
@@ -14,6 +14,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "capture_attention",
+    "check_model",
     "evaluating",
     "inverse_sigmoid",
     "pad_images",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,6 +87,16 @@ def _check_batch(images: Tensor, padding_mask: Tensor) -> None:
             f"padding_mask must be bool (N, H, W) = {(images.shape[0], *images.shape[-2:])} for images of shape "
             f"{tuple(images.shape)}, got {str(padding_mask.dtype).removeprefix('torch.')} of shape {tuple(padding_mask.shape)}"
         )
+
+
+def check_model(model: object, *, file_reader: str = "load_pretrained") -> None:
+    """Raise TypeError unless ``model`` is a DeformableDETR; for a path, the message names
+    ``file_reader``, the function that reads a checkpoint file into what was expected."""
+    # Anything else fails deep inside, on the config or the weights' names it lacks.
+    if isinstance(model, DeformableDETR):
+        return
+    hint = f"; {file_reader}(path) reads a checkpoint file" if isinstance(model, (str, os.PathLike)) else ""
+    raise TypeError(f"model is a {type(model).__name__}; expected a DeformableDETR (from build_model or load_pretrained){hint}")
 
 
 def _input_projection(in_channels: int, d_model: int, *, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:

@@ -221,7 +221,8 @@ def test_a_device_that_is_not_there_is_refused_in_one_line(trained, tmp_path, ca
     (torch.zeros(3, 0, 64, dtype=torch.uint8), ValueError, "an image has no pixels: 64 x 0"),
     (torch.zeros(3, 2, 400, dtype=torch.uint8), ValueError, "the image: 400 x 2 pixels is too elongated to detect in"),
     (torch.zeros(64, 64), ValueError, "an image tensor is (3, H, W), or (N, 3, H, W) for N images, not (64, 64)"),
-], ids=["int64", "float-255", "nan", "empty", "elongated", "2-d"])
+    (5, TypeError, "not an image: int"),
+], ids=["int64", "float-255", "nan", "empty", "elongated", "2-d", "int"])
 def test_images_the_model_cannot_take_are_refused_before_it_runs(detector, image, error, message):
     with pytest.raises(error, match=re.escape(message)):
         detector.predict(image)

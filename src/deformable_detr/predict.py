@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,8 +116,11 @@ class Detector:
         check_count("batch_size", batch_size, at_least=1)
         if isinstance(images, Tensor) and images.dim() not in (3, 4):
             raise ValueError(f"an image tensor is (3, H, W), or (N, 3, H, W) for N images, not {tuple(images.shape)}")
-        single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
-            isinstance(images, Tensor) and images.dim() == 3
+        # Anything not iterable is taken for one image, so that as_image_tensor says it is none.
+        single = (
+            isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+            or (isinstance(images, Tensor) and images.dim() == 3)
+            or not isinstance(images, Iterable)
         )
         pixels = [as_image_tensor(images)] if single else [as_image_tensor(image) for image in images]
         # Batched by size, so that equal sizes share batches: padding is not neutral (docs/detect.md#batches-and-padding).

@@ -238,6 +238,14 @@ def test_a_detector_of_something_other_than_a_model_is_refused_in_one_line(model
         Detector(model)
 
 
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float64])
+def test_a_model_cast_to_another_precision_is_refused_in_one_line_before_it_runs(weights):
+    message = (f"the model's weights are {weights}, which dtype=torch.float32 does not compute with: "
+               "pass the float32 model (model.float()) and the precision to compute in as dtype")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Detector(build_model("tiny").to(weights))
+
+
 def test_a_float_image_a_little_outside_its_range_is_clamped_as_a_resize_leaves_it(detector):
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     overshot = image.clone()

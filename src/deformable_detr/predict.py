@@ -60,8 +60,9 @@ class Detector:
     labelled boxes in the input's pixels.
 
     Args:
-        model: the detector; used in eval mode on its current device (in bfloat16 or float16, a
-            copy of it, :func:`~deformable_detr.precision.inference_model`).
+        model: the detector, its weights in float32 (``dtype`` chooses the precision it computes
+            in); used in eval mode on its current device (in bfloat16 or float16, a copy of it,
+            :func:`~deformable_detr.precision.inference_model`).
         class_names: category id -> name.
         image_size: the shorter side inputs are resized to (the size the model was trained for).
         dtype: the precision the model computes in: ``torch.float32`` (outputs equal to the
@@ -75,6 +76,7 @@ class Detector:
         check_model(model, file_reader="Detector.from_checkpoint")
         check_count("image_size", image_size, at_least=1)
         check_dtype(dtype, next(model.parameters()).device)
+        _check_weights_compute_in(model, dtype)
         self.model = inference_model(model.eval(), dtype)
         self.class_names = class_names or {}
         self.image_size = image_size
@@ -157,6 +159,15 @@ class Detector:
                 )
             )
         return results
+
+
+def _check_weights_compute_in(model: DeformableDETR, dtype: torch.dtype) -> None:
+    """Raise ValueError where ``model``'s weights are in a precision ``dtype`` does not compute in
+    (a model cast with ``.bfloat16()`` run in float32): its first convolution would refuse the input."""
+    weights = next(model.parameters()).dtype
+    if weights not in (torch.float32, dtype):
+        raise ValueError(f"the model's weights are {weights}, which dtype={dtype} does not compute with: pass the "
+                         f"float32 model (model.float()) and the precision to compute in as dtype")
 
 
 def as_image_tensor(image: ImageInput) -> Tensor:

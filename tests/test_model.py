@@ -419,6 +419,15 @@ def test_postprocess_top_k_labels_and_absolute_boxes():
         postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(1, 1)] * 2, top_k=-1)
 
 
+def test_postprocess_takes_one_size_per_image_and_top_k_by_name():
+    outputs = {"pred_logits": torch.zeros(2, 3, 4), "pred_boxes": torch.full((2, 3, 4), 0.5)}
+    message = "image_sizes is of shape (1, 2); expected (2, 2): the (height, width) of each of the batch's 2 images"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        postprocess(outputs, [(100, 200)])
+    with pytest.raises(TypeError):  # an option, as every caller and docs/api.md name it
+        postprocess(outputs, [(100, 200)] * 2, 5)
+
+
 def test_postprocess_scales_bfloat16_boxes_to_the_exact_image_size():
     outputs = {"pred_logits": torch.zeros(1, 1, 2, dtype=torch.bfloat16),
                "pred_boxes": torch.tensor([[[0.5, 0.5, 1.0, 1.0]]], dtype=torch.bfloat16)}  # the whole image

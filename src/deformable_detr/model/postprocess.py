@@ -14,13 +14,13 @@ from ..checks import check_count
 
 @torch.no_grad()
 def postprocess(
-    outputs: dict[str, Any], image_sizes: Tensor | Sequence[tuple[int, int]], top_k: int = 100
+    outputs: dict[str, Any], image_sizes: Tensor | Sequence[tuple[int, int]], *, top_k: int = 100
 ) -> list[dict[str, Tensor]]:
     """The ``top_k`` highest (query, class) scores of each image.
 
     Args:
         outputs: the model's output dict (``pred_logits``, ``pred_boxes``).
-        image_sizes: (N, 2) original (height, width) of each image.
+        image_sizes: (N, 2) original (height, width) of each image, one per image of the batch.
         top_k: detections kept per image (at most queries x classes).
 
     Returns:
@@ -32,7 +32,11 @@ def postprocess(
     # Scaled in float32 at least: in bfloat16 (8 significant bits) 1333 pixels are 1336, 1066 are 1064.
     boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
     batch, _, num_classes = logits.shape
-    sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device).reshape(batch, 2)
+    sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)
+    if sizes.numel() != batch * 2:
+        raise ValueError(f"image_sizes is of shape {tuple(sizes.shape)}; expected ({batch}, 2): "
+                         f"the (height, width) of each of the batch's {batch} images")
+    sizes = sizes.reshape(batch, 2)
     scores, flat_indices = logits.sigmoid().flatten(1).topk(min(top_k, logits.shape[1] * num_classes), dim=1)
     queries = torch.div(flat_indices, num_classes, rounding_mode="floor")
     labels = flat_indices % num_classes

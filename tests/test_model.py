@@ -7,6 +7,7 @@ import re
 import socket
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -455,6 +456,16 @@ def test_a_batch_the_model_cannot_take_is_refused_in_one_line(arguments, message
     arguments = {"images": torch.zeros(1, 3, 32, 32), **arguments}
     with pytest.raises(ValueError, match=re.escape(message)):
         model(**arguments)
+
+
+@pytest.mark.parametrize("images, found", [([], "empty list"), (np.zeros((3, 32, 32), np.float32), "ndarray"),
+                                           ([np.zeros((3, 32, 32), np.float32)], "list of ndarray")],
+                         ids=["empty list", "numpy array", "list of numpy arrays"])
+def test_images_that_are_not_tensors_are_refused_in_one_line(images, found):
+    message = f"images must be an (N, 3, H, W) tensor or a list of (3, H, W) tensors, got {found}"
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        build_model("tiny").eval()(images)
+
 
 def test_presets_are_the_published_configurations():
     assert PRESETS["r50_two_stage"].with_box_refine and PRESETS["r50_two_stage"].two_stage

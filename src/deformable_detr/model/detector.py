@@ -73,6 +73,19 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def _check_image_list(images: object) -> None:
+    """Raise TypeError unless ``images`` is a non-empty sequence of tensors: padding fails on
+    anything else (a numpy array, an empty list) on what it lacks."""
+    if isinstance(images, Sequence) and images:
+        not_tensor = next((type(image).__name__ for image in images if not isinstance(image, Tensor)), None)
+        if not_tensor is None:
+            return
+        found = f"{type(images).__name__} of {not_tensor}"
+    else:
+        found = f"empty {type(images).__name__}" if isinstance(images, Sequence) else type(images).__name__
+    raise TypeError(f"images must be an (N, 3, H, W) tensor or a list of (3, H, W) tensors, got {found}")
+
+
 def _check_batch(images: Tensor, padding_mask: Tensor) -> None:
     """Raise ValueError unless ``images`` is a float (N, 3, H, W) batch and ``padding_mask`` its
     (N, H, W) bool mask. Reads shapes and dtypes only, so it holds under tracing and export."""
@@ -189,6 +202,7 @@ class DeformableDETR(nn.Module):
             restore the targets of each image in order, from query g * D / groups on).
         """
         if not isinstance(images, Tensor):
+            _check_image_list(images)
             if padding_mask is not None:
                 raise ValueError("padding_mask must be None when images is a list; the list is padded here")
             images, padding_mask = pad_images(images)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from conftest import R50_PRESETS, reference_state_dict_entries
 
-from deformable_detr import PRESETS, ModelConfig, build_model, postprocess
+from deformable_detr import PRESETS, Detector, ModelConfig, build_model, postprocess
 from deformable_detr.model import MSDeformAttn, attention, capture_attention, pad_images, transformer
 from deformable_detr.model.backbone import fold_batch_norms
 
@@ -167,6 +167,17 @@ def test_encoder_reference_points_stay_float32_under_bfloat16_autocast():
         got = _encoder_reference_points(model, images)
     assert {points.dtype for points in got} == {torch.float32}
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: Detector(build_model("tiny")), TypeError,
+     "model is a Detector; expected the model, an nn.Module (a Detector's is its .model)"),
+    (lambda: torch.nn.Linear(2, 2), ValueError,
+     "model is a Linear without MSDeformAttn modules: there is no attention to record"),
+], ids=["detector", "module without attention"])
+def test_capturing_the_attention_of_what_has_none_is_refused_in_one_line(make, error, message):
+    with pytest.raises(error, match=f"^{re.escape(message)}$"), capture_attention(make()):
+        pass
 
 
 def _transformer_positions(model, images):

@@ -153,9 +153,17 @@ def capture_attention(model: nn.Module) -> Iterator[list[AttentionRecord]]:
         with capture_attention(model) as records:
             model(images)
         decoder = [r for r in records if r.name.startswith("transformer.decoder.")]
+
+    Raises:
+        TypeError: ``model`` is not a module (a Detector's is its ``.model``).
+        ValueError: ``model`` holds no MSDeformAttn, so nothing would be recorded.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model is a {type(model).__name__}; expected the model, an nn.Module (a Detector's is its .model)")
     records: list[AttentionRecord] = []
     modules = [(name, module) for name, module in model.named_modules() if isinstance(module, MSDeformAttn)]
+    if not modules:
+        raise ValueError(f"model is a {type(model).__name__} without MSDeformAttn modules: there is no attention to record")
     for name, module in modules:
         module._capture = partial(_record, records, name)
     try:

@@ -339,6 +339,16 @@ def test_a_narrow_resnet_refuses_pretrained_weights():
         build_model("tiny", backbone_width=32, backbone_weights="IMAGENET1K_V1")
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"backbone": "resnet5"}, "unsupported backbone 'resnet5': expected a torchvision ResNet: resnet101, resnet152, "),
+    ({"backbone_weights": "IMAGENET"}, "backbone weights 'IMAGENET': no such file, nor a torchvision name of "
+                                       "resnet18's weights: DEFAULT, IMAGENET1K_V1"),
+], ids=["backbone", "weights"])
+def test_a_mistyped_backbone_or_weights_name_is_refused_in_one_line_with_the_names(overrides, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        build_model("tiny", backbone_width=64, **overrides)
+
+
 def test_dc5_halves_the_last_stride():
     image = torch.randn(1, 3, 128, 128)
     with torch.no_grad():

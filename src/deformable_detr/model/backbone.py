@@ -35,6 +35,11 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x if in_place else None)
 
 
+# Every torchvision ResNet, ResNeXt and wide ResNet: the backbones this model is built on.
+RESNETS = tuple(sorted(name for name in torchvision.models.list_models(module=torchvision.models)
+                       if name.startswith(("resnet", "resnext", "wide_resnet"))))
+
+
 def load_resnet(
     name: str, *, weights: str | None = None, dilation: bool = False, frozen_norm: bool = True, width: int = 64
 ) -> nn.Module:
@@ -46,12 +51,14 @@ def load_resnet(
     the stem and the first stage, each later stage doubling them: torchvision's ResNets have 64, the
     only width with pretrained weights.
     """
-    if not name.startswith(("resnet", "resnext", "wide_resnet")):
-        raise ValueError(f"unsupported backbone {name!r}: expected a torchvision ResNet such as 'resnet50'")
+    if name not in RESNETS:
+        raise ValueError(f"unsupported backbone {name!r}: expected a torchvision ResNet: {', '.join(RESNETS)}")
     local_file = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".safetensors"} or Path(weights).exists())
     state_dict = _read_state_dict(Path(weights)) if local_file else None  # a missing file is the first thing to say
     if width != 64 and weights is not None:
         raise ValueError(f"backbone weights {weights!r} are for width 64, not {width}: a narrower ResNet trains from scratch")
+    if weights is not None and not local_file:
+        _check_weights_name(name, weights)
     try:
         resnet = torchvision.models.get_model(
             name,
@@ -66,6 +73,15 @@ def load_resnet(
     if width != 64:
         _rebuild_with_width(resnet, width, dilation=dilation)
     return resnet
+
+
+def _check_weights_name(name: str, weights: str) -> None:
+    """Raise ValueError where ``weights`` is none of torchvision's names for ``name``'s weights:
+    torchvision's lookup fails on it as a bare KeyError."""
+    names = ["DEFAULT", *(entry.name for entry in torchvision.models.get_model_weights(name))]
+    if weights not in names:
+        raise ValueError(f"backbone weights {weights!r}: no such file, nor a torchvision name of {name}'s weights: "
+                         f"{', '.join(names)}")
 
 
 def _download_failed(name: str, weights: str, error: OSError) -> str:

@@ -15,7 +15,7 @@ import torchvision
 from conftest import R50_PRESETS, reference_state_dict_entries
 
 from deformable_detr import PRESETS, Detector, ModelConfig, build_model, postprocess
-from deformable_detr.model import MSDeformAttn, attention, capture_attention, pad_images, transformer
+from deformable_detr.model import MSDeformAttn, attention, backbone, capture_attention, pad_images, transformer
 from deformable_detr.model.backbone import fold_batch_norms
 
 
@@ -347,6 +347,11 @@ def test_a_narrow_resnet_refuses_pretrained_weights():
 def test_a_mistyped_backbone_or_weights_name_is_refused_in_one_line_with_the_names(overrides, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         build_model("tiny", backbone_width=64, **overrides)
+
+
+@pytest.mark.parametrize("weights", ["DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"])
+def test_every_name_torchvision_gives_a_backbones_weights_passes_the_check(weights):
+    backbone._check_weights_name("resnet18", weights)
 
 
 def test_dc5_halves_the_last_stride():

@@ -33,12 +33,11 @@ from .config import ModelConfig
 from .data import inference_transforms
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .files import atomic_write
+from .model import DeformableDETR, check_model
 from .reference import PUBLISHED_IMAGE_SIZE, without_batch_norm_counters
 
 if TYPE_CHECKING:
     import os
-
-    from .model import DeformableDETR
 
 __all__ = [
     "config_from_huggingface",
@@ -561,8 +560,6 @@ def save_huggingface(
         TypeError: ``model`` is not a DeformableDETR.
         ValueError: a model transformers cannot hold (a backbone timm has no equivalent for).
     """
-    from .model import check_model  # deferred: keeps this module free of import cycles with checkpoints
-
     check_model(model)
     folder = Path(folder)
     tensors = state_dict_to_huggingface(model.inference_state_dict(), model.config)

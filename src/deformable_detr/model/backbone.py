@@ -76,12 +76,16 @@ def load_resnet(
 
 
 def _check_weights_name(name: str, weights: str) -> None:
-    """Raise ValueError where ``weights`` is none of torchvision's names for ``name``'s weights:
-    torchvision's lookup fails on it as a bare KeyError."""
-    names = ["DEFAULT", *(entry.name for entry in torchvision.models.get_model_weights(name))]
-    if weights not in names:
+    """Raise ValueError where ``weights`` is none of torchvision's names for ``name``'s weights
+    (``IMAGENET1K_V2``, ``ResNet50_Weights.IMAGENET1K_V2``, ``DEFAULT``): torchvision's lookup fails on
+    it as a bare KeyError."""
+    weights_enum = torchvision.models.get_model_weights(name)
+    try:
+        weights_enum.verify(weights)
+    except KeyError:
+        names = ", ".join(["DEFAULT", *(entry.name for entry in weights_enum)])
         raise ValueError(f"backbone weights {weights!r}: no such file, nor a torchvision name of {name}'s weights: "
-                         f"{', '.join(names)}")
+                         f"{names}") from None
 
 
 def _download_failed(name: str, weights: str, error: OSError) -> str:

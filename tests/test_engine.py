@@ -119,7 +119,8 @@ def test_a_run_resumes_on_its_data_however_spelt_wherever_it_lies_but_not_on_oth
     monkeypatch.chdir(data.parent)
     for place in (f"{data}/", data.name, f"../{data.parent.name}/{data.name}", shutil.copytree(data, tmp_path / "copy")):
         assert train(dataclasses.replace(finished, data=str(place))) == {}
-        assert "the run is already complete" in capsys.readouterr().out
+        assert "the run is already complete: it is at epoch 1 and epochs is 1 (a larger epochs trains on)" in \
+            capsys.readouterr().out
     changed = shutil.copytree(data, tmp_path / "changed")
     annotations = changed / "annotations" / "instances_train.json"
     instances = json.loads(annotations.read_text())
@@ -486,7 +487,8 @@ def test_cli_evaluates_a_checkpoint(data, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing.pt"), "--data", str(data)]) == 1
 
 
-def test_a_time_budget_stops_within_the_epoch_and_drops_the_learning_rate_at_its_share(data, tmp_path, monkeypatch):
+def test_a_time_budget_stops_within_the_epoch_and_drops_the_learning_rate_at_its_share(data, tmp_path, monkeypatch,
+                                                                                      capsys):
     # Every update takes half a minute by this clock.
     ticks = iter(range(0, 10**6, 30))
     monkeypatch.setattr(engine.time, "perf_counter", lambda: float(next(ticks)))
@@ -503,8 +505,11 @@ def test_a_time_budget_stops_within_the_epoch_and_drops_the_learning_rate_at_its
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert record["batches"] == 4 and record["training_minutes"] == 2 and "AP" in record
     assert (tmp_path / "run" / "best.pt").is_file()
+    assert "stopping at epoch 0, batch 4 of 8: the 2 training minutes of max_minutes have passed" in capsys.readouterr().out
 
     assert train(dataclasses.replace(run, resume=True)) == {}  # the budget is spent
+    assert ("the run is already complete: it has trained 2.0 minutes and max_minutes is 2 (a larger max_minutes "
+            "trains on)") in capsys.readouterr().out
     # Twice the budget: the run is at its half, before the drop again, and goes on to the end.
     train(dataclasses.replace(run, resume=True, max_minutes=4.0))
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
@@ -533,13 +538,15 @@ def test_early_stopping_stops_at_the_evaluation_its_patience_predicts_and_keeps_
     assert [record["AP"] for record in records] == [0.2, 0.5, 0.4, 0.45]
     assert records[-1]["stopped_early"] and not any("stopped_early" in record for record in records[:-1])
     out = capsys.readouterr().out
-    assert ("stopping early after epoch 3: no AP above 0.5000 by more than 0 in the last 2 evaluations (--patience 2); "
+    # Named as the Python API spells the setting (the command names its flag, --patience 2).
+    assert ("stopping early after epoch 3: no AP above 0.5000 by more than 0 in the last 2 evaluations (patience=2); "
             "best.pt is the best") in out
     best = read_checkpoint(tmp_path / "run" / "best.pt")
     assert best.extra["epoch"] == 1 and best.extra["best"]["AP"] == 0.5
 
     assert train(dataclasses.replace(run, resume=True)) == {}
-    assert "the run is already complete: it stopped early" in capsys.readouterr().out
+    assert "the run is already complete: it stopped early: " in (out := capsys.readouterr().out)
+    assert "(patience=2) (a larger patience trains on)" in out
     with pytest.raises(TrainingError, match="no validation split, so nothing for patience to count"):
         train(config(data, tmp_path / "without_validation", patience=2, val_split=None))
     train(dataclasses.replace(run, resume=True, patience=3))  # more patience: on to the better epoch 4

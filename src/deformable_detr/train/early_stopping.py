@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config import setting
+
 
 @dataclass
 class EarlyStopping:
@@ -36,7 +38,7 @@ class EarlyStopping:
     def describe(self) -> str:
         """Why the run stopped, in the words of its last line."""
         return (f"no AP above {self.best_ap:.4f} by more than {self.min_improvement:g} in the last "
-                f"{self.evaluations_since} evaluations (--patience {self.patience})")
+                f"{self.evaluations_since} evaluations ({setting('patience', self.patience)})")
 
     def state(self) -> dict[str, float]:
         return {"best_ap": self.best_ap, "evaluations_since": self.evaluations_since}

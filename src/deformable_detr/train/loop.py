@@ -368,7 +368,7 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
                     break
                 if out_of_time:
                     _print(f"stopping at epoch {epoch}, batch {progress.batches} of {batches}: the "
-                           f"{config.max_minutes:g} training minutes of --max-minutes have passed")
+                           f"{config.max_minutes:g} training minutes of {setting('max_minutes')} have passed")
                     break
     except TrainingStopped as stopped:
         _print(str(stopped))
@@ -425,12 +425,13 @@ def _held_for_every_process(lock: Path, holder: str | None) -> None:
 def _why_complete(start: ResumePoint, stopping: EarlyStopping, config: TrainConfig, batches: int) -> str | None:
     """Why a run resumed at ``start`` has nothing left to train, for its message; None where it has."""
     if start.epoch >= config.epochs:
-        return f"it is at {start.describe(batches)} and --epochs is {config.epochs} (a larger --epochs trains on)"
+        return (f"it is at {start.describe(batches)} and {setting('epochs')} is {config.epochs} (a larger "
+                f"{setting('epochs')} trains on)")
     if stopping.stops():
-        return f"it stopped early: {stopping.describe()} (a larger --patience trains on)"
+        return f"it stopped early: {stopping.describe()} (a larger {setting('patience')} trains on)"
     if config.max_minutes is not None and start.minutes_trained >= config.max_minutes:
-        return (f"it has trained {start.minutes_trained:.1f} minutes and --max-minutes is {config.max_minutes:g} "
-                f"(a larger --max-minutes trains on)")
+        return (f"it has trained {start.minutes_trained:.1f} minutes and {setting('max_minutes')} is "
+                f"{config.max_minutes:g} (a larger {setting('max_minutes')} trains on)")
     return None
 
 

@@ -110,6 +110,18 @@ def test_resume_on_the_command_line_takes_the_runs_settings_for_the_flags_left_o
     assert not (tmp_path / "other").exists()
 
 
+def test_a_warm_up_given_on_resuming_replaces_the_runs_in_the_other_unit(data, tmp_path, capsys):
+    """--warmup-steps and --warmup-epochs are one setting: the one given is compared with the run's
+    warm-up, not refused as if both had been given."""
+    train(config(data, tmp_path / "run", epochs=1, warmup_steps=1, report=False))
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(tmp_path / "run"), "--resume", "--warmup-epochs", "0.5"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"deformable-detr: error: {tmp_path / 'run' / 'checkpoint.pt'}: the run was trained with other settings: "
+        f"--warmup-steps 1 (now 0), --warmup-epochs 0.0 (now 0.5); ")
+    assert main(["train", "--output-dir", str(tmp_path / "run"), "--resume", "--warmup-steps", "1"]) == 0
+
+
 def test_a_run_resumes_on_its_data_however_spelt_wherever_it_lies_but_not_on_other_data(data, trained, tmp_path,
                                                                                          monkeypatch, capsys):
     """A trailing slash, a path from another working directory, a copy on another node's disk are

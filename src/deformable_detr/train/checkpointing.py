@@ -188,13 +188,22 @@ def resume_from(
                        best.get("AP", -1.0), extra["training_seconds"], extra.get("ema"))
 
 
+# Settings of which a run has one at most (the command takes one of their flags): the one given is
+# the run's whole choice, not one that the run's other would meet as if both had been given.
+_ONE_OR_THE_OTHER = ({"warmup_steps", "warmup_epochs"},)
+
+
 def with_recorded_settings(settings: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of ``settings`` (those a command line gives): where they resume (``resume``) a
     run that their ``output_dir`` holds, its recorded settings stand for those not given, so that a
     resume names only what it changes, and given ones that change what it trains are refused as it
-    resumes (:func:`check_resumable`). Model options given join the run's."""
+    resumes (:func:`check_resumable`). Model options given join the run's, and a warm-up given in
+    one unit replaces the run's in the other."""
     path = Path(settings["output_dir"]) / "checkpoint.pt"
     recorded = _recorded_settings(path) if settings.get("resume") else {}
+    for pair in _ONE_OR_THE_OTHER:
+        if settings.keys() & pair:
+            recorded = {name: value for name, value in recorded.items() if name not in pair}
     model_overrides = {**recorded.get("model_overrides", {}), **settings.get("model_overrides", {})}
     combined = {**recorded, **settings, "model_overrides": model_overrides}
     if "data" not in combined:

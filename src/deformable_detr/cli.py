@@ -195,10 +195,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-backbone", type=float, help="default: %(default)s")
     parser.add_argument("--weight-decay", type=float, help="default: %(default)s")
     parser.add_argument("--lr-schedule", choices=SCHEDULES,
-                        help="step: the published tenfold drop at --lr-drop-epoch; cosine: down to --min-lr-factor "
+                        help="step: the published tenfold drop every --lr-drop-epoch epochs; cosine: down to --min-lr-factor "
                              "at the last epoch; flat-cosine: flat until --lr-drop-epoch, then cosine (default: %(default)s)")
     parser.add_argument("--lr-drop-epoch", type=int,
-                        help="the epoch the learning rate drops tenfold (step) or starts to fall (flat-cosine) "
+                        help="the learning rate drops tenfold every this many epochs (step) or starts to fall after them "
+                             "(flat-cosine) "
                              "(default: %(default)s)")
     parser.add_argument("--min-lr-factor", type=float,
                         help="the cosine schedules' last learning rate, as a share of --lr (default: %(default)s)")

@@ -29,8 +29,8 @@ class TrainConfig:
     lr: float = 2e-4
     lr_backbone: float = 2e-5
     weight_decay: float = 1e-4
-    # The learning-rate schedule (train.optim.SCHEDULES): "step" (the published one) drops it tenfold at
-    # lr_drop_epoch; "cosine" lowers it along half a cosine to min_lr_factor * lr at the last epoch;
+    # The learning-rate schedule (train.optim.SCHEDULES): "step" (the published one) drops it tenfold every
+    # lr_drop_epoch epochs; "cosine" lowers it along half a cosine to min_lr_factor * lr at the last epoch;
     # "flat-cosine" holds it until lr_drop_epoch, then lowers it so.
     lr_schedule: str = "step"
     lr_drop_epoch: int = 40

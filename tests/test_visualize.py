@@ -60,3 +60,19 @@ def test_an_image_without_detections_is_returned_unchanged_and_silently(recwarn)
     detections = {"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "scores": torch.tensor([0.1]), "labels": torch.tensor([1])}
     assert torch.equal(draw_detections(image, detections, {}, threshold=0.5), image)
     assert not recwarn.list
+
+
+@pytest.mark.parametrize("side", [96, 3000])
+def test_a_detections_line_and_label_grow_with_the_picture_as_a_viewer_shrinks_it(side):
+    """Shown whole, a 3000-pixel photo is shrunk about tenfold: a line and text of fixed pixels would be specks."""
+    image = torch.zeros(3, side, side, dtype=torch.uint8)
+    left, top, right, bottom = side // 10, side // 5, side - side // 10, side - side // 5
+    detections = {"boxes": torch.tensor([[left, top, right, bottom]]), "scores": torch.tensor([0.9]),
+                  "labels": torch.tensor([1])}
+    yellow = (draw_detections(image, detections, {1: "cat"}).permute(1, 2, 0).numpy() == (255, 255, 0)).all(-1)
+    line = int(yellow[side // 2, left:].argmin())  # across the box's left side
+    assert line >= max(2, side // 300)
+    inside = yellow[top + line : bottom - line, left + line + 1]  # down the box's inside, by its left side
+    label = int(inside.sum())
+    assert inside[: label].all()  # the label, in the box's top left corner
+    assert label >= max(10, side // 40) / 2  # the height of "cat 0.90" in text of that many pixels

@@ -8,30 +8,49 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
+from torchvision.transforms.v2 import functional as F
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .files import atomic_write
+
+# A box's line and its label's text are the shorter image side over these.
+LINE_FRACTION = 300
+TEXT_FRACTION = 40
 
 
 def draw_detections(
     image: Tensor, detections: Mapping[str, Tensor], names: Mapping[int, str], *, threshold: float = 0.5
 ) -> Tensor:
-    """``image`` (3, H, W) uint8 with the boxes scoring at least ``threshold`` drawn and labelled."""
+    """``image`` (3, H, W) uint8 with the boxes scoring at least ``threshold`` drawn and labelled,
+    lines and text in proportion to the image (:func:`label_sizes`)."""
     keep = detections["scores"] >= threshold
     if not keep.any():
-        return image.clone()  # torchvision would warn about an empty drawing for every such image
-    labels = [
-        f"{names.get(int(label), str(int(label)))} {float(score):.2f}"
-        for label, score in zip(detections["labels"][keep], detections["scores"][keep])
-    ]
-    boxes = detections["boxes"][keep].clamp(min=0)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(max=image.shape[-1] - 1)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(max=image.shape[-2] - 1)
-    # Black text on a filled yellow label stays legible on any background.
-    return draw_bounding_boxes(image, boxes, labels, colors="yellow", width=2, fill_labels=True, label_colors="black")
+        return image.clone()
+    picture = F.to_pil_image(image.cpu())
+    line, text = label_sizes(picture.size)
+    font = ImageFont.load_default(size=text)
+    draw = ImageDraw.Draw(picture)
+    for box, label, score in zip(detections["boxes"][keep].tolist(), detections["labels"][keep].tolist(),
+                                 detections["scores"][keep].tolist()):  # fmt: skip
+        draw.rectangle(box, outline="yellow", width=line)
+        # Black text on a filled yellow label, inside the box's corner: legible on any background,
+        # and on the picture for a box at its edge.
+        x, y = box[0] + line, box[1] + line
+        caption = f"{names.get(int(label), str(int(label)))} {score:.2f}"
+        _, _, right, bottom = draw.textbbox((x + line, y), caption, font=font)
+        draw.rectangle((x, y, right + line, bottom + line), fill="yellow")
+        draw.text((x + line, y), caption, fill="black", font=font)
+    return F.pil_to_tensor(picture)
+
+
+def label_sizes(size: tuple[int, int]) -> tuple[int, int]:
+    """Pixels of a box's line and of its label's text on a picture of ``size`` (width, height): in
+    proportion to its shorter side, as a viewer shows a photo whole, so that a label is as legible
+    on a 4000-pixel photo as on a 400-pixel one; never under 2 and 10 pixels."""
+    shorter = min(size)
+    return max(2, round(shorter / LINE_FRACTION)), max(10, round(shorter / TEXT_FRACTION))
 
 
 def to_uint8(image: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Tensor:

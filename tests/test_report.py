@@ -345,3 +345,15 @@ def test_training_draws_curves_every_epoch_and_reports_on_best_pt_as_evaluate_do
     blocked.write_text("")
     assert main(["evaluate", str(checkpoint), "--data", str(data), "--workers", "0", "--report", str(blocked)]) == 1
     assert capsys.readouterr().err == f"deformable-detr: error: {blocked}: not a folder, so the report cannot go there\n"
+
+
+def test_a_metric_without_objects_reads_as_a_dash_in_the_headline_as_in_the_table(tmp_path):
+    """COCO's -1 (no large object here) is "–" in the "all" row: the headline above it must not say -1.000."""
+    truth = _ground_truth()
+    Image.new("RGB", (320, 320), (90, 120, 150)).save(tmp_path / "1.png")
+    path = write_report(_evaluator(truth, list(DETECTIONS.values())).evaluation(), tmp_path / "report",
+                        class_names={}, image_path=lambda image_id: tmp_path / "1.png", title="no large objects")
+    text = path.read_text()
+    headline = next(line for line in text.splitlines() if line.startswith("1 images"))
+    assert "APl –  AR100" in headline and "-1" not in headline
+    assert "| **–** | **" in next(line for line in text.splitlines() if line.startswith("| **all** |"))

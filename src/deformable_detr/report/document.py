@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from faster_coco_eval import COCOeval_faster
 
-from ..evaluation import format_metrics, metrics
+from ..evaluation import metrics
 from ..files import atomic_write, remove_abandoned_writes
 from .confusion import CONFUSION_IOU, confusion_matrix
 from .errors import BACKGROUND_IOU, ERROR_KINDS, FOREGROUND_IOU, TRUE_POSITIVE, ErrorBreakdown, error_breakdown
@@ -143,9 +143,11 @@ def _markdown(
 
     columns = [*PER_CLASS_AP, "AR100"]
     objects = sum(row["objects"] for row in classes)
+    # Written as the table's "all" row writes them: COCO's -1 for a metric without objects is "–" there too.
+    summary = "  ".join(f"{column} {number(headline[column])}" for column in columns)
     lines = [
         f"# Evaluation report: {escape(title)}", "",
-        f"{images} images, {objects} objects, {len(classes)} classes. `{format_metrics(headline)}  AR100 {headline['AR100']:.3f}`",
+        f"{images} images, {objects} objects, {len(classes)} classes. `{summary}`",
         "", "How to read it: docs/report.md in deformable-detr's documentation. The numbers: "
         "[per_class.json](per_class.json), [errors.json](errors.json), [confusion_matrix.json](confusion_matrix.json).",
         "",

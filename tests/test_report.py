@@ -357,3 +357,23 @@ def test_a_metric_without_objects_reads_as_a_dash_in_the_headline_as_in_the_tabl
     headline = next(line for line in text.splitlines() if line.startswith("1 images"))
     assert "APl –  AR100" in headline and "-1" not in headline
     assert "| **–** | **" in next(line for line in text.splitlines() if line.startswith("| **all** |"))
+
+
+def test_the_curves_x_tick_labels_stand_apart_and_inside_the_picture_for_a_short_run(tmp_path, monkeypatch):
+    """A first run of two epochs in a minute's fraction: matplotlib's default ten ticks (0.0225, 0.0250, ...)
+    ran into each other, and the last one off the picture's right edge."""
+    drawn = []
+    monkeypatch.setattr(curves, "save_figure", lambda figure, out: drawn.append(figure))
+    losses = {"train_loss": 9.0, "train_loss_ce": 1.0, "train_loss_bbox": 0.3, "train_loss_giou": 0.5}
+    _log(tmp_path / "log.jsonl", [{"epoch": epoch, **losses, "AP": 0.0, "AP50": 0.0, "training_minutes": minutes}
+                                  for epoch, minutes in enumerate([0.0240, 0.0441])])  # a tiny run's
+    write_training_curves(tmp_path / "log.jsonl", tmp_path / "curves.png")
+    figure = drawn[0]
+    figure.canvas.draw()
+    for axes in figure.axes[-2:]:  # each column's bottom panel, where the x axis is labelled
+        low, high = axes.get_xlim()
+        shown = [label.get_window_extent() for tick, label in zip(axes.get_xticks(), axes.get_xticklabels())
+                 if low <= tick <= high]
+        assert len(shown) >= 2
+        assert all(left.x1 + 10 < right.x0 for left, right in zip(shown, shown[1:]))
+        assert 0 <= shown[0].x0 and shown[-1].x1 <= figure.bbox.width

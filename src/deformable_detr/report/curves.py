@@ -18,6 +18,7 @@ from .figures import new_figure, save_figure
 # layers', the encoder's proposals' and the denoising queries' add a suffix (``train_<base>_0``).
 LOSS_TERMS = {"loss_ce": "classification", "loss_bbox": "box L1", "loss_giou": "box GIoU"}
 X_AXES = {"epochs": "epochs trained", "minutes": "training minutes"}
+X_TICKS = 7  # intervals at most on each x axis, of 1, 2 or 5 times a power of ten
 
 
 def write_training_curves(log_path: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -35,7 +36,8 @@ def write_training_curves(log_path: str | os.PathLike, out: str | os.PathLike) -
     rows = len(panels) + bool(evaluated)
     height = 2.3 * rows + 0.6
     figure = new_figure(11, height, constrained=False)
-    figure.subplots_adjust(left=0.06, right=0.99, top=1 - 0.35 / height, bottom=0.55 / height, hspace=0.38, wspace=0.12)
+    # The right margin holds half the widest tick label: a tick at the axis' end is centred on it.
+    figure.subplots_adjust(left=0.06, right=0.97, top=1 - 0.35 / height, bottom=0.55 / height, hspace=0.38, wspace=0.12)
     grid = figure.subplots(rows, 2, sharex="col", squeeze=False)
     for column, axis in zip(grid.T, X_AXES):
         for axes, (title, key, others) in zip(column, panels):
@@ -43,8 +45,8 @@ def write_training_curves(log_path: str | os.PathLike, out: str | os.PathLike) -
         if evaluated:
             _draw_ap(column, evaluated, axis)
         column[-1].set_xlabel(X_AXES[axis])
-        if axis == "epochs":
-            column[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Few ticks: a short run's minutes (0.0225, 0.0250, ...) would run into each other at the default ten.
+        column[-1].xaxis.set_major_locator(MaxNLocator(nbins=X_TICKS, steps=[1, 2, 5, 10], integer=axis == "epochs"))
         for axes in column:
             axes.grid(alpha=0.3)
     save_figure(figure, out)

@@ -359,7 +359,7 @@ def test_a_metric_without_objects_reads_as_a_dash_in_the_headline_as_in_the_tabl
     assert "| **–** | **" in next(line for line in text.splitlines() if line.startswith("| **all** |"))
 
 
-def test_the_curves_x_tick_labels_stand_apart_and_inside_the_picture_for_a_short_run(tmp_path, monkeypatch):
+def test_the_curves_labels_stand_apart_inside_the_picture_in_one_size_for_a_short_run(tmp_path, monkeypatch):
     """A first run of two epochs in a minute's fraction: matplotlib's default ten ticks (0.0225, 0.0250, ...)
     ran into each other, and the last one off the picture's right edge."""
     drawn = []
@@ -377,3 +377,4 @@ def test_the_curves_x_tick_labels_stand_apart_and_inside_the_picture_for_a_short
         assert len(shown) >= 2
         assert all(left.x1 + 10 < right.x0 for left, right in zip(shown, shown[1:]))
         assert 0 <= shown[0].x0 and shown[-1].x1 <= figure.bbox.width
+    assert len({axes.title.get_fontsize() for axes in figure.axes}) == 1  # the AP panels' titles were larger

@@ -69,7 +69,8 @@ def _draw_ap(column: Sequence[Axes], evaluated: list[dict[str, Any]], axis: str)
     if "raw_AP" in evaluated[0]:
         column[-1].plot(x, [record["raw_AP"] for record in evaluated], linestyle=":", marker="o", markersize=2,
                         color="C3", label="AP of the raw weights")
-    column[-1].set(title="validation COCO AP", ylim=(0, 1))
+    column[-1].set_ylim(0, 1)
+    column[-1].set_title("validation COCO AP", fontsize="medium")  # as the loss panels above it
     best = max(evaluated, key=lambda record: record["AP"])
     epochs = _position(best, "epochs")
     trained = f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"

@@ -25,7 +25,7 @@ from deformable_detr.report import curves, document, write_report, write_trainin
 from deformable_detr.report.confusion import confusion_matrix
 from deformable_detr.report.document import escape
 from deformable_detr.report.errors import ERROR_KINDS, TRUE_POSITIVE, error_breakdown
-from deformable_detr.report.figures import confusion_figure
+from deformable_detr.report.figures import LabelledBox, confusion_figure, image_errors_figure
 from deformable_detr.report.per_class import PER_CLASS_AP, per_class_metrics
 from deformable_detr.train import TrainConfig, loop, train
 
@@ -378,3 +378,18 @@ def test_the_curves_labels_stand_apart_inside_the_picture_in_one_size_for_a_shor
         assert all(left.x1 + 10 < right.x0 for left, right in zip(shown, shown[1:]))
         assert 0 <= shown[0].x0 and shown[-1].x1 <= figure.bbox.width
     assert len({axes.title.get_fontsize() for axes in figure.axes}) == 1  # the AP panels' titles were larger
+
+
+def test_a_worst_images_labels_stay_on_their_own_panel(tmp_path):
+    """A long name on an object at the image's top right ran over the panel's title and into the next panel."""
+    Image.new("RGB", (100, 80), (90, 120, 150)).save(tmp_path / "image.png")
+    label = LabelledBox([60, 0, 40, 30], "not found: " + "a very long class name " * 3, "missed")
+    figure = image_errors_figure(tmp_path / "image.png", [label], [], ("ground truth", "detections"), "image.png")
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 110) & (pixels[..., 2] < 110)  # the missed label's colour
+    inside = np.zeros_like(red)
+    box = figure.axes[0].get_window_extent()  # in pixels from the bottom left; the array's rows go down
+    height = pixels.shape[0]
+    inside[round(height - box.y1) : round(height - box.y0) + 1, round(box.x0) : round(box.x1) + 1] = True
+    assert red[inside].any() and not red[~inside].any()

@@ -131,7 +131,9 @@ def image_errors_figure(
             x, y, w, h = box.bbox
             colour = KIND_COLOURS[box.kind]
             axes.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=2))
-            axes.text(x, y, plain(box.text), fontsize=7, color="black", va="bottom",
+            # Inside the box's top and cut at the panel's edge, as detect draws them: above it, a
+            # label on an object at the image's top or right ran over the title and the next panel.
+            axes.text(x, y, plain(box.text), fontsize=7, color="black", va="top", clip_on=True,
                       bbox={"facecolor": colour, "edgecolor": "none", "pad": 1, "alpha": 0.85})
     figure.suptitle(plain(suptitle), fontsize="medium")
     return figure

@@ -94,8 +94,8 @@ def demo_config(data: str | Path, output_dir: str | Path, *, minutes: float | No
 
 
 def _draw_examples(detector: Detector, paths: list[Path], out: Path) -> None:
-    """The detections on ``paths`` in a two-column grid, each image enlarged so that the labels, drawn
-    at a fixed size, can be read on its small objects."""
+    """The detections on ``paths`` in a two-column grid, each image enlarged so that the labels, at
+    least 10 pixels high (:func:`~deformable_detr.visualize.label_sizes`), leave its small objects seen."""
     images = [read_image(path).as_subclass(torch.Tensor) for path in paths]
     drawn = []
     # A few minutes of training gives modest scores: a low threshold still shows what it finds.

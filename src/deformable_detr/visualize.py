@@ -15,9 +15,9 @@ from torchvision.transforms.v2 import functional as F
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .files import atomic_write
 
-# A box's line and its label's text are the shorter image side over these.
-LINE_FRACTION = 300
-TEXT_FRACTION = 40
+# A box's line and its label's text, as fractions of the image's shorter side.
+LINE_FRACTION = 1 / 300
+TEXT_FRACTION = 1 / 40
 
 
 def draw_detections(
@@ -50,7 +50,7 @@ def label_sizes(size: tuple[int, int]) -> tuple[int, int]:
     proportion to its shorter side, as a viewer shows a photo whole, so that a label is as legible
     on a 4000-pixel photo as on a 400-pixel one; never under 2 and 10 pixels."""
     shorter = min(size)
-    return max(2, round(shorter / LINE_FRACTION)), max(10, round(shorter / TEXT_FRACTION))
+    return max(2, round(shorter * LINE_FRACTION)), max(10, round(shorter * TEXT_FRACTION))
 
 
 def to_uint8(image: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Tensor:

@@ -76,6 +76,17 @@ def test_every_input_kind_gives_the_same_detections(detector, trained):
     assert_same(detector.predict(uint8[None], threshold=0.0)[0], expected)
 
 
+def test_grey_and_rgba_arrays_and_tensors_read_as_their_files_do(detector, trained):
+    """imageio and matplotlib read a PNG as (H, W, 4) RGBA, torchvision's decode_image as (4, H, W):
+    their alpha is dropped and grey repeated, as PIL's convert("RGB") reads the files."""
+    rgb = np.array(Image.open(val_images(trained[1])[0]).convert("RGB"))
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, dtype=np.uint8)], axis=2)
+    grey = rgb[..., 1]
+    for image, same_as in ((rgba, rgb), (torch.from_numpy(rgba).permute(2, 0, 1), rgb), (grey[..., None], grey),
+                           (torch.from_numpy(grey)[None], grey)):
+        assert_same(detector.predict(image, threshold=0.0), detector.predict(Image.fromarray(same_as), threshold=0.0))
+
+
 def test_a_photo_that_viewers_show_turned_is_read_upright_as_they_show_it(detector, trained, tmp_path):
     upright = Image.open(val_images(trained[1])[0]).convert("RGB").crop((0, 0, IMAGE_SIZE, 64))
     photo = tmp_path / "photo.png"  # lossless, so that the pixels read back are the upright ones exactly
@@ -221,8 +232,12 @@ def test_a_device_that_is_not_there_is_refused_in_one_line(trained, tmp_path, ca
     (torch.zeros(3, 0, 64, dtype=torch.uint8), ValueError, "an image has no pixels: 64 x 0"),
     (torch.zeros(3, 2, 400, dtype=torch.uint8), ValueError, "the image: 400 x 2 pixels is too elongated to detect in"),
     (torch.zeros(64, 64), ValueError, "an image tensor is (3, H, W), or (N, 3, H, W) for N images, not (64, 64)"),
+    (torch.zeros(2, 64, 64), ValueError, "an image tensor must be (C, H, W) with C 1 (grey), 3 (RGB) or 4 (RGBA), got "
+                                         "shape (2, 64, 64)"),
+    (np.zeros((64, 64, 2)), ValueError, "a numpy image must be (H, W) grey, or (H, W, C) with C 1, 3 (RGB) or 4 "
+                                        "(RGBA), got shape (64, 64, 2)"),
     (5, TypeError, "not an image: int"),
-], ids=["int64", "float-255", "nan", "empty", "elongated", "2-d", "int"])
+], ids=["int64", "float-255", "nan", "empty", "elongated", "2-d", "2-channel-tensor", "2-channel-array", "int"])
 def test_images_the_model_cannot_take_are_refused_before_it_runs(detector, image, error, message):
     with pytest.raises(error, match=re.escape(message)):
         detector.predict(image)

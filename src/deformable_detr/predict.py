@@ -170,6 +170,10 @@ def _check_weights_compute_in(model: DeformableDETR, dtype: torch.dtype) -> None
                          f"float32 model (model.float()) and the precision to compute in as dtype")
 
 
+# Channels of an image array or tensor: grey, RGB and RGBA, as image readers return them.
+_CHANNELS = (1, 3, 4)
+
+
 def as_image_tensor(image: ImageInput) -> Tensor:
     """Any accepted image input as a uint8 RGB (3, H, W) tensor; files and PIL images upright."""
     if isinstance(image, (str, os.PathLike)):
@@ -178,14 +182,18 @@ def as_image_tensor(image: ImageInput) -> Tensor:
         return F.pil_to_tensor(as_rgb(image, upright=True))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"a numpy image must be (H, W) or (H, W, 3) RGB, got shape {image.shape}")
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in _CHANNELS:
+            raise ValueError(f"a numpy image must be (H, W) grey, or (H, W, C) with C 1, 3 (RGB) or 4 (RGBA), got "
+                             f"shape {image.shape}")
         image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the array may be read-only
     if not isinstance(image, Tensor):
         raise TypeError(f"not an image: {type(image).__name__}")
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"an image tensor must be (3, H, W), got shape {tuple(image.shape)}")
+    if image.dim() != 3 or image.shape[0] not in _CHANNELS:
+        raise ValueError(f"an image tensor must be (C, H, W) with C 1 (grey), 3 (RGB) or 4 (RGBA), got shape "
+                         f"{tuple(image.shape)}")
+    # Grey to RGB, and alpha dropped: as PIL's convert("RGB") reads an image file (an RGBA PNG, say).
+    image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
     if not image.shape[1] or not image.shape[2]:
         raise ValueError(f"an image has no pixels: {image.shape[2]} x {image.shape[1]}")
     if image.dtype == torch.uint8:

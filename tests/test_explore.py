@@ -585,3 +585,18 @@ def test_the_notebook_frame_runs_the_page_in_its_sandbox(browser, page, tmp_path
     assert len(frame.evaluate("window.explore.drawn.points")) == 8 * 4 * 4
     tab.close()
     assert errors == []
+
+
+def test_a_subsampled_page_wraps_its_captions_to_the_level_panels(browser, detector, images, page, tmp_path):
+    """The first level's caption says which queries are kept; it wraps within its panel, where it
+    widened that panel's column and left the picture the less room."""
+    smaller = explore(detector, images, max_bytes=page.size - 1).save(tmp_path / "subsampled.html")
+    tab = browser.new_page()
+    tab.goto(smaller.as_uri())
+    tab.wait_for_function("window.explore && window.explore.drawn !== null")
+    assert "queries kept" in tab.locator("figcaption").first.text_content()
+    widths = tab.evaluate("""[...document.querySelectorAll("#panels figure")].map((figure) =>
+        [figure.querySelector("canvas"), figure.querySelector("figcaption")].map((e) => e.getBoundingClientRect().width))""")
+    tab.close()
+    assert all(caption == pytest.approx(canvas) for canvas, caption in widths)
+

@@ -600,3 +600,16 @@ def test_a_subsampled_page_wraps_its_captions_to_the_level_panels(browser, detec
     tab.close()
     assert all(caption == pytest.approx(canvas) for canvas, caption in widths)
 
+
+def test_on_a_laptop_screen_the_picture_leaves_its_info_lines_in_view(browser, page_file):
+    """The picture fits the window's height below the controls with room for the three lines that
+    say what the mouse points at; it took the height less a fixed 230 pixels, and at 1366 x 768
+    those lines were below the window's edge."""
+    tab = browser.new_page()
+    tab.set_viewport_size({"width": 1366, "height": 768})
+    tab.goto(page_file.as_uri() + "#view=decoder")  # the tallest controls
+    tab.wait_for_function("window.explore && window.explore.drawn !== null")
+    info = tab.locator("#info").bounding_box()
+    line = tab.evaluate("parseFloat(getComputedStyle(document.getElementById('info')).lineHeight)")
+    tab.close()
+    assert info["y"] + 3 * line <= 768

@@ -385,11 +385,12 @@
       drawBackground(view, image, picture, { level });
       return view;
     });
-    // The picture takes the width the panels leave (all of it where they wrap below) and fits the
-    // window's height, so that the controls stay in view.
+    // The picture takes the width the panels leave (all of it where they wrap below) and the
+    // window's height below the controls less three lines of info, so that the controls and what
+    // the mouse points at stay in view.
     const width = $("main").clientWidth;
     const beside = width - $("panels").offsetWidth - 12;
-    const main = prepare($("picture"), image, beside >= 320 ? beside : width, Math.max(320, window.innerHeight - 230));
+    const main = prepare($("picture"), image, beside >= 320 ? beside : width, Math.max(320, heightBelowControls()));
     drawBackground(main, image, picture, null);
     const record = { view: state.view, image: state.image, frame: main.frame, scale: main.scale, queries: [], references: [], points: [], boxes: [], heat: null };
     const info = { encoder: renderEncoder, decoder: renderDecoder, heat: renderHeat }[state.view](image, main, panels, record);
@@ -397,6 +398,12 @@
     $("legend").textContent = legend();
     drawn = record;
     writeFragment();
+  }
+
+  function heightBelowControls() {
+    const top = $("main").getBoundingClientRect().top + window.scrollY;
+    const info = getComputedStyle($("info"));
+    return window.innerHeight - top - parseFloat(info.marginTop) - 3 * parseFloat(info.lineHeight);
   }
 
   function renderEncoder(image, main, panels, record) {

@@ -380,17 +380,19 @@
     const image = meta.images[state.image];
     const picture = pictures[state.image];
     if (!picture || !picture.complete) return;
+    // The picture and the panels take the window's height below the controls less three lines of
+    // info, so that the controls and what the mouse points at stay in view.
+    const height = heightBelowControls();
+    const panelHeight = Math.max(PANEL_WIDTH / 2, panelRowHeight(height));
     const panels = [...$("panels").querySelectorAll("canvas")].map((canvas, level) => {
-      const view = prepare(canvas, image, PANEL_WIDTH);
+      const view = prepare(canvas, image, PANEL_WIDTH, panelHeight);
       drawBackground(view, image, picture, { level });
       return view;
     });
-    // The picture takes the width the panels leave (all of it where they wrap below) and the
-    // window's height below the controls less three lines of info, so that the controls and what
-    // the mouse points at stay in view.
+    // The picture takes the width the panels leave (all of it where they wrap below).
     const width = $("main").clientWidth;
     const beside = width - $("panels").offsetWidth - 12;
-    const main = prepare($("picture"), image, beside >= 320 ? beside : width, Math.max(320, heightBelowControls()));
+    const main = prepare($("picture"), image, beside >= 320 ? beside : width, Math.max(320, height));
     drawBackground(main, image, picture, null);
     const record = { view: state.view, image: state.image, frame: main.frame, scale: main.scale, queries: [], references: [], points: [], boxes: [], heat: null };
     const info = { encoder: renderEncoder, decoder: renderDecoder, heat: renderHeat }[state.view](image, main, panels, record);
@@ -404,6 +406,15 @@
     const top = $("main").getBoundingClientRect().top + window.scrollY;
     const info = getComputedStyle($("info"));
     return window.innerHeight - top - parseFloat(info.marginTop) - 3 * parseFloat(info.lineHeight);
+  }
+
+  // The height of a panel's picture such that its rows, with their captions, fit in `height`.
+  function panelRowHeight(available) {
+    const figures = [...$("panels").children];
+    const rows = Math.ceil(figures.length / 2);
+    const height = (element) => element.getBoundingClientRect().height;
+    const caption = Math.max(...figures.map((figure) => height(figure) - height(figure.querySelector("canvas"))));
+    return (available - (rows - 1) * parseFloat(getComputedStyle($("panels")).rowGap)) / rows - caption;
   }
 
   function renderEncoder(image, main, panels, record) {
@@ -575,6 +586,9 @@
     const panels = $("panels");
     range(meta.levels).forEach((level) => {
       const figure = document.createElement("figure");
+      // As wide as the widest panel, whatever the level's aspect: its caption wraps to the same
+      // lines whatever height the panel is given.
+      figure.style.width = `${PANEL_WIDTH}px`;
       const caption = document.createElement("figcaption");
       caption.dataset.level = level;
       const canvas = document.createElement("canvas");

@@ -614,3 +614,14 @@ def test_on_a_laptop_screen_the_picture_and_panels_leave_the_info_lines_in_view(
         line = line or tab.evaluate("parseFloat(getComputedStyle(document.getElementById('info')).lineHeight)")
         assert tab.locator("#info").bounding_box()["y"] + 3 * line <= 768, image
     tab.close()
+
+
+def test_box_labels_stay_on_the_picture(open_page):
+    """A label starts at its box's left edge, moved left where it would run off the picture's right
+    edge: the score of a detection at the image's right was cut off."""
+    opened = open_page("#view=decoder&threshold=0&query=0")
+    drawn = opened.drawn()
+    width = drawn["frame"]["width"] * drawn["scale"]
+    labels = [(box["box"][0] * drawn["scale"], box["label"]) for box in drawn["boxes"]]
+    assert any(left + label["width"] > width for left, label in labels)  # some would have run off
+    assert all(0 <= label["x"] and label["x"] + label["width"] <= width + 1e-6 for _, label in labels)

@@ -332,19 +332,23 @@
       context.strokeRect(x1 * scale, y1 * scale, (x2 - x1) * scale, (y2 - y1) * scale);
     }
     context.setLineDash([]);
-    if (label) drawLabel(view, label, x1 * scale, y1 * scale - 2, colour);
+    return label ? drawLabel(view, label, x1 * scale, y1 * scale - 2, colour) : null;
   }
 
+  // Text on a filled rectangle above (x, y), moved onto the canvas where it would run off it (a box
+  // at the image's edge); returns the rectangle in CSS pixels.
   function drawLabel(view, text, x, y, background) {
-    const { context } = view;
+    const { context, cssWidth } = view;
     context.font = "12px system-ui, sans-serif";
     const width = context.measureText(text).width + 6;
+    const left = Math.max(0, Math.min(x, cssWidth - width));
     const top = Math.max(0, y - 15);
     context.fillStyle = background;
-    context.fillRect(x, top, width, 15);
+    context.fillRect(left, top, width, 15);
     context.fillStyle = "black";
     context.textBaseline = "middle";
-    context.fillText(text, x + 3, top + 8);
+    context.fillText(text, left + 3, top + 8);
+    return { x: left, y: top, width, height: 15 };
   }
 
   function drawHeat(view, values, width, height, smooth) {
@@ -449,8 +453,8 @@
     for (const d of found) {
       const box = corners(d.box, image.size[1], image.size[0]);
       main.context.globalAlpha = state.query === -1 || state.query === d.query ? 1 : 0.45;
-      drawBox(main, box, "#ffd400", { label: `${d.name} ${d.score.toFixed(2)}` });
-      record.boxes.push({ kind: "detection", query: d.query, name: d.name, score: d.score, box });
+      const label = drawBox(main, box, "#ffd400", { label: `${d.name} ${d.score.toFixed(2)}` });
+      record.boxes.push({ kind: "detection", query: d.query, name: d.name, score: d.score, box, label });
     }
     main.context.globalAlpha = 1;
     if (state.proposals) {
@@ -459,8 +463,8 @@
       for (let i = 0; i < Math.min(state.proposalCount, image.queries); i++) {
         const box = corners(range(4).map((c) => coordinate(boxes[4 * i + c])), image.size[1], image.size[0]);
         const proposalScore = score(scores[i]);
-        drawBox(main, box, "#ff8c1a", { width: 1, label: proposalScore.toFixed(2) });
-        record.boxes.push({ kind: "proposal", query: i, score: proposalScore, box });
+        const label = drawBox(main, box, "#ff8c1a", { width: 1, label: proposalScore.toFixed(2) });
+        record.boxes.push({ kind: "proposal", query: i, score: proposalScore, box, label });
       }
     }
     const summary = `${found.length} detection(s) scoring at least ${state.threshold.toFixed(2)} in the last decoder layer.`;
@@ -474,10 +478,10 @@
     if (reference) drawBox(main, reference, "white", { dashed: true });
     drawCross(main, x, y, "");
     const predicted = corners(q.box, image.size[1], image.size[0]);
-    drawBox(main, predicted, "#00e5ff", { label: `layer ${layer + 1}: ${q.name} ${q.score.toFixed(2)}` });
+    const label = drawBox(main, predicted, "#00e5ff", { label: `layer ${layer + 1}: ${q.name} ${q.score.toFixed(2)}` });
     record.queries.push(state.query);
     record.references.push({ query: state.query, x, y, box: reference });
-    record.boxes.push({ kind: "prediction", query: state.query, name: q.name, score: q.score, box: predicted });
+    record.boxes.push({ kind: "prediction", query: state.query, name: q.name, score: q.score, box: predicted, label });
     panels.forEach((panel, level) => {
       drawPoints(panel, q.points.filter((p) => p.level === level), 0, null);
       // The reference as this level sees it (the data hold the first level's view).

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +27,7 @@ from deformable_detr.checkpoints import read_checkpoint
 from deformable_detr.data import synthesize
 from deformable_detr.distributed import share_buffers
 from deformable_detr.evaluation import METRICS, evaluate_checkpoint
+from deformable_detr.predict import Detector, detect_files
 from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, loop, train
 from deformable_detr.train.criterion import average_num_boxes
 from deformable_detr.train.ema import WeightAverage
@@ -233,29 +235,38 @@ def test_processes_that_find_different_checkpoints_all_stop_in_one_line(tmp_path
         f"process alone writes it")]
 
 
-def first_run_worker(rank: int, rendezvous: str, results: dict, folder: str) -> None:
+def first_run_worker(rank: int, rendezvous: str, results: dict, folder: str, command: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         os.chdir(Path(folder) / f"node{rank}")  # the same name, each process's own folder
         try:
-            train(TrainConfig(data="nowhere", output_dir="run"))
-        except TrainingError as error:
+            if command == "train":
+                train(TrainConfig(data="nowhere", output_dir="run"))
+            else:
+                torch.manual_seed(0)
+                detect_files(Detector(build_model("tiny", num_classes=3), image_size=64), [Path(folder) / "image.png"],
+                             "run", progress=False)
+        except (TrainingError, ValueError) as error:
             results[rank] = str(error)
     finally:
         dist.destroy_process_group()
 
 
-def test_a_first_run_on_each_nodes_own_disk_stops_before_it_begins(tmp_path):
+@pytest.mark.parametrize("command, why", [
+    ("train", "the output directory must be one folder that every node shares, as the main process alone writes it"),
+    ("detect", "it must be one folder that every node shares, as the main process merges there what all write"),
+])
+def test_a_first_run_on_each_nodes_own_disk_stops_before_it_begins(tmp_path, command, why):
     for node in ("node0", "node1"):
         (tmp_path / node).mkdir()
-    results = in_two_processes(first_run_worker, tmp_path, str(tmp_path))
+    Image.new("RGB", (64, 64)).save(tmp_path / "image.png")
+    results = in_two_processes(first_run_worker, tmp_path, str(tmp_path), command)
     host = socket.gethostname()
     assert results[0] == results[1]
-    assert re.fullmatch(
-        rf"run: the processes on {host} do not find the lock the main process holds there \(run/\.lock, process "
-        rf"\d+ on {host}\): the output directory must be one folder that every node shares, as the main process "
-        rf"alone writes it", results[0])
-    assert not (tmp_path / "node0" / "run").exists()  # made by the run, which wrote nothing there
+    assert re.fullmatch(rf"run: the processes on {host} do not find the lock the main process holds there "
+                        rf"\(run/\.lock, process \d+ on {host}\): {re.escape(why)}", results[0])
+    if command == "train":
+        assert not (tmp_path / "node0" / "run").exists()  # made by the run, which wrote nothing there
 
 
 def test_sync_batch_norm_checkpoints_load_as_batch_norm(tmp_path):

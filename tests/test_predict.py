@@ -23,6 +23,7 @@ from deformable_detr import evaluation, precision
 from deformable_detr.checkpoints import read_checkpoint, save_checkpoint, save_reference_checkpoint
 from deformable_detr.cli import main
 from deformable_detr.data import SYNTHETIC_CLASSES, read_image, synthesize
+from deformable_detr.files import exclusive_lock
 from deformable_detr.model import build_model
 from deformable_detr.precision import forward
 from deformable_detr.predict import Detector, detect_files
@@ -332,6 +333,21 @@ def test_detect_refuses_to_write_over_its_inputs_before_anything_is_written(trai
     photo = photos / val_images(data)[0].name
     assert main(["detect", str(checkpoint), str(photo), "--out", str(photos)]) == 0
     assert (photos / f"{photo.stem}.png").is_file() and photo.read_bytes() == before[photo.name]
+
+
+def test_detect_refuses_a_folder_another_detect_run_is_writing_and_leaves_no_lock_behind(trained, tmp_path, capsys):
+    """The second run cleared the first's progress and wrote over its pictures; the last merge won."""
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    with exclusive_lock(out / ".lock") as holder:  # as the other run's main process holds it
+        assert main(["detect", str(checkpoint), str(data / "val"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"deformable-detr: error: {out}: another detect run is writing there ({holder} "
+                                       f"holds {out / '.lock'}): let it end, or use another output folder\n")
+    assert sorted(path.name for path in out.iterdir()) == [".lock"]  # the other run's, untouched
+    (out / ".lock").unlink()
+    assert main(["detect", str(checkpoint), str(data / "val"), "--out", str(out)]) == 0
+    assert ".lock" not in {path.name for path in out.iterdir()} and (out / "detections.json").is_file()
 
 
 def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):

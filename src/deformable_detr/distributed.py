@@ -11,11 +11,14 @@ import socket
 import sys
 from collections.abc import Hashable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .files import LockHeld, exclusive_lock
 
 T = TypeVar("T")
 H = TypeVar("H", bound=Hashable)
@@ -159,6 +162,44 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
     values = torch.tensor(flags, dtype=torch.int32, device=_collective_device())
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return tuple(bool(value) for value in values.tolist())
+
+
+@contextlib.contextmanager
+def held_by_main_process(lock: Path, *, wait: float = 0.0) -> Iterator[str | None]:
+    """Hold the file ``lock`` for the block in the main process (:func:`~.files.exclusive_lock`,
+    taken within ``wait`` seconds), so that one run at a time writes its folder. Yields, on every
+    process, what the main process wrote in it: None where it took no lock (collective).
+
+    Raises:
+        LockHeld: on every process, where another process holds it.
+    """
+    with contextlib.ExitStack() as held:
+        refused = holder = None
+        if is_main_process():
+            try:
+                holder = held.enter_context(exclusive_lock(lock, wait=wait))
+            except LockHeld as error:
+                refused = (error.path, error.holder)
+        refused, holder = main_process_decides((refused, holder))
+        if refused is not None:
+            raise LockHeld(*refused)
+        yield holder
+
+
+def lock_missed(lock: Path, holder: str | None) -> str | None:
+    """Which processes do not find in ``lock`` the ``holder`` the main process wrote there
+    (:func:`held_by_main_process`), for a message, as where each node writes a folder on its own disk
+    rather than one they share; None where all find it, or no lock was taken (collective)."""
+    if holder is None:
+        return None
+    try:
+        found = lock.read_text()
+    except FileNotFoundError:
+        found = None
+    elsewhere = [host for seen, hosts in hosts_by_value(found).items() if seen != holder for host in hosts]
+    if not elsewhere:
+        return None
+    return f"the processes on {', '.join(elsewhere)} do not find the lock the main process holds there ({lock}, {holder})"
 
 
 def wait_for_all() -> None:

@@ -3,12 +3,13 @@ the ``detect`` command."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,18 @@ from .checkpoints import read_checkpoint
 from .checks import check_count, check_fraction
 from .data import IMAGE_SUFFIXES, DatasetError, as_rgb, inference_transforms, read_image
 from .data.transforms import max_side
-from .distributed import is_main_process, main_process_decides, rank, wait_for_all, world_size
+from .distributed import (
+    held_by_main_process,
+    is_main_process,
+    lock_missed,
+    main_process_decides,
+    rank,
+    wait_for_all,
+    world_size,
+)
 from .environment import usable_device
 from .evaluation import coco_results, write_results_json
-from .files import atomic_write, remove_abandoned_writes
+from .files import LockHeld, atomic_write, remove_abandoned_writes
 from .model import DeformableDETR, check_model, postprocess
 from .precision import check_dtype, forward, inference_model
 from .reference import PUBLISHED_IMAGE_SIZE
@@ -274,36 +283,70 @@ def detect_files(
     output_names = _output_names(files)
     _check_inputs_are_kept(inputs, files, out, output_names)
     batches = range(0, len(files), batch_size)
-    done = _DetectProgress.open(out, _fingerprint(detector, files, threshold, batch_size), len(batches),
-                                outputs=[*output_names, "detections.json"])
-    mine = [start for index, start in enumerate(batches) if index % world_size() == rank() and start not in done]
-    with tqdm(total=sum(len(files[start : start + batch_size]) for start in mine), desc="detect", unit="image",
-              disable=not progress or not is_main_process()) as bar:  # fmt: skip
-        for start in mine:
-            results, failures, readable = [], [], []
-            for image_id, path in enumerate(files[start : start + batch_size], start=start):
-                try:
-                    image = read_image(path, upright=True).as_subclass(Tensor)
-                    check_resizable(image, detector.image_size, name=str(path))
-                    readable.append((image_id, path, image))
-                except ValueError as error:  # DatasetError is one: a missing or unreadable file
-                    failures.append(str(error))
-                    tqdm.write(f"skipped: {error}", file=sys.stderr)
-            if readable:
-                batch = detector.predict([image for _, _, image in readable], threshold=threshold, batch_size=batch_size)
-                for (image_id, path, image), detections in zip(readable, batch):
-                    save_image(detections.draw(image), out / output_names[image_id])
-                    results += [dict(result, file_name=str(path)) for result in
-                                coco_results(image_id, detections.boxes, detections.scores, detections.labels)]
-            done.record(start, results, failures)
-            bar.update(len(files[start : start + batch_size]))
-    wait_for_all()
-    failures: list[str] = []
+    with _out_held(out):
+        done = _DetectProgress.open(out, _fingerprint(detector, files, threshold, batch_size), len(batches),
+                                    outputs=[*output_names, "detections.json"])
+        mine = [start for index, start in enumerate(batches) if index % world_size() == rank() and start not in done]
+        with tqdm(total=sum(len(files[start : start + batch_size]) for start in mine), desc="detect", unit="image",
+                  disable=not progress or not is_main_process()) as bar:  # fmt: skip
+            for start in mine:
+                done.record(start, *_detect_batch(detector, files, start, batch_size, threshold, out, output_names))
+                bar.update(len(files[start : start + batch_size]))
+        wait_for_all()
+        failures: list[str] = []
+        if is_main_process():
+            results, failures = done.merge(batches)
+            write_results_json(out / "detections.json", results)
+            done.remove()
+        return main_process_decides(failures)
+
+
+def _detect_batch(detector: Detector, files: list[Path], start: int, batch_size: int, threshold: float, out: Path,
+                  output_names: list[str]) -> tuple[list[dict], list[str]]:
+    """Detect in the batch of ``files`` from ``start`` and draw each image's detections into ``out``:
+    the batch's detections in the COCO results format, and the reports of the files it skipped."""
+    results, failures, readable = [], [], []
+    for image_id, path in enumerate(files[start : start + batch_size], start=start):
+        try:
+            image = read_image(path, upright=True).as_subclass(Tensor)
+            check_resizable(image, detector.image_size, name=str(path))
+            readable.append((image_id, path, image))
+        except ValueError as error:  # DatasetError is one: a missing or unreadable file
+            failures.append(str(error))
+            tqdm.write(f"skipped: {error}", file=sys.stderr)
+    if readable:
+        batch = detector.predict([image for _, _, image in readable], threshold=threshold, batch_size=batch_size)
+        for (image_id, path, image), detections in zip(readable, batch):
+            save_image(detections.draw(image), out / output_names[image_id])
+            results += [dict(result, file_name=str(path)) for result in
+                        coco_results(image_id, detections.boxes, detections.scores, detections.labels)]
+    return results, failures
+
+
+@contextlib.contextmanager
+def _out_held(out: Path) -> Iterator[None]:
+    """Hold ``out`` for the block by the main process's lock on its ``.lock``: a second run there would
+    clear this one's progress and write over its pictures. Every process must find that lock, as
+    ``out`` is where they all write and the main process merges."""
     if is_main_process():
-        results, failures = done.merge(batches)
-        write_results_json(out / "detections.json", results)
-        done.remove()
-    return main_process_decides(failures)
+        out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        try:
+            holder = held.enter_context(held_by_main_process(out / ".lock"))
+        except LockHeld as lock:
+            raise ValueError(f"{out}: another detect run is writing there ({lock.holder} holds {lock.path}): let it "
+                             f"end, or use another output folder") from None
+        missed = lock_missed(out / ".lock", holder)
+        if missed is not None:
+            raise ValueError(f"{out}: {missed}: it must be one folder that every node shares, as the main process "
+                             f"merges there what all write")
+        try:
+            yield
+        finally:
+            if is_main_process():
+                # Removed while held: left, it would be a stray file among the pictures (in the
+                # folder of the photos, for `detect photo.jpg --out .`).
+                (out / ".lock").unlink(missing_ok=True)
 
 
 def _output_names(files: list[Path]) -> list[str]:

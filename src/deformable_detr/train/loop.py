@@ -36,9 +36,10 @@ from ..data import (
 from ..distributed import (
     any_process,
     describe_world,
-    hosts_by_value,
+    held_by_main_process,
     is_distributed,
     is_main_process,
+    lock_missed,
     main_process_decides,
     rank,
     setup_distributed,
@@ -47,7 +48,7 @@ from ..distributed import (
     world_size,
 )
 from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics, write_evaluation_report
-from ..files import LockHeld, atomic_write, exclusive_lock, remove_abandoned_writes
+from ..files import LockHeld, atomic_write, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
 from .checkpointing import (
     ONE_SHARED_FOLDER,
@@ -392,34 +393,22 @@ def _output_dir_held(output_dir: Path, *, wait: float) -> Iterator[str | None]:
     ``wait`` seconds; where another process holds it, every process raises :class:`TrainingError`.
     Yields, on every process, what the main process wrote in the lock (None where it took none)."""
     with contextlib.ExitStack() as held:
-        refusal = holder = None
-        if is_main_process():
-            try:
-                holder = held.enter_context(exclusive_lock(output_dir / ".lock", wait=wait))
-            except LockHeld as lock:
-                still = f" still after {wait:g} s" if wait else ""
-                refusal = (f"{output_dir}: another run is writing there{still} ({lock.holder} holds {lock.path}): "
-                           f"let it end, or use another output directory")
-        refusal, holder = main_process_decides((refusal, holder))
-        if refusal is not None:
-            raise TrainingError(refusal)
+        try:
+            holder = held.enter_context(held_by_main_process(output_dir / ".lock", wait=wait))
+        except LockHeld as lock:
+            still = f" still after {wait:g} s" if wait else ""
+            raise TrainingError(f"{output_dir}: another run is writing there{still} ({lock.holder} holds {lock.path}): "
+                                f"let it end, or use another output directory") from None
         yield holder
 
 
 def _held_for_every_process(lock: Path, holder: str | None) -> None:
     """Refuse a run whose processes do not all find the main process's ``holder`` in ``lock``: nodes
     that each write their own disk, caught before the first epoch rather than at a resume
-    (:func:`~.checkpointing.found_by_every_process`). Nothing to compare where no lock was taken."""
-    if holder is None:
-        return
-    try:
-        found = lock.read_text()
-    except FileNotFoundError:
-        found = None
-    elsewhere = [host for seen, hosts in hosts_by_value(found).items() if seen != holder for host in hosts]
-    if elsewhere:
-        raise TrainingError(f"{lock.parent}: the processes on {', '.join(elsewhere)} do not find the lock the main "
-                            f"process holds there ({lock}, {holder}): {ONE_SHARED_FOLDER}")
+    (:func:`~.checkpointing.found_by_every_process`)."""
+    missed = lock_missed(lock, holder)
+    if missed is not None:
+        raise TrainingError(f"{lock.parent}: {missed}: {ONE_SHARED_FOLDER}")
 
 
 def _why_complete(start: ResumePoint, stopping: EarlyStopping, config: TrainConfig, batches: int) -> str | None:

@@ -7,6 +7,10 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 
+# The smallest backbone the reference code builds (it refuses resnet18 and resnet34, and has no width
+# option): the tiny preset on it can be written in the reference layout.
+REFERENCE_BACKBONE = {"backbone": "resnet50", "backbone_width": 64}
+
 R50_PRESETS = ["r50", "r50_single_scale", "r50_single_scale_dc5", "r50_box_refine", "r50_two_stage"]
 
 

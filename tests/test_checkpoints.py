@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import R50_PRESETS
+from conftest import R50_PRESETS, REFERENCE_BACKBONE
 
 from deformable_detr import PRESETS, CheckpointError, build_model, checkpoints, load_pretrained, save_checkpoint
 from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint
@@ -118,7 +118,7 @@ def assert_same_weights(first, second):
         torch.testing.assert_close(second[name], tensor, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("preset, overrides", [("tiny", {"two_stage": True}), ("r50_single_scale_dc5", {"num_classes": 21})])
+@pytest.mark.parametrize("preset, overrides", [("tiny", {"two_stage": True, **REFERENCE_BACKBONE}), ("r50_single_scale_dc5", {"num_classes": 21})])
 def test_convert_ours_to_reference_and_back_is_lossless(tmp_path, preset, overrides):
     model = build_model(preset, **overrides)
     save_checkpoint(tmp_path / "ours.safetensors", model, image_size=256)
@@ -132,7 +132,7 @@ def test_convert_ours_to_reference_and_back_is_lossless(tmp_path, preset, overri
 
 
 def test_a_reference_file_without_an_image_size_says_it_is_not_recorded(tmp_path, capsys):
-    checkpoints.save_reference_checkpoint(tmp_path / "reference.pth", build_model("tiny"))  # none, as the released files
+    checkpoints.save_reference_checkpoint(tmp_path / "reference.pth", build_model("tiny", **REFERENCE_BACKBONE))  # no size, as released
     checkpoint = read_checkpoint(tmp_path / "reference.pth")
     assert (checkpoint.image_size, checkpoint.input_size) == (None, 800)
     assert main(["inspect", str(tmp_path / "reference.pth")]) == 0
@@ -156,13 +156,27 @@ def test_reference_layout_reads_as_the_published_configuration(tmp_path, preset)
 
 
 def test_trainable_batch_norm_converts_to_the_references_frozen_one(tmp_path):
-    model = build_model("tiny", backbone_norm="batch")
+    model = build_model("tiny", backbone_norm="batch", **REFERENCE_BACKBONE)
     model.train()(torch.randn(2, 3, 96, 96))  # running statistics away from their initial values
     save_checkpoint(tmp_path / "scratch.pt", model)
     convert_checkpoint(tmp_path / "scratch.pt", tmp_path / "reference.pth")
     converted = load_pretrained(tmp_path / "reference.pth")
     assert converted.config.backbone_norm == "frozen"
     same_outputs(model, converted)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    ({}, "backbone resnet18 has no place in the reference layout: the reference code builds bottleneck ResNets only"),
+    ({"backbone": "resnet50"}, "backbone width 24 has no place in the reference layout: the reference code builds "
+                               "torchvision's ResNets, of width 64"),
+])  # fmt: skip
+def test_convert_refuses_a_backbone_the_reference_code_cannot_build(tmp_path, capsys, overrides, problem):
+    save_checkpoint(tmp_path / "tiny.pt", build_model("tiny", **overrides))
+    (tmp_path / "reference.pth").write_bytes(b"kept")
+    assert main(["convert", str(tmp_path / "tiny.pt"), str(tmp_path / "reference.pth")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"deformable-detr: error: {tmp_path / 'tiny.pt'}: {problem}") and error.count("\n") == 1
+    assert (tmp_path / "reference.pth").read_bytes() == b"kept"
 
 
 def test_cli_convert(tmp_path, capsys):
@@ -365,8 +379,8 @@ def test_a_whole_number_is_a_float_field(tmp_path):
     ("model-hf", "huggingface", "huggingface"),
 ])  # fmt: skip
 def test_the_destinations_name_chooses_the_layout(tmp_path, capsys, name, layout, read_as):
-    # Of a width transformers can hold, as small as the tests' others.
-    save_checkpoint(tmp_path / "ours.pt", build_model("tiny", backbone_width=64, d_model=64, dim_feedforward=64))
+    # Of a backbone the reference code and transformers hold, the transformer as small as the tests' others.
+    save_checkpoint(tmp_path / "ours.pt", build_model("tiny", **REFERENCE_BACKBONE, d_model=64, dim_feedforward=64))
     assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / name)]) == 0
     assert capsys.readouterr().out == f"{tmp_path / name}: written in the {layout} layout\n"
     assert read_checkpoint(tmp_path / name).source_format == read_as

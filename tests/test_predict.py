@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REFERENCE_BACKBONE
 from PIL import Image
 from torchvision.ops import FrozenBatchNorm2d, box_convert, box_iou
 
@@ -152,7 +153,7 @@ def test_a_padded_batch_stays_close_to_one_by_one(detector, trained):
 
 
 def test_released_checkpoints_are_labelled_with_coco_names(tmp_path):
-    save_reference_checkpoint(tmp_path / "released.pth", build_model("tiny"))
+    save_reference_checkpoint(tmp_path / "released.pth", build_model("tiny", **REFERENCE_BACKBONE))
     detector = Detector.from_checkpoint(tmp_path / "released.pth", device="cpu")
     assert detector.image_size == 800
     assert len(detector.class_names) == 80 and detector.class_names[1] == "person" and detector.class_names[90] == "toothbrush"

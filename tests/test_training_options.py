@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import REFERENCE_BACKBONE
 
 from deformable_detr import build_model, cli, load_pretrained, save_checkpoint
 from deformable_detr.checkpoints import convert_checkpoint, read_checkpoint
@@ -290,7 +291,7 @@ def test_mixed_query_selection_learns_one_content_query_and_keeps_its_gain_zero(
 
 @pytest.mark.parametrize("options", [ONE_STAGE, TWO_STAGE], ids=["one_stage", "two_stage"])
 def test_checkpoint_with_options_round_trips_through_the_reference_layout(options, tmp_path):
-    model = options_model(**options).eval()
+    model = options_model(**options, **REFERENCE_BACKBONE).eval()
     save_checkpoint(tmp_path / "ours.pt", model)
     assert load_pretrained(tmp_path / "ours.pt").config == model.config  # ours keeps the options
     convert_checkpoint(tmp_path / "ours.pt", tmp_path / "reference.pth")

@@ -139,7 +139,8 @@ def save_reference_checkpoint(path: str | os.PathLike, model: DeformableDETR, *,
 
     Raises:
         TypeError: ``model`` is not a DeformableDETR.
-        ValueError: ``image_size`` is not a positive integer; nothing is written.
+        ValueError: ``image_size`` is not a positive integer, or the reference code cannot build
+            ``model`` (a backbone it lacks); nothing is written.
     """
     check_model(model)
     payload = reference_payload(model, image_size=_image_size(image_size))
@@ -251,7 +252,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
 
     Raises:
         CheckpointError: the source cannot be read, or the layout cannot hold its model (a
-            backbone timm has no equivalent for, in a Hugging Face folder).
+            backbone the reference code or timm has no equivalent for).
         ValueError: an unknown layout, or a destination whose name promises another (or no) layout.
     """
     destination = Path(destination)
@@ -259,15 +260,15 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     _check_destination(destination, layout)
     checkpoint = read_checkpoint(source)
     model = checkpoint.build_model()
-    if layout == "reference":
-        save_reference_checkpoint(destination, model, image_size=checkpoint.image_size)
-    elif layout == "ours":
-        save_checkpoint(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.image_size)
-    else:
-        try:
+    try:
+        if layout == "reference":
+            save_reference_checkpoint(destination, model, image_size=checkpoint.image_size)
+        elif layout == "ours":
+            save_checkpoint(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.image_size)
+        else:
             save_huggingface(destination, model, class_names=checkpoint.class_names, image_size=checkpoint.input_size)
-        except ValueError as error:
-            raise CheckpointError(f"{source}: {error}") from None
+    except ValueError as error:  # a model the layout has no place for (ours holds every model read)
+        raise CheckpointError(f"{source}: {error}") from None
     return layout
 
 

@@ -25,6 +25,10 @@ __all__ = [
 
 PUBLISHED_IMAGE_SIZE = 800  # the shorter side of the published recipe's validation images
 
+# The reference's backbone hard-codes a bottleneck ResNet's channels (512, 1024 and 2048 out of
+# layer2-4) at torchvision's width, and asserts that it is not one of these two basic-block ResNets.
+_BASIC_BLOCK_RESNETS = ("resnet18", "resnet34")
+
 # Index = COCO category id, with placeholders at the ids COCO does not use.
 _COCO_CATEGORIES: list[str] = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
 
@@ -51,19 +55,34 @@ _FLAGS = {
 def reference_payload(model: DeformableDETR, *, image_size: int | None = None) -> dict[str, Any]:
     """What the reference implementation saves for ``model``: its weights and its training flags.
 
-    The file loads into the reference code (ResNet-50/101 backbones). Trainable batch norm (a
-    backbone trained from scratch) becomes the reference's frozen batch norm, which computes the
-    same in evaluation. Training-only options (hybrid matching's extra queries, ...) have no place
+    The file loads into the reference code, which builds only bottleneck ResNets (ResNet-50 and
+    larger, ResNeXt, wide ResNet) at torchvision's width: another model is refused. Trainable batch
+    norm (a backbone trained from scratch) becomes the reference's frozen batch norm, which computes
+    the same in evaluation. Training-only options (hybrid matching's extra queries, ...) have no place
     in the reference: their tensors are left out, and the payload holds the published architecture.
     ``image_size``, the shorter side the model was trained for, is kept as the flag ``image_size``
     (our ``--image-size``), where given: the reference has no such flag and never reads ``args``
     back, so the file still loads there, and reading it here gives the size back.
+
+    Raises:
+        ValueError: a backbone the reference code cannot build (``tiny``'s, say).
     """
+    _require_reference_backbone(model.config)
     flags = {flag: getattr(model.config, field) for flag, field in _FLAGS.items()}
     if image_size is not None:
         flags["image_size"] = image_size
     args = argparse.Namespace(**flags, masks=False)
     return {"model": without_batch_norm_counters(model.inference_state_dict()), "args": args}
+
+
+def _require_reference_backbone(config: ModelConfig) -> None:
+    instead = "keep it in our layout (.pt or .safetensors), or export it to ONNX (deformable-detr export)"
+    if config.backbone in _BASIC_BLOCK_RESNETS:
+        raise ValueError(f"backbone {config.backbone} has no place in the reference layout: the reference code "
+                         f"builds bottleneck ResNets only (resnet50 and larger, ResNeXt, wide ResNet); {instead}")
+    if config.backbone_width != 64:
+        raise ValueError(f"backbone width {config.backbone_width} has no place in the reference layout: the "
+                         f"reference code builds torchvision's ResNets, of width 64; {instead}")
 
 
 def without_batch_norm_counters(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

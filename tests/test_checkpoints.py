@@ -221,6 +221,19 @@ def test_arbitrary_objects_are_never_unpickled(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("content, refused", [
+    (lambda: build_model("tiny"), "deformable_detr.model.detector.DeformableDETR"),  # torch.save(model), whole
+    (lambda: {"model": {}, "args": Payload()}, f"{os.system.__module__}.system"),  # a module torch blocks
+], ids=["whole-model", "code"])  # fmt: skip
+def test_a_refused_class_is_named_without_torchs_advice_to_allow_it(tmp_path, capsys, content, refused):
+    torch.save(content(), tmp_path / "model.pt")
+    assert main(["inspect", str(tmp_path / "model.pt")]) == 1
+    assert capsys.readouterr().err == (
+        f"deformable-detr: error: {tmp_path / 'model.pt'}: refused to unpickle {refused}: a checkpoint holds only "
+        "tensors and plain values, and loading runs no code from a file\n"
+    )
+
+
 def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     save_checkpoint(path, build_model("tiny"))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import reprlib
 import struct
 from collections import Counter, OrderedDict
@@ -43,6 +44,9 @@ _LAYOUT_OF_SUFFIX = {".safetensors": "ours", ".pt": "ours", ".pth": "reference",
 # Released reference checkpoints pickle their training flags as an argparse.Namespace. It is the
 # only class allowed on top of weights-only loading: a plain attribute bag, safe to rebuild.
 _SAFE_CLASSES = (argparse.Namespace,)
+# How torch's weights-only unpickler names a class it refuses, before its advice to allow it
+# (torch.serialization.add_safe_globals), which a user of the commands has no way to follow.
+_REFUSED_GLOBAL = re.compile(r"\bGLOBAL (\S+)")
 # What torch.load(weights_only=True) rebuilds (torch/_weights_only_unpickler.py, _get_allowed_globals),
 # by exact type: a subclass (a numpy float, an enum, a defaultdict) pickles as a class it refuses.
 _LOADABLE_VALUES = (type(None), bool, int, float, complex, str, bytes, bytearray,
@@ -435,11 +439,10 @@ def _torch_load(path: Path) -> dict[str, Any]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         lines = _message_lines(error)
-        refused_global = next((line for line in lines if "GLOBAL" in line), None)
-        if refused_global is not None:
-            raise CheckpointError(
-                f"{path}: refused to unpickle it: it holds more than tensors and plain values ({refused_global})"
-            ) from None
+        refused = next((match[1] for line in lines if (match := _REFUSED_GLOBAL.search(line))), None)
+        if refused is not None:
+            raise CheckpointError(f"{path}: refused to unpickle {refused}: a checkpoint holds only tensors and plain "
+                                  "values, and loading runs no code from a file") from None
         # torch.load's message ends with a pointer to its documentation, after the unpickler's error.
         problem = lines[-2] if len(lines) > 1 else lines[0]
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({problem})") from None

@@ -519,6 +519,13 @@ def test_preprocessor_resizes_as_validation_does(written):
         assert pixels.shape[-2:] == ours.shape[-2:]
 
 
+@pytest.mark.parametrize("image_size", [None, 0, 96.0])
+def test_save_huggingface_refuses_an_image_size_before_writing_anything(tmp_path, image_size):
+    with pytest.raises(ValueError, match=rf"^image_size must be a whole number of at least 1, got {image_size}$"):
+        save_huggingface(tmp_path / "hf", build_ours("plain"), image_size=image_size)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_hold(tmp_path, capsys):
     ours = build_ours("plain")
     save_checkpoint(tmp_path / "ours.pt", ours, class_names=NAMES, image_size=96)

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .checks import check_count
 from .config import ModelConfig
 from .data import inference_transforms
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -558,14 +559,20 @@ def save_huggingface(
 
     Raises:
         TypeError: ``model`` is not a DeformableDETR.
-        ValueError: a model transformers cannot hold (a backbone timm has no equivalent for).
+        ValueError: a model transformers cannot hold (a backbone timm has no equivalent for), or
+            ``image_size`` is not a whole number of at least 1; nothing is written.
     """
     check_model(model)
+    check_count("image_size", image_size, at_least=1)
     folder = Path(folder)
     tensors = state_dict_to_huggingface(model.inference_state_dict(), model.config)
+    # Both made before any file is written; int(): JSON cannot write numpy's integers.
+    texts = {name: json.dumps(content, indent=2) + "\n" for name, content in [
+        ("preprocessor_config.json", preprocessor_config(int(image_size))),
+        ("config.json", config_to_huggingface(model.config, class_names=class_names)),
+    ]}  # fmt: skip
     with atomic_write(folder / "model.safetensors") as temporary:
         save_file(tensors, temporary, metadata={"format": "pt"})
-    for name, content in [("preprocessor_config.json", preprocessor_config(image_size)),
-                          ("config.json", config_to_huggingface(model.config, class_names=class_names))]:  # fmt: skip
+    for name, text in texts.items():
         with atomic_write(folder / name) as temporary:
-            temporary.write_text(json.dumps(content, indent=2) + "\n")
+            temporary.write_text(text)

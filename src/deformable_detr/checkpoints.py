@@ -448,7 +448,9 @@ def _torch_load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({problem})") from None
     # A legacy (pickle) file cut short fails inside the unpickler, as whatever its last read raised.
     except (RuntimeError, EOFError, OSError, IndexError, struct.error) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_message_lines(error)[0]})") from None
+        # Its first sentence: torch follows a cut zip archive's with a paragraph of guesses at the cause.
+        problem = _message_lines(error)[0].split(". ")[0]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({problem})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(payload).__name__}")
     return payload

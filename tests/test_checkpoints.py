@@ -230,7 +230,8 @@ def test_a_refused_class_is_named_without_torchs_advice_to_allow_it(tmp_path, ca
     assert main(["inspect", str(tmp_path / "model.pt")]) == 1
     assert capsys.readouterr().err == (
         f"deformable-detr: error: {tmp_path / 'model.pt'}: refused to unpickle {refused}: a checkpoint holds only "
-        "tensors and plain values, and loading runs no code from a file\n"
+        "tensors and plain values, and loading runs no code from a file (save_checkpoint(path, model) writes a "
+        "model's)\n"
     )
 
 

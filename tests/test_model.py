@@ -451,6 +451,10 @@ def test_postprocess_takes_one_size_per_image_and_top_k_by_name():
     message = "image_sizes is of shape (1, 2); expected (2, 2): the (height, width) of each of the batch's 2 images"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         postprocess(outputs, [(100, 200)])
+    three = {"pred_logits": torch.zeros(3, 3, 4), "pred_boxes": torch.full((3, 3, 4), 0.5)}
+    heights_then_widths = [(100, 300, 500), (200, 400, 600)]  # six numbers, as three sizes have, but not one per image
+    with pytest.raises(ValueError, match=re.escape("image_sizes is of shape (2, 3); expected (3, 2)")):
+        postprocess(three, heights_then_widths)
     with pytest.raises(TypeError):  # an option, as every caller and docs/api.md name it
         postprocess(outputs, [(100, 200)] * 2, 5)
 

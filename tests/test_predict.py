@@ -336,19 +336,23 @@ def test_detect_refuses_to_write_over_its_inputs_before_anything_is_written(trai
     assert (photos / f"{photo.stem}.png").is_file() and photo.read_bytes() == before[photo.name]
 
 
-def test_detect_refuses_a_folder_another_detect_run_is_writing_and_leaves_no_lock_behind(trained, tmp_path, capsys):
+def test_detect_refuses_a_folder_another_run_is_writing_and_a_file_for_a_folder(trained, tmp_path, capsys):
     """The second run cleared the first's progress and wrote over its pictures; the last merge won."""
     checkpoint, data = trained
     out = tmp_path / "out"
     out.mkdir()
     with exclusive_lock(out / ".lock") as holder:  # as the other run's main process holds it
         assert main(["detect", str(checkpoint), str(data / "val"), "--out", str(out)]) == 1
-    assert capsys.readouterr().err == (f"deformable-detr: error: {out}: another detect run is writing there ({holder} "
-                                       f"holds {out / '.lock'}): let it end, or use another output folder\n")
+    assert capsys.readouterr().err == (f"deformable-detr: error: {out}: another run is writing there ({holder} holds "
+                                       f"{out / '.lock'}): let it end, or use another output directory\n")
     assert sorted(path.name for path in out.iterdir()) == [".lock"]  # the other run's, untouched
-    (out / ".lock").unlink()
-    assert main(["detect", str(checkpoint), str(data / "val"), "--out", str(out)]) == 0
-    assert ".lock" not in {path.name for path in out.iterdir()} and (out / "detections.json").is_file()
+    assert main(["detect", str(checkpoint), str(data / "val"), "--out", str(out)]) == 0  # once it has ended
+    assert (out / "detections.json").is_file()
+
+    (tmp_path / "file").write_text("")
+    assert main(["detect", str(checkpoint), str(data / "val"), "--out", str(tmp_path / "file")]) == 1
+    assert capsys.readouterr().err.endswith(f"deformable-detr: error: {tmp_path / 'file'}: a file, not a folder for "
+                                            f"the annotated copies and detections.json\n")
 
 
 def test_explain_command_draws_the_sampling_points(trained, tmp_path, capsys):

@@ -76,3 +76,18 @@ def test_a_detections_line_and_label_grow_with_the_picture_as_a_viewer_shrinks_i
     label = int(inside.sum())
     assert inside[: label].all()  # the label, in the box's top left corner
     assert label >= max(10, side // 40) / 2  # the height of "cat 0.90" in text of that many pixels
+
+
+@pytest.mark.parametrize("box", [[-40.0, -30.0, 60.0, 80.0], [270.0, 50.0, 330.0, 120.0], [200.0, 150.0, 320.0, 230.0]],
+                         ids=["past-top-left", "past-right", "past-bottom-right"])
+def test_a_label_of_a_box_past_the_pictures_edge_is_drawn_whole_on_the_picture(box):
+    """Detections often reach past the image's border: their labels were drawn off the picture, or cut."""
+    image = torch.zeros(3, 200, 300, dtype=torch.uint8)
+    image[2] = 255  # blue: the text's pixels, black blended into the yellow label, are the ones without blue
+
+    def text_pixels(boxes):
+        detections = {"boxes": torch.tensor([boxes]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+        drawn = draw_detections(image, detections, {1: "person"}).permute(1, 2, 0).int()
+        return int(((drawn[..., 2] == 0) & (drawn[..., 0] < 160)).sum())
+
+    assert text_pixels(box) >= 0.9 * text_pixels([100.0, 60.0, 200.0, 140.0]) > 0  # as whole as in the middle

@@ -442,14 +442,15 @@ def _torch_load(path: Path) -> dict[str, Any]:
         refused = next((match[1] for line in lines if (match := _REFUSED_GLOBAL.search(line))), None)
         if refused is not None:
             raise CheckpointError(f"{path}: refused to unpickle {refused}: a checkpoint holds only tensors and plain "
-                                  "values, and loading runs no code from a file") from None
+                                  "values, and loading runs no code from a file (save_checkpoint(path, model) writes "
+                                  "a model's)") from None
         # torch.load's message ends with a pointer to its documentation, after the unpickler's error.
         problem = lines[-2] if len(lines) > 1 else lines[0]
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({problem})") from None
     # A legacy (pickle) file cut short fails inside the unpickler, as whatever its last read raised.
     except (RuntimeError, EOFError, OSError, IndexError, struct.error) as error:
-        # Its first sentence: torch follows a cut zip archive's with a paragraph of guesses at the cause.
-        problem = _message_lines(error)[0].split(". ")[0]
+        # Without the paragraph of guesses at the cause that torch adds to a cut zip archive's error.
+        problem = _message_lines(error)[0].partition(". This is an internal miniz error")[0]
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({problem})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(payload).__name__}")

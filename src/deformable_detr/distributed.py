@@ -164,32 +164,42 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(value) for value in values.tolist())
 
 
+# Why every process must find what the main process writes in the output directory, for messages.
+ONE_SHARED_FOLDER = "the output directory must be one folder that every node shares"
+
+
 @contextlib.contextmanager
-def held_by_main_process(lock: Path, *, wait: float = 0.0) -> Iterator[str | None]:
-    """Hold the file ``lock`` for the block in the main process (:func:`~.files.exclusive_lock`,
-    taken within ``wait`` seconds), so that one run at a time writes its folder. Yields, on every
-    process, what the main process wrote in it: None where it took no lock (collective).
+def folder_held(folder: Path, *, wait: float = 0.0, error: type[Exception] = RuntimeError) -> Iterator[None]:
+    """Hold the output directory ``folder`` for the block by the main process's lock on its ``.lock``
+    (:func:`~.files.exclusive_lock`, taken within ``wait`` seconds), so that one run at a time writes
+    there; every process must then find in the lock what the main process wrote, or the folder is
+    each node's own disk rather than one they share (collective).
 
     Raises:
-        LockHeld: on every process, where another process holds it.
+        error: on every process, in one line, where another process holds the lock or some process
+            does not find it.
     """
     with contextlib.ExitStack() as held:
-        refused = holder = None
+        refusal = holder = None
         if is_main_process():
             try:
-                holder = held.enter_context(exclusive_lock(lock, wait=wait))
-            except LockHeld as error:
-                refused = (error.path, error.holder)
-        refused, holder = main_process_decides((refused, holder))
-        if refused is not None:
-            raise LockHeld(*refused)
-        yield holder
+                holder = held.enter_context(exclusive_lock(folder / ".lock", wait=wait))
+            except LockHeld as lock:
+                still = f" still after {wait:g} s" if wait else ""
+                refusal = (f"{folder}: another run is writing there{still} ({lock.holder} holds {lock.path}): let it "
+                           f"end, or use another output directory")
+        refusal, holder = main_process_decides((refusal, holder))
+        if refusal is None:
+            refusal = _lock_missed(folder / ".lock", holder)
+        if refusal is not None:
+            raise error(refusal)
+        yield
 
 
-def lock_missed(lock: Path, holder: str | None) -> str | None:
-    """Which processes do not find in ``lock`` the ``holder`` the main process wrote there
-    (:func:`held_by_main_process`), for a message, as where each node writes a folder on its own disk
-    rather than one they share; None where all find it, or no lock was taken (collective)."""
+def _lock_missed(lock: Path, holder: str | None) -> str | None:
+    """Where some processes do not find in ``lock`` the ``holder`` the main process wrote there, as
+    where each node writes a folder on its own disk, the line that says so; None where all find it,
+    or no lock was taken (collective)."""
     if holder is None:
         return None
     try:
@@ -199,7 +209,8 @@ def lock_missed(lock: Path, holder: str | None) -> str | None:
     elsewhere = [host for seen, hosts in hosts_by_value(found).items() if seen != holder for host in hosts]
     if not elsewhere:
         return None
-    return f"the processes on {', '.join(elsewhere)} do not find the lock the main process holds there ({lock}, {holder})"
+    return (f"{lock.parent}: the processes on {', '.join(elsewhere)} do not find the lock the main process holds "
+            f"there ({lock}, {holder}): {ONE_SHARED_FOLDER}")
 
 
 def wait_for_all() -> None:

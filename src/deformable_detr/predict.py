@@ -3,13 +3,12 @@ the ``detect`` command."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +24,10 @@ from .checkpoints import read_checkpoint
 from .checks import check_count, check_fraction
 from .data import IMAGE_SUFFIXES, DatasetError, as_rgb, inference_transforms, read_image
 from .data.transforms import max_side
-from .distributed import (
-    held_by_main_process,
-    is_main_process,
-    lock_missed,
-    main_process_decides,
-    rank,
-    wait_for_all,
-    world_size,
-)
+from .distributed import folder_held, is_main_process, main_process_decides, rank, wait_for_all, world_size
 from .environment import usable_device
 from .evaluation import coco_results, write_results_json
-from .files import LockHeld, atomic_write, remove_abandoned_writes
+from .files import atomic_write, remove_abandoned_writes
 from .model import DeformableDETR, check_model, postprocess
 from .precision import check_dtype, forward, inference_model
 from .reference import PUBLISHED_IMAGE_SIZE
@@ -283,7 +274,9 @@ def detect_files(
     output_names = _output_names(files)
     _check_inputs_are_kept(inputs, files, out, output_names)
     batches = range(0, len(files), batch_size)
-    with _out_held(out):
+    _make_output_folder(out)  # by every process, which all refuse a file alike before any waits for the others
+    # One run at a time: another would clear this one's progress and write over its pictures.
+    with folder_held(out, error=ValueError):
         done = _DetectProgress.open(out, _fingerprint(detector, files, threshold, batch_size), len(batches),
                                     outputs=[*output_names, "detections.json"])
         mine = [start for index, start in enumerate(batches) if index % world_size() == rank() and start not in done]
@@ -323,30 +316,10 @@ def _detect_batch(detector: Detector, files: list[Path], start: int, batch_size:
     return results, failures
 
 
-@contextlib.contextmanager
-def _out_held(out: Path) -> Iterator[None]:
-    """Hold ``out`` for the block by the main process's lock on its ``.lock``: a second run there would
-    clear this one's progress and write over its pictures. Every process must find that lock, as
-    ``out`` is where they all write and the main process merges."""
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as held:
-        try:
-            holder = held.enter_context(held_by_main_process(out / ".lock"))
-        except LockHeld as lock:
-            raise ValueError(f"{out}: another detect run is writing there ({lock.holder} holds {lock.path}): let it "
-                             f"end, or use another output folder") from None
-        missed = lock_missed(out / ".lock", holder)
-        if missed is not None:
-            raise ValueError(f"{out}: {missed}: it must be one folder that every node shares, as the main process "
-                             f"merges there what all write")
-        try:
-            yield
-        finally:
-            if is_main_process():
-                # Removed while held: left, it would be a stray file among the pictures (in the
-                # folder of the photos, for `detect photo.jpg --out .`).
-                (out / ".lock").unlink(missing_ok=True)
+def _make_output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: a file, not a folder for the annotated copies and detections.json")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _output_names(files: list[Path]) -> list[str]:

@@ -35,13 +35,15 @@ def draw_detections(
     for box, label, score in zip(detections["boxes"][keep].tolist(), detections["labels"][keep].tolist(),
                                  detections["scores"][keep].tolist()):  # fmt: skip
         draw.rectangle(box, outline="yellow", width=line)
-        # Black text on a filled yellow label, inside the box's corner: legible on any background,
-        # and on the picture for a box at its edge.
-        x, y = box[0] + line, box[1] + line
+        # Black text on a filled yellow label, inside the box's top left corner (legible on any
+        # background), moved onto the picture where the box runs past its edge.
         caption = f"{names.get(int(label), str(int(label)))} {score:.2f}"
-        _, _, right, bottom = draw.textbbox((x + line, y), caption, font=font)
-        draw.rectangle((x, y, right + line, bottom + line), fill="yellow")
-        draw.text((x + line, y), caption, fill="black", font=font)
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        width, height = right - left + 2 * line, bottom - top + 2 * line
+        x = min(max(box[0] + line, 0), picture.width - width)
+        y = min(max(box[1] + line, 0), picture.height - height)
+        draw.rectangle((x, y, x + width, y + height), fill="yellow")
+        draw.text((x + line - left, y + line - top), caption, fill="black", font=font)
     return F.pil_to_tensor(picture)
 
 

@@ -33,10 +33,9 @@ def postprocess(
     boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
     batch, _, num_classes = logits.shape
     sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)
-    if sizes.numel() != batch * 2:
+    if sizes.shape != (batch, 2):
         raise ValueError(f"image_sizes is of shape {tuple(sizes.shape)}; expected ({batch}, 2): "
                          f"the (height, width) of each of the batch's {batch} images")
-    sizes = sizes.reshape(batch, 2)
     scores, flat_indices = logits.sigmoid().flatten(1).topk(min(top_k, logits.shape[1] * num_classes), dim=1)
     queries = torch.div(flat_indices, num_classes, rounding_mode="floor")
     labels = flat_indices % num_classes

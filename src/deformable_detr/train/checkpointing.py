@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..checkpoints import read_checkpoint, save_checkpoint
-from ..distributed import hosts_by_value, is_main_process, world_size
+from ..distributed import ONE_SHARED_FOLDER, hosts_by_value, is_main_process, world_size
 from ..model import DeformableDETR
 from .config import RESUMABLE_FIELDS, STARTING_WEIGHTS, TrainConfig, setting, setting_value
 from .early_stopping import EarlyStopping
@@ -109,10 +109,6 @@ class ResumePoint:
 # weights, "ema", only where the run keeps one; "training_data" where a version that records it wrote it).
 _RESUMED = ("train_config", "world_size", "optimizer", "scheduler", "early_stopping", "epoch", "epoch_progress",
             "best", "training_seconds")
-
-
-# Why every process must find what the main process writes, for messages.
-ONE_SHARED_FOLDER = "the output directory must be one folder that every node shares, as the main process alone writes it"
 
 
 def found_by_every_process(path: Path) -> bool:

@@ -10,7 +10,6 @@ import random
 import shutil
 import statistics
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,9 @@ from ..data import (
 from ..distributed import (
     any_process,
     describe_world,
-    held_by_main_process,
+    folder_held,
     is_distributed,
     is_main_process,
-    lock_missed,
     main_process_decides,
     rank,
     setup_distributed,
@@ -48,10 +46,9 @@ from ..distributed import (
     world_size,
 )
 from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics, write_evaluation_report
-from ..files import LockHeld, atomic_write, remove_abandoned_writes
+from ..files import atomic_write, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
 from .checkpointing import (
-    ONE_SHARED_FOLDER,
     CheckpointSchedule,
     ResumePoint,
     data_identity,
@@ -189,14 +186,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _print(describe_world())
     output_dir = Path(config.output_dir)
     made = _make_folder(output_dir)
-    with _output_dir_held(output_dir, wait=OUTPUT_LOCK_WAIT_SECONDS if config.resume else 0.0) as holder:
-        try:
-            _held_for_every_process(output_dir / ".lock", holder)
+    try:
+        with folder_held(output_dir, wait=OUTPUT_LOCK_WAIT_SECONDS if config.resume else 0.0, error=TrainingError):
             return _train(config, device, output_dir)
-        except BaseException:
-            if made is not None and is_main_process():
-                _remove_if_unused(output_dir, made)
-            raise
+    except BaseException:
+        if made is not None and is_main_process():
+            _remove_if_unused(output_dir, made)
+        raise
 
 
 def _make_folder(folder: Path) -> Path | None:
@@ -207,9 +203,9 @@ def _make_folder(folder: Path) -> Path | None:
 
 
 def _remove_if_unused(folder: Path, made: Path) -> None:
-    """Remove ``folder`` and its parents up to ``made`` where it holds nothing but its lock, which
-    this process holds: a run that failed before it began leaves no empty folder behind. (Whatever
-    cannot be removed stays: the failure is what the run reports.)"""
+    """Remove ``folder`` and its parents up to ``made`` where it holds nothing but its lock: a run
+    that failed before it began leaves no empty folder behind. (Whatever cannot be removed stays:
+    the failure is what the run reports.)"""
     if any(path.name != ".lock" for path in folder.iterdir()):
         return
     with contextlib.suppress(OSError):
@@ -385,30 +381,6 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
 # done, and its loader workers, which share its lock, until they notice it is gone (about 5 s after
 # a kill -9: a torchrun group restarted at once meets them).
 OUTPUT_LOCK_WAIT_SECONDS = 60.0
-
-
-@contextlib.contextmanager
-def _output_dir_held(output_dir: Path, *, wait: float) -> Iterator[str | None]:
-    """Hold ``output_dir`` for the block, by the main process's lock on its ``.lock``, taken within
-    ``wait`` seconds; where another process holds it, every process raises :class:`TrainingError`.
-    Yields, on every process, what the main process wrote in the lock (None where it took none)."""
-    with contextlib.ExitStack() as held:
-        try:
-            holder = held.enter_context(held_by_main_process(output_dir / ".lock", wait=wait))
-        except LockHeld as lock:
-            still = f" still after {wait:g} s" if wait else ""
-            raise TrainingError(f"{output_dir}: another run is writing there{still} ({lock.holder} holds {lock.path}): "
-                                f"let it end, or use another output directory") from None
-        yield holder
-
-
-def _held_for_every_process(lock: Path, holder: str | None) -> None:
-    """Refuse a run whose processes do not all find the main process's ``holder`` in ``lock``: nodes
-    that each write their own disk, caught before the first epoch rather than at a resume
-    (:func:`~.checkpointing.found_by_every_process`)."""
-    missed = lock_missed(lock, holder)
-    if missed is not None:
-        raise TrainingError(f"{lock.parent}: {missed}: {ONE_SHARED_FOLDER}")
 
 
 def _why_complete(start: ResumePoint, stopping: EarlyStopping, config: TrainConfig, batches: int) -> str | None:

@@ -1,7 +1,9 @@
-"""The command line's defaults are the library's: each command's flags default to its function's."""
+"""The command line's defaults are the library's: each command's flags default to its function's, and its help
+shows them."""
 
 from __future__ import annotations
 
+import argparse
 import inspect
 
 import pytest
@@ -29,3 +31,16 @@ def test_a_commands_defaults_are_its_functions(argv, function, flags):
     args = vars(build_parser().parse_args(argv))
     parameters = inspect.signature(function).parameters
     assert {flag: args[flag] for flag in flags} == {flag: parameters[flag].default for flag in flags}
+
+
+def test_every_flag_with_a_default_shows_it_in_its_help():
+    """`deformable-detr <command> --help` lists a command's flags with their defaults, as the README says."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [
+        f"{name} {action.option_strings[0]}"
+        for name, command in commands.items()
+        for action in command._actions
+        if action.option_strings and action.nargs != 0  # a switch's default is its absence
+        and command.get_default(action.dest) is not None and "%(default)s" not in (action.help or "")
+    ]
+    assert silent == []

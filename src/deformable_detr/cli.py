@@ -409,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthesizer = commands.add_parser("synthesize", help="write a synthetic shapes data set in COCO format",
                                       epilog="A first run on it: docs/training.md")
     synthesizer.add_argument("out")
-    synthesizer.add_argument("--train", type=int, default=800)
-    synthesizer.add_argument("--val", type=int, default=100)
+    synthesizer.add_argument("--train", type=int, default=800, help="training images (default: %(default)s)")
+    synthesizer.add_argument("--val", type=int, default=100, help="validation images (default: %(default)s)")
     synthesizer.add_argument("--image-size", type=int, help="the longer side of every image (default: %(default)s)")
     synthesizer.add_argument("--object-sizes", type=float, nargs=2, metavar=("MIN", "MAX"),
                              help="object sizes as fractions of the shorter image side (default: %(default)s)")

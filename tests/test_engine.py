@@ -214,14 +214,19 @@ def test_finetuning_takes_each_classs_rows_of_the_class_heads_by_its_name(tmp_pa
         "every weight loaded")
 
 
-def test_finetuning_refuses_a_checkpoint_whose_other_weights_have_other_shapes(data, tmp_path):
+def test_finetuning_refuses_a_checkpoint_whose_other_weights_have_other_shapes(data, tmp_path, capsys):
     # Another class count (the heads start anew) and another number of queries (refused).
     save_checkpoint(tmp_path / "other.pt", build_model("tiny", num_classes=9))
     run = config(data, tmp_path / "run", finetune_from=str(tmp_path / "other.pt"), model_overrides={"num_queries": 40})
     with pytest.raises(TrainingError) as refused:
         train(run)
     assert str(refused.value) == (f"{tmp_path / 'other.pt'}: query_embed.weight is (50, 256) there but (40, 256) in the "
-                                  f"model being trained: only the class heads may differ")
+                                  f"model being trained: only the class heads may differ: train it as preset='tiny'")
+    # The command line names the flag: a released r50 given to train's default preset, tiny.
+    save_checkpoint(tmp_path / "r50.pt", build_model("r50", num_classes=3))
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "mine"), "--finetune-from",
+                 str(tmp_path / "r50.pt")]) == 1
+    assert capsys.readouterr().err.endswith("only the class heads may differ: train it as --preset r50\n")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 

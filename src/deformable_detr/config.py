@@ -182,3 +182,12 @@ def get_config(preset_or_config: str | ModelConfig, **overrides: Any) -> ModelCo
     else:
         raise ValueError(f"unknown preset {preset_or_config!r}; choose from {', '.join(PRESETS)}")
     return dataclasses.replace(base, **overrides)
+
+
+def preset_of(config: ModelConfig) -> str | None:
+    """The preset whose architecture ``config`` has (in every field in which the presets differ), or
+    None where it has none of theirs."""
+    fields = [field.name for field in dataclasses.fields(ModelConfig)
+              if len({getattr(preset, field.name) for preset in PRESETS.values()}) > 1]
+    return next((name for name, preset in PRESETS.items()
+                 if all(getattr(preset, field) == getattr(config, field) for field in fields)), None)

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..checkpoints import read_checkpoint
-from ..config import ModelConfig
+from ..config import ModelConfig, preset_of
 from ..data import (
     CocoDataset,
     ImageProbe,
@@ -88,8 +88,11 @@ def _finetune(model: DeformableDETR, path: str, class_names: dict[int, str]) -> 
     own = model.state_dict()
     for name, tensor in checkpoint.state_dict.items():
         if name in own and own[name].shape != tensor.shape and not _is_class_tensor(name):
+            # The model trained is the flags' (--preset tiny by default), not the checkpoint's.
+            preset = preset_of(checkpoint.config)
+            hint = f": train it as {setting('preset', preset)}" if preset else ""
             raise TrainingError(f"{path}: {name} is {tuple(tensor.shape)} there but {tuple(own[name].shape)} in the "
-                                f"model being trained: only the class heads may differ")
+                                f"model being trained: only the class heads may differ{hint}")
     heads = {name: tensor for name, tensor in checkpoint.state_dict.items() if name in own and _is_class_tensor(name)}
     if checkpoint.class_names is None:
         fitted, report = _heads_by_id(heads, own, checkpoint.config.num_classes, model.config.num_classes)

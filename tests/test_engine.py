@@ -522,7 +522,7 @@ def test_a_time_budget_stops_within_the_epoch_and_drops_the_learning_rate_at_its
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert record["batches"] == 4 and record["training_minutes"] == 2 and "AP" in record
     assert (tmp_path / "run" / "best.pt").is_file()
-    assert "stopping at epoch 0, batch 4 of 8: the 2 training minutes of max_minutes have passed" in capsys.readouterr().out
+    assert "stopping at epoch 0, batch 4 of 8: the run's 2 training minutes have passed" in capsys.readouterr().out
 
     assert train(dataclasses.replace(run, resume=True)) == {}  # the budget is spent
     assert ("the run is already complete: it has trained 2.0 minutes and max_minutes is 2 (a larger max_minutes "

@@ -368,7 +368,7 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
                     break
                 if out_of_time:
                     _print(f"stopping at epoch {epoch}, batch {progress.batches} of {batches}: the "
-                           f"{config.max_minutes:g} training minutes of {setting('max_minutes')} have passed")
+                           f"run's {config.max_minutes:g} training minutes have passed")
                     break
     except TrainingStopped as stopped:
         _print(str(stopped))

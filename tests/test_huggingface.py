@@ -526,6 +526,15 @@ def test_save_huggingface_refuses_an_image_size_before_writing_anything(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_huggingface_takes_class_ids_as_json_writes_them_and_refuses_other_keys(tmp_path):
+    """{"1": "cat"}, as json.load gives it, was written as LABEL_1."""
+    save_huggingface(tmp_path / "hf", build_ours("plain"), class_names={"1": "cat"})
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["id2label"]["1"] == "cat"
+    with pytest.raises(ValueError, match=r"^class_names is \{'cat': 1\}; expected a mapping of category id to name"):
+        save_huggingface(tmp_path / "other", build_ours("plain"), class_names={"cat": 1})
+    assert not (tmp_path / "other").exists()
+
+
 def test_convert_command_writes_the_folder_and_refuses_what_transformers_cannot_hold(tmp_path, capsys):
     ours = build_ours("plain")
     save_checkpoint(tmp_path / "ours.pt", ours, class_names=NAMES, image_size=96)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .checks import class_names_by_id
 from .config import ModelConfig
 from .environment import usable_device
 from .files import atomic_write
@@ -125,7 +126,7 @@ def save_checkpoint(
     if path.suffix == ".safetensors" and extra:
         raise ValueError(f"{path}: a .safetensors checkpoint holds weights only; use .pt for {sorted(extra)}")
     # Stored as the reader returns them, so that what is written is what it reads back.
-    usage = {"class_names": _class_names(class_names), "image_size": _image_size(image_size)}
+    usage = {"class_names": class_names_by_id(class_names), "image_size": _image_size(image_size)}
     _check_extra(extra, model)
     with atomic_write(path) as temporary:
         if path.suffix == ".safetensors":
@@ -372,7 +373,7 @@ def _huggingface_image_size(folder: Path) -> int | None:
 
 
 def _huggingface_class_names(hf_config: Mapping[str, Any]) -> dict[int, str] | None:
-    names = _class_names(hf_config.get("id2label"), field="id2label") or {}
+    names = class_names_by_id(hf_config.get("id2label"), field="id2label") or {}
     # transformers (and config_to_huggingface) name each id that has no name LABEL_<id>: not a name.
     return {identifier: name for identifier, name in names.items() if name != f"LABEL_{identifier}"} or None
 
@@ -395,7 +396,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
         )
     config = _model_config(json.loads(metadata["config"]))
     usage = json.loads(metadata.get("usage", "{}"))
-    return Checkpoint(path, config, _load_safetensors(path), FORMAT, _class_names(usage.get("class_names")),
+    return Checkpoint(path, config, _load_safetensors(path), FORMAT, class_names_by_id(usage.get("class_names")),
                       _image_size(usage.get("image_size")))
 
 
@@ -404,15 +405,6 @@ def _model_config(fields: object) -> ModelConfig:
     if not isinstance(fields, Mapping):
         raise ValueError(f"config is {reprlib.repr(fields)}; expected a mapping of ModelConfig fields")
     return ModelConfig.from_dict(dict(fields))
-
-
-def _class_names(names: object, *, field: str = "class_names") -> dict[int, str] | None:
-    if names is None:
-        return None
-    # JSON (safetensors metadata, config.json) turns the integer ids into strings.
-    if not isinstance(names, Mapping) or not all(str(identifier).isdigit() for identifier in names):
-        raise ValueError(f"{field} is {reprlib.repr(names)}; expected a mapping of category id to name, like {{1: 'cat'}}")
-    return {int(identifier): str(name) for identifier, name in names.items()} or None
 
 
 def _image_size(size: object) -> int | None:
@@ -469,7 +461,7 @@ def _read_pickled(path: Path) -> Checkpoint:
         _state_dict(extra["model"], "the 'model' entry")  # checked even beside an average: a resumed run loads it
         weights = _averaged_weights(extra["ema"]) if "ema" in extra else extra.pop("model")
         return Checkpoint(path, _model_config(payload["config"]), weights, FORMAT,
-                          _class_names(payload.get("class_names")), _image_size(payload.get("image_size")), extra)
+                          class_names_by_id(payload.get("class_names")), _image_size(payload.get("image_size")), extra)
     state_dict = payload.get("model", payload)
     if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:
         raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")

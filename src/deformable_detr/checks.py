@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import reprlib
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -21,3 +23,13 @@ def check_fraction(name: str, value: Any) -> None:
     """Raise ValueError unless ``value`` is a number in [0, 1] (a score, a share of the image)."""
     if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1):  # NaN fails too
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def class_names_by_id(names: object, *, field: str = "class_names") -> dict[int, str] | None:
+    """``names``, a mapping of category id to name, with integer ids (JSON writes them as strings:
+    safetensors metadata, config.json); None where there are none. Raises ValueError on anything else."""
+    if names is None:
+        return None
+    if not isinstance(names, Mapping) or not all(str(identifier).isdigit() for identifier in names):
+        raise ValueError(f"{field} is {reprlib.repr(names)}; expected a mapping of category id to name, like {{1: 'cat'}}")
+    return {int(identifier): str(name) for identifier, name in names.items()} or None

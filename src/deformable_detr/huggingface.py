@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checks import check_count
+from .checks import check_count, class_names_by_id
 from .config import ModelConfig
 from .data import inference_transforms
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -559,11 +559,13 @@ def save_huggingface(
 
     Raises:
         TypeError: ``model`` is not a DeformableDETR.
-        ValueError: a model transformers cannot hold (a backbone timm has no equivalent for), or
-            ``image_size`` is not a whole number of at least 1; nothing is written.
+        ValueError: a model transformers cannot hold (a backbone timm has no equivalent for),
+            ``image_size`` is not a whole number of at least 1, or ``class_names`` is not a mapping
+            of category id to name; nothing is written.
     """
     check_model(model)
     check_count("image_size", image_size, at_least=1)
+    class_names = class_names_by_id(class_names)  # ids as JSON writes them ("1") too, which id2label looks up by number
     folder = Path(folder)
     tensors = state_dict_to_huggingface(model.inference_state_dict(), model.config)
     # Both made before any file is written; int(): JSON cannot write numpy's integers.

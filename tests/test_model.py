@@ -405,16 +405,17 @@ def test_backbone_weights_through_torchvision_weights_api(monkeypatch):
     torch.testing.assert_close(model.backbone[0].body.conv1.weight, expected["conv1.weight"])
 
 
-def test_backbone_weights_that_cannot_be_downloaded_are_one_line_naming_the_file_to_fetch(monkeypatch):
+@pytest.mark.parametrize("weights", ["DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"])  # every name the check passes
+def test_backbone_weights_that_cannot_be_downloaded_are_one_line_naming_the_file_to_fetch(monkeypatch, weights):
     def no_internet(weights, *args, **kwargs):
         raise URLError(socket.gaierror(-2, "Name or service not known"))
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", no_internet)
     with pytest.raises(OSError) as failed:
-        build_model("tiny", backbone_width=64, backbone_weights="DEFAULT")
+        build_model("tiny", backbone_width=64, backbone_weights=weights)
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     assert str(failed.value) == (
-        f"resnet18 weights DEFAULT: the download of {url} failed ([Errno -2] Name or service not known); without "
+        f"resnet18 weights {weights}: the download of {url} failed ([Errno -2] Name or service not known); without "
         f"internet, fetch that file elsewhere and give its path as the backbone weights (--backbone-weights "
         f"{url.rsplit('/', 1)[1]}), or put it in {torch.hub.get_dir()}/checkpoints")
 

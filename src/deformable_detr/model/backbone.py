@@ -91,7 +91,7 @@ def _check_weights_name(name: str, weights: str) -> None:
 def _download_failed(name: str, weights: str, error: OSError) -> str:
     """One line for torchvision's weights ``weights`` of ``name`` not downloaded (no internet, as on
     many cluster nodes): from where, and how to give them as a local file instead."""
-    url = torchvision.models.get_model_weights(name)[weights].url
+    url = torchvision.models.get_model_weights(name).verify(weights).url  # any name _check_weights_name passes
     reason = getattr(error, "reason", error)
     return (f"{name} weights {weights}: the download of {url} failed ({reason}); without internet, fetch that file "
             f"elsewhere and give its path as the backbone weights (--backbone-weights {Path(url).name}), or put it "

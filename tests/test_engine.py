@@ -180,7 +180,7 @@ def test_finetune_into_mixed_query_selection_clears_the_content_gain_it_holds_at
     hook would then hold there: queries neither learned (DINO) nor as published."""
     save_checkpoint(tmp_path / "two_stage.pt", build_model("tiny", two_stage=True))
     model = build_model("tiny", two_stage=True, mixed_query_selection=True)
-    loop._finetune(model, str(tmp_path / "two_stage.pt"), {1: "shape"})
+    loop._finetune(model, read_checkpoint(tmp_path / "two_stage.pt"), {1: "shape"})
     gain = model.transformer.pos_trans_norm.weight
     d_model = model.config.d_model
     assert not gain[d_model:].any() and torch.equal(gain[:d_model], torch.ones(d_model))  # the position half as loaded
@@ -202,7 +202,7 @@ def test_finetuning_takes_each_classs_rows_of_the_class_heads_by_its_name(tmp_pa
     save_checkpoint(tmp_path / "rgb.pt", started, class_names={1: "red", 2: "green", 3: "blue"})
     model = build_model("tiny", num_classes=4, two_stage=True, denoising_groups=1)
     new = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    report = loop._finetune(model, str(tmp_path / "rgb.pt"), {1: "blue", 2: "green", 3: "cyan"})
+    report = loop._finetune(model, read_checkpoint(tmp_path / "rgb.pt"), {1: "blue", 2: "green", 3: "cyan"})
     assert report == (f"fine-tuning from {tmp_path / 'rgb.pt'}: class heads taken by class name for 2 of the data's 3 "
                       f"classes (1 at another id); started anew for cyan")
     for name in ("class_embed.0.weight", "class_embed.3.bias", "transformer.decoder.class_embed.1.weight",
@@ -210,7 +210,7 @@ def test_finetuning_takes_each_classs_rows_of_the_class_heads_by_its_name(tmp_pa
         old = started.state_dict()[name]
         expected = [new[name][0], old[3], old[2], new[name][3]]  # no class, blue, green, cyan
         assert all(torch.equal(row, want) for row, want in zip(model.state_dict()[name], expected)), name
-    assert loop._finetune(model, str(tmp_path / "rgb.pt"), {1: "red", 2: "green", 3: "blue"}).endswith(
+    assert loop._finetune(model, read_checkpoint(tmp_path / "rgb.pt"), {1: "red", 2: "green", 3: "blue"}).endswith(
         "every weight loaded")
 
 
@@ -222,12 +222,31 @@ def test_finetuning_refuses_a_checkpoint_whose_other_weights_have_other_shapes(d
         train(run)
     assert str(refused.value) == (f"{tmp_path / 'other.pt'}: query_embed.weight is (50, 256) there but (40, 256) in the "
                                   f"model being trained: only the class heads may differ: train it as preset='tiny'")
-    # The command line names the flag: a released r50 given to train's default preset, tiny.
+    # The command line names the flag: a released r50 given to a run of another preset.
     save_checkpoint(tmp_path / "r50.pt", build_model("r50", num_classes=3))
-    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "mine"), "--finetune-from",
-                 str(tmp_path / "r50.pt")]) == 1
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "mine"), "--preset", "tiny",
+                 "--finetune-from", str(tmp_path / "r50.pt")]) == 1
     assert capsys.readouterr().err.endswith("only the class heads may differ: train it as --preset r50\n")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_run_without_a_preset_trains_the_model_of_the_checkpoint_it_starts_from(data, tmp_path, capsys):
+    """As Hugging Face's from_pretrained and Ultralytics build it; resumed, after the checkpoint has
+    moved, from the run's own record of it."""
+    start, run = tmp_path / "start.pt", tmp_path / "run"
+    save_checkpoint(start, build_model("tiny", num_classes=6, num_queries=20, two_stage=True, backbone_norm="batch"))
+    assert main(command(data, run, "--finetune-from", str(start))) == 0
+    assert f"fine-tuning from {start}: every weight loaded\n" in capsys.readouterr().out
+    trained = read_checkpoint(run / "checkpoint.pt").config
+    assert (trained.num_queries, trained.two_stage, trained.backbone_norm) == (20, True, "batch")
+    start.unlink()
+    assert main([*command(data, run, "--finetune-from", str(start)), "--resume", "--epochs", "2"]) == 0
+    assert read_checkpoint(run / "checkpoint.pt").config == trained
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    # A checkpoint of a preset's model is named so.
+    save_checkpoint(start, build_model("tiny", num_classes=6))
+    assert main(command(data, tmp_path / "second", "--finetune-from", str(start))) == 0
+    assert f"fine-tuning from {start} as --preset tiny: " in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):

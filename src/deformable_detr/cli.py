@@ -187,7 +187,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-split", help="e.g. train2017 for COCO (default: %(default)s)")
     parser.add_argument("--val-split", help="e.g. val2017 for COCO; evaluated after every epoch (default: %(default)s, where the "
                                              "data set has it)")
-    parser.add_argument("--preset", choices=list(PRESETS), help="default: %(default)s")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="default: the model of the --finetune-from checkpoint, or without one tiny")
     parser.add_argument("--num-classes", type=int, help="default: the largest category id + 1")
     parser.add_argument("--epochs", type=int, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, help="default: %(default)s")

@@ -14,6 +14,7 @@ from ..distributed import RENDEZVOUS_TIMEOUT
 from .optim import SCHEDULES
 
 VAL_SPLIT = "val"
+DEFAULT_PRESET = "tiny"  # the model of a run that starts from no checkpoint
 
 
 @dataclass
@@ -22,7 +23,10 @@ class TrainConfig:
 
     data: str  # a COCO, Pascal VOC or YOLO data set (see deformable_detr.data.formats)
     output_dir: str
-    preset: str = "tiny"
+    # The model (config.PRESETS), with model_overrides. None: the architecture of the finetune_from
+    # checkpoint, as Hugging Face's from_pretrained and Ultralytics build a checkpoint's model, and
+    # DEFAULT_PRESET without one.
+    preset: str | None = None
     num_classes: int | None = None  # default: the training annotations' largest category id + 1
     epochs: int = 50
     batch_size: int = 2
@@ -90,6 +94,8 @@ class TrainConfig:
         # Caught here, before anything is written: further in, each would fail obscurely (a division
         # by zero, an empty tensor) or, worse, train something else than asked without a word.
         check_field_types(self)
+        if self.preset is None and not self.finetune_from:
+            self.preset = DEFAULT_PRESET
         self._check_model_overrides()
         bounds = {**dict.fromkeys(_AT_LEAST_ONE, 1), **dict.fromkeys(_NOT_NEGATIVE, 0)}
         for name, low in bounds.items():
@@ -105,7 +111,7 @@ class TrainConfig:
         if self.ema is not None and not 0 <= self.ema < 1:
             raise ValueError(f"{setting('ema')} is a decay in [0, 1), got {self.ema}")
         for name, choices in (("preset", tuple(PRESETS)), ("lr_schedule", SCHEDULES), ("resume", (True, False, "auto"))):
-            if getattr(self, name) not in choices:
+            if getattr(self, name) not in choices and not (name == "preset" and self.preset is None):  # the checkpoint's
                 raise ValueError(f"{setting(name)} must be one of {', '.join(map(repr, choices))}, "
                                  f"got {getattr(self, name)!r}")
         if self.lr_schedule == "step" and self.lr_drop_epoch < 1:  # it drops every lr_drop_epoch epochs
@@ -124,8 +130,9 @@ class TrainConfig:
                 raise ValueError(f"{setting('model_overrides')} {key}: not a model option; they are "
                                  f"{', '.join(MODEL_OPTIONS)}")
 
-    def model_config(self, num_classes: int) -> ModelConfig:
-        """The config of the model this run trains: the preset with ``model_overrides``, for ``num_classes``.
+    def model_config(self, num_classes: int, checkpoint_architecture: ModelConfig | None = None) -> ModelConfig:
+        """The config of the model this run trains, for ``num_classes``: the preset, or without one
+        ``checkpoint_architecture`` (the finetune_from checkpoint's config), with ``model_overrides``.
 
         As torchvision's builders choose the batch norm from whether weights are given, so does this:
         a backbone that starts from no weights (neither ``backbone_weights`` nor ``finetune_from``)
@@ -133,9 +140,11 @@ class TrainConfig:
         normalisation at all. ``build_model`` cannot choose so itself, because a checkpoint's model
         is built without weights and only then loaded.
         """
+        if self.preset is None and checkpoint_architecture is None:
+            raise ValueError("a run without a preset trains its finetune_from checkpoint's architecture, which is needed")
         from_scratch = {} if self.backbone_weights or self.finetune_from else {"backbone_norm": "batch"}
-        return get_config(self.preset, num_classes=num_classes, backbone_weights=self.backbone_weights,
-                          **{**from_scratch, **self.model_overrides})
+        return get_config(self.preset or checkpoint_architecture, num_classes=num_classes,
+                          backbone_weights=self.backbone_weights, **{**from_scratch, **self.model_overrides})
 
 
 # ModelConfig fields the run sets from settings of its own, and those model_overrides may set.

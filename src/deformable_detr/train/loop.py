@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..checkpoints import read_checkpoint
+from ..checkpoints import Checkpoint, read_checkpoint
 from ..config import ModelConfig, preset_of
 from ..data import (
     CocoDataset,
@@ -76,19 +76,18 @@ def _seed_everything(seed: int) -> None:
 _CLASS_TENSORS = ("class_embed", "denoising_label_embed")
 
 
-def _finetune(model: DeformableDETR, path: str, class_names: dict[int, str]) -> str:
-    """Load every weight of ``path``. The class heads' rows follow the data's classes (``class_names``)
+def _finetune(model: DeformableDETR, checkpoint: Checkpoint, class_names: dict[int, str]) -> str:
+    """Load every weight of ``checkpoint``. The class heads' rows follow the data's classes (``class_names``)
     by name where the checkpoint records its classes' names, the rows of classes it lacks starting
     anew; otherwise they are kept where the class count is the same, and start anew where not.
 
     Returns a one-line report of the class heads. Raises :class:`TrainingError` where any other
     weight differs (another ``num_queries`` or ``d_model`` would otherwise train from scratch
     unnoticed)."""
-    checkpoint = read_checkpoint(path)
-    own = model.state_dict()
+    path, own = checkpoint.path, model.state_dict()
     for name, tensor in checkpoint.state_dict.items():
         if name in own and own[name].shape != tensor.shape and not _is_class_tensor(name):
-            # The model trained is the flags' (--preset tiny by default), not the checkpoint's.
+            # The model trained is the preset's given (or the options'), not the checkpoint's.
             preset = preset_of(checkpoint.config)
             hint = f": train it as {setting('preset', preset)}" if preset else ""
             raise TrainingError(f"{path}: {name} is {tuple(tensor.shape)} there but {tuple(own[name].shape)} in the "
@@ -104,7 +103,18 @@ def _finetune(model: DeformableDETR, path: str, class_names: dict[int, str]) -> 
                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     if model.config.mixed_query_selection:
         model.transformer.clear_content_gain()
-    return f"fine-tuning from {path}: {report}"
+    preset = preset_of(model.config)  # which a run without a preset takes from the checkpoint
+    trained = f" as {setting('preset', preset)}" if preset else ""
+    return f"fine-tuning from {path}{trained}: {report}"
+
+
+def _checkpoint_architecture(config: TrainConfig, starting_point: Checkpoint | None, last_path: Path) -> ModelConfig | None:
+    """The model a run without a preset trains (:meth:`TrainConfig.model_config`): its
+    ``starting_point``'s, or resumed, the one its own checkpoint records, as the weights it started
+    from may have moved since. None for a run of a preset."""
+    if config.preset is not None:
+        return None
+    return starting_point.config if starting_point is not None else read_checkpoint(last_path).config
 
 
 def _build(model_config: ModelConfig, *, resuming: bool) -> DeformableDETR:
@@ -236,7 +246,10 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
     if config.num_classes is not None and config.num_classes < train_set.num_classes:
         raise TrainingError(f"{config.data}: category ids go up to {train_set.num_classes - 1}, so {setting('num_classes')} "
                             f"must be at least {train_set.num_classes}, not {config.num_classes}")
-    model = _build(config.model_config(config.num_classes or train_set.num_classes), resuming=resuming).to(device)
+    starting_point = None if resuming or not config.finetune_from else read_checkpoint(config.finetune_from)
+    architecture = _checkpoint_architecture(config, starting_point, last_path)
+    model_config = config.model_config(config.num_classes or train_set.num_classes, architecture)
+    model = _build(model_config, resuming=resuming).to(device)
     if is_distributed() and device.type == "cuda":
         # Batch norm over the global batch. torch's SyncBatchNorm needs an accelerator (its training
         # forward raises on CPU tensors), so on the CPU each process normalises by its own share of
@@ -289,8 +302,8 @@ def _train(config: TrainConfig, device: torch.device, output_dir: Path) -> dict[
             for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base_lr * factor(scheduler.last_epoch)
         _print(f"resuming from {last_path} at {start.describe(batches)}")
-    elif config.finetune_from:
-        _print(_finetune(model, config.finetune_from, train_set.category_names))
+    elif starting_point is not None:
+        _print(_finetune(model, starting_point, train_set.category_names))
 
     trained = DistributedDataParallel(model) if is_distributed() else model
     ema = None

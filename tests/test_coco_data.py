@@ -159,9 +159,18 @@ def test_json_that_is_not_coco(tmp_path):
         CocoDataset(tmp_path, tmp_path / "instances.json")
 
 
-def test_image_entry_without_size(tmp_path):
+def test_image_entry_without_size_names_the_fields_it_lacks(tmp_path):
     image_dir, path = _write(tmp_path, [], images=[{"id": 1, "file_name": "1.jpg"}])
-    with pytest.raises(DatasetError, match="needs 'id', 'file_name', 'width' and 'height'"):
+    expected = f"{path}: image 1 has no 'width' or 'height' (an image entry needs 'id', 'file_name', 'width' and 'height')"
+    with pytest.raises(DatasetError, match=f"^{re.escape(expected)}$"):
+        CocoDataset(image_dir, path)
+
+
+def test_a_segmentation_without_a_box_is_named_without_its_points(tmp_path):
+    polygon = [float(value) for value in range(2000)]  # a traced outline: the line must not carry it
+    image_dir, path = _write(tmp_path, [{"id": 7, "category_id": 1, "segmentation": [polygon], "iscrowd": 0}])
+    expected = f"{path}: annotation 7 (image 1) has no 'bbox' (an annotation needs 'image_id', 'category_id' and 'bbox')"
+    with pytest.raises(DatasetError, match=f"^{re.escape(expected)}$"):
         CocoDataset(image_dir, path)
 
 

@@ -41,6 +41,10 @@ Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Tensor, dict[str
 
 # Roboflow's COCO export: this file in each split's folder, beside its images.
 ROBOFLOW_ANNOTATIONS = "_annotations.coco.json"
+# The fields training reads of each image and annotation entry (an annotation with only a segmentation
+# has no box to train on).
+_IMAGE_FIELDS = ("id", "file_name", "width", "height")
+_ANNOTATION_FIELDS = ("image_id", "category_id", "bbox")
 
 
 class DatasetError(ValueError):
@@ -124,8 +128,11 @@ def _category_problem(category: Any, seen: set[int]) -> str | None:
 
 
 def _image_problem(image: Any, seen: set[int]) -> str | None:
-    if not isinstance(image, dict) or any(key not in image for key in ("id", "file_name", "width", "height")):
-        return f"image entry {image!r} needs 'id', 'file_name', 'width' and 'height'"
+    if not isinstance(image, dict):
+        return f"image entry {image!r} is not a JSON object"
+    missing = _missing_fields(image, _IMAGE_FIELDS, "an image entry")
+    if missing is not None:
+        return f"image {image.get('id', '?')} {missing}"
     if not is_whole_number(image["id"]):
         return f"image id {image['id']!r} is not an integer"
     if image["id"] in seen:
@@ -139,6 +146,21 @@ def _image_problem(image: Any, seen: set[int]) -> str | None:
     return None
 
 
+def _missing_fields(entry: dict[str, Any], fields: tuple[str, ...], kind: str) -> str | None:
+    """What ``entry`` lacks of the ``fields`` every ``kind`` needs, or None. The entry itself is not
+    shown: an annotation's segmentation alone can be thousands of numbers."""
+    missing = [field for field in fields if field not in entry]
+    if not missing:
+        return None
+    return f"has no {_quoted(missing, 'or')} ({kind} needs {_quoted(fields, 'and')})"
+
+
+def _quoted(names: list[str] | tuple[str, ...], conjunction: str) -> str:
+    """``'a', 'b' and 'c'``."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} {conjunction} {quoted[-1]}"
+
+
 def _is_size(value: Any) -> bool:
     """Whether ``value`` is a size in pixels: a positive whole number, also as a float (some writers
     give every number a decimal point)."""
@@ -148,9 +170,12 @@ def _is_size(value: Any) -> bool:
 
 
 def _annotation_problem(annotation: Any, image_ids: set[int], category_ids: set[int]) -> str | None:
-    if not isinstance(annotation, dict) or any(k not in annotation for k in ("image_id", "category_id", "bbox")):
-        return f"annotation {annotation!r} needs 'image_id', 'category_id' and 'bbox'"
-    name = f"annotation {annotation.get('id', '?')} (image {annotation['image_id']})"
+    if not isinstance(annotation, dict):
+        return f"annotation {annotation!r} is not a JSON object"
+    name = f"annotation {annotation.get('id', '?')} (image {annotation.get('image_id', '?')})"
+    missing = _missing_fields(annotation, _ANNOTATION_FIELDS, "an annotation")
+    if missing is not None:
+        return f"{name} {missing}"
     box = annotation["bbox"]
     if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
         return f"{name}: bbox {box!r} is not [x, y, width, height]"

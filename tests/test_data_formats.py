@@ -299,6 +299,14 @@ def test_format_detection_and_forcing(tmp_path, folders):
     assert read_split(both, "train", "coco").annotation_file.name == "instances_train.json"
 
 
+def test_a_folder_whose_yolo_data_file_has_another_name_is_refused_naming_the_file_to_give(tmp_path, capsys):
+    root = write_yolo(tmp_path / "coco8")
+    (root / "data.yaml").rename(root / "coco8.yaml")  # as Ultralytics names its data files
+    assert main(["check-data", str(root)]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"for a YOLO data file of another name, give the file: {root / 'coco8.yaml'}")
+    assert detect_format(root / "coco8.yaml") == "yolo"
+
+
 def test_cli_trains_on_yolo_with_model_flags_and_names_the_best_epoch(tmp_path, capsys):
     root = tmp_path / "yolo"
     write_yolo(root, split="train")

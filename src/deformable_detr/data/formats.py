@@ -34,8 +34,15 @@ def detect_format(root: str | Path) -> str:
         raise DatasetError(f"{root}: no such data folder")
     raise DatasetError(
         f"{root}: not a COCO, VOC or YOLO data set (no annotations/instances_<split>.json, "
-        f"<split>/{ROBOFLOW_ANNOTATIONS}, Annotations/ or data.yaml)"
+        f"<split>/{ROBOFLOW_ANNOTATIONS}, Annotations/ or data.yaml){_other_yaml_hint(root)}"
     )
+
+
+def _other_yaml_hint(root: Path) -> str:
+    """Where the folder ``root`` holds YAML files, how to give one as the YOLO data file: Ultralytics
+    names them after the data set (``coco8.yaml``), and only ``data.yaml`` is looked for in a folder."""
+    found = sorted(path for pattern in ("*.yaml", "*.yml") for path in root.glob(pattern))
+    return f"; for a YOLO data file of another name, give the file: {found[0]}" if found else ""
 
 
 def split_names(root: str | Path, format: str) -> list[str]:

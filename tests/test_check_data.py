@@ -273,6 +273,32 @@ def test_a_validation_split_without_objects_is_refused_before_training_and_by_ev
     assert code == 1 and said == [line]
 
 
+def test_splits_numbering_their_classes_apart_are_refused_by_the_check_and_before_training(tmp_path, capsys):
+    # Two COCO files exported apart: val's ids 1 and 2 are train's classes swapped.
+    data = write_coco(write_coco(tmp_path / "pets"), split="val")
+    path = data / "annotations" / "instances_val.json"
+    coco = json.loads(path.read_text())
+    coco["categories"] = [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]
+    for annotation in coco["annotations"]:
+        annotation["category_id"] = 3 - annotation["category_id"]
+    path.write_text(json.dumps(coco))
+    train_file = data / "annotations" / "instances_train.json"
+    line = (f"{path}: category 1 is 'dog', but 'cat' in {train_file} "
+            "(classes are learnt and scored by id: number them alike in every split)")  # fmt: skip
+    report = check_data(data)
+    assert [str(problem) for problem in report.splits[1].problems][0] == line and report.stops_training
+    assert train(capsys, data, tmp_path, 0)[::2] == (1, [f"deformable-detr: error: {line}"])
+
+
+def test_splits_numbering_their_classes_alike_whatever_the_case_are_fine(tmp_path):
+    data = write_coco(write_coco(tmp_path / "pets"), split="val")
+    path = data / "annotations" / "instances_val.json"
+    coco = json.loads(path.read_text())
+    coco["categories"] = [{"id": 1, "name": "Cat"}, {"id": 2, "name": "dog"}]  # evaluation compares names so too
+    path.write_text(json.dumps(coco))
+    assert not check_data(data).problems
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_only_decoding_finds_stops_the_run_with_one_line(tmp_path, capsys, workers):
     data = synthesize(tmp_path / "shapes", train=4, val=2, image_size=64, seed=1)

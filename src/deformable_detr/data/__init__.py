@@ -1,7 +1,7 @@
 """Data: COCO, Pascal VOC and YOLO data sets read into one dataset type, the data check, the published
 augmentations, batching, synthetic shapes."""
 
-from .check import DataReport, SplitReport, check_data, coco_split, load_split
+from .check import DataReport, SplitReport, check_data, check_same_classes, coco_split, load_split
 from .coco import CocoDataset, DatasetError, Problem, Split, read_coco, read_image
 from .collate import collate
 from .formats import FORMATS, detect_format, read_split, split_names
@@ -29,6 +29,7 @@ __all__ = [
     "as_rgb",
     "batches_per_epoch",
     "check_data",
+    "check_same_classes",
     "coco_split",
     "collate",
     "data_loader",

@@ -188,6 +188,28 @@ def _shared_names(names: dict[int, str], annotation_file: Path) -> list[Problem]
     ]  # fmt: skip
 
 
+def numbering_problems(names: dict[int, str], source: Path, reference: dict[int, str], reference_source: Path) -> list[Problem]:
+    """One problem for each category id that ``names`` (read from ``source``) gives another class than
+    ``reference`` (read from ``reference_source``) does, compared as evaluation compares names. COCO
+    files exported apart can number their classes apart, and training, evaluation and checkpoints go
+    by id: a validation split numbered otherwise scores the model on classes it did not learn."""
+    return [
+        Problem(f"{source}: category {category} is {name!r}, but {reference[category]!r} in {reference_source} "
+                "(classes are learnt and scored by id: number them alike in every split)")
+        for category, name in names.items() if category in reference and class_key(reference[category]) != class_key(name)
+    ]  # fmt: skip
+
+
+def check_same_classes(dataset: CocoDataset, reference: CocoDataset) -> None:
+    """Raise DatasetError on the first category id ``dataset`` gives another class than ``reference``
+    (:func:`numbering_problems`)."""
+    problems = numbering_problems(
+        dataset.category_names, dataset.annotation_file, reference.category_names, reference.annotation_file
+    )
+    if problems:
+        raise DatasetError(str(problems[0]))
+
+
 def _turned_problem(turned: list[tuple[Path, int]]) -> Problem:
     """One line for all the images whose EXIF orientation turns them in viewers: training reads
     the stored pixels, so boxes drawn on what a viewer showed would be misplaced, and nothing in the
@@ -239,12 +261,20 @@ def check_data(root: str | Path, *, format: str | None = None, splits: list[str]
         require_split(root, name, format)
     probe = ImageProbe.for_data(root)
     reports = []
+    first: tuple[dict[int, str], Path] | None = None  # the classes of the first split read, and their file
     # Where there are none, split_names raises: no split checked is not "no problems".
     for name in splits or split_names(root, format):
         try:
-            reports.append(check_split(read_split(root, name, format, probe), probe))
+            split = read_split(root, name, format, probe)
+            report = check_split(split, probe)
         except DatasetError as error:
             reports.append(SplitReport(name, problems=[Problem(str(error))], unreadable=True))
+            continue
+        if first is None:
+            first = report.class_names, split.annotation_file
+        else:
+            report.problems += numbering_problems(report.class_names, split.annotation_file, *first)
+        reports.append(report)
     probe.save()
     return DataReport(root, format, reports)
 

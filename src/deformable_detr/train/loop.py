@@ -26,6 +26,7 @@ from ..data import (
     ImageProbe,
     SplitReport,
     batches_per_epoch,
+    check_same_classes,
     data_loader,
     detect_format,
     load_split,
@@ -470,6 +471,7 @@ def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
         val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format, probe=probe)
         _report_problems(report, config.data)
         report.check_scorable(config.data)
+        check_same_classes(val_set, train_set)
     probe.save()
     return train_set, val_set
 

@@ -177,6 +177,16 @@ def test_a_split_without_any_annotation_is_one_line_that_leaves_the_others_alone
     assert load_split(root, "train")[1].problems == []
 
 
+def test_a_split_file_naming_image_files_says_it_names_them_where_ids_belong(tmp_path):
+    root = _voc(tmp_path, {"a": [("cat", (1, 1, 5, 5), False)], "b": []}, split=("train", ["a"]))
+    split_file = root / "ImageSets" / "Main" / "train.txt"
+    split_file.write_text("a.jpg\nb.jpg\n")  # as `ls JPEGImages > train.txt` writes it
+    with pytest.raises(DatasetError) as error:
+        read_split(root, "train")
+    assert str(error.value) == (f"{split_file}: none of its 2 images has an annotation in {root / 'Annotations'} "
+                                "(its lines name image files, such as 'a.jpg', where VOC's name ids, such as 'a')")  # fmt: skip
+
+
 def test_missing_split_file_and_annotations(tmp_path):
     root = _voc(tmp_path, {"a": []})
     with pytest.raises(DatasetError, match=r"val\.txt: split file not found"):

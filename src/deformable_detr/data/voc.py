@@ -150,6 +150,14 @@ def _lists_one_class(path: Path) -> bool:
     return False
 
 
+def _why_none_annotated(name: str) -> str:
+    """Why a split file's images, the first named ``name``, may all lack annotations: its lines name
+    image files (as ``ls JPEGImages`` writes them), where VOC's name ids; or it is a test set, as VOC's own."""
+    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+        return f"its lines name image files, such as {name!r}, where VOC's name ids, such as {Path(name).stem!r}"
+    return "a test set?"
+
+
 def read_voc(
     voc_root: str | Path,
     split: str | None = None,
@@ -182,7 +190,8 @@ def read_voc(
         # As VOC's own test set: one line for the split, not one for each missing file.
         if paths and not any(path.is_file() for path in paths):
             raise DatasetError(
-                f"{split_file}: none of its {len(paths):,} images has an annotation in {annotation_dir} (a test set?)"
+                f"{split_file}: none of its {len(paths):,} images has an annotation in {annotation_dir} "
+                f"({_why_none_annotated(names[0])})"
             )
 
     read, problems = {}, []

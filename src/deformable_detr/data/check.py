@@ -188,7 +188,7 @@ def _shared_names(names: dict[int, str], annotation_file: Path) -> list[Problem]
     ]  # fmt: skip
 
 
-def numbering_problems(names: dict[int, str], source: Path, reference: dict[int, str], reference_source: Path) -> list[Problem]:
+def _numbering_problems(names: dict[int, str], source: Path, reference: dict[int, str], reference_source: Path) -> list[Problem]:
     """One problem for each category id that ``names`` (read from ``source``) gives another class than
     ``reference`` (read from ``reference_source``) does, compared as evaluation compares names. COCO
     files exported apart can number their classes apart, and training, evaluation and checkpoints go
@@ -202,8 +202,8 @@ def numbering_problems(names: dict[int, str], source: Path, reference: dict[int,
 
 def check_same_classes(dataset: CocoDataset, reference: CocoDataset) -> None:
     """Raise DatasetError on the first category id ``dataset`` gives another class than ``reference``
-    (:func:`numbering_problems`)."""
-    problems = numbering_problems(
+    (:func:`_numbering_problems`)."""
+    problems = _numbering_problems(
         dataset.category_names, dataset.annotation_file, reference.category_names, reference.annotation_file
     )
     if problems:
@@ -273,7 +273,7 @@ def check_data(root: str | Path, *, format: str | None = None, splits: list[str]
         if first is None:
             first = report.class_names, split.annotation_file
         else:
-            report.problems += numbering_problems(report.class_names, split.annotation_file, *first)
+            report.problems += _numbering_problems(report.class_names, split.annotation_file, *first)
         reports.append(report)
     probe.save()
     return DataReport(root, format, reports)

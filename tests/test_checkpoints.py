@@ -70,6 +70,15 @@ def test_reference_checkpoint_without_args_is_read_from_its_weights(tmp_path):
     assert config == PRESETS["r50_box_refine"].__class__(**{**PRESETS["r50_box_refine"].to_dict(), "num_classes": 21})
 
 
+@pytest.mark.parametrize("overrides", [{}, {"backbone_norm": "batch"}], ids=["tiny", "tiny-trained-from-scratch"])
+def test_a_bare_state_dict_is_read_with_the_backbone_its_weights_have(tmp_path, overrides):
+    model = build_model("tiny", num_classes=5, **overrides)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")  # the weights alone, as torch's tutorials save them
+    checkpoint = read_checkpoint(tmp_path / "weights.pt")
+    assert checkpoint.config == model.config
+    same_outputs(model, checkpoint.build_model())
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("overrides", [{}, {"with_box_refine": False}, {"two_stage": True}], ids=["refine", "shared-heads", "two-stage"])
 def test_our_checkpoint_round_trip(tmp_path, suffix, overrides):

@@ -12,11 +12,13 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
-from .config import ModelConfig
+from .config import PRESETS, ModelConfig
 from .model import DeformableDETR
+from .model.backbone import RESNETS, load_resnet
 
 __all__ = [
     "PUBLISHED_IMAGE_SIZE", "coco_category_names", "config_from_reference", "reference_payload", "released_class_names",
@@ -24,6 +26,8 @@ __all__ = [
 ]
 
 PUBLISHED_IMAGE_SIZE = 800  # the shorter side of the published recipe's validation images
+
+_BACKBONE_WEIGHTS = "backbone.0.body."  # the prefix of the ResNet's own state-dict names
 
 # The reference's backbone hard-codes a bottleneck ResNet's channels (512, 1024 and 2048 out of
 # layer2-4) at torchvision's width, and asserts that it is not one of these two basic-block ResNets.
@@ -104,7 +108,15 @@ def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, A
     values["position_embedding"] = {"v2": "sine", "v3": "learned"}.get(position_embedding, position_embedding)
     num_levels, d_model = state_dict["transformer.level_embed"].shape
     two_stage = "transformer.enc_output.weight" in state_dict
+    width = state_dict[f"{_BACKBONE_WEIGHTS}conv1.weight"].shape[0]
+    backbone = {name.removeprefix(_BACKBONE_WEIGHTS): tensor.shape for name, tensor in state_dict.items()
+                if name.startswith(_BACKBONE_WEIGHTS)}
+    # Only trainable batch norm counts its steps; the reference's frozen one has no such buffer.
+    trainable_norm = any(name.endswith("num_batches_tracked") for name in backbone)
+    resnet = _resnet_of(backbone, width=width, frozen_norm=not trainable_norm, first=values.get("backbone"))
     values.update(
+        backbone=resnet or values.get("backbone", "resnet50"),  # none: building it says what differs
+        backbone_norm="batch" if trainable_norm else "frozen",
         num_feature_levels=num_levels,
         d_model=d_model,
         encoder_layers=count("transformer.encoder.layers."),
@@ -113,11 +125,26 @@ def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, A
         with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in state_dict,
         two_stage=two_stage,
         num_classes=state_dict["class_embed.0.weight"].shape[0],
-        backbone_width=state_dict["backbone.0.body.conv1.weight"].shape[0],
+        backbone_width=width,
         # Two-stage queries come from proposals: only the flag says how many.
         num_queries=values.get("num_queries", 300) if two_stage else state_dict["query_embed.weight"].shape[0],
     )
     return ModelConfig(**values)
+
+
+def _resnet_of(shapes: Mapping[str, torch.Size], *, width: int, frozen_norm: bool, first: str | None) -> str | None:
+    """The torchvision ResNet whose state dict at ``width`` has the names and ``shapes`` of a
+    checkpoint's backbone; None where none has. A file without flags (a bare state dict) tells its
+    backbone this way alone: its depth and block type are in its names, ResNeXt's groups and a wide
+    ResNet's width in its shapes. ``first`` (the file's flag) and the presets' backbones are tried
+    before the others, as building each takes a tenth of a second or more."""
+    likely = [first, *(preset.backbone for preset in PRESETS.values())]
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        for name in dict.fromkeys(name for name in [*likely, *RESNETS] if name in RESNETS):
+            resnet = load_resnet(name, frozen_norm=frozen_norm, width=width)
+            if shapes == {key: tensor.shape for key, tensor in resnet.state_dict().items() if not key.startswith("fc.")}:
+                return name
+    return None
 
 
 def coco_category_names() -> dict[int, str]:

@@ -122,6 +122,27 @@ def test_a_warm_up_given_on_resuming_replaces_the_runs_in_the_other_unit(data, t
     assert main(["train", "--output-dir", str(tmp_path / "run"), "--resume", "--warmup-steps", "1"]) == 0
 
 
+def test_a_resumed_run_reads_its_checkpoint_once_unless_it_is_rewritten_meanwhile(data, trained, tmp_path, monkeypatch):
+    """The command takes the run's settings from checkpoint.pt and goes on from what it read there; a
+    checkpoint written in between (by a predecessor the run waits for) is read again."""
+    run = copy_of(trained, tmp_path)
+    checkpoint = run / "checkpoint.pt"
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: loads.append(path) or load(path, *args, **kwargs))
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 0
+    assert loads.count(checkpoint) == 1
+
+    def rewritten(path):
+        shutil.copyfile(path, tmp_path / "copy.pt")
+        os.replace(tmp_path / "copy.pt", path)  # as atomic_write writes: a new file renamed into place
+        return found(path)
+
+    found, loads[:] = loop.found_by_every_process, []
+    monkeypatch.setattr(loop, "found_by_every_process", rewritten)
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 0
+    assert loads.count(checkpoint) == 2
+
+
 def test_a_run_resumes_on_its_data_however_spelt_wherever_it_lies_but_not_on_other_data(data, trained, tmp_path,
                                                                                          monkeypatch, capsys):
     """A trailing slash, a path from another working directory, a copy on another node's disk are

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..checkpoints import read_checkpoint, save_checkpoint
+from ..checkpoints import Checkpoint, read_checkpoint, save_checkpoint
 from ..distributed import ONE_SHARED_FOLDER, hosts_by_value, is_main_process, world_size
 from ..model import DeformableDETR
 from .config import RESUMABLE_FIELDS, STARTING_WEIGHTS, TrainConfig, setting, setting_value
@@ -128,14 +128,25 @@ def found_by_every_process(path: Path) -> bool:
 
 def _identity(path: Path) -> tuple[int, int] | None:
     """``path``'s size and modification time; None where there is no such file."""
+    status = _status(path)
+    return None if status is None else (status.st_size, status.st_mtime_ns)
+
+
+def _version(path: Path) -> tuple[int, int, int] | None:
+    """What tells one write of ``path`` from another to this process: its file (each atomic write
+    renames a new one into place), size and modification time; None where there is no such file."""
+    status = _status(path)
+    return None if status is None else (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def _status(path: Path) -> os.stat_result | None:
     try:
         # Opened, not only looked up: NFS asks its server for an opened file's attributes
         # (close-to-open), where a lookup may answer from a cache older than the last checkpoint.
         with path.open("rb") as file:
-            status = os.fstat(file.fileno())
+            return os.fstat(file.fileno())
     except FileNotFoundError:
         return None
-    return status.st_size, status.st_mtime_ns
 
 
 def _describe(identity: tuple[int, int] | None) -> str:
@@ -158,7 +169,7 @@ def resume_from(
             ``training_data`` (:func:`data_identity`) are not the run's, or the number of processes
             is not the run's.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = _read_once(path)
     extra = checkpoint.extra
     missing = [key for key in _RESUMED if key not in extra]
     if missing:
@@ -213,9 +224,32 @@ def _recorded_settings(path: Path) -> dict[str, Any]:
     its files go and whether it resumes; none where there is no such file."""
     if not path.is_file():
         return {}
-    recorded = read_checkpoint(path).extra.get("train_config", {})  # none: resume_from says what it is
+    recorded = _read_and_keep(path).extra.get("train_config", {})  # none: resume_from says what it is
     wanted = {field.name for field in dataclasses.fields(TrainConfig)} - {"output_dir", "resume"}
     return {name: value for name, value in recorded.items() if name in wanted}
+
+
+# The checkpoint whose settings a resumed run took, by its resolved path and the version (_version)
+# of the file read: resume_from goes on from it without reading the file again (a second for r50).
+_kept: dict[Path, tuple[tuple[int, int, int] | None, Checkpoint]] = {}
+
+
+def _read_and_keep(path: Path) -> Checkpoint:
+    """``path`` read, and kept (alone) for :func:`_read_once`."""
+    version = _version(path)  # before reading: a write in between is then taken for a change
+    checkpoint = read_checkpoint(path)
+    _kept.clear()
+    _kept[path.resolve()] = version, checkpoint
+    return checkpoint
+
+
+def _read_once(path: Path) -> Checkpoint:
+    """``path`` as :func:`_read_and_keep` kept it, where the file is still the one it read (a resumed
+    run may wait for its predecessor to end, which writes on); else read now."""
+    version, checkpoint = _kept.pop(path.resolve(), (None, None))
+    if checkpoint is None or version != _version(path):
+        return read_checkpoint(path)
+    return checkpoint
 
 
 def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:

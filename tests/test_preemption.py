@@ -378,6 +378,20 @@ def test_cli_resume_and_checkpoint_flags(monkeypatch, capsys):
     assert "invalid choice: 'always'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given, hint", [
+    ("runs/a/checkpoint.pt", "(--output-dir runs/a --resume); --finetune-from runs/a/checkpoint.pt starts a new run "
+                             "from its weights"),
+    (".", "(--output-dir . --resume)"),
+])  # fmt: skip
+def test_a_path_given_to_resume_is_refused_naming_the_output_dir_to_give(capsys, given, hint):
+    """As other trainers' resume flags take a checkpoint's path, where this run goes on from its output folder's."""
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "data", "--output-dir", "run", "--resume", given])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"deformable-detr train: error: argument --resume: {given}: --resume takes no path: it continues the run in "
+        f"--output-dir from its checkpoint.pt {hint}")
+
+
 # Slow: each test starts training processes, and each process spends seconds importing torch.
 
 

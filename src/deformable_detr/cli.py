@@ -13,6 +13,7 @@ import types
 import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -224,7 +225,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int,
                         help="data-loading processes; on a machine with few cores 0 can be faster (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="default: %(default)s")
-    parser.add_argument("--resume", nargs="?", const=True, choices=["auto"],
+    parser.add_argument("--resume", nargs="?", const=True, type=_resume_mode, metavar="auto",
                         help="continue the run in --output-dir, with its settings for the flags left out; `--resume "
                              "auto` continues it if there is one, else starts it (requeued jobs, torchrun --max-restarts)")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
@@ -300,6 +301,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-option", type=_model_option, action="append", metavar="KEY=VALUE",
                        help="any ModelConfig field but num_classes and backbone_weights (their own flags), e.g. "
                             "position_embedding=learned (repeatable)")
+
+
+def _resume_mode(value: str) -> str:
+    """``auto``, the one value ``--resume`` takes. A checkpoint's path, which other trainers' resume
+    flags take, is refused naming the flags that continue its run: a run goes on from the
+    checkpoint.pt of its output folder."""
+    path = Path(value)
+    if value == "auto":
+        return value
+    if not (path.suffix or path.exists()):
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from 'auto')")
+    if path.is_dir():
+        folder, instead = path, ""
+    else:
+        folder, instead = path.parent, f"; --finetune-from {value} starts a new run from its weights"
+    raise argparse.ArgumentTypeError(f"{value}: --resume takes no path: it continues the run in --output-dir from "
+                                     f"its checkpoint.pt (--output-dir {folder} --resume){instead}")
 
 
 def _model_option(text: str) -> tuple[str, Any]:

@@ -332,8 +332,17 @@ def test_files_that_are_not_checkpoints(tmp_path, content, problem):
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(CheckpointError, match="nothing.pt: no such file"):
         load_pretrained(tmp_path / "nothing.pt")
-    with pytest.raises(CheckpointError, match="holds no config.json"):
+    with pytest.raises(CheckpointError, match="holds no config.json with model.safetensors or pytorch_model.bin$"):
         load_pretrained(tmp_path)
+
+
+def test_a_folder_of_checkpoints_is_refused_naming_them(tmp_path, capsys):
+    """A training run's output folder, given where its best.pt is meant."""
+    for name in ("checkpoint.pt", "best.pt", "log.jsonl"):
+        (tmp_path / name).touch()
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"deformable-detr: error: {tmp_path}: folder holds no config.json with "
+                                       "model.safetensors or pytorch_model.bin; give one of its files: best.pt, checkpoint.pt\n")
 
 
 def test_cli_inspect_reports_good_and_bad_files(tmp_path, capsys):

@@ -326,12 +326,21 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if huggingface_folder is not None:
             return _read_huggingface(huggingface_folder, path)
         if path.is_dir():
-            raise CheckpointError(f"{path}: folder holds no config.json with {' or '.join(HF_WEIGHT_FILES)}")
+            raise CheckpointError(f"{path}: folder holds no config.json with {' or '.join(HF_WEIGHT_FILES)}"
+                                  f"{_checkpoints_inside(path)}")
         return _read_pickled(path)
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: {error}") from None
+
+
+def _checkpoints_inside(folder: Path) -> str:
+    """The checkpoint files in ``folder`` (a training run's output folder: best.pt, checkpoint.pt), to
+    be given instead of it; nothing where it holds none."""
+    files = sorted(file.name for file in folder.iterdir() if file.suffix in _CHECKPOINT_FILE_SUFFIXES and file.is_file())
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return f"; give one of its files: {', '.join(files[:3])}{more}" if files else ""
 
 
 def _huggingface_folder(path: Path) -> Path | None:

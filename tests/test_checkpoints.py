@@ -314,9 +314,11 @@ def test_weights_that_do_not_fit_are_counted_not_listed(tmp_path):
     [
         (b"not a checkpoint at all", "not a checkpoint \\(not a PyTorch file"),
         (None, "not a Deformable DETR checkpoint"),
+        ({"model.level_embed": torch.zeros(4, 256)}, "a transformers state dict \\('model.level_embed' weights\\): it "
+                                                    "reads from its folder, beside the config.json transformers saves"),
         ([1, 2, 3], "expected a dict of weights, found list"),
     ],
-    ids=["garbage", "other-model", "not-a-dict"],
+    ids=["garbage", "other-model", "transformers-weights-alone", "not-a-dict"],
 )
 def test_files_that_are_not_checkpoints(tmp_path, content, problem):
     path = tmp_path / "file.pth"
@@ -338,7 +340,7 @@ def test_missing_path_and_empty_folder(tmp_path):
 
 def test_a_folder_of_checkpoints_is_refused_naming_them(tmp_path, capsys):
     """A training run's output folder, given where its best.pt is meant."""
-    for name in ("checkpoint.pt", "best.pt", "log.jsonl"):
+    for name in ("checkpoint.pt", "best.pt", "log.jsonl", "model.safetensors"):  # the last, a transformers file
         (tmp_path / name).touch()
     assert main(["inspect", str(tmp_path)]) == 1
     assert capsys.readouterr().err == (f"deformable-detr: error: {tmp_path}: folder holds no config.json with "

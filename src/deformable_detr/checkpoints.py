@@ -35,6 +35,9 @@ from .reference import PUBLISHED_IMAGE_SIZE, config_from_reference, reference_pa
 
 FORMAT = "deformable-detr"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# transformers' name of the level embedding (ours: transformer.level_embed), which every one of its
+# Deformable DETR state dicts holds.
+_HF_LEVEL_EMBED = "model.level_embed"
 # torch.save writes a zip archive (a pickle, protocol 2, before torch 1.6). torch.load fails on other
 # files with messages about pickle opcodes ("101"), so they are told apart first.
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02")
@@ -338,7 +341,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _checkpoints_inside(folder: Path) -> str:
     """The checkpoint files in ``folder`` (a training run's output folder: best.pt, checkpoint.pt), to
     be given instead of it; nothing where it holds none."""
-    files = sorted(file.name for file in folder.iterdir() if file.suffix in _CHECKPOINT_FILE_SUFFIXES and file.is_file())
+    # Not the weights of a transformers folder without its config.json, which read only beside one.
+    files = sorted(file.name for file in folder.iterdir()
+                   if file.suffix in _CHECKPOINT_FILE_SUFFIXES and file.name not in HF_WEIGHT_FILES and file.is_file())
     more = f" and {len(files) - 3} more" if len(files) > 3 else ""
     return f"; give one of its files: {', '.join(files[:3])}{more}" if files else ""
 
@@ -472,6 +477,9 @@ def _read_pickled(path: Path) -> Checkpoint:
         return Checkpoint(path, _model_config(payload["config"]), weights, FORMAT,
                           class_names_by_id(payload.get("class_names")), _image_size(payload.get("image_size")), extra)
     state_dict = payload.get("model", payload)
+    if isinstance(state_dict, dict) and _HF_LEVEL_EMBED in state_dict:
+        raise CheckpointError(f"{path}: a transformers state dict ({_HF_LEVEL_EMBED!r} weights): it reads from its "
+                              f"folder, beside the config.json transformers saves with it")
     if not isinstance(state_dict, dict) or "transformer.level_embed" not in state_dict:
         raise CheckpointError(f"{path}: not a Deformable DETR checkpoint (no 'transformer.level_embed' weights)")
     state_dict = _state_dict(state_dict, "the 'model' entry" if "model" in payload else "the file")

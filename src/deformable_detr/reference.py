@@ -109,11 +109,11 @@ def config_from_reference(state_dict: Mapping[str, Tensor], args: Mapping[str, A
     num_levels, d_model = state_dict["transformer.level_embed"].shape
     two_stage = "transformer.enc_output.weight" in state_dict
     width = state_dict[f"{_BACKBONE_WEIGHTS}conv1.weight"].shape[0]
-    backbone = {name.removeprefix(_BACKBONE_WEIGHTS): tensor.shape for name, tensor in state_dict.items()
-                if name.startswith(_BACKBONE_WEIGHTS)}
+    backbone_shapes = {name.removeprefix(_BACKBONE_WEIGHTS): tensor.shape for name, tensor in state_dict.items()
+                       if name.startswith(_BACKBONE_WEIGHTS)}
     # Only trainable batch norm counts its steps; the reference's frozen one has no such buffer.
-    trainable_norm = any(name.endswith("num_batches_tracked") for name in backbone)
-    resnet = _resnet_of(backbone, width=width, frozen_norm=not trainable_norm, first=values.get("backbone"))
+    trainable_norm = any(name.endswith("num_batches_tracked") for name in backbone_shapes)
+    resnet = _resnet_of(backbone_shapes, width=width, frozen_norm=not trainable_norm, first=values.get("backbone"))
     values.update(
         backbone=resnet or values.get("backbone", "resnet50"),  # none: building it says what differs
         backbone_norm="batch" if trainable_norm else "frozen",
@@ -137,7 +137,7 @@ def _resnet_of(shapes: Mapping[str, torch.Size], *, width: int, frozen_norm: boo
     checkpoint's backbone; None where none has. A file without flags (a bare state dict) tells its
     backbone this way alone: its depth and block type are in its names, ResNeXt's groups and a wide
     ResNet's width in its shapes. ``first`` (the file's flag) and the presets' backbones are tried
-    before the others, as building each takes a tenth of a second or more."""
+    before the others, the deepest of which take longest to build."""
     likely = [first, *(preset.backbone for preset in PRESETS.values())]
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         for name in dict.fromkeys(name for name in [*likely, *RESNETS] if name in RESNETS):

@@ -230,7 +230,8 @@ def _recorded_settings(path: Path) -> dict[str, Any]:
 
 
 # The checkpoint whose settings a resumed run took, by its resolved path and the version (_version)
-# of the file read: resume_from goes on from it without reading the file again (a second for r50).
+# of the file read: resume_from goes on from it without reading the file again, all of its weights and
+# optimiser state.
 _kept: dict[Path, tuple[tuple[int, int, int] | None, Checkpoint]] = {}
 
 

@@ -419,10 +419,17 @@ def test_evaluate_refuses_options_out_of_range_before_loading_anything(trained, 
 
 
 
+def _objects_of_a_class_it_does_not_name(instances):
+    # Id 0 is within the model's 6 classes, but the checkpoint names no class 0: it never learnt one.
+    instances["categories"].append({"id": 0, "name": "zebra"})
+    instances["annotations"][0]["category_id"] = 0
+
+
 @pytest.mark.parametrize("edit, message", [
-    (lambda categories: categories[0].update(name="zebra"), "class 1 is 'ellipse' there but 'zebra' in"),
-    (lambda categories: categories.append({"id": 9, "name": "zebra"}), "the model has 6 classes, but"),
-], ids=["another name", "more classes"])
+    (lambda instances: instances["categories"][0].update(name="zebra"), "class 1 is 'ellipse' there but 'zebra' in"),
+    (lambda instances: instances["categories"].append({"id": 9, "name": "zebra"}), "the model has 6 classes, but"),
+    (_objects_of_a_class_it_does_not_name, "the model has no class 0, but"),
+], ids=["another name", "more classes", "a class it does not name"])
 def test_evaluate_refuses_a_data_set_of_other_classes_in_one_line(trained, tmp_path, capsys, edit, message):
     # COCO evaluation pairs classes by id: the model would be scored against classes it never learnt.
     checkpoint, data = trained
@@ -430,11 +437,25 @@ def test_evaluate_refuses_a_data_set_of_other_classes_in_one_line(trained, tmp_p
     shutil.copytree(data, other)
     path = other / "annotations" / "instances_val.json"
     instances = json.loads(path.read_text())
-    edit(instances["categories"])
+    edit(instances)
     path.write_text(json.dumps(instances))
     assert main(["evaluate", str(checkpoint), "--data", str(other), "--workers", "0"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"deformable-detr: error: {checkpoint}: ") and message in error and "\n" not in error
+
+
+def test_evaluate_scores_classes_named_in_another_case_beside_one_it_does_not_name_without_objects(trained, tmp_path):
+    # Names are told apart whatever their case; a class without objects scores nothing, so it cannot mislead.
+    checkpoint, data = trained
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    path = other / "annotations" / "instances_val.json"
+    instances = json.loads(path.read_text())
+    for category in instances["categories"]:
+        category["name"] = category["name"].upper()
+    instances["categories"].append({"id": 0, "name": "zebra"})
+    path.write_text(json.dumps(instances))
+    assert main(["evaluate", str(checkpoint), "--data", str(other), "--workers", "0"]) == 0
 
 # --------------------------------------------------------------------------- precision
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoints import Checkpoint, read_checkpoint
 from .checks import check_count
-from .data import CocoDataset, data_loader, load_split, recipe
+from .data import CocoDataset, SplitReport, data_loader, load_split, recipe
 from .data.coco import class_key, coco_index
 from .distributed import gather_objects, is_main_process, setup_distributed
 from .files import atomic_write
@@ -199,7 +199,7 @@ def evaluate_checkpoint(
     dataset, checked = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1],
                                   format=format)
     checked.check_scorable(data)
-    _check_classes(read.class_names, model.config.num_classes, dataset, where=f"{data} ({split})", checkpoint=checkpoint)
+    _check_classes(read.class_names, model.config.num_classes, checked, where=f"{data} ({split})", checkpoint=checkpoint)
     loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
     evaluation = detect_all(model, loader, device=device, coco=dataset.coco, dtype=dtype).evaluation()
     if report is not None:
@@ -214,17 +214,23 @@ def _training_batch_size(checkpoint: Checkpoint) -> int:
 
 
 def _check_classes(
-    class_names: dict[int, str] | None, num_classes: int, dataset: CocoDataset, *, where: str, checkpoint: str | os.PathLike,
+    class_names: dict[int, str] | None, num_classes: int, split: SplitReport, *, where: str, checkpoint: str | os.PathLike,
 ) -> None:
     """Raise ValueError where the checkpoint's classes cannot be the data set's: COCO evaluation
-    pairs them by id, so another numbering scores a model against classes it never learnt."""
-    if dataset.num_classes > num_classes:
-        raise ValueError(f"{checkpoint}: the model has {num_classes} classes, but {where}'s category ids go up to "
-                         f"{dataset.num_classes - 1}")
-    for identifier, name in sorted((class_names or {}).items()):
-        other = dataset.category_names.get(identifier)
-        if other is not None and class_key(other) != class_key(name):
-            raise ValueError(f"{checkpoint}: class {identifier} is {name!r} there but {other!r} in {where}")
+    pairs them by id, so another numbering, or objects of a class the checkpoint does not name,
+    score the model against classes it never learnt. (A class without objects scores nothing.)"""
+    largest = max(split.class_names)
+    if largest >= num_classes:
+        raise ValueError(f"{checkpoint}: the model has {num_classes} classes, but {where}'s category ids go up to {largest}")
+    if not class_names:  # a checkpoint that does not name its classes: only their number can be checked
+        return
+    for identifier, name in sorted(split.class_names.items()):
+        known = class_names.get(identifier)
+        if known is not None and class_key(known) != class_key(name):
+            raise ValueError(f"{checkpoint}: class {identifier} is {known!r} there but {name!r} in {where}")
+        if known is None and split.classes[identifier]:
+            raise ValueError(f"{checkpoint}: the model has no class {identifier}, but {where} has "
+                             f"{split.classes[identifier]} {name!r} objects")
 
 
 def write_evaluation_report(

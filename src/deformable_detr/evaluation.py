@@ -191,20 +191,29 @@ def evaluate_checkpoint(
     check_count("workers", workers, at_least=0)
     if image_size is not None:
         check_count("image_size", image_size, at_least=1)
-    device = setup_distributed()
-    check_dtype(dtype, device)
+    check_dtype(dtype, setup_distributed())
     read = read_checkpoint(checkpoint)
     batch_size = _training_batch_size(read) if batch_size is None else batch_size
-    model = inference_model(read.build_model(device=device), dtype)
     dataset, checked = load_split(data, split, recipe(read.input_size if image_size is None else image_size)[1],
                                   format=format)
     checked.check_scorable(data)
-    _check_classes(read.class_names, model.config.num_classes, checked, where=f"{data} ({split})", checkpoint=checkpoint)
-    loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
-    evaluation = detect_all(model, loader, device=device, coco=dataset.coco, dtype=dtype).evaluation()
+    _check_classes(read.class_names, read.config.num_classes, checked, where=f"{data} ({split})", checkpoint=checkpoint)
+    evaluation = checkpoint_evaluation(read, dataset, batch_size=batch_size, workers=workers, dtype=dtype)
     if report is not None:
         write_evaluation_report(evaluation, report, dataset, checkpoint=checkpoint, data=data, split=split)
     return metrics(evaluation)
+
+
+def checkpoint_evaluation(
+    checkpoint: Checkpoint, dataset: CocoDataset, *, batch_size: int, workers: int, dtype: torch.dtype = torch.float32,
+) -> COCOeval_faster:
+    """The COCO evaluation (:meth:`CocoEvaluator.evaluation`) of ``checkpoint`` on ``dataset`` as it is
+    loaded, its category ids taken as the model's classes: :func:`evaluate_checkpoint`'s, once it has
+    checked them, and that of a training run's ``best.pt`` on the split it evaluated every epoch."""
+    device = setup_distributed()
+    model = inference_model(checkpoint.build_model(device=device), dtype)
+    loader = data_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=0, epoch=0)
+    return detect_all(model, loader, device=device, coco=dataset.coco, dtype=dtype).evaluation()
 
 
 def _training_batch_size(checkpoint: Checkpoint) -> int:
@@ -228,9 +237,10 @@ def _check_classes(
         known = class_names.get(identifier)
         if known is not None and class_key(known) != class_key(name):
             raise ValueError(f"{checkpoint}: class {identifier} is {known!r} there but {name!r} in {where}")
-        if known is None and split.classes[identifier]:
-            raise ValueError(f"{checkpoint}: the model has no class {identifier}, but {where} has "
-                             f"{split.classes[identifier]} {name!r} objects")
+        objects = split.classes[identifier]
+        if known is None and objects:
+            raise ValueError(f"{checkpoint}: the model has no class {identifier}, but {where} has {objects} "
+                             f"{name!r} object{'' if objects == 1 else 's'}")
 
 
 def write_evaluation_report(

@@ -46,7 +46,7 @@ from ..distributed import (
     wait_for_all,
     world_size,
 )
-from ..evaluation import CocoEvaluator, detect_all, evaluate_checkpoint, format_metrics, write_evaluation_report
+from ..evaluation import CocoEvaluator, checkpoint_evaluation, detect_all, format_metrics, write_evaluation_report
 from ..files import atomic_write, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
 from .checkpointing import (
@@ -545,12 +545,12 @@ def _report(detections: CocoEvaluator | None, val_set: CocoDataset, config: Trai
             folder: Path) -> None:
     """The evaluation report of ``best_path`` into ``folder`` (what ``evaluate --report`` writes), from the
     best epoch's ``detections``, or where a resumed run trained that epoch before, evaluated anew."""
-    if detections is None:
-        evaluate_checkpoint(best_path, config.data, split=config.val_split, batch_size=config.batch_size,
-                            image_size=config.image_size, workers=config.workers, format=config.format, report=folder)
-        return
-    write_evaluation_report(detections.evaluation(), folder, val_set, checkpoint=best_path, data=config.data,
-                            split=config.val_split)
+    if detections is not None:
+        evaluation = detections.evaluation()
+    else:  # on the split as every epoch was: evaluate_checkpoint's class check is for data of other classes
+        evaluation = checkpoint_evaluation(read_checkpoint(best_path), val_set, batch_size=config.batch_size,
+                                           workers=config.workers)
+    write_evaluation_report(evaluation, folder, val_set, checkpoint=best_path, data=config.data, split=config.val_split)
 
 
 def _follow_the_clock(scheduler: LambdaLR, minutes: float, config: TrainConfig) -> None:

@@ -419,6 +419,17 @@ def test_evaluate_refuses_options_out_of_range_before_loading_anything(trained, 
 
 
 
+def _with_val_instances(data, tmp_path, edit):
+    """A copy of the data set ``data`` whose validation instances ``edit`` has changed."""
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    path = other / "annotations" / "instances_val.json"
+    instances = json.loads(path.read_text())
+    edit(instances)
+    path.write_text(json.dumps(instances))
+    return other
+
+
 def _objects_of_a_class_it_does_not_name(instances):
     # Id 0 is within the model's 6 classes, but the checkpoint names no class 0: it never learnt one.
     instances["categories"].append({"id": 0, "name": "zebra"})
@@ -433,12 +444,7 @@ def _objects_of_a_class_it_does_not_name(instances):
 def test_evaluate_refuses_a_data_set_of_other_classes_in_one_line(trained, tmp_path, capsys, edit, message):
     # COCO evaluation pairs classes by id: the model would be scored against classes it never learnt.
     checkpoint, data = trained
-    other = tmp_path / "other"
-    shutil.copytree(data, other)
-    path = other / "annotations" / "instances_val.json"
-    instances = json.loads(path.read_text())
-    edit(instances)
-    path.write_text(json.dumps(instances))
+    other = _with_val_instances(data, tmp_path, edit)
     assert main(["evaluate", str(checkpoint), "--data", str(other), "--workers", "0"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"deformable-detr: error: {checkpoint}: ") and message in error and "\n" not in error
@@ -446,15 +452,13 @@ def test_evaluate_refuses_a_data_set_of_other_classes_in_one_line(trained, tmp_p
 
 def test_evaluate_scores_classes_named_in_another_case_beside_one_it_does_not_name_without_objects(trained, tmp_path):
     # Names are told apart whatever their case; a class without objects scores nothing, so it cannot mislead.
+    def edit(instances):
+        for category in instances["categories"]:
+            category["name"] = category["name"].upper()
+        instances["categories"].append({"id": 0, "name": "zebra"})
+
     checkpoint, data = trained
-    other = tmp_path / "other"
-    shutil.copytree(data, other)
-    path = other / "annotations" / "instances_val.json"
-    instances = json.loads(path.read_text())
-    for category in instances["categories"]:
-        category["name"] = category["name"].upper()
-    instances["categories"].append({"id": 0, "name": "zebra"})
-    path.write_text(json.dumps(instances))
+    other = _with_val_instances(data, tmp_path, edit)
     assert main(["evaluate", str(checkpoint), "--data", str(other), "--workers", "0"]) == 0
 
 # --------------------------------------------------------------------------- precision

@@ -290,6 +290,22 @@ def test_splits_numbering_their_classes_apart_are_refused_by_the_check_and_befor
     assert train(capsys, data, tmp_path, 0)[::2] == (1, [f"deformable-detr: error: {line}"])
 
 
+def test_objects_of_a_class_the_training_split_lacks_are_refused_by_the_check_and_before_training(tmp_path, capsys):
+    """Such a model cannot name them: evaluation would score it on a class it never learnt, and
+    refuse its best.pt."""
+    data = write_coco(write_coco(tmp_path / "pets"), split="val")
+    path = data / "annotations" / "instances_val.json"
+    coco = json.loads(path.read_text())
+    coco["categories"] += [{"id": 3, "name": "bird"}, {"id": 4, "name": "fish"}]  # fish: declared, no objects
+    coco["annotations"][0]["category_id"] = 3
+    path.write_text(json.dumps(coco))
+    line = (f"{path}: category 3 ('bird') has 1 object, but {data / 'annotations' / 'instances_train.json'} has no "
+            "such category, so the model could not learn it (declare it there too)")
+    report = check_data(data)
+    assert [str(problem) for problem in report.splits[1].problems] == [line] and report.stops_training
+    assert train(capsys, data, tmp_path, 0)[::2] == (1, [f"deformable-detr: error: {line}"])
+
+
 def test_splits_numbering_their_classes_alike_whatever_the_case_are_fine(tmp_path):
     data = write_coco(write_coco(tmp_path / "pets"), split="val")
     path = data / "annotations" / "instances_val.json"

@@ -188,24 +188,30 @@ def _shared_names(names: dict[int, str], annotation_file: Path) -> list[Problem]
     ]  # fmt: skip
 
 
-def _numbering_problems(names: dict[int, str], source: Path, reference: dict[int, str], reference_source: Path) -> list[Problem]:
-    """One problem for each category id that ``names`` (read from ``source``) gives another class than
-    ``reference`` (read from ``reference_source``) does, compared as evaluation compares names. COCO
-    files exported apart can number their classes apart, and training, evaluation and checkpoints go
-    by id: a validation split numbered otherwise scores the model on classes it did not learn."""
-    return [
-        Problem(f"{source}: category {category} is {name!r}, but {reference[category]!r} in {reference_source} "
+def _class_problems(split: SplitReport, source: Path, reference: SplitReport, reference_source: Path) -> list[Problem]:
+    """One problem for each category id that ``split`` (read from ``source``) gives another class than
+    ``reference`` (read from ``reference_source``) does, compared as evaluation compares names, and one
+    for each class with objects in ``split`` that ``reference`` lacks. COCO files exported apart can
+    number their classes apart, and training, evaluation and checkpoints go by id: a validation split
+    numbered otherwise, or with objects of a class training does not know, scores the model on
+    classes it did not learn."""
+    names, known = split.class_names, reference.class_names
+    renumbered = [
+        Problem(f"{source}: category {category} is {name!r}, but {known[category]!r} in {reference_source} "
                 "(classes are learnt and scored by id: number them alike in every split)")
-        for category, name in names.items() if category in reference and class_key(reference[category]) != class_key(name)
+        for category, name in names.items() if category in known and class_key(known[category]) != class_key(name)
     ]  # fmt: skip
+    unknown = [
+        Problem(f"{source}: category {category} ({names[category]!r}) has {count:,} object{'' if count == 1 else 's'}, "
+                f"but {reference_source} has no such category, so the model could not learn it (declare it there too)")
+        for category, count in split.classes.items() if count and category not in known
+    ]  # fmt: skip
+    return renumbered + unknown
 
 
-def check_same_classes(dataset: CocoDataset, reference: CocoDataset) -> None:
-    """Raise DatasetError on the first category id ``dataset`` gives another class than ``reference``
-    (:func:`_numbering_problems`)."""
-    problems = _numbering_problems(
-        dataset.category_names, dataset.annotation_file, reference.category_names, reference.annotation_file
-    )
+def check_same_classes(split: SplitReport, source: Path, reference: SplitReport, reference_source: Path) -> None:
+    """Raise DatasetError on the first class problem of ``split`` against ``reference`` (:func:`_class_problems`)."""
+    problems = _class_problems(split, source, reference, reference_source)
     if problems:
         raise DatasetError(str(problems[0]))
 
@@ -261,7 +267,7 @@ def check_data(root: str | Path, *, format: str | None = None, splits: list[str]
         require_split(root, name, format)
     probe = ImageProbe.for_data(root)
     reports = []
-    first: tuple[dict[int, str], Path] | None = None  # the classes of the first split read, and their file
+    first: tuple[SplitReport, Path] | None = None  # the first split read, and its file
     # Where there are none, split_names raises: no split checked is not "no problems".
     for name in splits or split_names(root, format):
         try:
@@ -271,9 +277,9 @@ def check_data(root: str | Path, *, format: str | None = None, splits: list[str]
             reports.append(SplitReport(name, problems=[Problem(str(error))], unreadable=True))
             continue
         if first is None:
-            first = report.class_names, split.annotation_file
+            first = report, split.annotation_file
         else:
-            report.problems += _numbering_problems(report.class_names, split.annotation_file, *first)
+            report.problems += _class_problems(report, split.annotation_file, *first)
         reports.append(report)
     probe.save()
     return DataReport(root, format, reports)

@@ -464,14 +464,14 @@ def _datasets(config: TrainConfig) -> tuple[CocoDataset, CocoDataset | None]:
     _check_split_exists(config, "train_split", splits)
     validated = _validated(config, splits)
     probe = ImageProbe.for_data(config.data)
-    train_set, report = load_split(config.data, config.train_split, train_transforms, format=data_format, probe=probe)
-    _report_problems(report, config.data)
+    train_set, train_report = load_split(config.data, config.train_split, train_transforms, format=data_format, probe=probe)
+    _report_problems(train_report, config.data)
     val_set = None
     if validated:
         val_set, report = load_split(config.data, config.val_split, val_transforms, format=data_format, probe=probe)
         _report_problems(report, config.data)
         report.check_scorable(config.data)
-        check_same_classes(val_set, train_set)
+        check_same_classes(report, val_set.annotation_file, train_report, train_set.annotation_file)
     probe.save()
     return train_set, val_set
 

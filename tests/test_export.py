@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -241,6 +242,16 @@ def test_unsupported_format_and_opset_are_refused(tmp_path):
         with pytest.raises(ExportError, match=f"opset {opset} is not supported: the exporter writes opsets 18 to 25"):
             export_model(model, tmp_path / "model.onnx", opset=opset)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript"])
+def test_cli_names_the_extra_to_install_where_the_exporter_is_missing(tmp_path, monkeypatch, capsys, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # what an install without the onnx extra imports
+    save_checkpoint(tmp_path / "tiny.pt", build_model("tiny"))
+    assert main(["export", str(tmp_path / "tiny.pt"), "--out", str(tmp_path / "model.onnx")]) == 1
+    assert capsys.readouterr().err == (f"deformable-detr: error: ONNX export needs {missing}, not installed: "
+                                       "pip install 'deformable-detr[onnx]'\n")
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_cli_refuses_an_opset_out_of_range_in_one_line(tmp_path, capsys):

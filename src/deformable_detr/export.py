@@ -13,6 +13,7 @@ can lose or gain a column of padding.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ FORMATS = ("onnx",)
 # and leaves opset 18.
 MIN_OPSET = 18
 MAX_OPSET = 25
+# What torch's exporter imports, which the package does not require: the `onnx` extra installs them.
+EXPORTER_PACKAGES = ("onnx", "onnxscript")
 
 
 class ExportError(ValueError):
@@ -68,8 +71,8 @@ def export_model(
 
     Raises:
         TypeError: ``model`` is not a DeformableDETR.
-        ExportError: an unknown format, an opset the exporter cannot write, or a failure writing
-            the file (a full disk, say).
+        ExportError: an unknown format, an opset the exporter cannot write, the exporter's packages
+            missing, or a failure writing the file (a full disk, say).
         OSError: ``path`` cannot be written (a folder in its place, say), found before exporting.
     """
     check_model(model)
@@ -77,6 +80,7 @@ def export_model(
         raise ExportError(f"unsupported export format {format!r}; choose from {', '.join(FORMATS)}")
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"ONNX opset {opset} is not supported: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
+    _check_exporter_installed()
     path = Path(path)
     # The temporary file is created before the (long) export, so an unwritable path fails at once.
     with atomic_write(path) as temporary:
@@ -88,6 +92,13 @@ def export_model(
         if opset is not None and written != opset:
             raise ExportError(f"{path}: the exporter could not convert the graph to ONNX opset {opset} (it wrote {written})")
     return path
+
+
+def _check_exporter_installed() -> None:
+    # Said before the model is traced: torch's exporter would fail with a traceback from its import.
+    missing = [name for name in EXPORTER_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs {' and '.join(missing)}, not installed: pip install 'deformable-detr[onnx]'")
 
 
 def _export_onnx(model: DeformableDETR, temporary: Path, *, opset: int | None, destination: Path) -> int:

@@ -177,6 +177,18 @@ def test_a_missing_compiler_is_named_in_the_one_warning(tmp_path, monkeypatch):
         assert cpu.load_extension() is None
 
 
+def test_a_missing_kernel_source_falls_back_to_the_reference_with_one_warning(tmp_path, monkeypatch):
+    """As an install without the package's data would have it."""
+    from deformable_detr.ops import cpu
+
+    monkeypatch.setenv("DEFORMABLE_DETR_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_SOURCE", tmp_path / "ms_deform_attn_cpu.cpp")
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(FileNotFoundError: .*ms_deform_attn_cpu.cpp'\); using"):
+        assert cpu.load_extension() is None
+
+
 def test_an_unknown_implementation_in_the_environment_is_one_error_where_the_op_runs_not_at_import():
     script = """
 import torch

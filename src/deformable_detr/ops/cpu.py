@@ -110,8 +110,9 @@ def load_extension() -> ModuleType | None:
     global _extension, _failure
     if _extension is not None or _failure is not None:
         return _extension
-    library = library_path()
     try:
+        # Named after its source, which may be missing (an install without the package's data).
+        library = library_path()
         # Importing the cached library directly skips torch's build checks (about a second).
         _extension = _import_built(library) or _build(library)
     except Exception as error:  # any build failure means: use the reference implementation

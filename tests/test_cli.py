@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import subprocess
+import sys
 
 import pytest
 
+from deformable_detr import __version__
 from deformable_detr.cli import build_parser
 from deformable_detr.data import synthesize
 from deformable_detr.evaluation import evaluate_checkpoint
@@ -44,3 +47,8 @@ def test_every_flag_with_a_default_shows_it_in_its_help():
         and command.get_default(action.dest) is not None and "%(default)s" not in (action.help or "")
     ]
     assert silent == []
+
+
+def test_python_dash_m_runs_the_command():
+    ran = subprocess.run([sys.executable, "-m", "deformable_detr", "--version"], capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout) == (0, f"deformable-detr {__version__}\n")

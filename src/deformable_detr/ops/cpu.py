@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import shutil
 import sysconfig
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -92,8 +94,7 @@ def _build(library: Path) -> ModuleType:
         import ninja  # the pip package ships the binary; a venv's bin folder may not be on PATH
 
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-    from torch.utils.cpp_extension import load
-
+    load = _cpp_extension_load()
     build = library.parent / "build"
     build.mkdir(parents=True, exist_ok=True)
     module = load(name=library.stem, sources=[str(_SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"], build_directory=str(build))
@@ -125,6 +126,19 @@ def load_extension() -> ModuleType | None:
             stacklevel=2,
         )
     return _extension
+
+
+def _cpp_extension_load() -> Callable[..., ModuleType]:
+    """torch's ``cpp_extension.load``, imported without the warning its import logs on a machine
+    without a GPU ("No CUDA runtime is found"), which says nothing of a CPU kernel's build."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        logger.setLevel(level)
+    return load
 
 
 def read_dtypes(value: Tensor, locations: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:

@@ -212,6 +212,19 @@ def test_with_fewer_proposals_than_queries_the_outputs_hold_each_group_in_its_pl
     assert training["denoising"]["pred_logits"].shape[1] == model.config.denoising_groups * len(target[0]["labels"])
 
 
+def test_an_empty_one_to_many_group_has_zero_losses_and_the_step_goes_on():
+    """Where the one-to-one group takes every proposal, the one-to-many group is empty: its losses are
+    zero, and the step goes on."""
+    model = build_model("tiny", num_classes=4, dropout=0.0, two_stage=True, one_to_many_queries=10).train()
+    outputs = model(torch.randn(2, 3, 32, 32))
+    assert outputs["one_to_many"]["pred_logits"].shape[1] == 0
+    criterion = SetCriterion()
+    losses = criterion(outputs, targets())
+    group = {name: value for name, value in losses.items() if name.endswith("_one_to_many")}
+    assert len(group) == 9 and not any(group.values())
+    criterion.total_loss(losses).backward()
+
+
 def last_layer_box_gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
     model.train()
     model(x)["pred_boxes"].sum().backward()

@@ -55,19 +55,20 @@ class HungarianMatcher(nn.Module):
             + self.bbox_weight * torch.cdist(boxes, target_boxes, p=1)
             - self.giou_weight * giou
         )
-        return cost.view(batch, num_queries, -1)
+        # The target count spelt out: a query group may be empty (hybrid matching's, where an image
+        # has fewer encoder positions than queries), and an empty tensor leaves -1 undetermined.
+        return cost.view(batch, num_queries, len(target_labels))
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """
         Args:
             outputs: ``pred_logits`` (N, Q, C) and ``pred_boxes`` (N, Q, 4) normalised (cx, cy, w, h).
-            targets: per image ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) normalised (cx, cy, w, h),
-                with T_i <= Q.
+            targets: per image ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) normalised (cx, cy, w, h).
 
         Returns:
-            Per image (query indices, target indices), two int64 CPU tensors of length T_i, the
-            query indices ascending.
+            Per image (query indices, target indices), two int64 CPU tensors of length min(T_i, Q)
+            (hybrid matching's repeated targets may outnumber its queries), the query indices ascending.
         """
         # One cost matrix for the whole batch, moved to the CPU once; each image keeps its own columns.
         costs = self.cost_matrix(outputs, targets).cpu()

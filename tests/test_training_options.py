@@ -258,6 +258,15 @@ def test_iou_aware_class_target_is_the_matched_boxs_iou():
     assert outputs["pred_logits"].grad[0, 0, 0] < 0
 
 
+def test_iou_aware_loss_gives_no_weight_to_a_matched_box_that_misses_its_target():
+    # Beside the target (0.3-0.7 on both axes): IoU 0, the matched score's target and weight both 0.
+    outputs, targets = _one_matched_query(1.0, [0.15, 0.15, 0.1, 0.1])
+    SetCriterion(iou_aware=True)(outputs, targets)["loss_ce"].backward()
+    gradient = outputs["pred_logits"].grad[0]
+    assert gradient[0, 0] == 0
+    assert (gradient[1] > 0).all() and gradient[0, 1] > 0  # the unmatched scores are still pushed down
+
+
 def test_iou_aware_loss_scores_unmatched_classes_as_the_focal_loss_does():
     outputs, targets = _one_matched_query(0.0, [0.5, 0.5, 0.2, 0.4])
     losses = [SetCriterion(iou_aware=option)(outputs, targets)["loss_ce"] for option in (False, True)]

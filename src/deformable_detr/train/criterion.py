@@ -160,11 +160,12 @@ class SetCriterion(nn.Module):
 
         # One-hot over the real classes; unmatched queries are trained towards all-zero scores.
         one_hot = torch.zeros_like(logits)
+        one_hot[images, queries, target_labels] = 1
         if self.iou_aware:
-            one_hot[images, queries, target_labels] = box_iou(matched_xyxy, target_xyxy).detach().flatten()
-            loss_ce = self._varifocal_loss(logits, one_hot)
+            target_scores = torch.zeros_like(logits)
+            target_scores[images, queries, target_labels] = box_iou(matched_xyxy, target_xyxy).detach().flatten()
+            loss_ce = self._varifocal_loss(logits, target_scores, one_hot.bool())
         else:
-            one_hot[images, queries, target_labels] = 1
             loss_ce = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma,
                                          reduction="sum")
         return {
@@ -173,12 +174,15 @@ class SetCriterion(nn.Module):
             "loss_giou": (1 - giou).sum() / num_boxes,
         }
 
-    def _varifocal_loss(self, logits: Tensor, target_scores: Tensor) -> Tensor:
-        """Binary cross-entropy towards ``target_scores`` (IoUs at matches, else 0), positives
-        weighted by their target score and negatives by the focal loss's down-weighting of easy ones."""
-        positive = target_scores > 0
+    def _varifocal_loss(self, logits: Tensor, target_scores: Tensor, matched: Tensor) -> Tensor:
+        """Binary cross-entropy towards ``target_scores`` (IoUs at the ``matched`` scores, else 0), the
+        matched scores weighted by their target and the others by the focal loss's down-weighting of
+        easy ones."""
+        # Told apart by the match, not by the target score: a matched box that misses its target (IoU
+        # 0, as many do early in training) weighs nothing, as in VarifocalNet and RT-DETR; counted as a
+        # negative, it would teach its class score that the object is background.
         negative_weight = (1 - self.focal_alpha) * logits.detach().sigmoid().pow(self.focal_gamma)
-        weight = torch.where(positive, target_scores, negative_weight)
+        weight = torch.where(matched, target_scores, negative_weight)
         return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="sum")
 
 

@@ -207,6 +207,27 @@ def test_finetune_into_mixed_query_selection_clears_the_content_gain_it_holds_at
     assert not gain[d_model:].any() and torch.equal(gain[:d_model], torch.ones(d_model))  # the position half as loaded
 
 
+def test_finetuning_between_runs_of_other_training_only_options_starts_their_tensors_anew(tmp_path):
+    """A released two-stage model has no denoising label embedding and the demo's has one: each
+    fine-tunes into a run of the other's options, where both were refused as not fitting."""
+    plain = build_model("tiny", num_classes=4, two_stage=True)
+    save_checkpoint(tmp_path / "plain.pt", plain)
+    denoising = build_model("tiny", num_classes=4, two_stage=True, denoising_groups=2)
+    own_embedding = denoising.denoising_label_embed.weight.clone()
+    report = loop._finetune(denoising, read_checkpoint(tmp_path / "plain.pt"), {1: "shape"})
+    assert report == (f"fine-tuning from {tmp_path / 'plain.pt'}: every weight loaded; training-only "
+                      "denoising_label_embed.weight started anew")
+    assert torch.equal(denoising.denoising_label_embed.weight, own_embedding)
+    assert torch.equal(denoising.class_embed[0].weight, plain.class_embed[0].weight)
+    save_checkpoint(tmp_path / "denoising.pt", denoising)
+    assert loop._finetune(plain, read_checkpoint(tmp_path / "denoising.pt"), {1: "shape"}).endswith("every weight loaded")
+    # Another number of one-to-many queries: the run's own.
+    save_checkpoint(tmp_path / "hybrid.pt", build_model("tiny", num_classes=4, one_to_many_queries=20))
+    more = build_model("tiny", num_classes=4, one_to_many_queries=30)
+    assert loop._finetune(more, read_checkpoint(tmp_path / "hybrid.pt"), {1: "shape"}).endswith(
+        "training-only one_to_many_query_embed.weight started anew")
+
+
 def test_finetune_with_another_class_count(data, tmp_path, capsys):
     train(config(data, tmp_path / "first", epochs=1))
     train(config(data, tmp_path / "second", epochs=1, num_classes=9, finetune_from=str(tmp_path / "first" / "checkpoint.pt")))

@@ -49,6 +49,7 @@ from ..distributed import (
 from ..evaluation import CocoEvaluator, checkpoint_evaluation, detect_all, format_metrics, write_evaluation_report
 from ..files import atomic_write, remove_abandoned_writes
 from ..model import DeformableDETR, build_model
+from ..model.detector import TRAINING_ONLY
 from .checkpointing import (
     CheckpointSchedule,
     ResumePoint,
@@ -78,27 +79,32 @@ _CLASS_TENSORS = ("class_embed", "denoising_label_embed")
 
 
 def _finetune(model: DeformableDETR, checkpoint: Checkpoint, class_names: dict[int, str]) -> str:
-    """Load every weight of ``checkpoint``. The class heads' rows follow the data's classes (``class_names``)
-    by name where the checkpoint records its classes' names, the rows of classes it lacks starting
-    anew; otherwise they are kept where the class count is the same, and start anew where not.
+    """Load every weight of ``checkpoint``, its training-only tensors where the run's options have
+    them (:func:`_without_unfit_training_tensors`). The class heads' rows follow the data's classes
+    (``class_names``) by name where the checkpoint records its classes' names, the rows of classes it
+    lacks starting anew; otherwise they are kept where the class count is the same, and start anew
+    where not.
 
-    Returns a one-line report of the class heads. Raises :class:`TrainingError` where any other
-    weight differs (another ``num_queries`` or ``d_model`` would otherwise train from scratch
-    unnoticed)."""
+    Returns a one-line report of the class heads and of training-only tensors started anew. Raises
+    :class:`TrainingError` where any other weight differs (another ``num_queries`` or ``d_model``
+    would otherwise train from scratch unnoticed)."""
     path, own = checkpoint.path, model.state_dict()
-    for name, tensor in checkpoint.state_dict.items():
+    weights = _without_unfit_training_tensors(checkpoint.state_dict, own)
+    for name, tensor in weights.items():
         if name in own and own[name].shape != tensor.shape and not _is_class_tensor(name):
             # The model trained is the preset's given (or the options'), not the checkpoint's.
             preset = preset_of(checkpoint.config)
             hint = f": train it as {setting('preset', preset)}" if preset else ""
             raise TrainingError(f"{path}: {name} is {tuple(tensor.shape)} there but {tuple(own[name].shape)} in the "
                                 f"model being trained: only the class heads may differ{hint}")
-    heads = {name: tensor for name, tensor in checkpoint.state_dict.items() if name in own and _is_class_tensor(name)}
+    heads = {name: tensor for name, tensor in weights.items() if name in own and _is_class_tensor(name)}
     if checkpoint.class_names is None:
         fitted, report = _heads_by_id(heads, own, checkpoint.config.num_classes, model.config.num_classes)
     else:
         fitted, report = _heads_by_name(heads, own, _rows_by_name(checkpoint.class_names, class_names), class_names)
-    missing, unexpected = model.load_state_dict({**checkpoint.state_dict, **fitted}, strict=False)
+    missing, unexpected = model.load_state_dict({**weights, **fitted}, strict=False)
+    started = [name for name in missing if name.startswith(TRAINING_ONLY)]
+    missing = [name for name in missing if name not in started]
     if missing or unexpected:
         raise TrainingError(f"{path}: does not fit the {model.config.backbone} model being trained "
                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -106,7 +112,20 @@ def _finetune(model: DeformableDETR, checkpoint: Checkpoint, class_names: dict[i
         model.transformer.clear_content_gain()
     preset = preset_of(model.config)  # which a run without a preset takes from the checkpoint
     trained = f" as {setting('preset', preset)}" if preset else ""
-    return f"fine-tuning from {path}{trained}: {report}"
+    started_anew = f"; training-only {', '.join(started)} started anew" if started else ""
+    return f"fine-tuning from {path}{trained}: {report}{started_anew}"
+
+
+def _without_unfit_training_tensors(weights: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``weights`` without the training-only tensors (denoising, hybrid matching) that the model being
+    trained (``own``) lacks or has in another shape (another number of one-to-many queries). They
+    belong to a run's options, not to the published model, so that a checkpoint trained with other
+    options (a released one, the demo's) fine-tunes into any: the run's own start anew."""
+    def fits(name: str, tensor: Tensor) -> bool:
+        # A class tensor of another class count is fitted to the data's classes as the heads are.
+        return name in own and (own[name].shape == tensor.shape or _is_class_tensor(name))
+
+    return {name: tensor for name, tensor in weights.items() if not name.startswith(TRAINING_ONLY) or fits(name, tensor)}
 
 
 def _checkpoint_architecture(config: TrainConfig, starting_point: Checkpoint | None, last_path: Path) -> ModelConfig | None:

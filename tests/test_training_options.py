@@ -337,7 +337,8 @@ def test_checkpoint_with_options_round_trips_through_the_reference_layout(option
         ({"mixed_query_selection": True}, "requires two_stage"),
         ({"one_to_many_queries": -1}, "0 or more"),
         ({"denoising_groups": 2}, "denoising_groups requires two_stage"),
-        ({"denoising_box_noise": 1.0}, "denoising_box_noise must be in"),
+        ({"denoising_box_noise": 1.0}, r"^denoising_box_noise must be in \[0, 1\), got 1.0$"),
+        ({"denoising_label_noise": 1.5}, r"^denoising_label_noise must be in \[0, 1\], got 1.5$"),
     ],
 )
 def test_options_need_the_architecture_they_train(options, message):

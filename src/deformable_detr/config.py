@@ -96,8 +96,10 @@ class ModelConfig:
             raise ValueError("look_forward_twice requires with_box_refine (it trains the refinement of earlier layers)")
         if self.mixed_query_selection and not self.two_stage:
             raise ValueError("mixed_query_selection requires two_stage (it selects positions from the proposals)")
-        if not (0 <= self.denoising_box_noise < 1 and 0 <= self.denoising_label_noise <= 1):
-            raise ValueError("denoising_box_noise must be in [0, 1) and denoising_label_noise in [0, 1]")
+        if not 0 <= self.denoising_box_noise < 1:  # at 1 a side could shrink to nothing
+            raise ValueError(f"denoising_box_noise must be in [0, 1), got {self.denoising_box_noise}")
+        if not 0 <= self.denoising_label_noise <= 1:
+            raise ValueError(f"denoising_label_noise must be in [0, 1], got {self.denoising_label_noise}")
         if self.denoising_groups and not self.two_stage:
             raise ValueError("denoising_groups requires two_stage (its queries' positions come from boxes, as proposals' do)")
 

@@ -284,7 +284,7 @@ def test_splits_numbering_their_classes_apart_are_refused_by_the_check_and_befor
     path.write_text(json.dumps(coco))
     train_file = data / "annotations" / "instances_train.json"
     line = (f"{path}: category 1 is 'dog', but 'cat' in {train_file} "
-            "(classes are learnt and scored by id: number them alike in every split)")  # fmt: skip
+            "(classes are learnt and scored by id: number this split's as training's are)")  # fmt: skip
     report = check_data(data)
     assert [str(problem) for problem in report.splits[1].problems][0] == line and report.stops_training
     assert train(capsys, data, tmp_path, 0)[::2] == (1, [f"deformable-detr: error: {line}"])
@@ -292,17 +292,31 @@ def test_splits_numbering_their_classes_apart_are_refused_by_the_check_and_befor
 
 def test_objects_of_a_class_the_training_split_lacks_are_refused_by_the_check_and_before_training(tmp_path, capsys):
     """Such a model cannot name them: evaluation would score it on a class it never learnt, and
-    refuse its best.pt."""
-    data = write_coco(write_coco(tmp_path / "pets"), split="val")
-    path = data / "annotations" / "instances_val.json"
-    coco = json.loads(path.read_text())
-    coco["categories"] += [{"id": 3, "name": "bird"}, {"id": 4, "name": "fish"}]  # fish: declared, no objects
-    coco["annotations"][0]["category_id"] = 3
-    path.write_text(json.dumps(coco))
-    line = (f"{path}: category 3 ('bird') has 1 object, but {data / 'annotations' / 'instances_train.json'} has no "
-            "such category, so the model could not learn it (declare it there too)")
+    refuse its best.pt. A class training declares but has no objects of is said, and evaluates."""
+    data = write_coco(write_coco(write_coco(tmp_path / "pets"), split="val"), split="test")
+    train_file, val_file, test_file = (data / "annotations" / f"instances_{split}.json" for split in ("train", "val", "test"))
+    training = json.loads(train_file.read_text())
+    training["categories"].append({"id": 5, "name": "horse"})
+    train_file.write_text(json.dumps(training))
+    for path in (val_file, test_file):
+        coco = json.loads(path.read_text())
+        coco["categories"] += [{"id": 3, "name": "bird"}, {"id": 4, "name": "fish"}, {"id": 5, "name": "horse"}]
+        coco["annotations"][0]["category_id"], coco["annotations"][1]["category_id"] = 3, 5  # fish: no objects
+        coco["categories"] = [category for category in coco["categories"] if category["id"] != 2]  # dog: train's alone
+        coco["annotations"] = [box for box in coco["annotations"] if box["category_id"] != 2]
+        path.write_text(json.dumps(coco))
+    line = (f"{val_file}: category 3 ('bird') has 1 object, but {train_file} has no such category, so the model "
+            "cannot learn it (give the training split objects of it, or leave them out of this split)")
     report = check_data(data)
-    assert [str(problem) for problem in report.splits[1].problems] == [line] and report.stops_training
+    [test, train_report, val] = report.splits
+    assert [(str(problem), problem.fatal) for problem in val.problems] == [
+        (line, True),
+        (f"{val_file}: category 5 ('horse') has 1 object, but {train_file} has none, so the model cannot learn it "
+         "(give the training split objects of it, or leave them out of this split)", False),
+    ]
+    assert not train_report.problems  # checked against the training split, not the first by name
+    assert [problem.fatal for problem in test.problems] == [False, False]  # a split training does not evaluate
+    assert report.stops_training
     assert train(capsys, data, tmp_path, 0)[::2] == (1, [f"deformable-detr: error: {line}"])
 
 

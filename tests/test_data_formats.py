@@ -302,6 +302,7 @@ def test_format_detection_and_forcing(tmp_path, folders):
 def test_a_folder_whose_yolo_data_file_has_another_name_is_refused_naming_the_file_to_give(tmp_path, capsys):
     root = write_yolo(tmp_path / "coco8")
     (root / "data.yaml").rename(root / "coco8.yaml")  # as Ultralytics names its data files
+    (root / "args.yaml").write_text("epochs: 100\n")  # beside a run's settings, first by name
     assert main(["check-data", str(root)]) == 1
     assert capsys.readouterr().err.strip().endswith(f"for a YOLO data file of another name, give the file: {root / 'coco8.yaml'}")
     assert detect_format(root / "coco8.yaml") == "yolo"

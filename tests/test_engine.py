@@ -19,7 +19,7 @@ from deformable_detr.checkpoints import load_pretrained, read_checkpoint, save_c
 from deformable_detr.cli import main
 from deformable_detr.data import synthesize
 from deformable_detr.predict import Detector
-from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, engine, loop, train
+from deformable_detr.train import SetCriterion, TrainConfig, TrainingError, checkpointing, engine, loop, train
 from deformable_detr.train.criterion import average_num_boxes
 
 from choices import MatchReplay
@@ -263,27 +263,38 @@ def test_finetuning_refuses_a_checkpoint_whose_other_weights_have_other_shapes(d
     with pytest.raises(TrainingError) as refused:
         train(run)
     assert str(refused.value) == (f"{tmp_path / 'other.pt'}: query_embed.weight is (50, 256) there but (40, 256) in the "
-                                  f"model being trained: only the class heads may differ: train it as preset='tiny'")
+                                  f"model being trained: only the class heads may differ: the checkpoint's model "
+                                  f"(preset='tiny') has num_queries 50 where the run's has 40; without preset and those "
+                                  f"options a run trains the checkpoint's")
     # The command line names the flag: a released r50 given to a run of another preset.
     save_checkpoint(tmp_path / "r50.pt", build_model("r50", num_classes=3))
     assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "mine"), "--preset", "tiny",
                  "--finetune-from", str(tmp_path / "r50.pt")]) == 1
-    assert capsys.readouterr().err.endswith("only the class heads may differ: train it as --preset r50\n")
+    assert capsys.readouterr().err.endswith(
+        "only the class heads may differ: the checkpoint's model (--preset r50) has backbone resnet50, backbone_width 64, "
+        "d_model 256 and 5 more where the run's has resnet18, 24, 128; without --preset and those options a run trains "
+        "the checkpoint's\n")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_a_run_without_a_preset_trains_the_model_of_the_checkpoint_it_starts_from(data, tmp_path, capsys):
+def test_a_run_without_a_preset_trains_the_model_of_the_checkpoint_it_starts_from(data, tmp_path, capsys, monkeypatch):
     """As Hugging Face's from_pretrained and Ultralytics build it; resumed, after the checkpoint has
     moved, from the run's own record of it."""
     start, run = tmp_path / "start.pt", tmp_path / "run"
-    save_checkpoint(start, build_model("tiny", num_classes=6, num_queries=20, two_stage=True, backbone_norm="batch"))
+    save_checkpoint(start, build_model("tiny", num_classes=6, num_queries=20, two_stage=True, backbone_norm="batch",
+                                       denoising_groups=2))
     assert main(command(data, run, "--finetune-from", str(start))) == 0
     assert f"fine-tuning from {start}: every weight loaded\n" in capsys.readouterr().out
     trained = read_checkpoint(run / "checkpoint.pt").config
-    assert (trained.num_queries, trained.two_stage, trained.backbone_norm) == (20, True, "batch")
+    # Its architecture, not its run's training-only options.
+    assert (trained.num_queries, trained.two_stage, trained.backbone_norm, trained.denoising_groups) == (20, True, "batch", 0)
     start.unlink()  # resumed, the run builds its model as its checkpoint records it, which then loads
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: loads.append(path) or load(path, *args, **kwargs))
     assert main([*command(data, run, "--finetune-from", str(start)), "--resume"]) == 0
     assert "the run is already complete" in capsys.readouterr().out
+    assert loads.count(run / "checkpoint.pt") == 1  # its settings, model and state from one read
+    assert not checkpointing._kept  # nor held once the run is over
     # A preset's model is named so.
     save_checkpoint(start, build_model("tiny", num_classes=6))
     report = loop._finetune(build_model("tiny", num_classes=6), read_checkpoint(start), {1: "shape"})

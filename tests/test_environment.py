@@ -48,6 +48,14 @@ def test_fused_kernel_status_says_whether_and_where_it_is_cached(tmp_path, monke
     assert dict(environment.report())["fused cpu kernel"] == f"built, cached at {cpu.library_path()}"
 
 
+def test_fused_kernel_status_says_where_its_source_is_missing(tmp_path, monkeypatch):
+    """As an install without the package's data would have it: info reports it, where it stopped."""
+    monkeypatch.setattr(cpu, "_SOURCE", tmp_path / "ms_deform_attn_cpu.cpp")
+    status = dict(environment.report())["fused cpu kernel"]
+    assert status.startswith("its source cannot be read ([Errno 2] No such file or directory") and \
+        status.endswith(": the reference runs")
+
+
 def test_op_path_follows_the_requested_implementation():
     with use_implementation("reference"):
         assert "cpu tensors -> the reference" in dict(environment.report())["ms_deform_attn"]

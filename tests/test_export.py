@@ -250,7 +250,7 @@ def test_cli_names_the_extra_to_install_where_the_exporter_is_missing(tmp_path, 
     save_checkpoint(tmp_path / "tiny.pt", build_model("tiny"))
     assert main(["export", str(tmp_path / "tiny.pt"), "--out", str(tmp_path / "model.onnx")]) == 1
     assert capsys.readouterr().err == (f"deformable-detr: error: ONNX export needs {missing}, not installed: "
-                                       "pip install 'deformable-detr[onnx]'\n")
+                                       "install the package's onnx extra (pip install -e '.[onnx]' in its clone)\n")
     assert not (tmp_path / "model.onnx").exists()
 
 

@@ -151,6 +151,12 @@ def _as_type(value: Any, annotation: Any) -> Any:
     return value if isinstance(value, typing.get_origin(annotation) or annotation) else _MISMATCH
 
 
+# The ModelConfig fields of the training-only options (ModelConfig's comments): a run's choices, which
+# leave the published model as it is.
+TRAINING_OPTIONS = ("look_forward_twice", "mixed_query_selection", "one_to_many_queries", "denoising_groups",
+                    "denoising_box_noise", "denoising_label_noise")
+
+
 PRESETS: dict[str, ModelConfig] = {
     "r50": ModelConfig(),
     "r50_single_scale": ModelConfig(num_feature_levels=1),

@@ -125,7 +125,10 @@ def _fused_gpu_kernel() -> str:
 
 
 def _fused_cpu_kernel() -> str:
-    library = cpu.library_path()
+    try:
+        library = cpu.library_path()  # named after its source
+    except OSError as error:
+        return f"its source cannot be read ({error}): the reference runs"
     if library.is_file():
         return f"built, cached at {library}"
     if cpu.build_failure():

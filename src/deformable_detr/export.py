@@ -98,7 +98,8 @@ def _check_exporter_installed() -> None:
     # Said before the model is traced: torch's exporter would fail with a traceback from its import.
     missing = [name for name in EXPORTER_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"ONNX export needs {' and '.join(missing)}, not installed: pip install 'deformable-detr[onnx]'")
+        raise ExportError(f"ONNX export needs {' and '.join(missing)}, not installed: install the package's onnx extra "
+                          "(pip install -e '.[onnx]' in its clone)")
 
 
 def _export_onnx(model: DeformableDETR, temporary: Path, *, opset: int | None, destination: Path) -> int:

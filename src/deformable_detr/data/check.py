@@ -188,32 +188,41 @@ def _shared_names(names: dict[int, str], annotation_file: Path) -> list[Problem]
     ]  # fmt: skip
 
 
-def _class_problems(split: SplitReport, source: Path, reference: SplitReport, reference_source: Path) -> list[Problem]:
-    """One problem for each category id that ``split`` (read from ``source``) gives another class than
-    ``reference`` (read from ``reference_source``) does, compared as evaluation compares names, and one
-    for each class with objects in ``split`` that ``reference`` lacks. COCO files exported apart can
-    number their classes apart, and training, evaluation and checkpoints go by id: a validation split
-    numbered otherwise, or with objects of a class training does not know, scores the model on
-    classes it did not learn."""
-    names, known = split.class_names, reference.class_names
+def _class_problems(split: SplitReport, source: Path, training: SplitReport, training_source: Path, *,
+                    stops_training: bool) -> list[Problem]:
+    """The problems of ``split``'s classes (read from ``source``) against those of the ``training``
+    split (read from ``training_source``), which stop training where ``stops_training`` (the split
+    it evaluates): a category id that names another class there, compared as evaluation compares
+    names, and objects of a class training has none of. COCO files exported apart can number their
+    classes apart, and training, evaluation and checkpoints go by id: a validation split numbered
+    otherwise, or with objects of a class training does not know, scores the model on classes it did
+    not learn, and evaluate refuses the checkpoint."""
+    names, known, learnt = split.class_names, training.class_names, training.classes
     renumbered = [
-        Problem(f"{source}: category {category} is {name!r}, but {known[category]!r} in {reference_source} "
-                "(classes are learnt and scored by id: number them alike in every split)")
+        Problem(f"{source}: category {category} is {name!r}, but {known[category]!r} in {training_source} "
+                "(classes are learnt and scored by id: number this split's as training's are)", stops_training)
         for category, name in names.items() if category in known and class_key(known[category]) != class_key(name)
     ]  # fmt: skip
     unknown = [
-        Problem(f"{source}: category {category} ({names[category]!r}) has {count:,} object{'' if count == 1 else 's'}, "
-                f"but {reference_source} has no such category, so the model could not learn it (declare it there too)")
-        for category, count in split.classes.items() if count and category not in known
+        Problem(f"{source}: category {category} ({names[category]!r}) has {_objects(count)}, but {training_source} "
+                f"{'has none' if category in known else 'has no such category'}, so the model cannot learn it (give "
+                "the training split objects of it, or leave them out of this split)", stops_training and category not in known)
+        for category, count in split.classes.items() if count and not learnt.get(category)
     ]  # fmt: skip
     return renumbered + unknown
 
 
-def check_same_classes(split: SplitReport, source: Path, reference: SplitReport, reference_source: Path) -> None:
-    """Raise DatasetError on the first class problem of ``split`` against ``reference`` (:func:`_class_problems`)."""
-    problems = _class_problems(split, source, reference, reference_source)
-    if problems:
-        raise DatasetError(str(problems[0]))
+def _objects(count: int) -> str:
+    return f"{count:,} object{'' if count == 1 else 's'}"
+
+
+def check_same_classes(split: SplitReport, source: Path, training: SplitReport, training_source: Path) -> None:
+    """Raise DatasetError on the first class problem of the validation ``split`` against the
+    ``training`` split that stops training (:func:`_class_problems`)."""
+    problems = _class_problems(split, source, training, training_source, stops_training=True)
+    fatal = [problem for problem in problems if problem.fatal]
+    if fatal:
+        raise DatasetError(str(fatal[0]))
 
 
 def _turned_problem(turned: list[tuple[Path, int]]) -> Problem:
@@ -266,8 +275,7 @@ def check_data(root: str | Path, *, format: str | None = None, splits: list[str]
     for name in splits or []:
         require_split(root, name, format)
     probe = ImageProbe.for_data(root)
-    reports = []
-    first: tuple[SplitReport, Path] | None = None  # the first split read, and its file
+    reports, sources = [], {}
     # Where there are none, split_names raises: no split checked is not "no problems".
     for name in splits or split_names(root, format):
         try:
@@ -276,13 +284,24 @@ def check_data(root: str | Path, *, format: str | None = None, splits: list[str]
         except DatasetError as error:
             reports.append(SplitReport(name, problems=[Problem(str(error))], unreadable=True))
             continue
-        if first is None:
-            first = report, split.annotation_file
-        else:
-            report.problems += _class_problems(report, split.annotation_file, *first)
         reports.append(report)
+        sources[name] = split.annotation_file
     probe.save()
+    _check_classes_against_training(reports, sources)
     return DataReport(root, format, reports)
+
+
+def _check_classes_against_training(reports: list[SplitReport], sources: dict[str, Path]) -> None:
+    """Add to each split's problems those of its classes against the training split's: the first
+    split named train... (train, train2017, trainval), where there is one. Those of a split named
+    val... stop training, as train refuses the split it evaluates so; of another, they do not."""
+    training = next((report for report in reports if report.name.startswith("train") and not report.unreadable), None)
+    if training is None:
+        return
+    for report in reports:
+        if report is not training and not report.unreadable:
+            report.problems += _class_problems(report, sources[report.name], training, sources[training.name],
+                                               stops_training=report.name.startswith("val"))
 
 
 def load_split(

@@ -8,7 +8,7 @@ from pathlib import Path
 from .coco import ROBOFLOW_ANNOTATIONS, DatasetError, Split, coco_splits, read_coco
 from .images import ImageInfo, inspect_image
 from .voc import read_voc, voc_splits
-from .yolo import data_yaml, read_yolo, yolo_splits
+from .yolo import data_yaml, is_data_yaml, read_yolo, yolo_splits
 
 FORMATS = ("coco", "voc", "yolo")
 _SPLITS_OF = {"coco": coco_splits, "voc": voc_splits, "yolo": yolo_splits}  # each format's splits of a data set
@@ -39,9 +39,10 @@ def detect_format(root: str | Path) -> str:
 
 
 def _other_yaml_hint(root: Path) -> str:
-    """Where the folder ``root`` holds YAML files, how to give one as the YOLO data file: Ultralytics
-    names them after the data set (``coco8.yaml``), and only ``data.yaml`` is looked for in a folder."""
-    found = sorted(path for pattern in ("*.yaml", "*.yml") for path in root.glob(pattern))
+    """Where the folder ``root`` holds a YOLO data file of another name, how to give it: Ultralytics
+    names them after the data set (``coco8.yaml``), beside others (``args.yaml``), and only
+    ``data.yaml`` is looked for in a folder."""
+    found = sorted(path for pattern in ("*.yaml", "*.yml") for path in root.glob(pattern) if is_data_yaml(path))
     return f"; for a YOLO data file of another name, give the file: {found[0]}" if found else ""
 
 

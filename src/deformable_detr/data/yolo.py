@@ -55,6 +55,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return config
 
 
+def is_data_yaml(path: Path) -> bool:
+    """Whether ``path`` is a YOLO data file (one that names classes), of whatever name."""
+    try:
+        _read_yaml(path)
+    except DatasetError:
+        return False
+    return True
+
+
 def yolo_splits(root: str | Path) -> list[str]:
     """The splits ``data.yaml`` names, of ``train``, ``val`` and ``test``, but for a test split none of
     whose images are there: Roboflow's exports name ``../test/images`` whether they hold a test split

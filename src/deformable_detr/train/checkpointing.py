@@ -169,7 +169,8 @@ def resume_from(
             ``training_data`` (:func:`data_identity`) are not the run's, or the number of processes
             is not the run's.
     """
-    checkpoint = _read_once(path)
+    checkpoint = run_checkpoint(path)
+    forget_run_checkpoint()  # the model and optimiser hold what the run needs of it
     extra = checkpoint.extra
     missing = [key for key in _RESUMED if key not in extra]
     if missing:
@@ -224,33 +225,33 @@ def _recorded_settings(path: Path) -> dict[str, Any]:
     its files go and whether it resumes; none where there is no such file."""
     if not path.is_file():
         return {}
-    recorded = _read_and_keep(path).extra.get("train_config", {})  # none: resume_from says what it is
+    recorded = run_checkpoint(path).extra.get("train_config", {})  # none: resume_from says what it is
     wanted = {field.name for field in dataclasses.fields(TrainConfig)} - {"output_dir", "resume"}
     return {name: value for name, value in recorded.items() if name in wanted}
 
 
-# The checkpoint whose settings a resumed run took, by its resolved path and the version (_version)
-# of the file read: resume_from goes on from it without reading the file again, all of its weights and
-# optimiser state.
+# The checkpoint of the run being resumed, by its resolved path and the version (_version) of the file
+# read: its settings, its model and its state are each taken from one read of the file, all of its
+# weights and optimiser state.
 _kept: dict[Path, tuple[tuple[int, int, int] | None, Checkpoint]] = {}
 
 
-def _read_and_keep(path: Path) -> Checkpoint:
-    """``path`` read, and kept (alone) for :func:`_read_once`."""
+def run_checkpoint(path: Path) -> Checkpoint:
+    """The run's checkpoint ``path``: as last read, where the file is still the one read then (a
+    resumed run may wait for its predecessor to end, which writes on), else read now and kept."""
     version = _version(path)  # before reading: a write in between is then taken for a change
-    checkpoint = read_checkpoint(path)
+    kept_version, checkpoint = _kept.get(path.resolve(), (None, None))
+    if checkpoint is None or kept_version != version:
+        checkpoint = read_checkpoint(path)
+        _kept.clear()
+        _kept[path.resolve()] = version, checkpoint
+    return checkpoint
+
+
+def forget_run_checkpoint() -> None:
+    """Let go of the checkpoint :func:`run_checkpoint` keeps, once the run has what it needs of it (or
+    has stopped): a process that goes on, in Python, would hold it."""
     _kept.clear()
-    _kept[path.resolve()] = version, checkpoint
-    return checkpoint
-
-
-def _read_once(path: Path) -> Checkpoint:
-    """``path`` as :func:`_read_and_keep` kept it, where the file is still the one it read (a resumed
-    run may wait for its predecessor to end, which writes on); else read now."""
-    version, checkpoint = _kept.pop(path.resolve(), (None, None))
-    if checkpoint is None or version != _version(path):
-        return read_checkpoint(path)
-    return checkpoint
 
 
 def check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:

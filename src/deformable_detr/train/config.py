@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import PRESETS, ModelConfig, check_field_types, get_config
+from ..config import PRESETS, TRAINING_OPTIONS, ModelConfig, check_field_types, get_config
 from ..distributed import RENDEZVOUS_TIMEOUT
 from .optim import SCHEDULES
 
@@ -132,7 +132,8 @@ class TrainConfig:
 
     def model_config(self, num_classes: int, checkpoint_architecture: ModelConfig | None = None) -> ModelConfig:
         """The config of the model this run trains, for ``num_classes``: the preset, or without one
-        ``checkpoint_architecture`` (the finetune_from checkpoint's config), with ``model_overrides``.
+        ``checkpoint_architecture`` (the finetune_from checkpoint's config) without its training-only
+        options, with ``model_overrides``.
 
         As torchvision's builders choose the batch norm from whether weights are given, so does this:
         a backbone that starts from no weights (neither ``backbone_weights`` nor ``finetune_from``)
@@ -140,11 +141,16 @@ class TrainConfig:
         normalisation at all. ``build_model`` cannot choose so itself, because a checkpoint's model
         is built without weights and only then loaded.
         """
-        if self.preset is None and checkpoint_architecture is None:
+        if self.preset is not None:
+            base = PRESETS[self.preset]
+        elif checkpoint_architecture is not None:
+            # Its training-only options were its run's choices, as this run's are its own.
+            base = dataclasses.replace(checkpoint_architecture, **{name: getattr(ModelConfig, name) for name in TRAINING_OPTIONS})
+        else:
             raise ValueError("a run without a preset trains its finetune_from checkpoint's architecture, which is needed")
         from_scratch = {} if self.backbone_weights or self.finetune_from else {"backbone_norm": "batch"}
-        return get_config(self.preset or checkpoint_architecture, num_classes=num_classes,
-                          backbone_weights=self.backbone_weights, **{**from_scratch, **self.model_overrides})
+        return get_config(base, num_classes=num_classes, backbone_weights=self.backbone_weights,
+                          **{**from_scratch, **self.model_overrides})
 
 
 # ModelConfig fields the run sets from settings of its own, and those model_overrides may set.

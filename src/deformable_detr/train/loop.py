@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..checkpoints import Checkpoint, read_checkpoint
-from ..config import ModelConfig, preset_of
+from ..config import TRAINING_OPTIONS, ModelConfig, preset_of
 from ..data import (
     CocoDataset,
     ImageProbe,
@@ -54,8 +54,10 @@ from .checkpointing import (
     CheckpointSchedule,
     ResumePoint,
     data_identity,
+    forget_run_checkpoint,
     found_by_every_process,
     resume_from,
+    run_checkpoint,
     save_training_checkpoint,
 )
 from .config import VAL_SPLIT, TrainConfig, setting
@@ -92,11 +94,9 @@ def _finetune(model: DeformableDETR, checkpoint: Checkpoint, class_names: dict[i
     weights = _without_unfit_training_tensors(checkpoint.state_dict, own)
     for name, tensor in weights.items():
         if name in own and own[name].shape != tensor.shape and not _is_class_tensor(name):
-            # The model trained is the preset's given (or the options'), not the checkpoint's.
-            preset = preset_of(checkpoint.config)
-            hint = f": train it as {setting('preset', preset)}" if preset else ""
             raise TrainingError(f"{path}: {name} is {tuple(tensor.shape)} there but {tuple(own[name].shape)} in the "
-                                f"model being trained: only the class heads may differ{hint}")
+                                f"model being trained: only the class heads may differ: "
+                                f"{_how_models_differ(checkpoint.config, model.config)}")
     heads = {name: tensor for name, tensor in weights.items() if name in own and _is_class_tensor(name)}
     if checkpoint.class_names is None:
         fitted, report = _heads_by_id(heads, own, checkpoint.config.num_classes, model.config.num_classes)
@@ -114,6 +114,21 @@ def _finetune(model: DeformableDETR, checkpoint: Checkpoint, class_names: dict[i
     trained = f" as {setting('preset', preset)}" if preset else ""
     started_anew = f"; training-only {', '.join(started)} started anew" if started else ""
     return f"fine-tuning from {path}{trained}: {report}{started_anew}"
+
+
+def _how_models_differ(checkpoint: ModelConfig, trained: ModelConfig) -> str:
+    """How the model trained, as the run's preset and options make it, differs from the checkpoint's:
+    the options whose values differ, and what trains the checkpoint's instead."""
+    differing = [field.name for field in dataclasses.fields(ModelConfig)
+                 if field.name not in (*TRAINING_OPTIONS, "num_classes", "backbone_weights")
+                 and getattr(checkpoint, field.name) != getattr(trained, field.name)]
+    more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+    theirs = ", ".join(f"{name} {getattr(checkpoint, name)}" for name in differing[:3])
+    ours = ", ".join(str(getattr(trained, name)) for name in differing[:3])
+    preset = preset_of(checkpoint)
+    named = f" ({setting('preset', preset)})" if preset else ""
+    return (f"the checkpoint's model{named} has {theirs}{more} where the run's has {ours}; without {setting('preset')} "
+            "and those options a run trains the checkpoint's")
 
 
 def _without_unfit_training_tensors(weights: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -134,7 +149,7 @@ def _checkpoint_architecture(config: TrainConfig, starting_point: Checkpoint | N
     from may have moved since. None for a run of a preset."""
     if config.preset is not None:
         return None
-    return starting_point.config if starting_point is not None else read_checkpoint(last_path).config
+    return starting_point.config if starting_point is not None else run_checkpoint(last_path).config
 
 
 def _build(model_config: ModelConfig, *, resuming: bool) -> DeformableDETR:
@@ -226,6 +241,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if made is not None and is_main_process():
             _remove_if_unused(output_dir, made)
         raise
+    finally:
+        forget_run_checkpoint()  # where a resumed run stopped before it took its state
 
 
 def _make_folder(folder: Path) -> Path | None:

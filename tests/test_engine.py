@@ -266,6 +266,12 @@ def test_finetuning_refuses_a_checkpoint_whose_other_weights_have_other_shapes(d
                                   f"model being trained: only the class heads may differ: the checkpoint's model "
                                   f"(preset='tiny') has num_queries 50 where the run's has 40; without preset and those "
                                   f"options a run trains the checkpoint's")
+    # Weights that do not fit the config they come with (edited by hand, say).
+    edited = read_checkpoint(tmp_path / "other.pt")
+    edited.state_dict["query_embed.weight"] = edited.state_dict["query_embed.weight"][:10]
+    with pytest.raises(TrainingError, match=r"\(10, 256\) there but \(50, 256\) in the model being trained: only the "
+                                            r"class heads may differ: its config is the run's model's, but its weights"):
+        loop._finetune(build_model("tiny", num_classes=9), edited, {1: "shape"})
     # The command line names the flag: a released r50 given to a run of another preset.
     save_checkpoint(tmp_path / "r50.pt", build_model("r50", num_classes=3))
     assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "mine"), "--preset", "tiny",

@@ -122,6 +122,8 @@ def _how_models_differ(checkpoint: ModelConfig, trained: ModelConfig) -> str:
     differing = [field.name for field in dataclasses.fields(ModelConfig)
                  if field.name not in (*TRAINING_OPTIONS, "num_classes", "backbone_weights")
                  and getattr(checkpoint, field.name) != getattr(trained, field.name)]
+    if not differing:
+        return "its config is the run's model's, but its weights do not fit it"
     more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
     theirs = ", ".join(f"{name} {getattr(checkpoint, name)}" for name in differing[:3])
     ours = ", ".join(str(getattr(trained, name)) for name in differing[:3])

@@ -38,7 +38,8 @@ def test_training_step_under_compile_matches_eager(backend):
     surrogate_loss(torch.compile(model, backend=backend)(IMAGES)).backward()
     actual = gradients(model)
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda mismatch, name=name: f"{name}: {mismatch}")
 
 
 @pytest.mark.slow

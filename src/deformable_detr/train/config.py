@@ -132,8 +132,8 @@ class TrainConfig:
 
     def model_config(self, num_classes: int, checkpoint_architecture: ModelConfig | None = None) -> ModelConfig:
         """The config of the model this run trains, for ``num_classes``: the preset, or without one
-        ``checkpoint_architecture`` (the finetune_from checkpoint's config) without its training-only
-        options, with ``model_overrides``.
+        ``checkpoint_architecture`` (the finetune_from checkpoint's config, or a resumed run's own)
+        without its training-only options, with ``model_overrides``, which hold this run's.
 
         As torchvision's builders choose the batch norm from whether weights are given, so does this:
         a backbone that starts from no weights (neither ``backbone_weights`` nor ``finetune_from``)

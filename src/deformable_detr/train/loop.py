@@ -60,7 +60,7 @@ from .checkpointing import (
     run_checkpoint,
     save_training_checkpoint,
 )
-from .config import VAL_SPLIT, TrainConfig, setting
+from .config import MODEL_OPTIONS, VAL_SPLIT, TrainConfig, setting
 from .criterion import SetCriterion
 from .early_stopping import EarlyStopping
 from .ema import WeightAverage
@@ -119,9 +119,8 @@ def _finetune(model: DeformableDETR, checkpoint: Checkpoint, class_names: dict[i
 def _how_models_differ(checkpoint: ModelConfig, trained: ModelConfig) -> str:
     """How the model trained, as the run's preset and options make it, differs from the checkpoint's:
     the options whose values differ, and what trains the checkpoint's instead."""
-    differing = [field.name for field in dataclasses.fields(ModelConfig)
-                 if field.name not in (*TRAINING_OPTIONS, "num_classes", "backbone_weights")
-                 and getattr(checkpoint, field.name) != getattr(trained, field.name)]
+    differing = [name for name in MODEL_OPTIONS
+                 if name not in TRAINING_OPTIONS and getattr(checkpoint, name) != getattr(trained, name)]
     if not differing:
         return "its config is the run's model's, but its weights do not fit it"
     more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
